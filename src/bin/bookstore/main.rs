@@ -1,0 +1,48 @@
+//! The `bookstore` binary: parses the command line, sets up logging, runs one subcommand.
+//! Errors end as one line on stderr and a non-zero exit code.
+
+use std::process::ExitCode;
+
+use bookstore::cli::{Cli, Command};
+use clap::Parser;
+
+mod books;
+mod events;
+mod kafka;
+mod relay;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    bookstore::telemetry::init();
+    warn_about_unknown_variables();
+    let outcome = match cli.command {
+        Command::Books(command) => books::run(&cli.store, command).await,
+        Command::Events(args) => events::run(&cli.store, args).await,
+        Command::Kafka(command) => kafka::run(&cli.kafka, command).await,
+        Command::Relay(args) => relay::run(&cli.store, &cli.kafka, args).await,
+    };
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// A `BOOKSTORE_*` variable nobody reads is most likely a typo of one that matters.
+fn warn_about_unknown_variables() {
+    let known = bookstore::cli::known_environment_variables();
+    // Read by the test suite and the deploy scripts, not by this binary.
+    let tooling = [
+        "BOOKSTORE_TEST_DATABASE_URL",
+        "BOOKSTORE_STATE_DIR",
+        "BOOKSTORE_CACHE_DIR",
+    ];
+    let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
+    let known = known.iter().map(String::as_str).chain(tooling);
+    if let Err(error) = bookstore::config::reject_unknown_variables(names, known) {
+        tracing::warn!("{error}; it is ignored");
+    }
+}

@@ -1,0 +1,33 @@
+//! `bookstore relay`: the outbox relay until Ctrl-C/SIGTERM, or `--once`.
+
+use anyhow::{Context, Result};
+use bookstore::cli::RelayArgs;
+use bookstore::config::{KafkaConfig, StoreConfig};
+use bookstore::relay::{RunMode, kafka_relay};
+use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::AnyStore;
+
+pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        bookstore::telemetry::install_metrics(addr)?;
+    }
+    let outbox = AnyStore::connect(&store.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let relay = kafka_relay(outbox, kafka, &args.settings).await?;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    let mode = if args.once {
+        RunMode::Once
+    } else {
+        RunMode::Follow
+    };
+    let report = relay.run(mode, shutdown).await?;
+    if args.once {
+        println!(
+            "published {} events in {} batches; last position {}",
+            report.published_events, report.batches, report.last_position
+        );
+    }
+    Ok(())
+}

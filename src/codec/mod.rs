@@ -1,0 +1,87 @@
+//! Avro contracts: the event bodies as Avro datums, and the framings they travel in on Kafka.
+//!
+//! The schemas in `schemas/*.avsc` are the public contract (one self-contained record schema
+//! per event type, namespace `bookstore.events`; `docs/contracts.md` explains them to other
+//! teams). They are compiled into the binary and `tests/codec_contract.rs` fails if the Rust
+//! types and the files drift apart.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`contract`] | the embedded schemas, parsed once, with canonical forms and fingerprints |
+//! | [`fingerprint`] | Parsing Canonical Form and CRC-64-AVRO, as the Avro specification defines them |
+//! | [`avro`] | [`AvroCodec`]: events to Avro datums (no framing) and back |
+//! | [`wire`] | the Kafka value framings (single-object, Confluent) and [`FramedDecoder`] |
+//! | [`registry`] | a Confluent-compatible schema registry client and the subject names |
+//! | [`headers`] | the Kafka header names the relay writes and the projection reads |
+//!
+//! Encoding runs once per event in the write path, so every schema is parsed, resolved and
+//! fingerprinted once per process; encoding an event never touches the schema text again.
+
+pub mod avro;
+pub mod contract;
+pub mod fingerprint;
+pub mod headers;
+pub mod registry;
+pub mod wire;
+
+use thiserror::Error;
+
+use crate::domain::EventPayload;
+
+pub use avro::AvroCodec;
+pub use contract::{Contract, EVENT_TYPES, NAMESPACE};
+pub use registry::{RegisteredSchemas, RegistryClient, RegistryError};
+pub use wire::{
+    Frame, FramedDecoder, WireFormat, frame_confluent, frame_single_object, parse_frame,
+};
+
+/// Turns events into Avro datums (no framing) and back.
+pub trait EventCodec: Send + Sync {
+    /// The Avro binary datum of `event` under its record schema.
+    fn encode(&self, event: &EventPayload) -> Result<Vec<u8>, CodecError>;
+
+    /// Reads a datum written under the record schema named `event_type`.
+    fn decode(&self, event_type: &str, datum: &[u8]) -> Result<EventPayload, CodecError>;
+}
+
+#[derive(Debug, Error)]
+pub enum CodecError {
+    #[error("unknown event type {0:?}")]
+    UnknownEventType(String),
+    #[error("could not encode {event_type}: {reason}")]
+    Encode { event_type: String, reason: String },
+    #[error("could not decode {event_type}: {reason}")]
+    Decode { event_type: String, reason: String },
+    /// The bytes of a Kafka value are not a frame this service understands.
+    #[error("invalid frame: {0}")]
+    Frame(#[from] FrameError),
+    /// A single-object frame names a schema none of the contracts has.
+    #[error("no known schema has the fingerprint {0:#018x}")]
+    UnknownFingerprint(u64),
+    /// A Confluent frame names a registry id this decoder has not been told about; fetch the
+    /// schema (`RegistryClient::fetch_schema`), add it with `FramedDecoder::add_writer_schema`
+    /// and decode again.
+    #[error("schema id {0} is not known to this decoder")]
+    UnknownSchemaId(u32),
+    /// A writer schema (from the registry) that cannot stand for any event type.
+    #[error("unusable writer schema: {0}")]
+    WriterSchema(String),
+}
+
+/// Why bytes are not a valid frame. Every case names what was expected, so a poison message in
+/// a log says what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum FrameError {
+    #[error("the value is empty")]
+    Empty,
+    #[error("a {format} frame needs at least {needed} bytes, got {got}")]
+    Truncated {
+        format: &'static str,
+        needed: usize,
+        got: usize,
+    },
+    #[error(
+        "unknown magic byte(s) {found}: expected 0xC3 0x01 (Avro single-object) or 0x00 (Confluent)"
+    )]
+    UnknownMagic { found: String },
+}

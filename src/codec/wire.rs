@@ -1,0 +1,316 @@
+//! The framings an Avro datum travels in as a Kafka record value, and [`FramedDecoder`], which
+//! turns a framed value back into an event.
+//!
+//! * **Single-object** (Avro specification, used without a schema registry):
+//!   `C3 01` + the CRC-64-AVRO fingerprint of the writer schema, 8 bytes little-endian + datum.
+//! * **Confluent** (used with a Confluent-compatible registry): `00` + the registry's schema
+//!   id, 4 bytes big-endian + datum.
+//!
+//! The first byte tells them apart, so a reader handles both and a producer can switch from one
+//! to the other without a flag day.
+
+use std::collections::HashMap;
+
+use apache_avro::Schema;
+
+use super::avro::AvroCodec;
+use super::contract::{self, Contract};
+use super::registry::RegisteredSchemas;
+use super::{CodecError, EventCodec, FrameError};
+use crate::domain::EventPayload;
+
+/// The first two bytes of a single-object frame.
+pub const SINGLE_OBJECT_MAGIC: [u8; 2] = [0xC3, 0x01];
+/// Magic plus fingerprint.
+pub const SINGLE_OBJECT_HEADER_LEN: usize = 10;
+/// The first byte of a Confluent frame.
+pub const CONFLUENT_MAGIC: u8 = 0x00;
+/// Magic plus schema id.
+pub const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// How the relay frames datums.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WireFormat {
+    /// Avro single-object encoding; readers identify the schema by its fingerprint.
+    SingleObject,
+    /// Confluent framing with the ids the registry gave our schemas at startup.
+    Confluent { schemas: RegisteredSchemas },
+}
+
+impl WireFormat {
+    /// Appends the frame of `datum`, written under `event_type`'s schema, to `out`.
+    pub fn frame_into(
+        &self,
+        event_type: &str,
+        datum: &[u8],
+        out: &mut Vec<u8>,
+    ) -> Result<(), CodecError> {
+        match self {
+            WireFormat::SingleObject => {
+                let contract = contract::contract(event_type)
+                    .ok_or_else(|| CodecError::UnknownEventType(event_type.to_owned()))?;
+                write_single_object(contract.fingerprint(), datum, out);
+            }
+            WireFormat::Confluent { schemas } => {
+                let id = schemas
+                    .id(event_type)
+                    .ok_or_else(|| CodecError::UnknownEventType(event_type.to_owned()))?;
+                write_confluent(id, datum, out);
+            }
+        }
+        Ok(())
+    }
+
+    /// The frame of `datum`, written under `event_type`'s schema.
+    pub fn frame(&self, event_type: &str, datum: &[u8]) -> Result<Vec<u8>, CodecError> {
+        let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + datum.len());
+        self.frame_into(event_type, datum, &mut out)?;
+        Ok(out)
+    }
+}
+
+/// `C3 01` + `fingerprint` little-endian + `datum`.
+pub fn frame_single_object(fingerprint: u64, datum: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(SINGLE_OBJECT_HEADER_LEN + datum.len());
+    write_single_object(fingerprint, datum, &mut out);
+    out
+}
+
+/// Appends `C3 01` + `fingerprint` little-endian + `datum` to `out`.
+pub fn write_single_object(fingerprint: u64, datum: &[u8], out: &mut Vec<u8>) {
+    out.reserve(SINGLE_OBJECT_HEADER_LEN + datum.len());
+    out.extend_from_slice(&SINGLE_OBJECT_MAGIC);
+    out.extend_from_slice(&fingerprint.to_le_bytes());
+    out.extend_from_slice(datum);
+}
+
+/// `00` + `schema_id` big-endian + `datum`.
+pub fn frame_confluent(schema_id: u32, datum: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(CONFLUENT_HEADER_LEN + datum.len());
+    write_confluent(schema_id, datum, &mut out);
+    out
+}
+
+/// Appends `00` + `schema_id` big-endian + `datum` to `out`.
+pub fn write_confluent(schema_id: u32, datum: &[u8], out: &mut Vec<u8>) {
+    out.reserve(CONFLUENT_HEADER_LEN + datum.len());
+    out.push(CONFLUENT_MAGIC);
+    out.extend_from_slice(&schema_id.to_be_bytes());
+    out.extend_from_slice(datum);
+}
+
+/// A framed value taken apart: which schema wrote the datum, and the datum.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frame<'a> {
+    SingleObject { fingerprint: u64, datum: &'a [u8] },
+    Confluent { schema_id: u32, datum: &'a [u8] },
+}
+
+impl<'a> Frame<'a> {
+    pub fn datum(&self) -> &'a [u8] {
+        match self {
+            Frame::SingleObject { datum, .. } | Frame::Confluent { datum, .. } => datum,
+        }
+    }
+}
+
+/// Takes a framed value apart, telling the framings apart by the first byte.
+pub fn parse_frame(bytes: &[u8]) -> Result<Frame<'_>, CodecError> {
+    match bytes {
+        [] => Err(FrameError::Empty.into()),
+        [CONFLUENT_MAGIC, rest @ ..] => {
+            let (id, datum) = split_header::<4>(rest, "Confluent", CONFLUENT_HEADER_LEN)?;
+            Ok(Frame::Confluent {
+                schema_id: u32::from_be_bytes(id),
+                datum,
+            })
+        }
+        [0xC3] => Err(truncated("single-object", SINGLE_OBJECT_HEADER_LEN, 1)),
+        [0xC3, 0x01, rest @ ..] => {
+            let (fingerprint, datum) =
+                split_header::<8>(rest, "single-object", SINGLE_OBJECT_HEADER_LEN)?;
+            Ok(Frame::SingleObject {
+                fingerprint: u64::from_le_bytes(fingerprint),
+                datum,
+            })
+        }
+        [0xC3, second, ..] => Err(unknown_magic(&[0xC3, *second])),
+        [first, ..] => Err(unknown_magic(&[*first])),
+    }
+}
+
+fn split_header<'a, const N: usize>(
+    rest: &'a [u8],
+    format: &'static str,
+    header_len: usize,
+) -> Result<([u8; N], &'a [u8]), CodecError> {
+    let got = header_len - N + rest.len();
+    let (header, datum) = rest
+        .split_first_chunk::<N>()
+        .ok_or_else(|| truncated(format, header_len, got))?;
+    Ok((*header, datum))
+}
+
+fn truncated(format: &'static str, needed: usize, got: usize) -> CodecError {
+    FrameError::Truncated {
+        format,
+        needed,
+        got,
+    }
+    .into()
+}
+
+fn unknown_magic(bytes: &[u8]) -> CodecError {
+    let found = bytes
+        .iter()
+        .map(|byte| format!("{byte:#04x}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    FrameError::UnknownMagic { found }.into()
+}
+
+/// Decodes framed Kafka values into events.
+///
+/// Single-object frames are looked up in the contracts' fingerprints. Confluent frames are
+/// looked up in the registry ids this decoder was given: our own (from
+/// [`RegisteredSchemas`]) and any writer schema added later with
+/// [`FramedDecoder::add_writer_schema`] — typically after a [`CodecError::UnknownSchemaId`],
+/// by fetching the schema from the registry, which happens when a newer producer registered a
+/// new version. Data written under another version is resolved to our schema by the Avro rules.
+#[derive(Debug, Clone)]
+pub struct FramedDecoder {
+    codec: AvroCodec,
+    by_id: HashMap<u32, WriterSchema>,
+}
+
+#[derive(Debug, Clone)]
+enum WriterSchema {
+    /// One of our contracts, exactly (same canonical form): no resolution needed.
+    Ours(&'static Contract),
+    /// Another version of one of our records.
+    Other {
+        event_type: &'static str,
+        schema: Box<Schema>,
+    },
+}
+
+impl FramedDecoder {
+    /// A decoder of single-object frames; Confluent frames need ids, see
+    /// [`Self::with_registered`].
+    pub fn new(codec: AvroCodec) -> Self {
+        Self {
+            codec,
+            by_id: HashMap::new(),
+        }
+    }
+
+    /// A decoder of both framings, knowing the ids of our own schemas.
+    pub fn with_registered(codec: AvroCodec, schemas: &RegisteredSchemas) -> Self {
+        let by_id = schemas
+            .iter()
+            .filter_map(|(event_type, id)| {
+                contract::contract(event_type).map(|contract| (id, WriterSchema::Ours(contract)))
+            })
+            .collect();
+        Self { codec, by_id }
+    }
+
+    /// Teaches the decoder the writer schema a registry has under `schema_id`. It must be a
+    /// version of one of our records (same full name); returns that record's event type.
+    pub fn add_writer_schema(
+        &mut self,
+        schema_id: u32,
+        schema_json: &str,
+    ) -> Result<&'static str, CodecError> {
+        let schema = Schema::parse_str(schema_json)
+            .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
+        let full_name = match &schema {
+            Schema::Record(record) => record.name.fullname(None),
+            _ => return Err(CodecError::WriterSchema("not a record schema".into())),
+        };
+        let contract = contract::contract_for_full_name(&full_name).ok_or_else(|| {
+            CodecError::WriterSchema(format!("{full_name} is none of our event types"))
+        })?;
+        let fingerprint = super::fingerprint::schema_fingerprint(schema_json)
+            .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
+        let writer = if fingerprint == contract.fingerprint() {
+            WriterSchema::Ours(contract)
+        } else {
+            WriterSchema::Other {
+                event_type: contract.event_type(),
+                schema: Box::new(schema),
+            }
+        };
+        self.by_id.insert(schema_id, writer);
+        Ok(contract.event_type())
+    }
+
+    /// The event in a framed value.
+    pub fn decode(&self, value: &[u8]) -> Result<EventPayload, CodecError> {
+        match parse_frame(value)? {
+            Frame::SingleObject { fingerprint, datum } => {
+                let event_type = self
+                    .codec
+                    .event_type_for_fingerprint(fingerprint)
+                    .ok_or(CodecError::UnknownFingerprint(fingerprint))?;
+                self.codec.decode(event_type, datum)
+            }
+            Frame::Confluent { schema_id, datum } => match self.by_id.get(&schema_id) {
+                None => Err(CodecError::UnknownSchemaId(schema_id)),
+                Some(WriterSchema::Ours(contract)) => {
+                    self.codec.decode(contract.event_type(), datum)
+                }
+                Some(WriterSchema::Other { event_type, schema }) => self
+                    .codec
+                    .decode_with_writer_schema(event_type, schema, datum),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn truncated_headers_report_what_they_needed() {
+        let error = parse_frame(&[0xC3, 0x01, 1, 2]).unwrap_err();
+        assert!(matches!(
+            error,
+            CodecError::Frame(FrameError::Truncated {
+                needed: 10,
+                got: 4,
+                ..
+            })
+        ));
+        let error = parse_frame(&[0x00, 1]).unwrap_err();
+        assert!(matches!(
+            error,
+            CodecError::Frame(FrameError::Truncated {
+                needed: 5,
+                got: 2,
+                ..
+            })
+        ));
+        let error = parse_frame(&[0xC3]).unwrap_err();
+        assert!(matches!(
+            error,
+            CodecError::Frame(FrameError::Truncated {
+                needed: 10,
+                got: 1,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_magic_names_the_bytes() {
+        let error = parse_frame(b"{\"json\": true}").unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "invalid frame: unknown magic byte(s) 0x7b: expected 0xC3 0x01 (Avro single-object) or 0x00 (Confluent)"
+        );
+        let error = parse_frame(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
+        assert!(error.to_string().contains("0xc3 0x02"), "{error}");
+    }
+}

@@ -1,0 +1,230 @@
+//! One typed configuration, mapped from command-line flags and environment variables.
+//!
+//! Every setting has a flag and an environment variable, and a default that works on a laptop
+//! with the local broker (`deploy/kafka/kafka.sh start`). Environment variables starting with
+//! `BOOKSTORE_` that no setting knows are rejected, so a typo never silently falls back to a
+//! default.
+
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::relay::DeliveryMode;
+use thiserror::Error;
+
+/// Where the local store lives.
+#[derive(Debug, Clone, Args)]
+pub struct StoreConfig {
+    /// Database URL: `sqlite:PATH` (or a plain file path) for the embedded store,
+    /// `postgres://user:password@host:port/db` for PostgreSQL.
+    #[arg(
+        long = "database-url",
+        env = "BOOKSTORE_DATABASE_URL",
+        default_value = "sqlite:bookstore.db",
+        global = true
+    )]
+    pub database_url: String,
+}
+
+/// How to reach Kafka and how the topics are laid out.
+#[derive(Debug, Clone, Args)]
+pub struct KafkaConfig {
+    /// Kafka bootstrap servers, comma separated.
+    #[arg(
+        long = "bootstrap-servers",
+        env = "KAFKA_BOOTSTRAP_SERVERS",
+        default_value = "127.0.0.1:9092",
+        global = true
+    )]
+    pub bootstrap_servers: String,
+
+    /// Extra librdkafka client properties, `key=value`, comma separated or repeated
+    /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`). Applied to every client last,
+    /// so they can override any default this program sets.
+    #[arg(
+        long = "kafka-option",
+        env = "BOOKSTORE_KAFKA_OPTIONS",
+        value_delimiter = ',',
+        value_parser = parse_key_value,
+        global = true
+    )]
+    pub client_options: Vec<(String, String)>,
+
+    /// Prefix of the topic names: `<prefix>.book`, `<prefix>.book-fact`, `<prefix>.book-fact.dlq`.
+    /// The default gives the public topic names; change it only for tests or side-by-side runs.
+    #[arg(
+        long = "topic-prefix",
+        env = "BOOKSTORE_TOPIC_PREFIX",
+        default_value = "bookstore",
+        global = true
+    )]
+    pub topic_prefix: String,
+
+    /// Partitions of the topics when this program creates them.
+    #[arg(
+        long = "topic-partitions",
+        env = "BOOKSTORE_TOPIC_PARTITIONS",
+        default_value_t = 3,
+        global = true
+    )]
+    pub partitions: i32,
+
+    /// Replication factor of the topics when this program creates them; -1 takes the broker's
+    /// `default.replication.factor`.
+    #[arg(
+        long = "topic-replication-factor",
+        env = "BOOKSTORE_TOPIC_REPLICATION_FACTOR",
+        default_value_t = -1,
+        allow_negative_numbers = true,
+        global = true
+    )]
+    pub replication_factor: i32,
+
+    /// How long a request to the cluster (metadata, topic creation) may take, in milliseconds.
+    #[arg(
+        long = "kafka-timeout-ms",
+        env = "BOOKSTORE_KAFKA_TIMEOUT_MS",
+        default_value_t = 30_000,
+        global = true
+    )]
+    pub request_timeout_ms: u64,
+
+    /// A Confluent-compatible schema registry (e.g. Apicurio's `…/apis/ccompat/v7`). When set,
+    /// the relay registers the schemas and frames values the Confluent way (`0x00` + id);
+    /// without it, values use Avro single-object encoding (`0xC3 0x01` + fingerprint).
+    #[arg(
+        long = "schema-registry-url",
+        env = "SCHEMA_REGISTRY_URL",
+        global = true
+    )]
+    pub schema_registry_url: Option<String>,
+}
+
+impl KafkaConfig {
+    /// A configuration for `bootstrap_servers` with every other setting at its default.
+    pub fn new(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            client_options: vec![],
+            topic_prefix: "bookstore".into(),
+            partitions: 3,
+            replication_factor: -1,
+            request_timeout_ms: 30_000,
+            schema_registry_url: None,
+        }
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
+/// How the relay runs (`bookstore relay`).
+#[derive(Debug, Clone, Args)]
+pub struct RelaySettings {
+    /// Delivery guarantee towards Kafka.
+    #[arg(
+        long = "delivery",
+        env = "BOOKSTORE_RELAY_DELIVERY",
+        value_enum,
+        default_value_t = DeliveryMode::ExactlyOnce
+    )]
+    pub delivery: DeliveryMode,
+
+    /// Most events per batch (one Kafka transaction in exactly-once mode).
+    #[arg(
+        long = "batch-size",
+        env = "BOOKSTORE_RELAY_BATCH_SIZE",
+        default_value_t = 500
+    )]
+    pub batch_size: usize,
+
+    /// Names the relay's lease, checkpoint and Kafka transactional id; default
+    /// `<topic prefix>.relay`. Relays of the same store must share it.
+    #[arg(long = "relay-id", env = "BOOKSTORE_RELAY_ID")]
+    pub relay_id: Option<String>,
+
+    /// Fallback polling interval in milliseconds (commits normally wake the relay at once).
+    #[arg(
+        long = "poll-interval-ms",
+        env = "BOOKSTORE_RELAY_POLL_MS",
+        default_value_t = 250
+    )]
+    pub poll_interval_ms: u64,
+
+    /// Published events older than this many hours are deleted from the outbox.
+    #[arg(
+        long = "retention-hours",
+        env = "BOOKSTORE_OUTBOX_RETENTION_HOURS",
+        default_value_t = 168
+    )]
+    pub retention_hours: u64,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        Self {
+            delivery: DeliveryMode::ExactlyOnce,
+            batch_size: 500,
+            relay_id: None,
+            poll_interval_ms: 250,
+            retention_hours: 168,
+        }
+    }
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("expected key=value, got {0:?}")]
+    NotKeyValue(String),
+    #[error("unknown environment variable {0} (known: {1})")]
+    UnknownVariable(String, String),
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), ConfigError> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.trim().to_owned()))
+        }
+        _ => Err(ConfigError::NotKeyValue(text.to_owned())),
+    }
+}
+
+/// Fails on a `BOOKSTORE_*` variable in `environment` that is not in `known`.
+pub fn reject_unknown_variables<'a>(
+    environment: impl IntoIterator<Item = String>,
+    known: impl IntoIterator<Item = &'a str> + Clone,
+) -> Result<(), ConfigError> {
+    for name in environment {
+        if name.starts_with("BOOKSTORE_") && !known.clone().into_iter().any(|k| k == name) {
+            let mut listed: Vec<&str> = known.into_iter().collect();
+            listed.sort_unstable();
+            return Err(ConfigError::UnknownVariable(name, listed.join(", ")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_values_are_split_on_the_first_equals_sign() {
+        assert_eq!(
+            parse_key_value("sasl.password=a=b").unwrap(),
+            ("sasl.password".into(), "a=b".into())
+        );
+        assert!(parse_key_value("no-equals").is_err());
+        assert!(parse_key_value("=value").is_err());
+    }
+
+    #[test]
+    fn unknown_bookstore_variables_are_rejected_and_others_ignored() {
+        let known = ["BOOKSTORE_DATABASE_URL"];
+        let env = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        assert!(reject_unknown_variables(env(&["BOOKSTORE_DATABASE_URL", "PATH"]), known).is_ok());
+        let error = reject_unknown_variables(env(&["BOOKSTORE_DATABSE_URL"]), known).unwrap_err();
+        assert!(error.to_string().contains("BOOKSTORE_DATABSE_URL"));
+    }
+}

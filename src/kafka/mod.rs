@@ -1,0 +1,211 @@
+//! Kafka client setup and topic layout, shared by the relay, the projection and the tools.
+//!
+//! Client settings are built here once so every producer and consumer gets the same safe
+//! defaults (idempotence, `acks=all`, `read_committed`), with the user's passthrough options
+//! (`BOOKSTORE_KAFKA_OPTIONS`) applied last.
+
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::metadata::Metadata;
+use rdkafka::producer::FutureProducer;
+use thiserror::Error;
+
+use crate::config::KafkaConfig;
+
+mod admin;
+
+pub use admin::{TopicSpec, TopicStatus, provision_topics};
+
+/// The names of the topics, derived from one prefix (`bookstore` in production).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topics {
+    /// Delta events: `<prefix>.book`.
+    pub book: String,
+    /// Fact events, compacted: `<prefix>.book-fact`.
+    pub book_fact: String,
+    /// Fact records the projection could not apply: `<prefix>.book-fact.dlq`.
+    pub book_fact_dlq: String,
+    /// The relay's exactly-once checkpoints (internal): `<prefix>.relay-checkpoint`.
+    pub relay_checkpoint: String,
+}
+
+impl Topics {
+    pub fn with_prefix(prefix: &str) -> Self {
+        Self {
+            book: format!("{prefix}.book"),
+            book_fact: format!("{prefix}.book-fact"),
+            book_fact_dlq: format!("{prefix}.book-fact.dlq"),
+            relay_checkpoint: format!("{prefix}.relay-checkpoint"),
+        }
+    }
+
+    /// What each topic must look like: deltas are kept by time, facts are compacted (the
+    /// latest fact of a book is its state, a tombstone deletes it), the DLQ is kept by time.
+    pub fn specs(&self, partitions: i32, replication_factor: i32) -> Vec<TopicSpec> {
+        vec![
+            TopicSpec::new(&self.book, partitions, replication_factor)
+                .with_config("cleanup.policy", "delete"),
+            TopicSpec::new(&self.book_fact, partitions, replication_factor)
+                .with_config("cleanup.policy", "compact"),
+            TopicSpec::new(&self.book_fact_dlq, 1, replication_factor)
+                .with_config("cleanup.policy", "delete"),
+            // One partition, so "the last checkpoint" is well defined; compacted, since only
+            // the latest checkpoint per relay matters.
+            TopicSpec::new(&self.relay_checkpoint, 1, replication_factor)
+                .with_config("cleanup.policy", "compact"),
+        ]
+    }
+}
+
+impl Default for Topics {
+    fn default() -> Self {
+        Self::with_prefix("bookstore")
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum KafkaSetupError {
+    #[error("could not create a Kafka client for {bootstrap_servers}: {source}")]
+    Client {
+        bootstrap_servers: String,
+        source: KafkaError,
+    },
+    #[error(
+        "Kafka at {bootstrap_servers} did not answer within {timeout:?}: {source} \
+         (start a local broker with `deploy/kafka/kafka.sh start`, or set KAFKA_BOOTSTRAP_SERVERS)"
+    )]
+    Unreachable {
+        bootstrap_servers: String,
+        timeout: Duration,
+        source: KafkaError,
+    },
+    #[error("topic {topic}: {source}")]
+    Topic { topic: String, source: KafkaError },
+    #[error(
+        "topic {topic} exists with {setting} = {actual}, but {expected} is required; \
+         fix the topic or the configuration (nothing was changed)"
+    )]
+    TopicMismatch {
+        topic: String,
+        setting: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("topic {topic} is missing after creation was requested")]
+    TopicMissing { topic: String },
+}
+
+impl KafkaConfig {
+    pub fn topics(&self) -> Topics {
+        Topics::with_prefix(&self.topic_prefix)
+    }
+
+    /// Settings common to every client, passthrough options applied.
+    pub fn client_config(&self) -> ClientConfig {
+        self.with_client_options(self.base_config())
+    }
+
+    fn base_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.bootstrap_servers)
+            .set("client.id", "bookstore");
+        config
+    }
+
+    /// The user's passthrough options go last so they can override any default set here.
+    fn with_client_options(&self, mut config: ClientConfig) -> ClientConfig {
+        for (key, value) in &self.client_options {
+            config.set(key, value);
+        }
+        config
+    }
+
+    /// An idempotent producer: `acks=all`, retries that never reorder or duplicate within a
+    /// partition. Records with the same key keep their send order.
+    pub fn idempotent_producer_config(&self) -> ClientConfig {
+        let mut config = self.base_config();
+        config
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("linger.ms", "5")
+            .set("compression.type", "lz4")
+            // Java clients hash keys with murmur2; doing the same puts a book on the same
+            // partition whichever language produced it.
+            .set("partitioner", "murmur2_random");
+        self.with_client_options(config)
+    }
+
+    /// A consumer in `group_id` that reads committed data only and commits offsets only when
+    /// told to (the caller stores an offset once the record is durably handled).
+    pub fn consumer_config(&self, group_id: &str) -> ClientConfig {
+        let mut config = self.base_config();
+        config
+            .set("group.id", group_id)
+            .set("isolation.level", "read_committed")
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("partition.assignment.strategy", "cooperative-sticky");
+        self.with_client_options(config)
+    }
+
+    pub fn admin_client(&self) -> Result<AdminClient<DefaultClientContext>, KafkaSetupError> {
+        self.client_config()
+            .create()
+            .map_err(|source| self.client_error(source))
+    }
+
+    pub fn producer(&self) -> Result<FutureProducer, KafkaSetupError> {
+        self.idempotent_producer_config()
+            .create()
+            .map_err(|source| self.client_error(source))
+    }
+
+    pub fn consumer(&self, group_id: &str) -> Result<StreamConsumer, KafkaSetupError> {
+        self.consumer_config(group_id)
+            .create()
+            .map_err(|source| self.client_error(source))
+    }
+
+    fn client_error(&self, source: KafkaError) -> KafkaSetupError {
+        KafkaSetupError::Client {
+            bootstrap_servers: self.bootstrap_servers.clone(),
+            source,
+        }
+    }
+
+    /// Asks the cluster for its metadata: proves the brokers answer. Returns the broker count.
+    pub async fn check_reachable(&self) -> Result<usize, KafkaSetupError> {
+        Ok(self.fetch_metadata(None).await?.brokers().len())
+    }
+
+    /// Cluster metadata, for all topics or one. Runs the blocking librdkafka call on the
+    /// blocking pool so an async caller's worker thread stays free.
+    pub async fn fetch_metadata(&self, topic: Option<&str>) -> Result<Metadata, KafkaSetupError> {
+        let client: BaseConsumer = self
+            .client_config()
+            .create()
+            .map_err(|source| self.client_error(source))?;
+        let timeout = self.request_timeout();
+        let bootstrap_servers = self.bootstrap_servers.clone();
+        let topic = topic.map(str::to_owned);
+        tokio::task::spawn_blocking(move || {
+            client
+                .fetch_metadata(topic.as_deref(), timeout)
+                .map_err(|source| KafkaSetupError::Unreachable {
+                    bootstrap_servers,
+                    timeout,
+                    source,
+                })
+        })
+        .await
+        .expect("the metadata request panicked")
+    }
+}

@@ -1,0 +1,153 @@
+//! The relay's resume point as Kafka knows it, for exactly-once delivery.
+//!
+//! Every relay transaction also writes one record to the checkpoint topic (compacted, one
+//! partition, key = the relay's transactional id, value = the last outbox position of the
+//! batch as decimal text). The checkpoint thus commits or aborts together with the events, and
+//! the last committed checkpoint record states exactly how far the published events go: no
+//! event at or below it needs sending again, every event above it does. The database copy of
+//! the position is written only after a commit, so it can lag behind but never run ahead.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
+use rdkafka::{Message, Offset, TopicPartitionList};
+
+use crate::config::KafkaConfig;
+
+/// The value of a checkpoint record for `position`.
+pub fn checkpoint_value(position: u64) -> String {
+    position.to_string()
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("reading the relay checkpoint from {topic}: {source}")]
+    Kafka { topic: String, source: KafkaError },
+    #[error("reading the relay checkpoint from {topic} did not finish within {timeout:?}")]
+    Timeout { topic: String, timeout: Duration },
+    #[error("checkpoint record at offset {offset} of {topic} is not a position: {value:?}")]
+    Corrupt {
+        topic: String,
+        offset: i64,
+        value: String,
+    },
+}
+
+/// The position of the last committed checkpoint record of `relay_id`, `None` if there is none.
+///
+/// Call it only after `init_transactions` of the relay's producer: that completes or aborts
+/// any transaction a previous instance left open, so the last stable offset is final. Reads
+/// backwards from the end in growing windows, since compaction and aborted transactions leave
+/// no fixed distance between the end and the last committed record.
+pub async fn read_checkpoint(
+    config: &KafkaConfig,
+    topic: &str,
+    relay_id: &str,
+) -> Result<Option<u64>, CheckpointError> {
+    let mut consumer_config = config.consumer_config(&format!("{relay_id}.checkpoint-reader"));
+    consumer_config.set("enable.partition.eof", "true");
+    let kafka_error = |source| CheckpointError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let consumer: BaseConsumer<QuietEof> = consumer_config
+        .create_with_context(QuietEof)
+        .map_err(kafka_error)?;
+    let timeout = config.request_timeout();
+    let topic = topic.to_owned();
+    let relay_id = relay_id.to_owned();
+    // The consumer's calls block; keep them off the async worker threads.
+    tokio::task::spawn_blocking(move || read_last(&consumer, &topic, &relay_id, timeout))
+        .await
+        .expect("the checkpoint reader panicked")
+}
+
+/// The end of the partition is how the reader knows it has seen the last record; librdkafka
+/// also reports it as a client error, which would otherwise be logged as one.
+struct QuietEof;
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(error, KafkaError::PartitionEOF(_)) {
+            return;
+        }
+        tracing::error!(%error, reason, "Kafka client error while reading the checkpoint");
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
+fn read_last(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    relay_id: &str,
+    timeout: Duration,
+) -> Result<Option<u64>, CheckpointError> {
+    let kafka_error = |source| CheckpointError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let (low, high) = consumer
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(kafka_error)?;
+    let mut window = 16;
+    loop {
+        let start = high.saturating_sub(window).max(low);
+        if let Some(position) = last_in_range(consumer, topic, relay_id, start, timeout)? {
+            return Ok(Some(position));
+        }
+        if start <= low {
+            return Ok(None);
+        }
+        window = window.saturating_mul(4);
+    }
+}
+
+/// The last checkpoint of `relay_id` at or after `start`, reading up to the end.
+fn last_in_range(
+    consumer: &BaseConsumer<QuietEof>,
+    topic: &str,
+    relay_id: &str,
+    start: i64,
+    timeout: Duration,
+) -> Result<Option<u64>, CheckpointError> {
+    let kafka_error = |source| CheckpointError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Offset(start))
+        .map_err(kafka_error)?;
+    consumer.assign(&assignment).map_err(kafka_error)?;
+    let deadline = Instant::now() + timeout;
+    let mut last = None;
+    loop {
+        if Instant::now() > deadline {
+            return Err(CheckpointError::Timeout {
+                topic: topic.to_owned(),
+                timeout,
+            });
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(_))) => return Ok(last),
+            Some(Err(error)) => return Err(kafka_error(error)),
+            Some(Ok(message)) => {
+                if message.key() != Some(relay_id.as_bytes()) {
+                    continue;
+                }
+                let value = message.payload().unwrap_or_default();
+                let text = String::from_utf8_lossy(value);
+                let position = text.parse().map_err(|_| CheckpointError::Corrupt {
+                    topic: topic.to_owned(),
+                    offset: message.offset(),
+                    value: text.clone().into_owned(),
+                })?;
+                last = Some(position);
+            }
+        }
+    }
+}

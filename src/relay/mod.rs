@@ -1,0 +1,357 @@
+//! The outbox relay: follows committed events in position order and publishes them to Kafka.
+//!
+//! ## What it promises, and why it holds
+//!
+//! * **No loss, no skip.** Positions are gapless and assigned in commit order (see
+//!   [`crate::store`]), so reading `position > resume point` in order sees every committed
+//!   event. The resume point only moves after the publisher confirmed the batch durable
+//!   (transaction committed, or every record acknowledged with `acks=all`).
+//! * **Per-book order.** Events are read in position order, a book's records share a key and
+//!   so a partition, the producer is idempotent (no reordering on retry), and a failed batch is
+//!   resent from its first event after a fresh `start`.
+//! * **No duplicates for `read_committed` readers** in exactly-once mode: batch and checkpoint
+//!   commit in one Kafka transaction, and a restart resumes from the committed checkpoint
+//!   (see [`checkpoint`]). In at-least-once mode a crash can resend the last batch.
+//! * **One active relay per store.** A lease in the database names the active instance; others
+//!   wait as standbys. The Kafka transactional id fences an instance that lost its lease but
+//!   still tries to publish (a paused process waking up).
+//! * **Outages.** Any publish error leads to a pause with exponential backoff, a fresh producer
+//!   and a resume from the recovered position, until the broker answers again.
+
+use std::time::{Duration, Instant};
+
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::shutdown::Shutdown;
+use crate::store::{CommitSignal, Outbox, StoreError};
+
+pub mod checkpoint;
+pub mod metrics;
+mod publisher;
+pub mod record;
+mod setup;
+
+pub use publisher::{DeliveryMode, EventPublisher, KafkaPublisher, PublishError};
+pub use setup::{RelaySetupError, kafka_relay, wire_format};
+
+/// How the relay runs. Defaults suit a laptop and a production service alike.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Names this relay's lease, checkpoint and Kafka transactional id.
+    pub relay_id: String,
+    /// Identifies this process among the instances competing for the lease.
+    pub instance_id: String,
+    /// Most events per batch (one Kafka transaction in exactly-once mode).
+    pub batch_size: usize,
+    /// Fallback polling interval when no commit signal arrives.
+    pub poll_interval: Duration,
+    /// How long a lease lasts without renewal; renewed at a third of it.
+    pub lease_ttl: Duration,
+    /// Published events older than this are deleted from the outbox.
+    pub retention: Duration,
+    /// How often retention runs.
+    pub prune_interval: Duration,
+    /// First pause after an error; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl RelayConfig {
+    pub fn new(relay_id: impl Into<String>) -> Self {
+        Self {
+            relay_id: relay_id.into(),
+            instance_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
+            batch_size: 500,
+            poll_interval: Duration::from_millis(250),
+            lease_ttl: Duration::from_secs(15),
+            retention: Duration::from_secs(7 * 24 * 3600),
+            prune_interval: Duration::from_secs(600),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    #[error("outbox: {0}")]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Publish(#[from] PublishError),
+}
+
+/// What a run did, for `--once` and tests.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayReport {
+    pub published_events: u64,
+    pub batches: u64,
+    pub last_position: u64,
+}
+
+/// Until when `run` goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunMode {
+    /// Until shutdown.
+    Follow,
+    /// Until everything committed when the run started is published.
+    Once,
+}
+
+pub struct Relay<O, P> {
+    outbox: O,
+    publisher: P,
+    config: RelayConfig,
+}
+
+/// Why an active period ended.
+enum Stop {
+    Shutdown,
+    Done,
+    LeaseLost,
+}
+
+impl<O: Outbox, P: EventPublisher> Relay<O, P> {
+    pub fn new(outbox: O, publisher: P, config: RelayConfig) -> Self {
+        Self {
+            outbox,
+            publisher,
+            config,
+        }
+    }
+
+    /// Runs until shutdown (or, in `Once` mode, until the backlog at start is published).
+    /// Returns an error only for what waiting cannot fix: an event that cannot be encoded.
+    pub async fn run(
+        mut self,
+        mode: RunMode,
+        mut shutdown: Shutdown,
+    ) -> Result<RelayReport, RelayError> {
+        let mut report = RelayReport::default();
+        let target = match mode {
+            RunMode::Once => Some(self.outbox.head_position().await?),
+            RunMode::Follow => None,
+        };
+        loop {
+            if !self.wait_for_lease(&mut shutdown).await? {
+                break;
+            }
+            let outcome = self
+                .publish_while_leased(target, &mut report, &mut shutdown)
+                .await;
+            // Hand the lease over at once rather than making a standby wait for it to expire.
+            let _ = self
+                .outbox
+                .release_lease(&self.config.relay_id, &self.config.instance_id)
+                .await;
+            match outcome? {
+                Stop::Shutdown | Stop::Done => break,
+                Stop::LeaseLost => warn!("lost the relay lease; standing by"),
+            }
+        }
+        info!(
+            published = report.published_events,
+            last_position = report.last_position,
+            "relay stopped"
+        );
+        Ok(report)
+    }
+
+    /// Waits until this instance holds the lease. False if shutdown came first.
+    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> Result<bool, RelayError> {
+        let mut announced = false;
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(false);
+            }
+            if self.renew_lease().await? {
+                info!(relay_id = %self.config.relay_id, instance = %self.config.instance_id, "relay is active");
+                return Ok(true);
+            }
+            if !announced {
+                info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
+                announced = true;
+            }
+            tokio::select! {
+                _ = shutdown.wait() => return Ok(false),
+                _ = tokio::time::sleep(self.config.lease_ttl / 3) => {}
+            }
+        }
+    }
+
+    async fn renew_lease(&self) -> Result<bool, StoreError> {
+        self.outbox
+            .try_acquire_lease(
+                &self.config.relay_id,
+                &self.config.instance_id,
+                self.config.lease_ttl,
+            )
+            .await
+    }
+
+    async fn publish_while_leased(
+        &mut self,
+        target: Option<u64>,
+        report: &mut RelayReport,
+        shutdown: &mut Shutdown,
+    ) -> Result<Stop, RelayError> {
+        let mut signal = self.outbox.commit_signal().await?;
+        let mut backoff = self.config.min_backoff;
+        let mut lease_renewed_at = Instant::now();
+        let mut pruned_at: Option<Instant> = None;
+        let Some(mut position) = self.start_publisher(shutdown, &mut backoff).await? else {
+            return Ok(Stop::Shutdown);
+        };
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(Stop::Shutdown);
+            }
+            if lease_renewed_at.elapsed() >= self.config.lease_ttl / 3 {
+                if !self.renew_lease().await? {
+                    return Ok(Stop::LeaseLost);
+                }
+                lease_renewed_at = Instant::now();
+            }
+            if pruned_at.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
+                self.prune().await;
+                pruned_at = Some(Instant::now());
+            }
+            if target.is_some_and(|target| position >= target) {
+                return Ok(Stop::Done);
+            }
+            let events = self
+                .outbox
+                .read_after(position, self.config.batch_size)
+                .await?;
+            if events.is_empty() {
+                self.wait_for_commit(&mut signal, shutdown).await;
+                continue;
+            }
+            let last = events
+                .last()
+                .map(|event| event.position)
+                .unwrap_or(position);
+            let span = info_span!(
+                "publish_batch",
+                first = position + 1,
+                last,
+                events = events.len()
+            );
+            match self.publisher.publish_batch(&events).instrument(span).await {
+                Ok(()) => {
+                    position = last;
+                    backoff = self.config.min_backoff;
+                    report.published_events += events.len() as u64;
+                    report.batches += 1;
+                    report.last_position = position;
+                    metrics::record_batch(&events);
+                    self.record_published(position).await;
+                }
+                Err(PublishError::Poison { position, source }) => {
+                    metrics::record_send_error();
+                    error!(position, %source, "event cannot be published; relay stops");
+                    return Err(PublishError::Poison { position, source }.into());
+                }
+                Err(PublishError::Fenced(error)) => {
+                    metrics::record_send_error();
+                    warn!(%error, "fenced by another relay instance");
+                    return Ok(Stop::LeaseLost);
+                }
+                Err(error) => {
+                    metrics::record_send_error();
+                    warn!(%error, ?backoff, "publishing failed; retrying from the last confirmed position");
+                    if !pause(shutdown, &mut backoff, self.config.max_backoff).await {
+                        return Ok(Stop::Shutdown);
+                    }
+                    match self.start_publisher(shutdown, &mut backoff).await? {
+                        Some(resumed) => position = resumed,
+                        None => return Ok(Stop::Shutdown),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the publisher, retrying with backoff while Kafka is unavailable, and returns the
+    /// position to resume after: the furthest of what Kafka and the store know to be published.
+    /// `None` if shutdown came first.
+    async fn start_publisher(
+        &mut self,
+        shutdown: &mut Shutdown,
+        backoff: &mut Duration,
+    ) -> Result<Option<u64>, RelayError> {
+        loop {
+            match self.publisher.start().await {
+                Ok(known_by_publisher) => {
+                    let recorded = self
+                        .outbox
+                        .published_position(&self.config.relay_id)
+                        .await?;
+                    let position = known_by_publisher.unwrap_or(0).max(recorded);
+                    info!(position, "resuming after position");
+                    metrics::record_position(position);
+                    if known_by_publisher.is_some_and(|known| known > recorded) {
+                        // The crash came between the Kafka commit and the store's copy.
+                        self.record_published(position).await;
+                    }
+                    return Ok(Some(position));
+                }
+                Err(PublishError::Poison { position, source }) => {
+                    return Err(PublishError::Poison { position, source }.into());
+                }
+                Err(error) => {
+                    metrics::record_send_error();
+                    warn!(%error, ?backoff, "Kafka not ready; retrying");
+                    if !pause(shutdown, backoff, self.config.max_backoff).await {
+                        return Ok(None);
+                    }
+                }
+            }
+        }
+    }
+
+    async fn record_published(&self, position: u64) {
+        // The store's copy is for retention, metrics and at-least-once restarts; failing to
+        // write it loses nothing (exactly-once resumes from Kafka's checkpoint), so log and go on.
+        if let Err(error) = self
+            .outbox
+            .record_published(&self.config.relay_id, position)
+            .await
+        {
+            warn!(%error, position, "could not record the published position");
+        }
+        if let Ok(head) = self.outbox.head_position().await {
+            metrics::record_backlog(head.saturating_sub(position));
+        }
+    }
+
+    async fn prune(&self) {
+        match self
+            .outbox
+            .prune_published(&self.config.relay_id, self.config.retention)
+            .await
+        {
+            Ok(0) => {}
+            Ok(deleted) => info!(deleted, "pruned published events past retention"),
+            Err(error) => warn!(%error, "outbox retention failed"),
+        }
+    }
+
+    async fn wait_for_commit(&self, signal: &mut CommitSignal, shutdown: &mut Shutdown) {
+        let mut shutdown = shutdown.clone();
+        tokio::select! {
+            _ = signal.committed() => debug!("woken by a commit"),
+            _ = tokio::time::sleep(self.config.poll_interval) => {}
+            _ = shutdown.wait() => {}
+        }
+    }
+}
+
+/// Sleeps for `backoff` (doubling it for next time); false if shutdown came first.
+async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration, max: Duration) -> bool {
+    let sleep = *backoff;
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = shutdown.wait() => false,
+        _ = tokio::time::sleep(sleep) => true,
+    }
+}

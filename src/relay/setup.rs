@@ -1,0 +1,67 @@
+//! Wiring a relay from configuration: topics provisioned, schemas registered when a registry
+//! is configured, the Kafka publisher in the chosen delivery mode.
+
+use std::time::Duration;
+
+use super::record::RecordMapper;
+use super::{KafkaPublisher, Relay, RelayConfig};
+use crate::codec::wire::WireFormat;
+use crate::codec::{AvroCodec, RegistryClient, RegistryError};
+use crate::config::{KafkaConfig, RelaySettings};
+use crate::kafka::{KafkaSetupError, provision_topics};
+use crate::store::Outbox;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RelaySetupError {
+    #[error(transparent)]
+    Kafka(#[from] KafkaSetupError),
+    #[error("schema registry: {0}")]
+    Registry(#[from] RegistryError),
+}
+
+/// A relay from `outbox` to the Kafka cluster of `kafka`, ready to run.
+pub async fn kafka_relay<O: Outbox>(
+    outbox: O,
+    kafka: &KafkaConfig,
+    settings: &RelaySettings,
+) -> Result<Relay<O, KafkaPublisher>, RelaySetupError> {
+    let topics = kafka.topics();
+    provision_topics(
+        kafka,
+        &topics.specs(kafka.partitions, kafka.replication_factor),
+    )
+    .await?;
+    let wire = wire_format(kafka).await?;
+    let relay_id = settings
+        .relay_id
+        .clone()
+        .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+    let mut config = RelayConfig::new(relay_id.clone());
+    config.batch_size = settings.batch_size.max(1);
+    config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(1));
+    config.retention = Duration::from_secs(settings.retention_hours.saturating_mul(3600));
+    let checkpoint_topic = topics.relay_checkpoint.clone();
+    let publisher = KafkaPublisher::new(
+        kafka.clone(),
+        RecordMapper::new(topics, wire),
+        settings.delivery,
+        relay_id,
+        checkpoint_topic,
+    );
+    Ok(Relay::new(outbox, publisher, config))
+}
+
+/// Confluent framing with registered ids when a registry is configured, else single-object.
+pub async fn wire_format(kafka: &KafkaConfig) -> Result<WireFormat, RelaySetupError> {
+    let Some(url) = kafka.schema_registry_url.clone() else {
+        return Ok(WireFormat::SingleObject);
+    };
+    let topics = kafka.topics();
+    // The registry client is blocking; registration happens once, at start.
+    let schemas = tokio::task::spawn_blocking(move || {
+        RegistryClient::new(&url)?.register_all(&AvroCodec::new(), &topics.book, &topics.book_fact)
+    })
+    .await
+    .expect("schema registration panicked")?;
+    Ok(WireFormat::Confluent { schemas })
+}

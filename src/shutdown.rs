@@ -1,0 +1,77 @@
+//! Graceful shutdown as a value: every long-running task gets a [`Shutdown`] and selects on it
+//! next to its work, finishing (or safely abandoning) what is in flight when it fires.
+
+use tokio::sync::watch;
+use tracing::info;
+
+/// Fires the shutdown of every [`Shutdown`] made from it.
+#[derive(Debug, Clone)]
+pub struct ShutdownTrigger(watch::Sender<bool>);
+
+/// Tells a task that it should stop. Cheap to clone; one per task.
+#[derive(Debug, Clone)]
+pub struct Shutdown(watch::Receiver<bool>);
+
+impl ShutdownTrigger {
+    pub fn new() -> (ShutdownTrigger, Shutdown) {
+        let (sender, receiver) = watch::channel(false);
+        (ShutdownTrigger(sender), Shutdown(receiver))
+    }
+
+    pub fn trigger(&self) {
+        self.0.send_replace(true);
+    }
+
+    /// Triggers on Ctrl-C or SIGTERM (whichever comes first) from a background task.
+    pub fn on_signals(&self) {
+        let trigger = self.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            info!("shutdown requested; finishing in-flight work");
+            trigger.trigger();
+        });
+    }
+}
+
+impl Shutdown {
+    /// A shutdown that never fires, for callers without one.
+    pub fn never() -> Shutdown {
+        let (sender, receiver) = watch::channel(false);
+        // Keeping the sender alive keeps `wait` pending forever.
+        std::mem::forget(sender);
+        Shutdown(receiver)
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once shutdown was triggered (at once if it already was).
+    pub async fn wait(&mut self) {
+        // An error means every trigger is gone: nobody can ask to stop any more, so treat it
+        // as a request to stop rather than waiting forever.
+        let _ = self.0.wait_for(|stop| *stop).await;
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

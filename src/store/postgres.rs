@@ -1,0 +1,384 @@
+//! `PostgresStore`: the [`EventStore`] on PostgreSQL, for production.
+//!
+//! Transactions run at READ COMMITTED. What keeps the outbox gapless is the `outbox_head` row:
+//! every save increments it as its last step before inserting its events, and the row lock that
+//! takes is held until COMMIT, so a second save waits there and reads the head only once the
+//! first one is committed (and visible). Positions are therefore handed out in commit order,
+//! and a rolled back save releases its reservation before anyone else could build on it.
+//! The lock is released only once the commit is flushed, so what appends serialise on is the
+//! reservation, the event insert and one WAL flush; both statements are therefore single round
+//! trips (the notification rides along with the reservation).
+//!
+//! Each save also sends `NOTIFY bookstore_outbox, '<last position>'` ([`OUTBOX_CHANNEL`]).
+//! PostgreSQL delivers it only if and when the transaction commits, so a listening relay wakes
+//! up for exactly the committed appends and never reads ahead of them. The channel is per
+//! database, not per schema: stores sharing a database wake each other's relays (harmless, as
+//! a wake-up only makes the relay poll).
+
+use std::str::FromStr;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
+use sqlx::{Postgres, QueryBuilder};
+use uuid::Uuid;
+
+use super::{BookChange, EventStore, OUTBOX_CHANNEL, StoreError, to_i64, to_u64};
+use crate::domain::{Book, BookId, EventMetadata, NewEvent, Price, StoredEvent};
+
+/// The store in a PostgreSQL database (in the schema first on the connection's `search_path`).
+#[derive(Debug, Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+}
+
+impl PostgresStore {
+    /// Connects to `postgres://…` and brings the schema up to date.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_options(PgConnectOptions::from_str(url)?).await
+    }
+
+    /// Connects with explicit options, e.g. a `search_path` that puts the tables in a schema of
+    /// their own: `options.options([("search_path", "my_schema")])`.
+    pub async fn connect_with_options(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::with_pool(PgPoolOptions::new().connect_with(options).await?).await
+    }
+
+    /// Uses an existing pool (to choose its size or timeouts) and brings the schema up to date.
+    pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
+        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        Ok(Self { pool })
+    }
+
+    /// The connection pool, for modules that keep their own tables in the same database.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    async fn stored_version(&self, book_id: BookId) -> Result<Option<u64>, StoreError> {
+        stored_version(&mut *self.pool.acquire().await?, book_id).await
+    }
+}
+
+impl EventStore for PostgresStore {
+    async fn load_book(&self, book_id: BookId) -> Result<Option<Book>, StoreError> {
+        let row: Option<BookRow> = sqlx::query_as(
+            "SELECT book_id, title, author, isbn, price, description, version, removed
+             FROM books WHERE book_id = $1",
+        )
+        .bind(book_id.as_uuid())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        row.map(BookRow::into_book).transpose()
+    }
+
+    async fn list_books(&self) -> Result<Vec<Book>, StoreError> {
+        let rows: Vec<BookRow> = sqlx::query_as(
+            "SELECT book_id, title, author, isbn, price, description, version, removed
+             FROM books WHERE NOT removed ORDER BY title, book_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(BookRow::into_book).collect()
+    }
+
+    async fn save(&self, change: BookChange) -> Result<Vec<StoredEvent>, StoreError> {
+        let book_id = change.state.book_id;
+        let expected = change.expected_version;
+        let mut tx = self.pool.begin().await?;
+        if let Written::No { actual } = write_book(&mut tx, &change).await? {
+            return Err(conflict(book_id, expected, actual));
+        }
+        if change.events.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![]);
+        }
+        let last = reserve_positions(&mut tx, change.events.len()).await?;
+        let events = with_positions(change.events, last)?;
+        if let Err(error) = insert_events(&mut tx, &events).await {
+            // The failed statement aborted the transaction: the version is read outside it.
+            tx.rollback().await?;
+            if !is_stream_version_clash(&error) {
+                return Err(error);
+            }
+            let actual = self.stored_version(book_id).await?;
+            return Err(conflict(book_id, expected, actual));
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
+
+    async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
+                    occurred_at, correlation_id, causation_id, traceparent, payload
+             FROM events WHERE stream = $1 ORDER BY stream_version",
+        )
+        .bind(stream)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        // Beyond i64::MAX there is nothing to read and no limit to apply: clamping is exact.
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
+                    occurred_at, correlation_id, causation_id, traceparent, payload
+             FROM events WHERE position > $1 ORDER BY position LIMIT $2",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        let last: i64 = sqlx::query_scalar("SELECT last_position FROM outbox_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(read_failed)?
+            .ok_or_else(missing_head)?;
+        to_u64(last, "outbox_head.last_position")
+    }
+}
+
+/// Whether the book row was written; when not, the version found instead.
+enum Written {
+    Yes,
+    No { actual: Option<u64> },
+}
+
+/// Inserts a new book or updates it if it still has the expected version.
+///
+/// A new book uses `ON CONFLICT DO NOTHING` rather than catching the unique violation, which
+/// would abort the transaction; this way the conflicting version can still be read in it. A
+/// concurrent insert of the same id makes this statement wait for that transaction's outcome.
+async fn write_book(conn: &mut PgConnection, change: &BookChange) -> Result<Written, StoreError> {
+    let book = &change.state;
+    let sql = match change.expected_version {
+        None => {
+            "INSERT INTO books (book_id, title, author, isbn, price, description, version, removed)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+             ON CONFLICT (book_id) DO NOTHING"
+        }
+        Some(_) => {
+            "UPDATE books
+             SET title = $2, author = $3, isbn = $4, price = $5, description = $6, version = $7,
+                 removed = $8, updated_at = now()
+             WHERE book_id = $1 AND version = $9"
+        }
+    };
+    let mut query = sqlx::query(sql)
+        .bind(book.book_id.as_uuid())
+        .bind(book.title.as_str())
+        .bind(book.author.as_str())
+        .bind(book.isbn.as_deref())
+        .bind(book.price.amount())
+        .bind(book.description.as_deref())
+        .bind(to_i64(book.version, "book version")?)
+        .bind(book.removed);
+    if let Some(expected) = change.expected_version {
+        query = query.bind(to_i64(expected, "expected version")?);
+    }
+    if query.execute(&mut *conn).await?.rows_affected() == 1 {
+        return Ok(Written::Yes);
+    }
+    let actual = stored_version(conn, book.book_id).await?;
+    Ok(Written::No { actual })
+}
+
+async fn stored_version(
+    conn: &mut PgConnection,
+    book_id: BookId,
+) -> Result<Option<u64>, StoreError> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM books WHERE book_id = $1")
+        .bind(book_id.as_uuid())
+        .fetch_optional(conn)
+        .await
+        .map_err(read_failed)?;
+    version.map(|v| to_u64(v, "books.version")).transpose()
+}
+
+/// Moves the head forward by `count`, queues the notification of the new head and returns the
+/// last position reserved.
+///
+/// This takes the row lock that serialises appends, so it runs as late as possible: only the
+/// event insert follows it before COMMIT. The notification rides in the same round trip;
+/// PostgreSQL holds it back until COMMIT and drops it on ROLLBACK.
+async fn reserve_positions(conn: &mut PgConnection, count: usize) -> Result<u64, StoreError> {
+    let count = to_i64(count as u64, "event count")?;
+    let last: i64 = sqlx::query_scalar(
+        "WITH reserved AS (
+             UPDATE outbox_head SET last_position = last_position + $1 WHERE id = 1
+             RETURNING last_position
+         )
+         SELECT last_position, pg_notify($2, last_position::text) FROM reserved",
+    )
+    .bind(count)
+    .bind(OUTBOX_CHANNEL)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(missing_head)?;
+    to_u64(last, "outbox_head.last_position")
+}
+
+/// All events of one change in a single multi-row INSERT.
+async fn insert_events(conn: &mut PgConnection, events: &[StoredEvent]) -> Result<(), StoreError> {
+    let rows = events
+        .iter()
+        .map(|event| {
+            let position = to_i64(event.position, "position")?;
+            let version = to_i64(event.metadata.aggregate_version, "stream version")?;
+            Ok((position, version, &event.metadata, event.payload.as_slice()))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut insert = QueryBuilder::<Postgres>::new(
+        "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
+                             occurred_at, correlation_id, causation_id, traceparent, payload) ",
+    );
+    insert.push_values(rows, |mut row, (position, version, meta, payload)| {
+        row.push_bind(position)
+            .push_bind(meta.event_id)
+            .push_bind(meta.event_type.as_str())
+            .push_bind(meta.stream.as_str())
+            .push_bind(version)
+            .push_bind(meta.aggregate_id.as_uuid())
+            .push_bind(meta.occurred_at)
+            .push_bind(meta.correlation_id)
+            .push_bind(meta.causation_id)
+            .push_bind(meta.traceparent.as_deref())
+            .push_bind(payload);
+    });
+    insert.build().execute(conn).await?;
+    Ok(())
+}
+
+fn is_stream_version_clash(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            db.is_unique_violation() && db.constraint() == Some("events_stream_version_unique")
+        }
+        _ => false,
+    }
+}
+
+/// Gives `events` the positions `last - n + 1 ..= last`, in order.
+///
+/// `occurred_at` is cut to microseconds, the precision of `timestamptz`, so that `save` returns
+/// exactly what a later read returns.
+fn with_positions(events: Vec<NewEvent>, last: u64) -> Result<Vec<StoredEvent>, StoreError> {
+    let count = events.len() as u64;
+    let first = (last + 1)
+        .checked_sub(count)
+        .filter(|first| *first >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("outbox_head {last} is below {count}")))?;
+    Ok(events
+        .into_iter()
+        .zip(first..)
+        .map(|(event, position)| {
+            let mut metadata = event.metadata;
+            metadata.occurred_at = metadata.occurred_at.trunc_subsecs(6);
+            StoredEvent {
+                position,
+                metadata,
+                payload: event.payload,
+            }
+        })
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct BookRow {
+    book_id: Uuid,
+    title: String,
+    author: String,
+    isbn: Option<String>,
+    price: Decimal,
+    description: Option<String>,
+    version: i64,
+    removed: bool,
+}
+
+impl BookRow {
+    fn into_book(self) -> Result<Book, StoreError> {
+        let book_id = BookId::new(self.book_id);
+        let price = Price::new(self.price).map_err(|error| {
+            StoreError::Corrupt(format!("book {book_id} has price {}: {error}", self.price))
+        })?;
+        Ok(Book {
+            book_id,
+            title: self.title,
+            author: self.author,
+            isbn: self.isbn,
+            price,
+            description: self.description,
+            version: to_u64(self.version, "books.version")?,
+            removed: self.removed,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    position: i64,
+    event_id: Uuid,
+    event_type: String,
+    stream: String,
+    stream_version: i64,
+    aggregate_id: Uuid,
+    occurred_at: DateTime<Utc>,
+    correlation_id: Uuid,
+    causation_id: Uuid,
+    traceparent: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl EventRow {
+    fn into_event(self) -> Result<StoredEvent, StoreError> {
+        Ok(StoredEvent {
+            position: to_u64(self.position, "events.position")?,
+            metadata: EventMetadata {
+                event_id: self.event_id,
+                event_type: self.event_type,
+                stream: self.stream,
+                aggregate_id: BookId::new(self.aggregate_id),
+                aggregate_version: to_u64(self.stream_version, "events.stream_version")?,
+                occurred_at: self.occurred_at,
+                correlation_id: self.correlation_id,
+                causation_id: self.causation_id,
+                traceparent: self.traceparent,
+            },
+            payload: self.payload,
+        })
+    }
+}
+
+fn conflict(book_id: BookId, expected: Option<u64>, actual: Option<u64>) -> StoreError {
+    StoreError::Conflict {
+        book_id,
+        expected,
+        actual,
+    }
+}
+
+/// A value that does not decode is corrupt data, not an outage.
+fn read_failed(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Database(other),
+    }
+}
+
+fn missing_head() -> StoreError {
+    StoreError::Corrupt("outbox_head has no row".to_owned())
+}

@@ -1,0 +1,412 @@
+//! `SqliteStore`: the [`EventStore`] in one SQLite file, the embedded default.
+//!
+//! * WAL journal: readers (the relay following the outbox) never wait for the writer.
+//! * `synchronous = FULL`: a save is on disk when it returns. With WAL, `NORMAL` would be
+//!   faster but can lose the last commits on power loss, and durability is the product.
+//! * SQLite has one writer at a time. A save opens its transaction with `BEGIN IMMEDIATE`, taking
+//!   the write lock up front: two deferred transactions that both read and then try to write
+//!   can deadlock on the upgrade and one fails with `SQLITE_BUSY` at once, whereas immediate ones
+//!   just queue on the busy timeout. The single writer also means the `outbox_head` increment
+//!   trivially hands out positions in commit order.
+//! * UUIDs are stored as hyphenated text, prices as their canonical decimal text ("15.99"),
+//!   timestamps as RFC 3339 UTC text; `committed_at` has one fixed width, so its text order is
+//!   time order, which retention relies on.
+//! * SQLite cannot notify other processes of a commit, so the commit signal is local: every
+//!   save through this store (or a clone of it) wakes the relay of the same process, and a
+//!   relay in another process finds new events by polling.
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
+use tokio::sync::Notify;
+use uuid::fmt::Hyphenated;
+
+use super::{BookChange, EventStore, StoreError, to_i64, to_u64};
+use crate::domain::{Book, BookId, EventMetadata, NewEvent, Price, StoredEvent};
+
+/// How long a writer waits for the write lock before failing with `SQLITE_BUSY`. Saves are
+/// short, so only a long queue of concurrent writers gets near it.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The store in a SQLite database file.
+#[derive(Debug, Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    /// Signalled after every commit that appended events; see [`Self::commits`].
+    commits: Arc<Notify>,
+}
+
+impl SqliteStore {
+    /// Opens (creating it if missing) the database named by a `sqlite:` URL or a plain file path,
+    /// and brings its schema up to date.
+    pub async fn connect(url_or_path: &str) -> Result<Self, StoreError> {
+        let options = if url_or_path.starts_with("sqlite:") {
+            SqliteConnectOptions::from_str(url_or_path)?
+        } else {
+            SqliteConnectOptions::new().filename(url_or_path)
+        };
+        Self::connect_with(options).await
+    }
+
+    /// Opens the database described by `options`. The settings the store relies on (file
+    /// creation, WAL, full sync, busy timeout, foreign keys) override whatever `options` says.
+    pub async fn connect_with(options: SqliteConnectOptions) -> Result<Self, StoreError> {
+        let options = options
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new().connect_with(options).await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Self {
+            pool,
+            commits: Arc::new(Notify::new()),
+        })
+    }
+
+    /// The connection pool, for modules that keep their own tables in the same file.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// Notified after every commit that appended events (`notify_one`, so a wake-up that
+    /// finds the relay busy is kept for its next wait). Shared by clones of this store.
+    pub(crate) fn commits(&self) -> Arc<Notify> {
+        self.commits.clone()
+    }
+
+    async fn stored_version(&self, book_id: BookId) -> Result<Option<u64>, StoreError> {
+        stored_version(&mut *self.pool.acquire().await?, book_id).await
+    }
+}
+
+impl EventStore for SqliteStore {
+    async fn load_book(&self, book_id: BookId) -> Result<Option<Book>, StoreError> {
+        let row: Option<BookRow> = sqlx::query_as(
+            "SELECT book_id, title, author, isbn, price, description, version, removed
+             FROM books WHERE book_id = ?",
+        )
+        .bind(book_id.as_uuid().hyphenated())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        row.map(BookRow::into_book).transpose()
+    }
+
+    async fn list_books(&self) -> Result<Vec<Book>, StoreError> {
+        let rows: Vec<BookRow> = sqlx::query_as(
+            "SELECT book_id, title, author, isbn, price, description, version, removed
+             FROM books WHERE removed = 0 ORDER BY title, book_id",
+        )
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(BookRow::into_book).collect()
+    }
+
+    async fn save(&self, change: BookChange) -> Result<Vec<StoredEvent>, StoreError> {
+        let book_id = change.state.book_id;
+        let expected = change.expected_version;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Written::No { actual } = write_book(&mut tx, &change).await? {
+            return Err(conflict(book_id, expected, actual));
+        }
+        if change.events.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![]);
+        }
+        let last = reserve_positions(&mut tx, change.events.len()).await?;
+        let events = with_positions(change.events, last)?;
+        if let Err(error) = insert_events(&mut tx, &events).await {
+            tx.rollback().await?;
+            if !is_stream_version_clash(&error) {
+                return Err(error);
+            }
+            let actual = self.stored_version(book_id).await?;
+            return Err(conflict(book_id, expected, actual));
+        }
+        tx.commit().await?;
+        self.commits.notify_one();
+        Ok(events)
+    }
+
+    async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
+                    occurred_at, correlation_id, causation_id, traceparent, payload
+             FROM events WHERE stream = ? ORDER BY stream_version",
+        )
+        .bind(stream)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn read_after(&self, after: u64, limit: usize) -> Result<Vec<StoredEvent>, StoreError> {
+        // Beyond i64::MAX there is nothing to read and no limit to apply: clamping is exact.
+        let after = i64::try_from(after).unwrap_or(i64::MAX);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows: Vec<EventRow> = sqlx::query_as(
+            "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
+                    occurred_at, correlation_id, causation_id, traceparent, payload
+             FROM events WHERE position > ? ORDER BY position LIMIT ?",
+        )
+        .bind(after)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(EventRow::into_event).collect()
+    }
+
+    async fn head_position(&self) -> Result<u64, StoreError> {
+        let last: i64 = sqlx::query_scalar("SELECT last_position FROM outbox_head WHERE id = 1")
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(read_failed)?
+            .ok_or_else(missing_head)?;
+        to_u64(last, "outbox_head.last_position")
+    }
+}
+
+/// Whether the book row was written; when not, the version found instead.
+enum Written {
+    Yes,
+    No { actual: Option<u64> },
+}
+
+/// Inserts a new book or updates it if it still has the expected version. The parameters are
+/// numbered so that insert and update share one binding order.
+async fn write_book(
+    conn: &mut SqliteConnection,
+    change: &BookChange,
+) -> Result<Written, StoreError> {
+    let book = &change.state;
+    let sql = match change.expected_version {
+        None => {
+            "INSERT INTO books (book_id, title, author, isbn, price, description, version, removed)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (book_id) DO NOTHING"
+        }
+        Some(_) => {
+            "UPDATE books
+             SET title = ?2, author = ?3, isbn = ?4, price = ?5, description = ?6, version = ?7,
+                 removed = ?8, updated_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+             WHERE book_id = ?1 AND version = ?9"
+        }
+    };
+    let mut query = sqlx::query(sql)
+        .bind(book.book_id.as_uuid().hyphenated())
+        .bind(book.title.as_str())
+        .bind(book.author.as_str())
+        .bind(book.isbn.as_deref())
+        .bind(book.price.to_string())
+        .bind(book.description.as_deref())
+        .bind(to_i64(book.version, "book version")?)
+        .bind(book.removed);
+    if let Some(expected) = change.expected_version {
+        query = query.bind(to_i64(expected, "expected version")?);
+    }
+    if query.execute(&mut *conn).await?.rows_affected() == 1 {
+        return Ok(Written::Yes);
+    }
+    let actual = stored_version(conn, book.book_id).await?;
+    Ok(Written::No { actual })
+}
+
+async fn stored_version(
+    conn: &mut SqliteConnection,
+    book_id: BookId,
+) -> Result<Option<u64>, StoreError> {
+    let version: Option<i64> = sqlx::query_scalar("SELECT version FROM books WHERE book_id = ?")
+        .bind(book_id.as_uuid().hyphenated())
+        .fetch_optional(conn)
+        .await
+        .map_err(read_failed)?;
+    version.map(|v| to_u64(v, "books.version")).transpose()
+}
+
+/// Moves the head forward by `count` and returns the last position reserved. Run last before
+/// the insert, so the write lock is held for as little as possible after it.
+async fn reserve_positions(conn: &mut SqliteConnection, count: usize) -> Result<u64, StoreError> {
+    let count = to_i64(count as u64, "event count")?;
+    let last: i64 = sqlx::query_scalar(
+        "UPDATE outbox_head SET last_position = last_position + ? WHERE id = 1
+         RETURNING last_position",
+    )
+    .bind(count)
+    .fetch_optional(conn)
+    .await?
+    .ok_or_else(missing_head)?;
+    to_u64(last, "outbox_head.last_position")
+}
+
+/// All events of one change in a single multi-row INSERT.
+async fn insert_events(
+    conn: &mut SqliteConnection,
+    events: &[StoredEvent],
+) -> Result<(), StoreError> {
+    let rows = events
+        .iter()
+        .map(|event| {
+            let position = to_i64(event.position, "position")?;
+            let version = to_i64(event.metadata.aggregate_version, "stream version")?;
+            Ok((position, version, &event.metadata, event.payload.as_slice()))
+        })
+        .collect::<Result<Vec<_>, StoreError>>()?;
+    let mut insert = QueryBuilder::<Sqlite>::new(
+        "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
+                             occurred_at, correlation_id, causation_id, traceparent, payload) ",
+    );
+    insert.push_values(rows, |mut row, (position, version, meta, payload)| {
+        row.push_bind(position)
+            .push_bind(meta.event_id.hyphenated())
+            .push_bind(meta.event_type.as_str())
+            .push_bind(meta.stream.as_str())
+            .push_bind(version)
+            .push_bind(meta.aggregate_id.as_uuid().hyphenated())
+            .push_bind(meta.occurred_at)
+            .push_bind(meta.correlation_id.hyphenated())
+            .push_bind(meta.causation_id.hyphenated())
+            .push_bind(meta.traceparent.as_deref())
+            .push_bind(payload);
+    });
+    insert.build().execute(conn).await?;
+    Ok(())
+}
+
+/// SQLite names the columns of the violated constraint in its message; `events.stream` only
+/// occurs in the `(stream, stream_version)` one.
+fn is_stream_version_clash(error: &StoreError) -> bool {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db)) => {
+            db.is_unique_violation() && db.message().contains("events.stream,")
+        }
+        _ => false,
+    }
+}
+
+/// Gives `events` the positions `last - n + 1 ..= last`, in order.
+///
+/// `occurred_at` is cut to microseconds, the precision PostgreSQL keeps, so that on every store
+/// `save` returns exactly what a later read returns.
+fn with_positions(events: Vec<NewEvent>, last: u64) -> Result<Vec<StoredEvent>, StoreError> {
+    let count = events.len() as u64;
+    let first = (last + 1)
+        .checked_sub(count)
+        .filter(|first| *first >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("outbox_head {last} is below {count}")))?;
+    Ok(events
+        .into_iter()
+        .zip(first..)
+        .map(|(event, position)| {
+            let mut metadata = event.metadata;
+            metadata.occurred_at = metadata.occurred_at.trunc_subsecs(6);
+            StoredEvent {
+                position,
+                metadata,
+                payload: event.payload,
+            }
+        })
+        .collect())
+}
+
+#[derive(sqlx::FromRow)]
+struct BookRow {
+    book_id: Hyphenated,
+    title: String,
+    author: String,
+    isbn: Option<String>,
+    price: String,
+    description: Option<String>,
+    version: i64,
+    removed: bool,
+}
+
+impl BookRow {
+    fn into_book(self) -> Result<Book, StoreError> {
+        let book_id = BookId::new(self.book_id.into_uuid());
+        let price = Price::from_str(&self.price).map_err(|error| {
+            StoreError::Corrupt(format!(
+                "book {book_id} has price {:?}: {error}",
+                self.price
+            ))
+        })?;
+        Ok(Book {
+            book_id,
+            title: self.title,
+            author: self.author,
+            isbn: self.isbn,
+            price,
+            description: self.description,
+            version: to_u64(self.version, "books.version")?,
+            removed: self.removed,
+        })
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct EventRow {
+    position: i64,
+    event_id: Hyphenated,
+    event_type: String,
+    stream: String,
+    stream_version: i64,
+    aggregate_id: Hyphenated,
+    occurred_at: DateTime<Utc>,
+    correlation_id: Hyphenated,
+    causation_id: Hyphenated,
+    traceparent: Option<String>,
+    payload: Vec<u8>,
+}
+
+impl EventRow {
+    fn into_event(self) -> Result<StoredEvent, StoreError> {
+        Ok(StoredEvent {
+            position: to_u64(self.position, "events.position")?,
+            metadata: EventMetadata {
+                event_id: self.event_id.into_uuid(),
+                event_type: self.event_type,
+                stream: self.stream,
+                aggregate_id: BookId::new(self.aggregate_id.into_uuid()),
+                aggregate_version: to_u64(self.stream_version, "events.stream_version")?,
+                occurred_at: self.occurred_at,
+                correlation_id: self.correlation_id.into_uuid(),
+                causation_id: self.causation_id.into_uuid(),
+                traceparent: self.traceparent,
+            },
+            payload: self.payload,
+        })
+    }
+}
+
+fn conflict(book_id: BookId, expected: Option<u64>, actual: Option<u64>) -> StoreError {
+    StoreError::Conflict {
+        book_id,
+        expected,
+        actual,
+    }
+}
+
+/// A value that does not decode (a text that is no UUID, a wrong type) is corrupt data, not an
+/// outage.
+fn read_failed(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Database(other),
+    }
+}
+
+fn missing_head() -> StoreError {
+    StoreError::Corrupt("outbox_head has no row".to_owned())
+}

@@ -1,0 +1,501 @@
+//! The outbox relay against the real broker: what reaches `bookstore.book` and
+//! `bookstore.book-fact`, in which order, how often, and what happens around restarts, a
+//! second instance and new commits.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::Duration;
+
+use bookstore::codec::headers as h;
+use bookstore::codec::wire::FramedDecoder;
+use bookstore::codec::{AvroCodec, EventCodec};
+use bookstore::config::{KafkaConfig, RelaySettings};
+use bookstore::domain::{
+    AddBook, BookCommand, BookId, EventKind, EventPayload, Price, StoredEvent,
+};
+use bookstore::relay::{
+    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayReport, RunMode,
+    kafka_relay, record::RecordMapper,
+};
+use bookstore::service::{BookService, CommandContext};
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
+use bookstore::store::{EventStore, Outbox, SqliteStore};
+use common::Received;
+use tempfile::TempDir;
+
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+const QUIET: Duration = Duration::from_secs(2);
+
+struct Fixture {
+    service: BookService<SqliteStore, AvroCodec>,
+    kafka: KafkaConfig,
+    _dir: TempDir,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(dir.path().join("outbox.db").to_str().unwrap())
+            .await
+            .unwrap();
+        Self {
+            service: BookService::new(store, AvroCodec::new()),
+            kafka: common::kafka_config(),
+            _dir: dir,
+        }
+    }
+
+    fn store(&self) -> SqliteStore {
+        self.service.store().clone()
+    }
+
+    async fn add_book(&self, title: &str, price: &str) -> BookId {
+        let book_id = BookId::generate();
+        let command = BookCommand::Add(AddBook {
+            book_id,
+            title: title.into(),
+            author: "Test Author".into(),
+            isbn: None,
+            price: price.parse().unwrap(),
+            description: None,
+        });
+        self.service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+        book_id
+    }
+
+    async fn reprice(&self, book_id: BookId, cents: i64) {
+        let command = BookCommand::UpdatePrice {
+            book_id,
+            price: Price::from_cents(cents).unwrap(),
+        };
+        self.service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+    }
+
+    async fn remove(&self, book_id: BookId) {
+        self.service
+            .execute(BookCommand::Remove { book_id }, CommandContext::default())
+            .await
+            .unwrap();
+    }
+
+    /// `books` books, each added and then repriced `updates` times, interleaved across books.
+    async fn write_books(&self, books: usize, updates: i64) -> Vec<BookId> {
+        let mut ids = Vec::new();
+        for index in 0..books {
+            ids.push(self.add_book(&format!("Book {index}"), "1.00").await);
+        }
+        for update in 1..=updates {
+            for book_id in &ids {
+                self.reprice(*book_id, 100 + update).await;
+            }
+        }
+        ids
+    }
+
+    async fn relay(&self, delivery: DeliveryMode) -> Relay<SqliteStore, KafkaPublisher> {
+        let settings = RelaySettings {
+            delivery,
+            batch_size: 50,
+            ..RelaySettings::default()
+        };
+        kafka_relay(self.store(), &self.kafka, &settings)
+            .await
+            .unwrap()
+    }
+
+    async fn relay_once(&self, delivery: DeliveryMode) -> RelayReport {
+        self.relay(delivery)
+            .await
+            .run(RunMode::Once, Shutdown::never())
+            .await
+            .unwrap()
+    }
+
+    async fn all_events(&self) -> Vec<StoredEvent> {
+        self.store().read_after(0, 1_000_000).await.unwrap()
+    }
+
+    async fn read_topics(&self, expected: usize) -> Vec<Received> {
+        let topics = self.kafka.topics();
+        common::consume_committed(
+            &self.kafka,
+            &[&topics.book, &topics.book_fact],
+            expected,
+            READ_TIMEOUT,
+            QUIET,
+        )
+        .await
+    }
+}
+
+/// Asserts that the records are exactly the store's events (each once), and that every book's
+/// records on each topic come in version order on one partition.
+fn assert_exactly_the_events_in_order(events: &[StoredEvent], records: &[Received]) {
+    let data_records: Vec<&Received> = records.iter().filter(|r| r.value.is_some()).collect();
+    let positions: Vec<u64> = data_records.iter().map(|r| r.position()).collect();
+    let unique: HashSet<u64> = positions.iter().copied().collect();
+    assert_eq!(unique.len(), positions.len(), "duplicates on Kafka");
+    let expected: HashSet<u64> = events.iter().map(|event| event.position).collect();
+    assert_eq!(unique, expected, "Kafka holds other events than the store");
+
+    let mut per_key: BTreeMap<(&str, &str), Vec<(i32, u64)>> = BTreeMap::new();
+    for record in &data_records {
+        per_key
+            .entry((record.topic.as_str(), record.key.as_str()))
+            .or_default()
+            .push((record.partition, record.version()));
+    }
+    for ((topic, key), seen) in per_key {
+        let partitions: HashSet<i32> = seen.iter().map(|(partition, _)| *partition).collect();
+        assert_eq!(
+            partitions.len(),
+            1,
+            "{key} spread over partitions of {topic}"
+        );
+        let versions: Vec<u64> = seen.iter().map(|(_, version)| *version).collect();
+        let mut sorted = versions.clone();
+        sorted.sort_unstable();
+        assert_eq!(versions, sorted, "{key} out of order on {topic}");
+    }
+}
+
+#[tokio::test]
+async fn relay_publishes_every_event_once_in_per_book_order_with_cloud_events_headers() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(12, 4).await;
+    let events = fixture.all_events().await;
+    assert_eq!(events.len(), 12 * 5 * 2);
+
+    let report = fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    assert_eq!(report.published_events, events.len() as u64);
+    assert_eq!(report.last_position, events.last().unwrap().position);
+
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+
+    let topics = fixture.kafka.topics();
+    let decoder = FramedDecoder::new(AvroCodec::new());
+    let codec = AvroCodec::new();
+    let by_position: HashMap<u64, &StoredEvent> =
+        events.iter().map(|event| (event.position, event)).collect();
+    for record in &records {
+        let event = by_position[&record.position()];
+        let metadata = &event.metadata;
+        let expected_topic = match metadata.kind() {
+            EventKind::Delta => &topics.book,
+            EventKind::Fact => &topics.book_fact,
+        };
+        assert_eq!(&record.topic, expected_topic);
+        assert_eq!(record.key, metadata.aggregate_id.to_string());
+        assert_eq!(record.header(h::CE_SPECVERSION), "1.0");
+        assert_eq!(record.header(h::CE_ID), metadata.event_id.to_string());
+        assert_eq!(
+            record.header(h::CE_TYPE),
+            format!("bookstore.events.{}", metadata.event_type)
+        );
+        assert_eq!(record.header(h::CE_SOURCE), "/bookstore");
+        assert_eq!(record.header(h::CONTENT_TYPE), "application/avro");
+        let time = chrono::DateTime::parse_from_rfc3339(record.header(h::CE_TIME)).unwrap();
+        assert_eq!(time, metadata.occurred_at);
+        assert_eq!(record.header(h::STREAM), metadata.stream);
+        assert_eq!(
+            record.header(h::CORRELATION_ID),
+            metadata.correlation_id.to_string()
+        );
+        let decoded = decoder.decode(record.value.as_deref().unwrap()).unwrap();
+        let stored = codec.decode(&metadata.event_type, &event.payload).unwrap();
+        assert_eq!(decoded, stored);
+    }
+}
+
+#[tokio::test]
+async fn removed_book_gets_a_removed_fact_then_a_tombstone_on_the_fact_topic() {
+    let fixture = Fixture::new().await;
+    let book_id = fixture.add_book("Gone Soon", "3.50").await;
+    fixture.remove(book_id).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+
+    // BookAdded, BookRemoved, two facts, one tombstone.
+    let records = fixture.read_topics(5).await;
+    let facts: Vec<&Received> = records
+        .iter()
+        .filter(|record| record.topic == fixture.kafka.topics().book_fact)
+        .collect();
+    assert_eq!(facts.len(), 3, "{facts:?}");
+    let decoder = FramedDecoder::new(AvroCodec::new());
+    let EventPayload::Fact(last_fact) = decoder.decode(facts[1].value.as_deref().unwrap()).unwrap()
+    else {
+        panic!("not a fact");
+    };
+    assert!(last_fact.removed);
+    assert_eq!(last_fact.version, 2);
+    let tombstone = facts[2];
+    assert_eq!(tombstone.value, None);
+    assert_eq!(tombstone.key, book_id.to_string());
+    assert_eq!(tombstone.partition, facts[1].partition);
+}
+
+#[tokio::test]
+async fn a_restarted_relay_resumes_without_publishing_anything_twice() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(5, 2).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    fixture.write_books(3, 1).await;
+
+    // Simulate a crash between the Kafka commit and the store's copy of the checkpoint: the
+    // store forgets how far the relay got, Kafka's checkpoint must win.
+    sqlx::query("UPDATE relay_checkpoint SET position = 0")
+        .execute(fixture.store().pool())
+        .await
+        .unwrap();
+    let second = fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+
+    let events = fixture.all_events().await;
+    assert_eq!(second.published_events, 3 * 2 * 2);
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+}
+
+#[tokio::test]
+async fn at_least_once_mode_publishes_every_event_in_order() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(8, 3).await;
+    let report = fixture.relay_once(DeliveryMode::AtLeastOnce).await;
+    let events = fixture.all_events().await;
+    assert_eq!(report.published_events, events.len() as u64);
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    assert_eq!(
+        fixture.store().published_position(&relay_id).await.unwrap(),
+        events.last().unwrap().position
+    );
+}
+
+#[tokio::test]
+async fn a_second_relay_stands_by_until_the_active_one_stops() {
+    let fixture = Fixture::new().await;
+    let (stop_first, first_shutdown) = ShutdownTrigger::new();
+    let first = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    let first = tokio::spawn(first.run(RunMode::Follow, first_shutdown));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (stop_second, second_shutdown) = ShutdownTrigger::new();
+    let second = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    let second = tokio::spawn(second.run(RunMode::Follow, second_shutdown));
+
+    fixture.write_books(4, 2).await;
+    let before_handover = fixture.all_events().await.len();
+    fixture.read_topics(before_handover).await;
+    stop_first.trigger();
+    let first_report = first.await.unwrap().unwrap();
+    assert_eq!(first_report.published_events, before_handover as u64);
+
+    // The standby takes over at once (the lease is released) and goes on from there.
+    fixture.write_books(2, 1).await;
+    let events = fixture.all_events().await;
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+    stop_second.trigger();
+    let second_report = second.await.unwrap().unwrap();
+    assert_eq!(
+        second_report.published_events,
+        (events.len() - before_handover) as u64
+    );
+}
+
+#[tokio::test]
+async fn a_publisher_that_lost_its_transactional_id_is_fenced() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(1, 1).await;
+    let events = fixture.all_events().await;
+    let relay = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    drop(relay); // provisions the topics
+    let topics = fixture.kafka.topics();
+    let publisher = || {
+        KafkaPublisher::new(
+            fixture.kafka.clone(),
+            RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
+            DeliveryMode::ExactlyOnce,
+            "fencing-test".into(),
+            topics.relay_checkpoint.clone(),
+        )
+    };
+    let mut zombie = publisher();
+    zombie.start().await.unwrap();
+    let mut successor = publisher();
+    successor.start().await.unwrap();
+
+    let error = zombie.publish_batch(&events).await.unwrap_err();
+    assert!(matches!(error, PublishError::Fenced(_)), "{error:?}");
+    successor.publish_batch(&events).await.unwrap();
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+}
+
+#[tokio::test]
+async fn a_following_relay_publishes_a_new_commit_promptly_without_polling() {
+    let fixture = Fixture::new().await;
+    let settings = RelaySettings {
+        poll_interval_ms: 60_000,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(fixture.store(), &fixture.kafka, &settings)
+        .await
+        .unwrap();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let started = std::time::Instant::now();
+    fixture.add_book("Fresh", "1.00").await;
+    let topics = fixture.kafka.topics();
+    common::consume_committed(
+        &fixture.kafka,
+        &[&topics.book],
+        1,
+        Duration::from_secs(20),
+        Duration::ZERO,
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "took {:?} with a 60 s poll interval",
+        started.elapsed()
+    );
+    stop.trigger();
+    running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_only_published_events_older_than_the_age() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(3, 1).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    fixture.write_books(2, 0).await;
+    let store = fixture.store();
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+
+    assert_eq!(
+        store
+            .prune_published(&relay_id, Duration::from_secs(3600))
+            .await
+            .unwrap(),
+        0,
+        "nothing is an hour old"
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let deleted = store
+        .prune_published(&relay_id, Duration::from_millis(10))
+        .await
+        .unwrap();
+
+    assert_eq!(deleted, 3 * 2 * 2, "only the published events go");
+    let left = fixture.all_events().await;
+    assert_eq!(left.len(), 2 * 2);
+    assert_eq!(left[0].position, 3 * 2 * 2 + 1);
+}
+
+#[tokio::test]
+async fn relay_once_with_a_schema_registry_uses_confluent_framing_that_decodes_back() {
+    let Ok(registry_url) = std::env::var("SCHEMA_REGISTRY_URL") else {
+        panic!(
+            "SCHEMA_REGISTRY_URL is not set: start a registry with \
+             `deploy/schema-registry/registry.sh start` and export \
+             SCHEMA_REGISTRY_URL=http://127.0.0.1:8081/apis/ccompat/v7"
+        );
+    };
+    let mut fixture = Fixture::new().await;
+    fixture.kafka.schema_registry_url = Some(registry_url);
+    fixture.write_books(3, 1).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    let events = fixture.all_events().await;
+
+    let records = fixture.read_topics(events.len()).await;
+    let wire = bookstore::relay::wire_format(&fixture.kafka).await.unwrap();
+    let bookstore::codec::WireFormat::Confluent { schemas } = wire else {
+        panic!("expected Confluent framing with a registry");
+    };
+    let decoder = FramedDecoder::with_registered(AvroCodec::new(), &schemas);
+    for record in &records {
+        let value = record.value.as_deref().unwrap();
+        assert_eq!(value[0], 0x00, "Confluent magic byte");
+        decoder.decode(value).unwrap();
+    }
+    assert_exactly_the_events_in_order(&events, &records);
+}
+
+#[tokio::test]
+async fn a_python_subscriber_decodes_every_record_using_only_the_schema_files() {
+    let fixture = Fixture::new().await;
+    let book_id = fixture.add_book("Interop – Ünïcode", "12.99").await;
+    fixture.reprice(book_id, 1599).await;
+    fixture.remove(book_id).await;
+    fixture.write_books(2, 1).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    let events = fixture.all_events().await;
+    let topics = fixture.kafka.topics();
+
+    let output = tokio::process::Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/interop/read_topics.py"
+        ))
+        .args(["--bootstrap-servers", &fixture.kafka.bootstrap_servers])
+        .args(["--topic", &topics.book, "--topic", &topics.book_fact])
+        .args(["--group", &common::unique("python")])
+        .args(["--schemas", concat!(env!("CARGO_MANIFEST_DIR"), "/schemas")])
+        .args(["--expect", &(events.len() + 1).to_string()])
+        .output()
+        .await
+        .expect("python3 with confluent-kafka and fastavro (./dev test installs them)");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "python consumer failed: {stderr}");
+
+    let lines: Vec<serde_json::Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(
+        lines.len(),
+        events.len() + 1,
+        "every event plus one tombstone"
+    );
+    let book = book_id.to_string();
+    let mine: Vec<&serde_json::Value> = lines.iter().filter(|line| line["key"] == book).collect();
+    let types: Vec<&str> = mine
+        .iter()
+        .filter(|line| line["topic"] == topics.book)
+        .map(|line| line["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "bookstore.events.BookAdded",
+            "bookstore.events.BookPriceUpdated",
+            "bookstore.events.BookRemoved"
+        ]
+    );
+    let facts: Vec<&&serde_json::Value> = mine
+        .iter()
+        .filter(|line| line["topic"] == topics.book_fact)
+        .collect();
+    assert_eq!(facts.len(), 4, "three facts and a tombstone: {facts:?}");
+    assert_eq!(facts[0]["data"]["title"], "Interop – Ünïcode");
+    assert_eq!(facts[0]["data"]["price"], "12.99");
+    assert_eq!(facts[1]["data"]["price"], "15.99");
+    assert_eq!(facts[1]["data"]["version"], 2);
+    assert_eq!(facts[2]["data"]["removed"], true);
+    assert!(facts[3]["data"].is_null() && facts[3]["type"].is_null());
+    assert_eq!(
+        facts[0]["headers"]["ce_type"],
+        "bookstore.events.BookFactEvent"
+    );
+}

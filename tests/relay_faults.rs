@@ -1,0 +1,269 @@
+//! The relay under faults: its process SIGKILLed mid-batch and restarted, and the broker
+//! stopped and started in the middle of a run. Afterwards a `read_committed` reader must see
+//! every committed event exactly once, in per-book order.
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bookstore::codec::AvroCodec;
+use bookstore::config::{KafkaConfig, RelaySettings};
+use bookstore::domain::{AddBook, BookCommand, BookId, Price, StoredEvent};
+use bookstore::relay::{RunMode, kafka_relay};
+use bookstore::service::{BookService, CommandContext};
+use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::{EventStore, Outbox, SqliteStore};
+use common::Received;
+
+async fn write_books(service: &BookService<SqliteStore, AvroCodec>, books: usize, updates: i64) {
+    let mut ids = Vec::new();
+    for index in 0..books {
+        let book_id = BookId::generate();
+        let add = AddBook {
+            book_id,
+            title: format!("Book {index}"),
+            author: "Fault Author".into(),
+            isbn: None,
+            price: Price::from_cents(100).unwrap(),
+            description: Some("x".repeat(200)),
+        };
+        service
+            .execute(BookCommand::Add(add), CommandContext::default())
+            .await
+            .unwrap();
+        ids.push(book_id);
+    }
+    for update in 1..=updates {
+        for book_id in &ids {
+            let price = Price::from_cents(100 + update).unwrap();
+            let command = BookCommand::UpdatePrice {
+                book_id: *book_id,
+                price,
+            };
+            service
+                .execute(command, CommandContext::default())
+                .await
+                .unwrap();
+        }
+    }
+}
+
+fn assert_exactly_once_in_order(events: &[StoredEvent], records: &[Received]) {
+    let positions: Vec<u64> = records.iter().map(Received::position).collect();
+    let unique: HashSet<u64> = positions.iter().copied().collect();
+    assert_eq!(
+        positions.len() - unique.len(),
+        0,
+        "duplicates seen by a read_committed reader"
+    );
+    let expected: HashSet<u64> = events.iter().map(|event| event.position).collect();
+    let missing = expected.difference(&unique).count();
+    assert_eq!(missing, 0, "events lost");
+    assert_eq!(unique, expected);
+    let mut per_key: BTreeMap<(&str, &str), Vec<u64>> = BTreeMap::new();
+    for record in records {
+        per_key
+            .entry((&record.topic, &record.key))
+            .or_default()
+            .push(record.version());
+    }
+    for ((topic, key), versions) in per_key {
+        assert!(
+            versions.windows(2).all(|pair| pair[0] < pair[1]),
+            "{key} out of order on {topic}: {versions:?}"
+        );
+    }
+}
+
+async fn read_all(kafka: &KafkaConfig, expected: usize) -> Vec<Received> {
+    let topics = kafka.topics();
+    common::consume_committed(
+        kafka,
+        &[&topics.book, &topics.book_fact],
+        expected,
+        Duration::from_secs(90),
+        Duration::from_secs(3),
+    )
+    .await
+}
+
+async fn published(store: &SqliteStore, relay_id: &str) -> u64 {
+    store.published_position(relay_id).await.unwrap()
+}
+
+fn relay_process(database: &Path, kafka: &KafkaConfig, once: bool) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"));
+    command
+        .arg("relay")
+        .args(["--batch-size", "25"])
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", database.display()),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .kill_on_drop(true);
+    if once {
+        command.arg("--once");
+    }
+    command
+}
+
+#[tokio::test]
+async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("outbox.db");
+    let store = SqliteStore::connect(database.to_str().unwrap())
+        .await
+        .unwrap();
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    write_books(&service, 150, 4).await;
+    let events = store.read_after(0, 1_000_000).await.unwrap();
+    let head = events.last().unwrap().position;
+    let kafka = common::kafka_config();
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+
+    let mut kills = 0;
+    for round in 1..=3u64 {
+        let before = published(&store, &relay_id).await;
+        let mut child = relay_process(&database, &kafka, false).spawn().unwrap();
+        // Kill as soon as this run has made progress, so the kill lands between or inside
+        // the following batches.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while published(&store, &relay_id).await <= before {
+            assert!(Instant::now() < deadline, "round {round}: no progress");
+            assert!(child.try_wait().unwrap().is_none(), "relay exited early");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(30 * round)).await;
+        child.kill().await.unwrap(); // SIGKILL
+        kills += 1;
+        if published(&store, &relay_id).await >= head {
+            break;
+        }
+    }
+    assert!(kills >= 1);
+
+    let output = relay_process(&database, &kafka, true)
+        .output()
+        .await
+        .unwrap();
+    assert!(output.status.success(), "relay --once failed");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("last position"));
+    assert_eq!(published(&store, &relay_id).await, head);
+
+    let records = read_all(&kafka, events.len()).await;
+    assert_exactly_once_in_order(&events, &records);
+}
+
+/// A broker of the test's own (the shared one must stay up for the other tests), started and
+/// stopped with the same script developers use.
+struct PrivateBroker {
+    state: tempfile::TempDir,
+    port: u16,
+    controller_port: u16,
+}
+
+impl PrivateBroker {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kafka/kafka.sh")
+    }
+
+    async fn run(&self, action: &str) {
+        let status = tokio::process::Command::new("bash")
+            .arg(Self::script())
+            .arg(action)
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kafka.sh {action} failed");
+    }
+
+    async fn start() -> Self {
+        let broker = Self {
+            state: tempfile::tempdir().unwrap(),
+            port: common::free_local_port(),
+            controller_port: common::free_local_port(),
+        };
+        broker.run("start").await;
+        broker
+    }
+
+    fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::script())
+            .arg("stop")
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
+    let broker = PrivateBroker::start().await;
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("t");
+    kafka.request_timeout_ms = 10_000;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::connect(dir.path().join("outbox.db").to_str().unwrap())
+        .await
+        .unwrap();
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let settings = RelaySettings {
+        batch_size: 20,
+        poll_interval_ms: 100,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+
+    write_books(&service, 20, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while published(&store, &relay_id).await == 0 {
+        assert!(Instant::now() < deadline, "relay made no progress");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    broker.run("stop").await;
+    write_books(&service, 20, 2).await; // committed while the broker is down
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    broker.run("start").await;
+    write_books(&service, 10, 1).await;
+
+    let head = store.head_position().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while published(&store, &relay_id).await < head {
+        assert!(
+            Instant::now() < deadline,
+            "relay did not catch up after the broker returned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop.trigger();
+    running.await.unwrap().unwrap();
+
+    let events = store.read_after(0, 1_000_000).await.unwrap();
+    let records = read_all(&kafka, events.len()).await;
+    assert_exactly_once_in_order(&events, &records);
+}

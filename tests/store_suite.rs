@@ -1,0 +1,621 @@
+//! The `EventStore` and `Outbox` contracts, proved once per adapter.
+//!
+//! Each behaviour is one async function over any store; `store_suite!` turns it into a
+//! `sqlite::<behaviour>` and a `postgres::<behaviour>` test, each on a fresh database (see
+//! `store_suite/fixtures.rs`). PostgreSQL comes from `BOOKSTORE_TEST_DATABASE_URL`.
+
+mod common;
+#[path = "store_suite/fixtures.rs"]
+mod fixtures;
+
+use std::future::Future;
+use std::time::Duration;
+
+use bookstore::codec::AvroCodec;
+use bookstore::domain::{
+    AddBook, BookAdded, BookCommand, BookEvent, BookFactEvent, BookId, BookPriceUpdated,
+    EventPayload, Price, StoredEvent, delta_stream, fact_stream,
+};
+use bookstore::service::{BookService, CommandContext};
+use bookstore::store::{
+    AnyStore, EventStore, OUTBOX_CHANNEL, Outbox, PostgresStore, SqliteStore, StoreError,
+};
+use sqlx::postgres::PgListener;
+
+use fixtures::{PgSchema, added, event, new_book, removed, repriced, sqlite_store};
+
+/// What a behaviour needs beyond the ports: a way to damage data behind the store's back.
+trait Backdoor: Outbox {
+    /// Makes the stored price of `book_id` something no `Price` can be.
+    fn corrupt_price(&self, book_id: BookId) -> impl Future<Output = ()>;
+}
+
+impl Backdoor for SqliteStore {
+    async fn corrupt_price(&self, book_id: BookId) {
+        sqlx::query("UPDATE books SET price = 'twelve' WHERE book_id = ?")
+            .bind(book_id.to_string())
+            .execute(self.pool())
+            .await
+            .expect("corrupt the price");
+    }
+}
+
+impl Backdoor for PostgresStore {
+    async fn corrupt_price(&self, book_id: BookId) {
+        // NUMERIC holds nothing unparsable; a negative price is what the schema forbids.
+        sqlx::query("ALTER TABLE books DROP CONSTRAINT books_price_not_negative")
+            .execute(self.pool())
+            .await
+            .expect("drop the price check");
+        sqlx::query("UPDATE books SET price = -1 WHERE book_id = $1")
+            .bind(book_id.as_uuid())
+            .execute(self.pool())
+            .await
+            .expect("corrupt the price");
+    }
+}
+
+macro_rules! store_suite {
+    ($($behaviour:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let (store, _dir) = crate::fixtures::sqlite_store().await;
+                    crate::$behaviour(store).await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    crate::fixtures::with_postgres_store(crate::$behaviour).await;
+                }
+            )*
+        }
+    };
+}
+
+store_suite!(
+    saved_book_loads_back_unchanged,
+    read_stream_returns_the_streams_events_in_order_with_positions,
+    list_books_excludes_removed_books_and_orders_by_title,
+    stale_save_fails_with_conflict_and_writes_nothing,
+    second_insert_of_the_same_new_book_conflicts,
+    save_against_a_missing_book_conflicts,
+    positions_are_gapless_and_increase_across_saves,
+    read_after_pages_through_all_events_in_order,
+    failed_save_rolls_back_completely_and_gives_its_positions_back,
+    corrupt_row_is_reported_as_corrupt,
+    seed_book_through_the_service_writes_its_fact_and_delta_streams,
+    command_that_changes_nothing_writes_no_events,
+    published_position_starts_at_zero_and_never_moves_backwards,
+    prune_deletes_only_published_events_past_retention,
+    lease_is_held_by_one_holder_until_released_or_expired,
+    commit_signal_fires_after_a_save,
+);
+
+/// Everything the store holds that a failed save must leave alone.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    head: u64,
+    events: Vec<StoredEvent>,
+    books: Vec<bookstore::domain::Book>,
+}
+
+async fn snapshot(store: &impl EventStore) -> Snapshot {
+    Snapshot {
+        head: store.head_position().await.unwrap(),
+        events: store.read_after(0, usize::MAX).await.unwrap(),
+        books: store.list_books().await.unwrap(),
+    }
+}
+
+async fn saved_book_loads_back_unchanged<S: Backdoor>(store: S) {
+    let mut book = new_book("Dune", "15.99");
+    book.isbn = Some("9780441013593".to_owned());
+    book.description = Some("Spice.\nSand worms.".to_owned());
+
+    let events = store.save(added(&book)).await.unwrap();
+
+    assert_eq!(
+        store.load_book(book.book_id).await.unwrap(),
+        Some(book.clone())
+    );
+    assert_eq!(store.load_book(BookId::generate()).await.unwrap(), None);
+    assert_eq!(
+        events.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2]
+    );
+    assert_eq!(
+        store
+            .read_stream(&delta_stream(book.book_id))
+            .await
+            .unwrap(),
+        events[..1]
+    );
+    assert_eq!(
+        store.read_stream(&fact_stream(book.book_id)).await.unwrap(),
+        events[1..]
+    );
+}
+
+async fn read_stream_returns_the_streams_events_in_order_with_positions<S: Backdoor>(store: S) {
+    let mut other = new_book("Other", "1.00");
+    store.save(added(&other)).await.unwrap();
+    let mut book = new_book("Emma", "5.00");
+    let mut deltas = vec![store.save(added(&book)).await.unwrap().remove(0)];
+    for price in ["6.00", "7.00", "8.00"] {
+        let (next, change) = repriced(&book, price);
+        deltas.push(store.save(change).await.unwrap().remove(0));
+        book = next;
+        // Another stream in between, so a stream's positions are not consecutive.
+        let (next, change) = repriced(&other, price);
+        store.save(change).await.unwrap();
+        other = next;
+    }
+
+    let stream = store
+        .read_stream(&delta_stream(book.book_id))
+        .await
+        .unwrap();
+
+    assert_eq!(stream, deltas);
+    assert_eq!(
+        stream
+            .iter()
+            .map(|e| e.metadata.aggregate_version)
+            .collect::<Vec<_>>(),
+        [1, 2, 3, 4]
+    );
+    assert!(stream.windows(2).all(|w| w[0].position < w[1].position));
+    assert!(
+        store
+            .read_stream("bookstore::book-none")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+async fn list_books_excludes_removed_books_and_orders_by_title<S: Backdoor>(store: S) {
+    let b = new_book("B", "1.00");
+    let a = new_book("A", "2.00");
+    let c = new_book("C", "3.00");
+    for book in [&b, &a, &c] {
+        store.save(added(book)).await.unwrap();
+    }
+    let (c_removed, change) = removed(&c);
+    store.save(change).await.unwrap();
+
+    assert_eq!(store.list_books().await.unwrap(), [a, b]);
+    // A removed book can still be loaded, marked removed.
+    assert_eq!(store.load_book(c.book_id).await.unwrap(), Some(c_removed));
+}
+
+async fn stale_save_fails_with_conflict_and_writes_nothing<S: Backdoor>(store: S) {
+    let book = new_book("Ulysses", "10.00");
+    store.save(added(&book)).await.unwrap();
+    let (_, first) = repriced(&book, "11.00");
+    let (_, stale) = repriced(&book, "12.00");
+    store.save(first).await.unwrap();
+    let before = snapshot(&store).await;
+
+    let error = store.save(stale).await.unwrap_err();
+
+    assert!(
+        matches!(
+            error,
+            StoreError::Conflict { book_id, expected: Some(1), actual: Some(2) }
+                if book_id == book.book_id
+        ),
+        "{error:?}"
+    );
+    assert_eq!(snapshot(&store).await, before);
+}
+
+async fn second_insert_of_the_same_new_book_conflicts<S: Backdoor>(store: S) {
+    let book = new_book("Beloved", "9.99");
+    store.save(added(&book)).await.unwrap();
+    let before = snapshot(&store).await;
+
+    let error = store.save(added(&book)).await.unwrap_err();
+
+    assert!(
+        matches!(
+            error,
+            StoreError::Conflict {
+                expected: None,
+                actual: Some(1),
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(snapshot(&store).await, before);
+}
+
+async fn save_against_a_missing_book_conflicts<S: Backdoor>(store: S) {
+    let (_, change) = repriced(&new_book("Nowhere", "1.00"), "2.00");
+
+    let error = store.save(change).await.unwrap_err();
+
+    assert!(
+        matches!(
+            error,
+            StoreError::Conflict {
+                expected: Some(1),
+                actual: None,
+                ..
+            }
+        ),
+        "{error:?}"
+    );
+    assert_eq!(store.head_position().await.unwrap(), 0);
+}
+
+async fn positions_are_gapless_and_increase_across_saves<S: Backdoor>(store: S) {
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    let mut positions = vec![];
+    for n in 0..10 {
+        let mut book = new_book(&format!("Book {n}"), "1.00");
+        positions.extend(
+            store
+                .save(added(&book))
+                .await
+                .unwrap()
+                .iter()
+                .map(|e| e.position),
+        );
+        for price in ["2.00", "3.00"] {
+            let (next, change) = repriced(&book, price);
+            positions.extend(store.save(change).await.unwrap().iter().map(|e| e.position));
+            book = next;
+        }
+    }
+
+    assert_eq!(positions, (1..=60).collect::<Vec<u64>>());
+    assert_eq!(store.head_position().await.unwrap(), 60);
+}
+
+async fn read_after_pages_through_all_events_in_order<S: Backdoor>(store: S) {
+    let mut saved = vec![];
+    for n in 0..8 {
+        let book = new_book(&format!("Book {n}"), "1.00");
+        saved.extend(store.save(added(&book)).await.unwrap());
+        let (_, change) = repriced(&book, "2.00");
+        saved.extend(store.save(change).await.unwrap());
+    }
+
+    let mut read = vec![];
+    let mut last = 0;
+    loop {
+        let page = store.read_after(last, 7).await.unwrap();
+        assert!(page.len() <= 7);
+        let Some(tail) = page.last() else { break };
+        last = tail.position;
+        read.extend(page);
+    }
+
+    assert_eq!(read, saved);
+    assert_eq!(last, store.head_position().await.unwrap());
+    assert!(store.read_after(0, 0).await.unwrap().is_empty());
+    assert!(store.read_after(u64::MAX, 10).await.unwrap().is_empty());
+}
+
+async fn failed_save_rolls_back_completely_and_gives_its_positions_back<S: Backdoor>(store: S) {
+    store
+        .save(added(&new_book("Before", "1.00")))
+        .await
+        .unwrap();
+    let before = snapshot(&store).await;
+    // Its second event repeats the first one's stream version: the insert of the events, the
+    // last step of the transaction, fails after the book row and the head were written.
+    let broken = new_book("Broken", "1.00");
+    let mut change = added(&broken);
+    let stream = delta_stream(broken.book_id);
+    change.events[1] = event(stream, "BookAdded", broken.book_id, 1);
+
+    let error = store.save(change).await.unwrap_err();
+
+    assert!(matches!(error, StoreError::Conflict { .. }), "{error:?}");
+    assert_eq!(snapshot(&store).await, before);
+    assert_eq!(store.load_book(broken.book_id).await.unwrap(), None);
+    let next = store.save(added(&new_book("After", "1.00"))).await.unwrap();
+    assert_eq!(next.iter().map(|e| e.position).collect::<Vec<_>>(), [3, 4]);
+}
+
+async fn corrupt_row_is_reported_as_corrupt<S: Backdoor>(store: S) {
+    let book = new_book("Damaged", "1.00");
+    store.save(added(&book)).await.unwrap();
+    store.corrupt_price(book.book_id).await;
+
+    let loaded = store.load_book(book.book_id).await;
+    let listed = store.list_books().await;
+
+    assert!(matches!(loaded, Err(StoreError::Corrupt(_))), "{loaded:?}");
+    assert!(matches!(listed, Err(StoreError::Corrupt(_))), "{listed:?}");
+}
+
+fn price(text: &str) -> Price {
+    text.parse().unwrap()
+}
+
+fn add_gatsby(book_id: BookId) -> BookCommand {
+    BookCommand::Add(AddBook {
+        book_id,
+        title: "The Great Gatsby".to_owned(),
+        author: "F. Scott Fitzgerald".to_owned(),
+        isbn: None,
+        price: price("12.99"),
+        description: None,
+    })
+}
+
+async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Backdoor>(store: S) {
+    let service = BookService::new(store, AvroCodec::new());
+    let book_id = BookId::generate();
+    let context = CommandContext::default;
+    service
+        .execute(add_gatsby(book_id), context())
+        .await
+        .unwrap();
+    let update = BookCommand::UpdatePrice {
+        book_id,
+        price: price("15.99"),
+    };
+    service.execute(update, context()).await.unwrap();
+
+    let facts = service.read_stream(&fact_stream(book_id)).await.unwrap();
+    let deltas = service.read_stream(&delta_stream(book_id)).await.unwrap();
+
+    assert_eq!(facts.len(), 2);
+    let (last_fact, decoded) = &facts[1];
+    assert_eq!(last_fact.metadata.event_type, "BookFactEvent");
+    assert_eq!(
+        *decoded,
+        EventPayload::Fact(BookFactEvent {
+            book_id,
+            title: "The Great Gatsby".to_owned(),
+            author: "F. Scott Fitzgerald".to_owned(),
+            isbn: None,
+            price: price("15.99"),
+            description: None,
+            version: 2,
+            removed: false,
+        })
+    );
+    let delta_payloads: Vec<_> = deltas.iter().map(|(_, payload)| payload.clone()).collect();
+    assert!(
+        matches!(
+            delta_payloads.as_slice(),
+            [
+                EventPayload::Delta(BookEvent::Added(BookAdded { price: added, .. })),
+                EventPayload::Delta(BookEvent::PriceUpdated(BookPriceUpdated {
+                    old_price,
+                    new_price,
+                    ..
+                })),
+            ] if *added == price("12.99") && *old_price == price("12.99")
+                && *new_price == price("15.99")
+        ),
+        "{delta_payloads:?}"
+    );
+    // Each change wrote its delta, then its fact, at the next positions.
+    let positions = |events: &[(StoredEvent, EventPayload)]| -> Vec<u64> {
+        events.iter().map(|(event, _)| event.position).collect()
+    };
+    assert_eq!(positions(&deltas), [1, 3]);
+    assert_eq!(positions(&facts), [2, 4]);
+}
+
+async fn command_that_changes_nothing_writes_no_events<S: Backdoor>(store: S) {
+    let service = BookService::new(store, AvroCodec::new());
+    let book_id = BookId::generate();
+    service
+        .execute(add_gatsby(book_id), CommandContext::default())
+        .await
+        .unwrap();
+    let same_price = BookCommand::UpdatePrice {
+        book_id,
+        price: price("12.99"),
+    };
+
+    let outcome = service
+        .execute(same_price, CommandContext::default())
+        .await
+        .unwrap();
+
+    assert!(outcome.events.is_empty());
+    assert_eq!(outcome.state.map(|book| book.version), Some(1));
+    assert_eq!(service.store().head_position().await.unwrap(), 2);
+}
+
+async fn published_position_starts_at_zero_and_never_moves_backwards<S: Backdoor>(store: S) {
+    assert_eq!(store.published_position("relay").await.unwrap(), 0);
+
+    store.record_published("relay", 5).await.unwrap();
+    store.record_published("relay", 3).await.unwrap();
+    assert_eq!(store.published_position("relay").await.unwrap(), 5);
+    store.record_published("relay", 7).await.unwrap();
+
+    assert_eq!(store.published_position("relay").await.unwrap(), 7);
+    assert_eq!(store.published_position("other").await.unwrap(), 0);
+}
+
+async fn prune_deletes_only_published_events_past_retention<S: Backdoor>(store: S) {
+    for n in 0..3 {
+        store
+            .save(added(&new_book(&format!("Book {n}"), "1.00")))
+            .await
+            .unwrap();
+    }
+    store.record_published("relay", 4).await.unwrap();
+    // Past the timestamps' millisecond resolution, so "older than 0 s" holds for all six.
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    let hour = Duration::from_secs(3600);
+    assert_eq!(store.prune_published("relay", hour).await.unwrap(), 0);
+    assert_eq!(
+        store
+            .prune_published("unknown", Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        store
+            .prune_published("relay", Duration::ZERO)
+            .await
+            .unwrap(),
+        4
+    );
+
+    let left: Vec<u64> = store
+        .read_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(left, [5, 6]);
+    // Pruning frees no positions: the next save still continues after the head.
+    assert_eq!(store.head_position().await.unwrap(), 6);
+    let next = store.save(added(&new_book("After", "1.00"))).await.unwrap();
+    assert_eq!(next[0].position, 7);
+}
+
+async fn lease_is_held_by_one_holder_until_released_or_expired<S: Backdoor>(store: S) {
+    let long = Duration::from_secs(30);
+    assert!(store.try_acquire_lease("relay", "a", long).await.unwrap());
+    assert!(!store.try_acquire_lease("relay", "b", long).await.unwrap());
+    assert!(
+        store.try_acquire_lease("relay", "a", long).await.unwrap(),
+        "renewal"
+    );
+    store.release_lease("relay", "b").await.unwrap();
+    assert!(
+        !store.try_acquire_lease("relay", "b", long).await.unwrap(),
+        "not b's to release"
+    );
+    store.release_lease("relay", "a").await.unwrap();
+    assert!(store.try_acquire_lease("relay", "b", long).await.unwrap());
+
+    let short = Duration::from_millis(50);
+    assert!(store.try_acquire_lease("other", "a", short).await.unwrap());
+    assert!(!store.try_acquire_lease("other", "b", long).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        store.try_acquire_lease("other", "b", long).await.unwrap(),
+        "expired"
+    );
+}
+
+async fn commit_signal_fires_after_a_save<S: Backdoor>(store: S) {
+    let mut signal = store.commit_signal().await.unwrap();
+
+    store
+        .save(added(&new_book("Signal", "1.00")))
+        .await
+        .unwrap();
+
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("no commit signal within 5 s");
+}
+
+#[tokio::test]
+async fn any_store_opens_a_file_path_as_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("any.db");
+    let store = AnyStore::connect(path.to_str().unwrap()).await.unwrap();
+    assert!(matches!(store, AnyStore::Sqlite(_)));
+    let book = new_book("Any", "1.00");
+    store.save(added(&book)).await.unwrap();
+    // The file exists and a second store on it sees the book.
+    let reopened = AnyStore::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    assert_eq!(reopened.load_book(book.book_id).await.unwrap(), Some(book));
+}
+
+#[tokio::test]
+async fn any_store_opens_a_postgres_url_as_postgres() {
+    let schema = PgSchema::create().await;
+    let store = AnyStore::connect(&schema.url()).await.unwrap();
+    assert!(matches!(store, AnyStore::Postgres(_)));
+    let book = new_book("Any", "1.00");
+    store.save(added(&book)).await.unwrap();
+    assert_eq!(store.load_book(book.book_id).await.unwrap(), Some(book));
+    assert_eq!(store.head_position().await.unwrap(), 2);
+    if let AnyStore::Postgres(store) = store {
+        store.pool().close().await;
+    }
+    schema.drop().await;
+}
+
+#[tokio::test]
+async fn any_store_rejects_other_urls() {
+    let error = AnyStore::connect("mysql://localhost/bookstore")
+        .await
+        .unwrap_err();
+    assert!(matches!(error, StoreError::UnsupportedUrl(_)), "{error:?}");
+}
+
+#[tokio::test]
+async fn sqlite_store_runs_in_wal_mode_with_full_sync() {
+    let (store, _dir) = sqlite_store().await;
+    let journal: String = sqlx::query_scalar("PRAGMA journal_mode")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let synchronous: i64 = sqlx::query_scalar("PRAGMA synchronous")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(journal, "wal");
+    assert_eq!(synchronous, 2, "FULL");
+}
+
+/// The relay sleeps on this channel: a commit must wake it with the new head, and a rolled
+/// back save must not.
+#[tokio::test]
+async fn postgres_save_notifies_its_last_position_on_commit_only() {
+    let schema = PgSchema::create().await;
+    // One connection, so every notification from its backend is one of this store's saves.
+    let store = schema.store_with_pool(1).await;
+    let saver: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    let mut listener = PgListener::connect_with(&schema.pool(1).await)
+        .await
+        .unwrap();
+    listener.listen(OUTBOX_CHANNEL).await.unwrap();
+
+    store.save(added(&new_book("First", "1.00"))).await.unwrap();
+    let broken = new_book("Broken", "1.00");
+    let mut change = added(&broken);
+    change.events[1] = event(delta_stream(broken.book_id), "BookAdded", broken.book_id, 1);
+    store.save(change).await.unwrap_err();
+    store
+        .save(added(&new_book("Second", "1.00")))
+        .await
+        .unwrap();
+
+    let mut payloads = vec![];
+    while payloads.len() < 2 {
+        let notification = tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("no notification within 5 s")
+            .unwrap();
+        if notification.process_id() == saver as u32 {
+            payloads.push(notification.payload().to_owned());
+        }
+    }
+    assert_eq!(payloads, ["2", "4"]);
+    store.pool().close().await;
+    schema.drop().await;
+}
