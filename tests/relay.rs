@@ -166,6 +166,39 @@ fn assert_exactly_the_events_in_order(events: &[StoredEvent], records: &[Receive
     }
 }
 
+/// Kafka's Java client partitioner for a keyed record: murmur2 of the key bytes, made positive,
+/// modulo the partition count (`org.apache.kafka.common.utils.Utils.murmur2`). Written out here
+/// so the test states the contract independently of librdkafka.
+fn java_partition(key: &str, partitions: i32) -> i32 {
+    let data = key.as_bytes();
+    let m: u32 = 0x5bd1_e995;
+    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
+    let mut chunks = data.chunks_exact(4);
+    for chunk in &mut chunks {
+        let mut k = u32::from_le_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        k = k.wrapping_mul(m);
+        k ^= k >> 24;
+        k = k.wrapping_mul(m);
+        h = h.wrapping_mul(m);
+        h ^= k;
+    }
+    let tail = chunks.remainder();
+    if tail.len() >= 3 {
+        h ^= (tail[2] as u32) << 16;
+    }
+    if tail.len() >= 2 {
+        h ^= (tail[1] as u32) << 8;
+    }
+    if !tail.is_empty() {
+        h ^= tail[0] as u32;
+        h = h.wrapping_mul(m);
+    }
+    h ^= h >> 13;
+    h = h.wrapping_mul(m);
+    h ^= h >> 15;
+    ((h & 0x7fff_ffff) % partitions as u32) as i32
+}
+
 #[tokio::test]
 async fn relay_publishes_every_event_once_in_per_book_order_with_cloud_events_headers() {
     let fixture = Fixture::new().await;
@@ -194,6 +227,12 @@ async fn relay_publishes_every_event_once_in_per_book_order_with_cloud_events_he
         };
         assert_eq!(&record.topic, expected_topic);
         assert_eq!(record.key, metadata.aggregate_id.to_string());
+        assert_eq!(
+            record.partition,
+            java_partition(&record.key, fixture.kafka.partitions),
+            "not where a Java producer would put key {}",
+            record.key
+        );
         assert_eq!(record.header(h::CE_SPECVERSION), "1.0");
         assert_eq!(record.header(h::CE_ID), metadata.event_id.to_string());
         assert_eq!(
@@ -498,4 +537,53 @@ async fn a_python_subscriber_decodes_every_record_using_only_the_schema_files() 
         facts[0]["headers"]["ce_type"],
         "bookstore.events.BookFactEvent"
     );
+}
+
+#[tokio::test]
+async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
+    let store = common::postgres_store().await;
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    let kafka = common::kafka_config();
+    let settings = RelaySettings {
+        poll_interval_ms: 60_000,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let started = std::time::Instant::now();
+    for index in 0..5 {
+        let command = BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title: format!("Listened {index}"),
+            author: "PG".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+        });
+        service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+    }
+    let topics = kafka.topics();
+    let records = common::consume_committed(
+        &kafka,
+        &[&topics.book, &topics.book_fact],
+        10,
+        Duration::from_secs(30),
+        QUIET,
+    )
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "took {:?} with a 60 s poll interval",
+        started.elapsed()
+    );
+    let events = store.read_after(0, 1000).await.unwrap();
+    assert_exactly_the_events_in_order(&events, &records);
+    stop.trigger();
+    running.await.unwrap().unwrap();
 }

@@ -245,3 +245,34 @@ pub async fn consume_committed(
         });
     }
 }
+
+/// A PostgreSQL store in a schema of its own (`t_<random>`), so tests never share positions.
+/// The schema is left behind for inspection; test databases are disposable.
+pub async fn postgres_store() -> bookstore::store::PostgresStore {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use std::str::FromStr;
+
+    let url = postgres_url();
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .expect("connect to BOOKSTORE_TEST_DATABASE_URL");
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .expect("create test schema");
+    admin.close().await;
+    let options = PgConnectOptions::from_str(&url)
+        .expect("BOOKSTORE_TEST_DATABASE_URL is a postgres:// URL")
+        .options([("search_path", schema.as_str())]);
+    let pool = PgPoolOptions::new()
+        .max_connections(5)
+        .connect_with(options)
+        .await
+        .expect("connect to the test schema");
+    bookstore::store::PostgresStore::with_pool(pool)
+        .await
+        .expect("migrate the test schema")
+}

@@ -1,0 +1,97 @@
+//! `bookstore relay` as a process: Prometheus metrics while it follows the outbox, and a
+//! graceful exit on SIGTERM.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use bookstore::codec::AvroCodec;
+use bookstore::domain::{AddBook, BookCommand, BookId, Price};
+use bookstore::service::{BookService, CommandContext};
+use bookstore::store::SqliteStore;
+
+fn scrape(addr: &str) -> Option<String> {
+    let mut response = ureq::get(&format!("http://{addr}/metrics")).call().ok()?;
+    response.body_mut().read_to_string().ok()
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn following_relay_serves_metrics_and_stops_gracefully_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("outbox.db");
+    let store = SqliteStore::connect(database.to_str().unwrap())
+        .await
+        .unwrap();
+    let service = BookService::new(store, AvroCodec::new());
+    let kafka = common::kafka_config();
+    let addr = format!("127.0.0.1:{}", common::free_local_port());
+
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("relay")
+        .args(["--metrics-addr", &addr])
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", database.display()),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    for index in 0..7 {
+        let command = BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title: format!("Metered {index}"),
+            author: "Prometheus".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+        });
+        service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let text = loop {
+        assert!(
+            Instant::now() < deadline,
+            "metrics never showed 14 published events"
+        );
+        if let Some(text) = scrape(&addr)
+            && metric(&text, "bookstore_relay_published_events_total") >= 14.0
+        {
+            break text;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        metric(&text, "bookstore_relay_last_published_position"),
+        14.0
+    );
+    assert_eq!(metric(&text, "bookstore_relay_backlog_events"), 0.0);
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("relay did not stop within 20 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "relay exited with {exit:?} after SIGTERM");
+}
