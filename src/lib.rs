@@ -47,6 +47,7 @@
 pub mod cli;
 pub mod codec;
 pub mod config;
+pub mod demo;
 pub mod domain;
 pub mod kafka;
 pub mod projection;

@@ -5,7 +5,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -17,6 +17,7 @@ use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::{EventStore, Outbox, SqliteStore};
 use common::Received;
+use common::broker::PrivateBroker;
 
 async fn write_books(service: &BookService<SqliteStore, AvroCodec>, books: usize, updates: i64) {
     let mut ids = Vec::new();
@@ -160,61 +161,6 @@ async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once(
 
     let records = read_all(&kafka, events.len()).await;
     assert_exactly_once_in_order(&events, &records);
-}
-
-/// A broker of the test's own (the shared one must stay up for the other tests), started and
-/// stopped with the same script developers use.
-struct PrivateBroker {
-    state: tempfile::TempDir,
-    port: u16,
-    controller_port: u16,
-}
-
-impl PrivateBroker {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kafka/kafka.sh")
-    }
-
-    async fn run(&self, action: &str) {
-        let status = tokio::process::Command::new("bash")
-            .arg(Self::script())
-            .arg(action)
-            .env("BOOKSTORE_STATE_DIR", self.state.path())
-            .env("KAFKA_PORT", self.port.to_string())
-            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
-            .stdout(Stdio::null())
-            .status()
-            .await
-            .unwrap();
-        assert!(status.success(), "kafka.sh {action} failed");
-    }
-
-    async fn start() -> Self {
-        let broker = Self {
-            state: tempfile::tempdir().unwrap(),
-            port: common::free_local_port(),
-            controller_port: common::free_local_port(),
-        };
-        broker.run("start").await;
-        broker
-    }
-
-    fn bootstrap_servers(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for PrivateBroker {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("BOOKSTORE_STATE_DIR", self.state.path())
-            .env("KAFKA_PORT", self.port.to_string())
-            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
-            .stdout(Stdio::null())
-            .status();
-    }
 }
 
 #[tokio::test]

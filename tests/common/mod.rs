@@ -6,6 +6,8 @@
 //! same holds for PostgreSQL and `BOOKSTORE_TEST_DATABASE_URL`.
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
+pub mod broker;
+
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -249,6 +251,11 @@ pub async fn consume_committed(
 /// A PostgreSQL store in a schema of its own (`t_<random>`), so tests never share positions.
 /// The schema is left behind for inspection; test databases are disposable.
 pub async fn postgres_store() -> bookstore::store::PostgresStore {
+    postgres_store_with_url().await.0
+}
+
+/// [`postgres_store`], plus a URL of its schema for processes that only take a URL.
+pub async fn postgres_store_with_url() -> (bookstore::store::PostgresStore, String) {
     use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
     use std::str::FromStr;
 
@@ -272,7 +279,10 @@ pub async fn postgres_store() -> bookstore::store::PostgresStore {
         .connect_with(options)
         .await
         .expect("connect to the test schema");
-    bookstore::store::PostgresStore::with_pool(pool)
+    let store = bookstore::store::PostgresStore::with_pool(pool)
         .await
-        .expect("migrate the test schema")
+        .expect("migrate the test schema");
+    let separator = if url.contains('?') { '&' } else { '?' };
+    let schema_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
+    (store, schema_url)
 }

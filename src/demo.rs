@@ -1,0 +1,298 @@
+//! The seed scenario end to end, and demo data for `bookstore up --demo-data`.
+//!
+//! [`run_scenario`] adds "The Great Gatsby" at 12.99, raises the price to 15.99, lets the relay
+//! publish and the projection apply, and then checks every stage: the fact stream in the store,
+//! the records on both topics, and the report row. It uses a fresh book id each time, so it can
+//! run again and again against the same store and topics, also while `bookstore up` is running
+//! (then that process's relay and projector do the work, and the scenario only waits for them).
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::Message;
+use rdkafka::consumer::Consumer;
+use tracing::info;
+
+use crate::codec::{AvroCodec, EventCodec, FramedDecoder};
+use crate::config::{KafkaConfig, RelaySettings};
+use crate::domain::{
+    AddBook, BookCommand, BookEvent, BookId, EventPayload, Price, fact_stream,
+};
+use crate::relay::{RunMode, kafka_relay};
+use crate::service::{BookService, CommandContext, ServiceError};
+use crate::shutdown::ShutdownTrigger;
+use crate::store::{Outbox, StoreError};
+
+/// One verified claim of the scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Check {
+    pub claim: String,
+    pub passed: bool,
+    /// What was actually found.
+    pub found: String,
+}
+
+/// The outcome of the scenario.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScenarioReport {
+    pub book_id: BookId,
+    pub checks: Vec<Check>,
+}
+
+impl ScenarioReport {
+    pub fn passed(&self) -> bool {
+        !self.checks.is_empty() && self.checks.iter().all(|check| check.passed)
+    }
+
+    fn check(&mut self, claim: impl Into<String>, passed: bool, found: impl Into<String>) {
+        self.checks.push(Check {
+            claim: claim.into(),
+            passed,
+            found: found.into(),
+        });
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DemoError {
+    #[error(transparent)]
+    Service(#[from] ServiceError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("relay: {0}")]
+    Relay(String),
+    #[error("projection: {0}")]
+    Projection(String),
+    #[error("Kafka: {0}")]
+    Kafka(String),
+}
+
+/// How long each stage may take before the scenario gives up on it.
+const STAGE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Writes the two commands of the scenario and returns the new book's id.
+pub async fn write_gatsby<S: Outbox>(
+    service: &BookService<S, AvroCodec>,
+) -> Result<BookId, DemoError> {
+    let book_id = BookId::generate();
+    let add = BookCommand::Add(AddBook {
+        book_id,
+        title: "The Great Gatsby".into(),
+        author: "F. Scott Fitzgerald".into(),
+        isbn: Some("9780743273565".into()),
+        price: price("12.99"),
+        description: Some("A novel of the Jazz Age.".into()),
+    });
+    service.execute(add, CommandContext::default()).await?;
+    let reprice = BookCommand::UpdatePrice {
+        book_id,
+        price: price("15.99"),
+    };
+    service.execute(reprice, CommandContext::default()).await?;
+    Ok(book_id)
+}
+
+fn price(text: &str) -> Price {
+    text.parse().expect("demo prices are valid")
+}
+
+/// Publishes everything committed so far: runs a relay once, or, when another relay holds the
+/// lease (a running `bookstore up`), waits until that one has published past `position`.
+pub async fn publish_through<S: Outbox + Clone + 'static>(
+    store: &S,
+    kafka: &KafkaConfig,
+    position: u64,
+) -> Result<(), DemoError> {
+    let settings = RelaySettings::default();
+    let relay_id = settings
+        .relay_id
+        .clone()
+        .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+    let relay = kafka_relay(store.clone(), kafka, &settings)
+        .await
+        .map_err(|error| DemoError::Relay(error.to_string()))?;
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Once, shutdown));
+    let deadline = tokio::time::Instant::now() + STAGE_TIMEOUT;
+    let outcome = loop {
+        if store.published_position(&relay_id).await? >= position {
+            break Ok(());
+        }
+        if running.is_finished() || tokio::time::Instant::now() > deadline {
+            break Err(DemoError::Relay(format!(
+                "events up to position {position} were not published within {STAGE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.trigger();
+    match running.await {
+        Ok(Ok(_)) => outcome,
+        Ok(Err(error)) => Err(DemoError::Relay(error.to_string())),
+        Err(join) => Err(DemoError::Relay(join.to_string())),
+    }
+}
+
+/// The records of `key` on `topic`, read from the beginning as `read_committed`, until `count`
+/// were found or the end of every partition was reached.
+pub async fn records_of(
+    kafka: &KafkaConfig,
+    topic: &str,
+    key: &str,
+    count: usize,
+) -> Result<Vec<Option<EventPayload>>, DemoError> {
+    let group = format!("{}.demo-reader-{}", kafka.topic_prefix, uuid::Uuid::new_v4().simple());
+    let consumer = kafka
+        .consumer(&group)
+        .map_err(|error| DemoError::Kafka(error.to_string()))?;
+    consumer
+        .subscribe(&[topic])
+        .map_err(|error| DemoError::Kafka(error.to_string()))?;
+    let decoder = FramedDecoder::new(AvroCodec::new());
+    let mut found = Vec::new();
+    let mut stream = consumer.stream();
+    let deadline = tokio::time::Instant::now() + STAGE_TIMEOUT;
+    while found.len() < count {
+        let Ok(next) = tokio::time::timeout_at(deadline, stream.next()).await else {
+            break;
+        };
+        let Some(Ok(message)) = next else {
+            continue;
+        };
+        if message.key() != Some(key.as_bytes()) {
+            continue;
+        }
+        found.push(message.payload().and_then(|value| decoder.decode(value).ok()));
+    }
+    Ok(found)
+}
+
+/// Checks the store's fact stream of `book_id` (first check of the scenario).
+pub async fn check_store<S: Outbox>(
+    service: &BookService<S, AvroCodec>,
+    book_id: BookId,
+    report: &mut ScenarioReport,
+) -> Result<(), DemoError> {
+    let stream = fact_stream(book_id);
+    let facts = service.store().read_stream(&stream).await?;
+    let last_price = facts.last().and_then(|event| {
+        match service.codec().decode(&event.metadata.event_type, &event.payload) {
+            Ok(EventPayload::Fact(fact)) => Some(fact.price.to_string()),
+            _ => None,
+        }
+    });
+    report.check(
+        format!("the fact stream {stream} has 2 events"),
+        facts.len() == 2,
+        format!("{} events", facts.len()),
+    );
+    report.check(
+        "the last fact says 15.99",
+        last_price.as_deref() == Some("15.99"),
+        format!("{last_price:?}"),
+    );
+    Ok(())
+}
+
+/// Checks both topics for the book's records.
+pub async fn check_topics(
+    kafka: &KafkaConfig,
+    book_id: BookId,
+    report: &mut ScenarioReport,
+) -> Result<(), DemoError> {
+    let topics = kafka.topics();
+    let key = book_id.to_string();
+    let facts = records_of(kafka, &topics.book_fact, &key, 2).await?;
+    let prices: Vec<String> = facts
+        .iter()
+        .map(|fact| match fact {
+            Some(EventPayload::Fact(fact)) => format!("{}@v{}", fact.price, fact.version),
+            other => format!("{other:?}"),
+        })
+        .collect();
+    report.check(
+        format!("both facts are on {} in order", topics.book_fact),
+        prices == ["12.99@v1", "15.99@v2"],
+        prices.join(", "),
+    );
+    let deltas = records_of(kafka, &topics.book, &key, 2).await?;
+    let types: Vec<&str> = deltas
+        .iter()
+        .map(|delta| match delta {
+            Some(EventPayload::Delta(event)) => event.event_type(),
+            _ => "undecodable",
+        })
+        .collect();
+    let price_change = deltas.iter().find_map(|delta| match delta {
+        Some(EventPayload::Delta(BookEvent::PriceUpdated(update))) => {
+            Some(format!("{} -> {}", update.old_price, update.new_price))
+        }
+        _ => None,
+    });
+    report.check(
+        format!("the delta events are on {}", topics.book),
+        types == ["BookAdded", "BookPriceUpdated"]
+            && price_change.as_deref() == Some("12.99 -> 15.99"),
+        format!("{} ({})", types.join(", "), price_change.unwrap_or_default()),
+    );
+    info!(book_id = %book_id, "topics checked");
+    Ok(())
+}
+
+/// Classic books for `bookstore up --demo-data`: title, author, price.
+const DEMO_BOOKS: &[(&str, &str, &str)] = &[
+    ("Pride and Prejudice", "Jane Austen", "9.99"),
+    ("Moby-Dick", "Herman Melville", "14.50"),
+    ("Nineteen Eighty-Four", "George Orwell", "11.25"),
+    ("To the Lighthouse", "Virginia Woolf", "12.00"),
+    ("The Trial", "Franz Kafka", "10.40"),
+    ("One Hundred Years of Solitude", "Gabriel García Márquez", "16.90"),
+    ("Beloved", "Toni Morrison", "13.75"),
+    ("Things Fall Apart", "Chinua Achebe", "9.50"),
+    ("The Master and Margarita", "Mikhail Bulgakov", "15.20"),
+    ("Middlemarch", "George Eliot", "17.80"),
+    ("Invisible Man", "Ralph Ellison", "12.60"),
+    ("The Left Hand of Darkness", "Ursula K. Le Guin", "10.99"),
+];
+
+/// Feeds the demo: adds the classic books one by one, then keeps changing a price now and then,
+/// so a dashboard visibly fills and moves. Stops at shutdown.
+pub async fn feed_demo_data<S: Outbox>(
+    service: &BookService<S, AvroCodec>,
+    mut shutdown: crate::shutdown::Shutdown,
+) -> Result<(), DemoError> {
+    let mut ids = Vec::new();
+    for (title, author, list_price) in DEMO_BOOKS {
+        let book_id = BookId::generate();
+        let add = BookCommand::Add(AddBook {
+            book_id,
+            title: (*title).into(),
+            author: (*author).into(),
+            isbn: None,
+            price: price(list_price),
+            description: None,
+        });
+        service.execute(add, CommandContext::default()).await?;
+        ids.push((book_id, price(list_price)));
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+        }
+    }
+    loop {
+        tokio::select! {
+            _ = shutdown.wait() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+        }
+        let random = uuid::Uuid::new_v4().as_u128();
+        let (book_id, list_price) = ids[(random % ids.len() as u128) as usize];
+        // Between 80 % and 120 % of the list price, in whole cents.
+        let percent = 80 + (random >> 64) as i64 % 41;
+        let cents = list_price.cents() * percent / 100;
+        let command = BookCommand::UpdatePrice {
+            book_id,
+            price: Price::from_cents(cents).expect("a positive price"),
+        };
+        service.execute(command, CommandContext::default()).await?;
+    }
+}

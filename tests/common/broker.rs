@@ -1,0 +1,60 @@
+//! A Kafka broker of one test's own, for tests that stop and start it (the shared broker must
+//! stay up for everyone else), run with the same script developers use.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+/// A single-node KRaft broker on free ports with state in a temporary folder; stopped on drop.
+pub struct PrivateBroker {
+    state: tempfile::TempDir,
+    port: u16,
+    controller_port: u16,
+}
+
+impl PrivateBroker {
+    fn script() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kafka/kafka.sh")
+    }
+
+    pub async fn run(&self, action: &str) {
+        let status = tokio::process::Command::new("bash")
+            .arg(Self::script())
+            .arg(action)
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .stdout(Stdio::null())
+            .status()
+            .await
+            .unwrap();
+        assert!(status.success(), "kafka.sh {action} failed");
+    }
+
+    pub async fn start() -> Self {
+        let broker = Self {
+            state: tempfile::tempdir().unwrap(),
+            port: super::free_local_port(),
+            controller_port: super::free_local_port(),
+        };
+        broker.run("start").await;
+        broker
+    }
+
+    pub fn bootstrap_servers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("bash")
+            .arg(Self::script())
+            .arg("stop")
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .stdout(Stdio::null())
+            .status();
+    }
+}
+
