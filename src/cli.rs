@@ -84,7 +84,7 @@ pub struct AddArgs {
     #[arg(long)]
     pub isbn: Option<String>,
     /// Price with at most two decimal places, e.g. 12.99.
-    #[arg(long, default_value = "0")]
+    #[arg(long, default_value = "0", allow_negative_numbers = true)]
     pub price: String,
     /// Free text description.
     #[arg(long)]
@@ -99,6 +99,7 @@ pub struct UpdatePriceArgs {
     /// The book's id.
     pub id: String,
     /// The new price, e.g. 15.99.
+    #[arg(allow_negative_numbers = true)]
     pub price: String,
 }
 

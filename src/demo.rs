@@ -15,9 +15,7 @@ use tracing::info;
 
 use crate::codec::{AvroCodec, EventCodec, FramedDecoder};
 use crate::config::{KafkaConfig, RelaySettings};
-use crate::domain::{
-    AddBook, BookCommand, BookEvent, BookId, EventPayload, Price, fact_stream,
-};
+use crate::domain::{AddBook, BookCommand, BookEvent, BookId, EventPayload, Price, fact_stream};
 use crate::relay::{RunMode, kafka_relay};
 use crate::service::{BookService, CommandContext, ServiceError};
 use crate::shutdown::ShutdownTrigger;
@@ -141,7 +139,11 @@ pub async fn records_of(
     key: &str,
     count: usize,
 ) -> Result<Vec<Option<EventPayload>>, DemoError> {
-    let group = format!("{}.demo-reader-{}", kafka.topic_prefix, uuid::Uuid::new_v4().simple());
+    let group = format!(
+        "{}.demo-reader-{}",
+        kafka.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
     let consumer = kafka
         .consumer(&group)
         .map_err(|error| DemoError::Kafka(error.to_string()))?;
@@ -162,7 +164,11 @@ pub async fn records_of(
         if message.key() != Some(key.as_bytes()) {
             continue;
         }
-        found.push(message.payload().and_then(|value| decoder.decode(value).ok()));
+        found.push(
+            message
+                .payload()
+                .and_then(|value| decoder.decode(value).ok()),
+        );
     }
     Ok(found)
 }
@@ -176,7 +182,10 @@ pub async fn check_store<S: Outbox>(
     let stream = fact_stream(book_id);
     let facts = service.store().read_stream(&stream).await?;
     let last_price = facts.last().and_then(|event| {
-        match service.codec().decode(&event.metadata.event_type, &event.payload) {
+        match service
+            .codec()
+            .decode(&event.metadata.event_type, &event.payload)
+        {
             Ok(EventPayload::Fact(fact)) => Some(fact.price.to_string()),
             _ => None,
         }
@@ -233,7 +242,11 @@ pub async fn check_topics(
         format!("the delta events are on {}", topics.book),
         types == ["BookAdded", "BookPriceUpdated"]
             && price_change.as_deref() == Some("12.99 -> 15.99"),
-        format!("{} ({})", types.join(", "), price_change.unwrap_or_default()),
+        format!(
+            "{} ({})",
+            types.join(", "),
+            price_change.unwrap_or_default()
+        ),
     );
     info!(book_id = %book_id, "topics checked");
     Ok(())
@@ -246,7 +259,11 @@ const DEMO_BOOKS: &[(&str, &str, &str)] = &[
     ("Nineteen Eighty-Four", "George Orwell", "11.25"),
     ("To the Lighthouse", "Virginia Woolf", "12.00"),
     ("The Trial", "Franz Kafka", "10.40"),
-    ("One Hundred Years of Solitude", "Gabriel García Márquez", "16.90"),
+    (
+        "One Hundred Years of Solitude",
+        "Gabriel García Márquez",
+        "16.90",
+    ),
     ("Beloved", "Toni Morrison", "13.75"),
     ("Things Fall Apart", "Chinua Achebe", "9.50"),
     ("The Master and Margarita", "Mikhail Bulgakov", "15.20"),

@@ -1,0 +1,281 @@
+//! The `bookstore` command line as a user runs it: `books …`, `events`, `kafka …`, against
+//! both stores, including what bad input looks like.
+
+mod common;
+
+use std::process::Output;
+
+use serde_json::Value;
+
+struct Cli {
+    database_url: String,
+    topic_prefix: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Cli {
+    fn sqlite() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self {
+            database_url: format!("sqlite:{}", dir.path().join("cli.db").display()),
+            topic_prefix: common::unique("cli"),
+            _dir: Some(dir),
+        }
+    }
+
+    async fn postgres() -> Self {
+        let (_, database_url) = common::postgres_store_with_url().await;
+        Self {
+            database_url,
+            topic_prefix: common::unique("cli"),
+            _dir: None,
+        }
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+            .args(args)
+            .env("BOOKSTORE_DATABASE_URL", &self.database_url)
+            .env("KAFKA_BOOTSTRAP_SERVERS", common::bootstrap_servers())
+            .env("BOOKSTORE_TOPIC_PREFIX", &self.topic_prefix)
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap()
+    }
+
+    /// Runs a command that must succeed and returns its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(
+            output.status.success(),
+            "bookstore {args:?} failed: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    /// Runs a command that must fail and returns its one error line.
+    fn fails(&self, args: &[&str]) -> String {
+        let output = self.run(args);
+        assert!(!output.status.success(), "bookstore {args:?} succeeded");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        let lines: Vec<&str> = stderr
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .collect();
+        assert_eq!(lines.len(), 1, "expected one error line, got: {stderr}");
+        lines[0].to_owned()
+    }
+}
+
+fn book_lifecycle_through_the_command_line(cli: &Cli) {
+    let id = cli.ok(&[
+        "books",
+        "add",
+        "--title",
+        "The Great Gatsby",
+        "--author",
+        "F. Scott Fitzgerald",
+        "--price",
+        "12.99",
+        "--isbn",
+        "9780743273565",
+    ]);
+    let id = id.trim();
+    assert_eq!(uuid::Uuid::parse_str(id).unwrap().to_string(), id);
+
+    assert!(
+        cli.ok(&["books", "update-price", id, "15.99"])
+            .contains("version 2")
+    );
+    assert!(
+        cli.ok(&["books", "update-price", id, "15.99"])
+            .contains("unchanged")
+    );
+    cli.ok(&[
+        "books",
+        "update",
+        id,
+        "--description",
+        "Jazz Age",
+        "--isbn",
+        "",
+    ]);
+
+    let shown: Value = serde_json::from_str(&cli.ok(&["books", "show", id, "--json"])).unwrap();
+    assert_eq!(shown["price"], "15.99");
+    assert_eq!(shown["version"], 3);
+    assert_eq!(shown["isbn"], Value::Null);
+    assert_eq!(shown["description"], "Jazz Age");
+
+    let listed = cli.ok(&["books", "list", "--json"]);
+    assert_eq!(listed.lines().count(), 1);
+
+    let stream = format!("bookstore::book-fact-{id}");
+    let facts: Vec<Value> = cli
+        .ok(&["events", &stream, "--json"])
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(facts.len(), 3);
+    for (index, fact) in facts.iter().enumerate() {
+        assert_eq!(fact["type"], "BookFactEvent");
+        assert_eq!(fact["version"], index as u64 + 1);
+        assert!(fact["position"].as_u64().unwrap() > 0);
+        assert!(uuid::Uuid::parse_str(fact["event_id"].as_str().unwrap()).is_ok());
+    }
+    assert_eq!(facts[0]["data"]["price"], "12.99");
+    assert_eq!(facts[1]["data"]["price"], "15.99");
+    let deltas = cli.ok(&["events", &format!("bookstore::book-{id}"), "--json"]);
+    let types: Vec<String> = deltas
+        .lines()
+        .map(|line| serde_json::from_str::<Value>(line).unwrap()["type"].to_string())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "\"BookAdded\"",
+            "\"BookPriceUpdated\"",
+            "\"BookDetailsUpdated\""
+        ]
+    );
+
+    assert!(cli.ok(&["books", "remove", id]).contains("version 4"));
+    assert_eq!(cli.ok(&["books", "list", "--json"]).lines().count(), 0);
+    let refused = cli.fails(&["books", "update-price", id, "1.00"]);
+    assert!(refused.contains("has been removed"), "{refused}");
+}
+
+#[test]
+fn book_lifecycle_on_sqlite() {
+    book_lifecycle_through_the_command_line(&Cli::sqlite());
+}
+
+#[tokio::test]
+async fn book_lifecycle_on_postgres() {
+    let cli = Cli::postgres().await;
+    tokio::task::spawn_blocking(move || book_lifecycle_through_the_command_line(&cli))
+        .await
+        .unwrap();
+}
+
+#[test]
+fn bad_input_is_one_clear_line_and_a_failing_exit_code_and_writes_nothing() {
+    let cli = Cli::sqlite();
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["books", "add", "--title", " ", "--author", "A"],
+            "title must not be empty",
+        ),
+        (
+            &["books", "add", "--title", &"x".repeat(201), "--author", "A"],
+            "title must be at most 200 characters",
+        ),
+        (
+            &["books", "add", "--title", "T", "--author", ""],
+            "author must not be empty",
+        ),
+        (
+            &[
+                "books",
+                "add",
+                "--title",
+                "T",
+                "--author",
+                "A",
+                "--isbn",
+                "12345678901234",
+            ],
+            "isbn must be at most 13 characters",
+        ),
+        (
+            &[
+                "books", "add", "--title", "T", "--author", "A", "--price", "-1",
+            ],
+            "price must not be negative",
+        ),
+        (
+            &[
+                "books", "add", "--title", "T", "--author", "A", "--price", "1.999",
+            ],
+            "at most 2 decimal places",
+        ),
+        (
+            &[
+                "books", "add", "--title", "T", "--author", "A", "--price", "abc",
+            ],
+            "price must be a decimal",
+        ),
+        (
+            &["books", "update-price", "not-a-uuid", "1.00"],
+            "book_id must be a UUID",
+        ),
+        (
+            &[
+                "books",
+                "update-price",
+                "00000000-0000-0000-0000-000000000001",
+                "1.00",
+            ],
+            "does not exist",
+        ),
+    ];
+    for (args, expected) in cases {
+        let line = cli.fails(args);
+        assert!(line.starts_with("error: "), "{line}");
+        assert!(line.contains(expected), "{args:?}: {line}");
+    }
+    assert_eq!(cli.ok(&["books", "list", "--json"]), "");
+    let bad_store = Cli {
+        database_url: "mysql://nope".into(),
+        topic_prefix: "x".into(),
+        _dir: None,
+    };
+    assert!(
+        bad_store
+            .fails(&["books", "list"])
+            .contains("unsupported database URL")
+    );
+}
+
+#[test]
+fn kafka_check_and_provision_talk_to_the_broker() {
+    let cli = Cli::sqlite();
+    assert!(cli.ok(&["kafka", "check"]).contains("broker"));
+    let provisioned = cli.ok(&["kafka", "provision"]);
+    assert!(provisioned.contains(&format!("{}.book-fact: Created", cli.topic_prefix)));
+    let again = cli.ok(&["kafka", "provision"]);
+    assert!(again.contains("AlreadyPresent"));
+
+    let unreachable = std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .args([
+            "kafka",
+            "check",
+            "--bootstrap-servers",
+            "127.0.0.1:1",
+            "--kafka-timeout-ms",
+            "1000",
+        ])
+        .output()
+        .unwrap();
+    assert!(!unreachable.status.success());
+    assert!(String::from_utf8_lossy(&unreachable.stderr).contains("deploy/kafka/kafka.sh start"));
+}
+
+#[test]
+fn every_command_has_help() {
+    let cli = Cli::sqlite();
+    for args in [
+        vec!["--help"],
+        vec!["books", "--help"],
+        vec!["books", "add", "--help"],
+        vec!["events", "--help"],
+        vec!["relay", "--help"],
+        vec!["kafka", "provision", "--help"],
+    ] {
+        let mut with_help = args.clone();
+        with_help.retain(|arg| *arg != "--help");
+        with_help.push("--help");
+        assert!(cli.ok(&with_help).contains("Usage:"), "{args:?}");
+    }
+}
