@@ -5,6 +5,7 @@
 
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
+use crate::bench::{Measurement, StoreKind, defaults};
 use crate::config::{KafkaConfig, RelaySettings, StoreConfig};
 
 #[derive(Debug, Parser)]
@@ -40,6 +41,185 @@ pub enum Command {
 
     /// Publish committed events from the outbox to Kafka, in commit order.
     Relay(RelayArgs),
+
+    /// Keep the BookReport read model up to date from the fact topic (consumer group
+    /// `<topic prefix>.book-report`), until Ctrl-C/SIGTERM or `--until-caught-up`.
+    Project(ProjectArgs),
+
+    /// Print the BookReport read model.
+    Report(ReportArgs),
+
+    /// Look at or replay the fact records the projection could not apply.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+
+    /// Measure the relay, projection, stores and latencies against raw-client baselines
+    /// (needs the broker and, for PostgreSQL, a server; uses fresh stores and topics).
+    Bench(BenchArgs),
+
+    /// Serve the dashboard, the JSON API, /healthz, /readyz and /metrics over HTTP.
+    Serve(ServeArgs),
+
+    /// Run relay, projector and dashboard together in one process (Ctrl-C to stop).
+    Up(UpArgs),
+
+    /// Run the seed scenario end to end against the configured store and broker, checking
+    /// every stage; exits 0 only if every check passed.
+    Demo(DemoArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "BOOKSTORE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+
+    /// The relay whose backlog /metrics reports; default `<topic prefix>.relay`, the relay's
+    /// own default.
+    #[arg(long = "relay-id", env = "BOOKSTORE_RELAY_ID")]
+    pub relay_id: Option<String>,
+
+    /// Report ready on /readyz only while the Kafka cluster answers too (not only the
+    /// database).
+    #[arg(
+        long = "ready-requires-kafka",
+        env = "BOOKSTORE_HTTP_READY_REQUIRES_KAFKA"
+    )]
+    pub ready_requires_kafka: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+
+    /// The stores to measure, comma separated; the first gives the headline figures.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [StoreKind::Sqlite, StoreKind::Postgres])]
+    pub stores: Vec<StoreKind>,
+
+    /// Run only these measurements, comma separated (default: all).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub only: Vec<Measurement>,
+
+    /// PostgreSQL server; each run gets fresh schemas in it, dropped at the end.
+    #[arg(long = "postgres-url", env = "BOOKSTORE_TEST_DATABASE_URL", default_value = defaults::POSTGRES_URL)]
+    pub postgres_url: String,
+
+    /// Folder for the SQLite files (a fresh subfolder is made and removed); default: the
+    /// system's temporary folder.
+    #[arg(long = "work-dir")]
+    pub work_dir: Option<std::path::PathBuf>,
+
+    /// Events in the backlog drained by the relay and by the raw producer.
+    #[arg(long = "relay-events", default_value_t = defaults::RELAY_EVENTS)]
+    pub relay_events: u64,
+
+    /// Relay batch size (one Kafka transaction in exactly-once mode), also the baseline's.
+    #[arg(long = "batch-size", default_value_t = defaults::BATCH_SIZE)]
+    pub batch_size: usize,
+
+    /// Repetitions of each drain and projection read; the median is reported.
+    #[arg(long, default_value_t = defaults::ROUNDS)]
+    pub rounds: usize,
+
+    /// Concurrent writers (backlogs, writer impact, append ×N).
+    #[arg(long, default_value_t = defaults::WRITERS)]
+    pub writers: usize,
+
+    /// Price updates after each book's addition in the written histories.
+    #[arg(long = "updates-per-book", default_value_t = defaults::UPDATES_PER_BOOK)]
+    pub updates_per_book: usize,
+
+    /// How long the writers run, with the relay and without it.
+    #[arg(long = "writer-seconds", default_value_t = defaults::WRITER_SECONDS)]
+    pub writer_seconds: f64,
+
+    /// Events appended per store-append variant.
+    #[arg(long = "append-events", default_value_t = defaults::APPEND_EVENTS)]
+    pub append_events: u64,
+
+    /// Offered load of the latency runs in events per second (two events per save; even).
+    #[arg(long = "latency-rate", default_value_t = defaults::LATENCY_EVENTS_PER_SECOND)]
+    pub latency_rate: u32,
+
+    /// How long the offered load lasts.
+    #[arg(long = "latency-seconds", default_value_t = defaults::LATENCY_SECONDS)]
+    pub latency_seconds: f64,
+
+    /// Events in the backlog whose drain's peak RSS is measured (bulk-inserted); 0 skips it.
+    #[arg(long = "backlog-events", default_value_t = defaults::BACKLOG_EVENTS)]
+    pub backlog_events: u64,
+
+    /// The store holding that backlog.
+    #[arg(long = "backlog-store", value_enum, default_value_t = StoreKind::Sqlite)]
+    pub backlog_store: StoreKind,
+
+    /// Run the backlog's child relay under this command, e.g.
+    /// "perf record -e cpu-clock -g -o relay.perf --" (split at spaces).
+    #[arg(long = "relay-wrapper")]
+    pub relay_wrapper: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProjectArgs {
+    /// The consumer group; its offsets are stored with the read model. Default:
+    /// `<topic prefix>.book-report`. Instances of one group share the partitions.
+    #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
+    pub group: Option<String>,
+
+    /// Empty the read model and forget the group's offsets first, then read the compacted
+    /// fact topic from the beginning. Every other projector of the group must be stopped.
+    #[arg(long)]
+    pub rebuild: bool,
+
+    /// Exit once everything on the topic at start is applied (progress goes to stderr).
+    #[arg(long = "until-caught-up")]
+    pub until_caught_up: bool,
+
+    /// Most records per batch (one database transaction).
+    #[arg(
+        long = "batch-size",
+        env = "BOOKSTORE_PROJECTION_BATCH_SIZE",
+        default_value_t = 500,
+        value_parser = clap::value_parser!(u64).range(1..=100_000)
+    )]
+    pub batch_size: u64,
+
+    /// Longest wait for a batch to fill, in milliseconds.
+    #[arg(
+        long = "batch-wait-ms",
+        env = "BOOKSTORE_PROJECTION_BATCH_WAIT_MS",
+        default_value_t = 100
+    )]
+    pub batch_wait_ms: u64,
+
+    /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9465).
+    #[arg(long = "metrics-addr", env = "BOOKSTORE_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// Print a JSON array of rows instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List the dead letters: why each could not be applied, and where it came from.
+    List(DlqListArgs),
+    /// Send every dead letter not replayed yet back to its original topic (useful once the
+    /// cause is fixed); consumer group `<topic prefix>.book-fact.dlq-replay` remembers which.
+    Replay,
+}
+
+#[derive(Debug, Args)]
+pub struct DlqListArgs {
+    /// Print a JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -158,6 +338,31 @@ pub enum KafkaCommand {
     Check,
     /// Create the topics that are missing; fail if an existing one has other settings.
     Provision,
+}
+
+#[derive(Debug, Args)]
+pub struct UpArgs {
+    /// Address of the dashboard and the JSON API.
+    #[arg(long, env = "BOOKSTORE_HTTP_ADDR", default_value = "127.0.0.1:8080")]
+    pub addr: std::net::SocketAddr,
+
+    /// Keep adding and repricing demo books, so the dashboard visibly fills.
+    #[arg(long)]
+    pub demo_data: bool,
+
+    /// Consumer group of the projection; default `<topic prefix>.book-report`.
+    #[arg(long)]
+    pub group: Option<String>,
+
+    #[command(flatten)]
+    pub relay: RelaySettings,
+}
+
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Consumer group of the projection; default `<topic prefix>.book-report`.
+    #[arg(long)]
+    pub group: Option<String>,
 }
 
 /// The environment variables the command line reads.

@@ -16,6 +16,7 @@ use tracing::info;
 use crate::codec::{AvroCodec, EventCodec, FramedDecoder};
 use crate::config::{KafkaConfig, RelaySettings};
 use crate::domain::{AddBook, BookCommand, BookEvent, BookId, EventPayload, Price, fact_stream};
+use crate::projection::{ProjectionConfig, ProjectionMode, ReportStore, kafka_projector};
 use crate::relay::{RunMode, kafka_relay};
 use crate::service::{BookService, CommandContext, ServiceError};
 use crate::shutdown::ShutdownTrigger;
@@ -129,6 +130,86 @@ pub async fn publish_through<S: Outbox + Clone + 'static>(
         Ok(Err(error)) => Err(DemoError::Relay(error.to_string())),
         Err(join) => Err(DemoError::Relay(join.to_string())),
     }
+}
+
+/// Makes the report show `book_id` at `version` or later: runs the projection in group `group`
+/// until the row is there (another running projector of the group may do the work instead).
+pub async fn project_through<S: Outbox + ReportStore + Clone + 'static>(
+    store: &S,
+    kafka: &KafkaConfig,
+    group: &str,
+    book_id: BookId,
+    version: u64,
+) -> Result<(), DemoError> {
+    let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group))
+        .await
+        .map_err(|error| DemoError::Projection(error.to_string()))?;
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
+    let deadline = tokio::time::Instant::now() + STAGE_TIMEOUT;
+    let outcome = loop {
+        let row = store.report(book_id).await?;
+        if row.is_some_and(|row| row.version >= version) {
+            break Ok(());
+        }
+        if running.is_finished() || tokio::time::Instant::now() > deadline {
+            break Err(DemoError::Projection(format!(
+                "the report did not show {book_id} at version {version} within {STAGE_TIMEOUT:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    stop.trigger();
+    match running.await {
+        Ok(Ok(_)) => outcome,
+        Ok(Err(error)) => Err(DemoError::Projection(error.to_string())),
+        Err(join) => Err(DemoError::Projection(join.to_string())),
+    }
+}
+
+/// Checks the report row of `book_id`.
+pub async fn check_report<S: ReportStore>(
+    store: &S,
+    book_id: BookId,
+    report: &mut ScenarioReport,
+) -> Result<(), DemoError> {
+    let row = store.report(book_id).await?;
+    let found = row
+        .as_ref()
+        .map(|row| format!("{} at {} (v{})", row.title, row.price, row.version))
+        .unwrap_or_else(|| "no row".into());
+    report.check(
+        "the BookReport row says 15.99",
+        row.is_some_and(|row| row.price.to_string() == "15.99"),
+        found,
+    );
+    Ok(())
+}
+
+/// Runs the whole seed scenario against `store` and the cluster of `kafka`, calling
+/// `progress` before each stage, and returns every check.
+pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
+    store: S,
+    kafka: &KafkaConfig,
+    group: &str,
+    mut progress: impl FnMut(&str),
+) -> Result<ScenarioReport, DemoError> {
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    progress("adding \"The Great Gatsby\" at 12.99, then raising the price to 15.99");
+    let book_id = write_gatsby(&service).await?;
+    let mut report = ScenarioReport {
+        book_id,
+        checks: vec![],
+    };
+    check_store(&service, book_id, &mut report).await?;
+    progress("publishing the outbox to Kafka");
+    let head = store.head_position().await?;
+    publish_through(&store, kafka, head).await?;
+    check_topics(kafka, book_id, &mut report).await?;
+    progress("projecting the facts into the BookReport");
+    project_through(&store, kafka, group, book_id, 2).await?;
+    check_report(&store, book_id, &mut report).await?;
+    Ok(report)
 }
 
 /// The records of `key` on `topic`, read from the beginning as `read_committed`, until `count`

@@ -42,13 +42,17 @@
 //! | [`kafka`] | client configuration and topic provisioning |
 //! | [`config`] | one typed configuration, from flags and environment variables |
 //! | [`cli`] | the shape of the `bookstore` command line (run by `src/bin/bookstore/`) |
-//! | [`telemetry`] | logging setup |
+//! | [`http`] | `bookstore serve`: the dashboard, the JSON API, health and metrics endpoints |
+//! | [`telemetry`] | logging setup and the Prometheus recorder |
+//! | [`bench`] | `bookstore bench`: every figure measured next to a raw-client baseline |
 
+pub mod bench;
 pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod demo;
 pub mod domain;
+pub mod http;
 pub mod kafka;
 pub mod projection;
 pub mod relay;

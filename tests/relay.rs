@@ -587,3 +587,22 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
     stop.trigger();
     running.await.unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn two_stores_relaying_to_the_same_topics_never_take_each_others_checkpoint() {
+    let first = Fixture::new().await;
+    let mut second = Fixture::new().await;
+    second.kafka = first.kafka.clone();
+    first.write_books(4, 1).await;
+    first.relay_once(DeliveryMode::ExactlyOnce).await;
+
+    // The second store's positions start at 1 again; a checkpoint keyed by relay id alone
+    // would make its relay skip them as "already published".
+    second.write_books(2, 0).await;
+    let report = second.relay_once(DeliveryMode::ExactlyOnce).await;
+
+    assert_eq!(report.published_events, 2 * 2);
+    let expected = first.all_events().await.len() + second.all_events().await.len();
+    let records = first.read_topics(expected).await;
+    assert_eq!(records.len(), expected);
+}

@@ -1,9 +1,41 @@
 //! The reporting projection: consumer group `bookstore.book-report` reads `bookstore.book-fact`
 //! and keeps the `BookReport` read model for the marketing dashboard.
 //!
-//! (Module header to be completed with the guarantees: idempotent, version-guarded apply;
-//! offsets durable with the rows; rebalance safety; DLQ.)
+//! ## What it promises, and why it holds
+//!
+//! * **Effectively exactly-once state.** Delivery is at least once: a record can be applied
+//!   twice (after a crash, a rebalance, a `--rebuild`, a second group), never skipped. Applying is
+//!   idempotent and version-guarded, so applying twice changes nothing: a fact replaces a row only
+//!   when its aggregate version is newer than the row's, and a deletion is remembered with its
+//!   version so an older fact arriving later cannot bring the book back (see [`ReportStore`]).
+//!   Every book's facts share a key, hence a partition, hence an order; but even out of order
+//!   the newest version wins, so the read model converges to the last fact of every book.
+//! * **No loss.** The rows of a batch and the next offsets of its partitions commit in ONE
+//!   database transaction ([`ReportStore::apply_batch`]). The database is the source of truth
+//!   for the position: every assigned partition starts at the offset stored there (or at the
+//!   beginning when there is none), and Kafka's group offsets are committed afterwards, for lag
+//!   tooling only. A crash between the two commits re-reads nothing that was not applied.
+//! * **Rebalance safety.** A batch never spans a rebalance: rebalance callbacks only run inside
+//!   `poll`, and the projector applies each batch between polls, so the previous owner of a
+//!   partition has committed its last batch before it acknowledges the revocation, and the next
+//!   owner reads the stored offset only after that. Records of a partition revoked while a batch
+//!   was being collected are dropped unapplied; their new owner reads them from the stored
+//!   offset (see [`consumer`]). A paused instance that wakes up after losing its partitions can
+//!   still apply a stale batch: the version guard makes that harmless.
+//! * **Poison records do not stop it.** A record it cannot decode goes to
+//!   `bookstore.book-fact.dlq` with its key, value and headers plus the reason and its origin
+//!   ([`dlq`]); its offset is stored only once the dead-letter queue acknowledged it.
+//!
+//! | module | owns |
+//! | --- | --- |
+//! | [`projector`] | the run loop: batches, backoff, `--until-caught-up`, `--rebuild`, status |
+//! | [`consumer`] | the Kafka consumer: assignment at the stored offsets, batches, commits |
+//! | [`fact`] | what one fact-topic record asks of the read model, or why it cannot be applied |
+//! | [`dlq`] | the dead-letter queue: sending, listing and replaying |
+//! | `report_sqlite`, `report_postgres`, `report_any` | the [`ReportStore`] adapters |
+//! | [`metrics`] | the `bookstore_projection_*` metrics |
 
+use std::collections::HashMap;
 use std::future::Future;
 
 use chrono::{DateTime, Utc};
@@ -11,6 +43,22 @@ use serde::{Deserialize, Serialize};
 
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::StoreError;
+
+pub mod consumer;
+pub mod dlq;
+pub mod fact;
+pub mod metrics;
+pub mod projector;
+mod report_any;
+mod report_postgres;
+mod report_sqlite;
+
+pub use dlq::{DeadLetter, DlqError, ReplayReport, list_dead_letters, replay_dead_letters};
+pub use fact::{FactReader, Rejection};
+pub use projector::{
+    ProjectionConfig, ProjectionError, ProjectionMode, ProjectionReport, ProjectionStatus,
+    Projector, default_group, kafka_projector,
+};
 
 /// One row of the read model: a book as the marketing dashboard shows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -22,28 +70,65 @@ pub struct BookReport {
     pub isbn: Option<String>,
     /// The aggregate version of the fact the row was built from.
     pub version: u64,
-    /// When the row was last written.
+    /// When the book changed: the time of the fact the row was built from (its `ce_time`), so
+    /// that replaying or rebuilding gives the very same rows.
     pub updated_at: DateTime<Utc>,
 }
 
 /// What a fact record asks of the read model.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportChange {
-    /// Insert or replace the book's row, unless the row already has this version or a newer one.
-    Upsert(BookFactEvent),
+    /// Insert or replace the book's row, unless the row already has this version or a newer
+    /// one, or the book was deleted at this version or a newer one.
+    Upsert {
+        fact: BookFactEvent,
+        /// When the change happened; becomes [`BookReport::updated_at`].
+        changed_at: DateTime<Utc>,
+    },
     /// Delete the book's row (a tombstone, or a fact of a removed book), remembering `version`
-    /// when known so an older fact arriving later cannot bring the book back.
-    Delete { book_id: BookId, version: Option<u64> },
+    /// so an older fact arriving later cannot bring the book back. Without a version (a
+    /// tombstone from another producer) the row goes whatever its version, and the version it
+    /// had is remembered.
+    Delete {
+        book_id: BookId,
+        version: Option<u64>,
+    },
+}
+
+impl ReportChange {
+    pub fn book_id(&self) -> BookId {
+        match self {
+            ReportChange::Upsert { fact, .. } => fact.book_id,
+            ReportChange::Delete { book_id, .. } => *book_id,
+        }
+    }
+
+    /// The aggregate version the change is about, when it states one.
+    pub fn version(&self) -> Option<u64> {
+        match self {
+            ReportChange::Upsert { fact, .. } => Some(fact.version),
+            ReportChange::Delete { version, .. } => *version,
+        }
+    }
 }
 
 /// The consumer position to store with a batch: next offset to read per partition.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PartitionOffset {
     pub partition: i32,
     pub next_offset: i64,
 }
 
 /// Reads and writes the read model.
+///
+/// Every adapter applies a change under the same rules, so that the outcome of a set of changes
+/// does not depend on their order or on repeats, only on the highest version per book:
+///
+/// * `Upsert` at `v` writes the row when there is no row with a version `>= v` and no
+///   remembered deletion with a version `>= v`; writing it forgets an older deletion.
+/// * `Delete` at `v` removes the row when its version is `<= v` and remembers the deletion at
+///   `v` (keeping the higher of two remembered versions), unless a newer row exists.
+/// * `Delete` without a version removes the row whatever its version and remembers that version.
 pub trait ReportStore: Send + Sync {
     /// Applies `changes` in order and stores `offsets` for `group`/`topic`, all in ONE
     /// transaction: the rows and the position they reflect are durable together.
@@ -73,4 +158,88 @@ pub trait ReportStore: Send + Sync {
 
     /// Deletes every row, remembered version and stored offset of `group` (for `--rebuild`).
     fn reset(&self, group: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+}
+
+/// The changes of a batch with everything dropped that cannot affect the outcome: per book,
+/// only the change with the highest version counts (a deletion wins a tie), since the rules of
+/// [`ReportStore`] make the outcome depend on nothing else. A book with a versionless deletion
+/// keeps all its changes in order, as that one depends on what came before it.
+pub fn compact_changes(changes: Vec<ReportChange>) -> Vec<ReportChange> {
+    let mut order_dependent: HashMap<BookId, bool> = HashMap::new();
+    for change in &changes {
+        *order_dependent.entry(change.book_id()).or_default() |= change.version().is_none();
+    }
+    let mut newest: HashMap<BookId, usize> = HashMap::new();
+    for (index, change) in changes.iter().enumerate() {
+        let book_id = change.book_id();
+        if order_dependent[&book_id] {
+            continue;
+        }
+        match newest.get(&book_id) {
+            Some(&kept) if !supersedes(change, &changes[kept]) => {}
+            _ => {
+                newest.insert(book_id, index);
+            }
+        }
+    }
+    changes
+        .into_iter()
+        .enumerate()
+        .filter(|(index, change)| {
+            order_dependent[&change.book_id()] || newest.get(&change.book_id()) == Some(index)
+        })
+        .map(|(_, change)| change)
+        .collect()
+}
+
+/// Whether `candidate` decides the outcome rather than `kept` (both of one book, with versions).
+fn supersedes(candidate: &ReportChange, kept: &ReportChange) -> bool {
+    let (new, old) = (candidate.version(), kept.version());
+    new > old || (new == old && matches!(candidate, ReportChange::Delete { .. }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn upsert(book_id: BookId, version: u64) -> ReportChange {
+        ReportChange::Upsert {
+            fact: BookFactEvent {
+                book_id,
+                title: format!("v{version}"),
+                author: "A".into(),
+                isbn: None,
+                price: Price::ZERO,
+                description: None,
+                version,
+                removed: false,
+            },
+            changed_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn delete(book_id: BookId, version: Option<u64>) -> ReportChange {
+        ReportChange::Delete { book_id, version }
+    }
+
+    #[test]
+    fn compaction_keeps_the_newest_change_per_book_in_batch_order() {
+        let (a, b) = (BookId::generate(), BookId::generate());
+        let changes = vec![upsert(a, 1), upsert(b, 1), upsert(a, 3), upsert(a, 2)];
+        assert_eq!(compact_changes(changes), vec![upsert(b, 1), upsert(a, 3)]);
+    }
+
+    #[test]
+    fn compaction_prefers_a_deletion_of_the_same_version() {
+        let a = BookId::generate();
+        let changes = vec![delete(a, Some(4)), upsert(a, 4), upsert(a, 2)];
+        assert_eq!(compact_changes(changes), vec![delete(a, Some(4))]);
+    }
+
+    #[test]
+    fn compaction_keeps_every_change_of_a_book_with_a_versionless_deletion() {
+        let (a, b) = (BookId::generate(), BookId::generate());
+        let changes = vec![upsert(a, 1), delete(a, None), upsert(a, 2), upsert(b, 1)];
+        assert_eq!(compact_changes(changes.clone()), changes);
+    }
 }

@@ -89,7 +89,7 @@ pub struct KafkaPublisher {
     config: KafkaConfig,
     mapper: RecordMapper,
     mode: DeliveryMode,
-    /// The transactional id, also the checkpoint record key.
+    /// The transactional id (relay id and store id), also the checkpoint record key.
     relay_id: String,
     checkpoint_topic: String,
     producer: Option<FutureProducer>,

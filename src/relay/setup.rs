@@ -17,6 +17,8 @@ pub enum RelaySetupError {
     Kafka(#[from] KafkaSetupError),
     #[error("schema registry: {0}")]
     Registry(#[from] RegistryError),
+    #[error("outbox: {0}")]
+    Store(#[from] crate::store::StoreError),
 }
 
 /// A relay from `outbox` to the Kafka cluster of `kafka`, ready to run.
@@ -41,11 +43,14 @@ pub async fn kafka_relay<O: Outbox>(
     config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(1));
     config.retention = Duration::from_secs(settings.retention_hours.saturating_mul(3600));
     let checkpoint_topic = topics.relay_checkpoint.clone();
+    // Kafka-side identity: the relay of THIS store. Another store relaying to the same topics
+    // under the same relay id must neither fence this one nor read its checkpoint.
+    let transactional_id = format!("{relay_id}.{}", outbox.store_id().await?);
     let publisher = KafkaPublisher::new(
         kafka.clone(),
         RecordMapper::new(topics, wire),
         settings.delivery,
-        relay_id,
+        transactional_id,
         checkpoint_topic,
     );
     Ok(Relay::new(outbox, publisher, config))

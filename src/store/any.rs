@@ -92,6 +92,10 @@ impl EventStore for AnyStore {
 }
 
 impl Outbox for AnyStore {
+    async fn store_id(&self) -> Result<String, StoreError> {
+        delegate!(self, store => store.store_id())
+    }
+
     async fn published_position(&self, relay: &str) -> Result<u64, StoreError> {
         delegate!(self, store => store.published_position(relay))
     }

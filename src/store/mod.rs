@@ -106,6 +106,9 @@ pub trait EventStore: Send + Sync {
 /// What the relay needs of a store besides reading events: where it got to, a lease so only one
 /// relay publishes at a time, retention, and a prompt signal when new events commit.
 pub trait Outbox: EventStore {
+    /// This store's identity, drawn once when its schema was created (32 hex digits).
+    fn store_id(&self) -> impl Future<Output = Result<String, StoreError>> + Send;
+
     /// The position up to which relay `relay` has recorded everything as published (0 if none).
     fn published_position(
         &self,

@@ -15,6 +15,13 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      RETURNING holder";
 
 impl Outbox for PostgresStore {
+    async fn store_id(&self) -> Result<String, StoreError> {
+        let id = sqlx::query_scalar("SELECT store_id FROM store_identity WHERE id = 1")
+            .fetch_one(self.pool())
+            .await?;
+        Ok(id)
+    }
+
     async fn published_position(&self, relay: &str) -> Result<u64, StoreError> {
         let position: Option<i64> =
             sqlx::query_scalar("SELECT position FROM relay_checkpoint WHERE name = $1")

@@ -6,10 +6,17 @@ use std::process::ExitCode;
 use bookstore::cli::{Cli, Command};
 use clap::Parser;
 
+mod bench;
 mod books;
+mod demo;
+mod dlq;
 mod events;
 mod kafka;
+mod project;
 mod relay;
+mod report;
+mod serve;
+mod up;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -21,6 +28,13 @@ async fn main() -> ExitCode {
         Command::Events(args) => events::run(&cli.store, args).await,
         Command::Kafka(command) => kafka::run(&cli.kafka, command).await,
         Command::Relay(args) => relay::run(&cli.store, &cli.kafka, args).await,
+        Command::Project(args) => project::run(&cli.store, &cli.kafka, args).await,
+        Command::Report(args) => report::run(&cli.store, args).await,
+        Command::Dlq(command) => dlq::run(&cli.kafka, command).await,
+        Command::Serve(args) => serve::run(&cli.store, &cli.kafka, args).await,
+        Command::Up(args) => up::run(&cli.store, &cli.kafka, args).await,
+        Command::Demo(args) => demo::run(&cli.store, &cli.kafka, args).await,
+        Command::Bench(args) => bench::run(&cli.kafka, args).await,
     };
     match outcome {
         Ok(()) => ExitCode::SUCCESS,

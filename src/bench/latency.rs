@@ -1,0 +1,458 @@
+//! Latency at a fixed offered load, never at saturation: new books are saved on an open-loop
+//! schedule (`rate / 2` saves per second, two events each) while a relay follows the store
+//! (exactly-once, `Follow`, woken by the commit signal) and the projection follows the fact
+//! topic.
+//!
+//! * **commit → ack**: for every event, from the instant its `save` returned (the commit) to
+//!   the instant a `read_committed` consumer, assigned every partition of both topics on its
+//!   own thread, received its record (matched by the `bookstore_position` header). A record a
+//!   `read_committed` reader sees is committed in Kafka, so this is the latency a downstream
+//!   consumer observes.
+//! * **commit → report**: for every book, from the commit of its addition to the commit of the
+//!   projection batch that wrote its `BookReport` row (the projection's store is wrapped, see
+//!   [`super::projection::TimedReports`]).
+//!
+//! A short warm-up (saves one at a time until their records arrive) makes sure the relay's
+//! producer and both consumers are live before the schedule starts; it is not measured.
+//! Percentiles come from HDR histograms in microseconds.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use hdrhistogram::Histogram;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Headers;
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::{info, warn};
+
+use super::projection::RunningProjection;
+use super::stores::StoreFactory;
+use super::timed_outbox::TimedOutbox;
+use super::workload::{EVENTS_PER_SAVE, Workload, save_at_rate};
+use super::{BenchConfig, BenchError, BenchReport, Figure, KafkaRun, StoreKind, Target, Unit};
+use crate::codec::headers as h;
+use crate::config::{KafkaConfig, RelaySettings};
+use crate::domain::BookId;
+use crate::relay::{DeliveryMode, RunMode, kafka_relay};
+use crate::shutdown::ShutdownTrigger;
+use crate::store::{AnyStore, EventStore};
+
+/// Saves made one at a time before the schedule starts.
+const WARM_UP_SAVES: usize = 10;
+/// How long records may take to arrive once the schedule is over.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub async fn measure(
+    config: &BenchConfig,
+    factory: &mut StoreFactory,
+    kafka: &mut KafkaRun,
+    kind: StoreKind,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let bench = factory.fresh(kind).await?;
+    let kafka = kafka.fresh();
+    let settings = RelaySettings {
+        delivery: DeliveryMode::ExactlyOnce,
+        batch_size: config.batch_size,
+        ..RelaySettings::default()
+    };
+    let outbox = TimedOutbox::new(bench.store.clone());
+    let relay_clock = outbox.clock();
+    let relay = kafka_relay(outbox, &kafka, &settings).await?;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let relay = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+
+    let saves_per_second = config.latency_events_per_second / 2;
+    let saves = (f64::from(saves_per_second) * config.latency_duration.as_secs_f64()) as usize;
+    let capacity = (WARM_UP_SAVES + saves) as u64 * EVENTS_PER_SAVE;
+    let timeline = Arc::new(Timelines::new(capacity));
+    let listener = AckListener::start(&kafka, timeline.clone())?;
+    let projection = if config.runs(super::Measurement::Projection) {
+        Some(RunningProjection::start(&kafka, factory, kind).await?)
+    } else {
+        None
+    };
+
+    let outcome = run_schedule(
+        &bench.store,
+        config,
+        saves,
+        timeline.clone(),
+        projection.as_ref(),
+    )
+    .await;
+    listener.stop();
+    trigger.trigger();
+    let listener_result = listener.join().await;
+    let relay_result = relay.await;
+    if let Some(projection) = projection {
+        projection.stop().await?;
+    }
+    let offered = outcome?;
+    listener_result?;
+    let relayed = relay_result??;
+    let (reads, read_calls) = relay_clock.reads();
+    let (bookkeeping, bookkeeping_calls) = relay_clock.bookkeeping();
+    let relay_extras = [
+        ("relay_batches", relayed.batches as f64),
+        (
+            "relay_events_per_batch",
+            relayed.published_events as f64 / relayed.batches.max(1) as f64,
+        ),
+        (
+            "relay_longest_store_call_ms",
+            relay_clock.longest_call().as_secs_f64() * 1e3,
+        ),
+        (
+            "relay_mean_read_ms",
+            reads.as_secs_f64() * 1e3 / read_calls.max(1) as f64,
+        ),
+        (
+            "relay_mean_bookkeeping_ms",
+            bookkeeping.as_secs_f64() * 1e3 / bookkeeping_calls.max(1) as f64,
+        ),
+    ];
+
+    let acks = timeline.histogram(WARM_UP_SAVES as u64 * EVENTS_PER_SAVE)?;
+    let rate_detail = format!(
+        "offered {} events/s ({saves_per_second} saves/s), achieved {:.0}",
+        config.latency_events_per_second,
+        offered * EVENTS_PER_SAVE as f64
+    );
+    let mut figure = latency_figure(
+        format!("{kind}_commit_to_ack_p99"),
+        "commit → Kafka ack (read_committed), p99",
+        kind,
+        &acks,
+        &rate_detail,
+        offered,
+    );
+    for (name, value) in relay_extras {
+        figure = figure.extra(name, value);
+    }
+    report.push(figure);
+    if let Some(reports) = timeline.report_histogram()? {
+        report.push(latency_figure(
+            format!("{kind}_commit_to_report_p99"),
+            "commit → report row, p99",
+            kind,
+            &reports,
+            &rate_detail,
+            offered,
+        ));
+    }
+    Ok(())
+}
+
+fn latency_figure(
+    key: String,
+    measurement: &str,
+    kind: StoreKind,
+    histogram: &Histogram<u64>,
+    rate_detail: &str,
+    offered_saves: f64,
+) -> Figure {
+    let ms = |micros: u64| micros as f64 / 1e3;
+    let p50 = ms(histogram.value_at_quantile(0.5));
+    let p99 = ms(histogram.value_at_quantile(0.99));
+    let p999 = ms(histogram.value_at_quantile(0.999));
+    let max = ms(histogram.max());
+    Figure::new(key, measurement, p99, Unit::Milliseconds)
+        .store(kind)
+        .detail(format!(
+            "p50 {p50:.1} · p99.9 {p999:.1} · max {max:.1} ms; {} samples; {rate_detail}",
+            histogram.len()
+        ))
+        .target(Target::ValueAtMost(25.0))
+        .extra("p50_ms", p50)
+        .extra("p99_ms", p99)
+        .extra("p999_ms", p999)
+        .extra("max_ms", max)
+        .extra("samples", histogram.len() as f64)
+        .extra("achieved_saves_per_second", offered_saves)
+}
+
+/// Warms up, runs the schedule and waits for every record; returns the achieved saves/s.
+async fn run_schedule(
+    store: &AnyStore,
+    config: &BenchConfig,
+    saves: usize,
+    timeline: Arc<Timelines>,
+    projection: Option<&RunningProjection>,
+) -> Result<f64, BenchError> {
+    let workload = Workload::new(0);
+    if let Some(projection) = projection {
+        projection.attach(timeline.clone());
+    }
+    for n in 0..WARM_UP_SAVES {
+        let events = store.save(workload.addition(n)?).await?;
+        timeline.committed(&events, Instant::now());
+    }
+    let warm_up_events = WARM_UP_SAVES as u64 * EVENTS_PER_SAVE;
+    timeline
+        .wait_for_acks(1..=warm_up_events, DRAIN_TIMEOUT)
+        .await?;
+    if projection.is_some() {
+        timeline.wait_for_reports(DRAIN_TIMEOUT).await?;
+    }
+    info!("latency warm-up done; relay and consumers are live");
+    timeline.start_measuring();
+
+    let changes = (0..saves)
+        .map(|n| workload.addition(WARM_UP_SAVES + n))
+        .collect::<Result<Vec<_>, _>>()?;
+    let saves_per_second = f64::from(config.latency_events_per_second / 2);
+    let period = Duration::from_secs_f64(1.0 / saves_per_second);
+    let recorder = timeline.clone();
+    let scheduled = save_at_rate(store, changes, period, move |events, at| {
+        recorder.committed(events, at);
+    })
+    .await?;
+    let head = store.head_position().await?;
+    timeline
+        .wait_for_acks(warm_up_events + 1..=head, DRAIN_TIMEOUT)
+        .await?;
+    if let Some(projection) = projection {
+        timeline.wait_for_reports(DRAIN_TIMEOUT).await?;
+        projection.detach();
+    }
+    let schedule = period.as_secs_f64() * saves as f64;
+    Ok(scheduled.saves as f64 / schedule.max(scheduled.elapsed.as_secs_f64()))
+}
+
+/// When each event committed and was received, by position; when each book's report row
+/// committed. Instants are kept as nanoseconds since `origin`, plus one (0: not yet).
+pub struct Timelines {
+    origin: Instant,
+    commits: Vec<AtomicU64>,
+    acks: Vec<AtomicU64>,
+    /// When the schedule started: books committed before are the warm-up's.
+    measured_from: AtomicU64,
+    /// Facts committed (book → nanoseconds), and report rows committed.
+    book_commits: std::sync::Mutex<std::collections::HashMap<BookId, u64>>,
+    book_reports: std::sync::Mutex<std::collections::HashMap<BookId, u64>>,
+}
+
+impl std::fmt::Debug for Timelines {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Timelines")
+            .field("positions", &self.commits.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Timelines {
+    fn new(capacity: u64) -> Self {
+        let slots = || (0..=capacity).map(|_| AtomicU64::new(0)).collect();
+        Self {
+            origin: Instant::now(),
+            commits: slots(),
+            acks: slots(),
+            measured_from: AtomicU64::new(0),
+            book_commits: Default::default(),
+            book_reports: Default::default(),
+        }
+    }
+
+    fn stamp(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.origin).as_nanos()).unwrap_or(u64::MAX - 1)
+            + 1
+    }
+
+    fn start_measuring(&self) {
+        self.measured_from
+            .store(self.stamp(Instant::now()), Ordering::Relaxed);
+    }
+
+    fn slot(slots: &[AtomicU64], position: u64) -> Option<&AtomicU64> {
+        slots.get(usize::try_from(position).ok()?)
+    }
+
+    fn committed(&self, events: &[crate::domain::StoredEvent], at: Instant) {
+        let stamp = self.stamp(at);
+        for event in events {
+            if let Some(slot) = Self::slot(&self.commits, event.position) {
+                slot.store(stamp, Ordering::Relaxed);
+            }
+        }
+        if let Some(event) = events.first() {
+            let mut books = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
+            books.insert(event.metadata.aggregate_id, stamp);
+        }
+    }
+
+    fn acknowledged(&self, position: u64, at: Instant) {
+        if let Some(slot) = Self::slot(&self.acks, position) {
+            // The first arrival counts; a redelivery would not be news to a reader.
+            let _ = slot.compare_exchange(0, self.stamp(at), Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Records that the report rows of `books` committed at `at` (first time counts).
+    pub fn reported(&self, books: impl IntoIterator<Item = BookId>, at: Instant) {
+        let stamp = self.stamp(at);
+        let mut reports = self.book_reports.lock().unwrap_or_else(|p| p.into_inner());
+        for book in books {
+            reports.entry(book).or_insert(stamp);
+        }
+    }
+
+    async fn wait_for_acks(
+        &self,
+        positions: std::ops::RangeInclusive<u64>,
+        timeout: Duration,
+    ) -> Result<(), BenchError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing = positions
+                .clone()
+                .filter(|&position| {
+                    Self::slot(&self.acks, position)
+                        .is_none_or(|slot| slot.load(Ordering::Relaxed) == 0)
+                })
+                .count();
+            if missing == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Incomplete(format!(
+                    "{missing} records of positions {positions:?} did not reach the \
+                     read_committed consumer within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_for_reports(&self, timeout: Duration) -> Result<(), BenchError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let missing = {
+                let commits = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
+                let reports = self.book_reports.lock().unwrap_or_else(|p| p.into_inner());
+                commits
+                    .keys()
+                    .filter(|book| !reports.contains_key(book))
+                    .count()
+            };
+            if missing == 0 {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(BenchError::Incomplete(format!(
+                    "{missing} books did not reach the report within {timeout:?}"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Commit → ack of every position above `skip`, in microseconds.
+    fn histogram(&self, skip: u64) -> Result<Histogram<u64>, BenchError> {
+        let mut histogram = new_histogram()?;
+        let mut early = 0;
+        for (position, (commit, ack)) in self.commits.iter().zip(&self.acks).enumerate() {
+            let (commit, ack) = (commit.load(Ordering::Relaxed), ack.load(Ordering::Relaxed));
+            if position as u64 <= skip || commit == 0 || ack == 0 {
+                continue;
+            }
+            // A record can arrive before its writer task noted the commit (it was descheduled
+            // in between): count it as zero rather than dropping it.
+            early += u64::from(ack < commit);
+            histogram.saturating_record(ack.saturating_sub(commit) / 1_000);
+        }
+        if early > 0 {
+            warn!(early, "records arrived before their commit was noted");
+        }
+        Ok(histogram)
+    }
+
+    /// Commit → report row of every book measured (warm-up books excluded), if any was.
+    fn report_histogram(&self) -> Result<Option<Histogram<u64>>, BenchError> {
+        let reports = self.book_reports.lock().unwrap_or_else(|p| p.into_inner());
+        if reports.is_empty() {
+            return Ok(None);
+        }
+        let commits = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
+        let measured_from = self.measured_from.load(Ordering::Relaxed);
+        let mut histogram = new_histogram()?;
+        for (book, &commit) in commits.iter() {
+            if commit < measured_from {
+                continue;
+            }
+            if let Some(&reported) = reports.get(book) {
+                histogram.saturating_record(reported.saturating_sub(commit) / 1_000);
+            }
+        }
+        Ok(Some(histogram))
+    }
+}
+
+fn new_histogram() -> Result<Histogram<u64>, BenchError> {
+    // 1 µs to 10 minutes at three significant digits.
+    Histogram::new_with_bounds(1, 600_000_000, 3)
+        .map_err(|error| BenchError::Incomplete(format!("histogram: {error}")))
+}
+
+/// A `read_committed` consumer on a thread of its own, assigned every partition of the delta
+/// and fact topics from the beginning (no group join to wait for).
+struct AckListener {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<Result<u64, BenchError>>,
+}
+
+impl AckListener {
+    fn start(kafka: &KafkaConfig, timeline: Arc<Timelines>) -> Result<Self, BenchError> {
+        let group = format!("{}.latency-reader", kafka.topic_prefix);
+        let consumer: BaseConsumer = kafka.consumer_config(&group).create()?;
+        let topics = kafka.topics();
+        let mut assignment = TopicPartitionList::new();
+        for topic in [&topics.book, &topics.book_fact] {
+            for partition in 0..kafka.partitions {
+                assignment.add_partition_offset(topic, partition, Offset::Beginning)?;
+            }
+        }
+        consumer.assign(&assignment)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut received = 0;
+            while !stopped.load(Ordering::Relaxed) {
+                match consumer.poll(Duration::from_millis(100)) {
+                    None => {}
+                    Some(Ok(message)) => {
+                        let at = Instant::now();
+                        if let Some(position) = position_of(&message) {
+                            timeline.acknowledged(position, at);
+                            received += 1;
+                        }
+                    }
+                    Some(Err(error)) => warn!(%error, "latency reader error"),
+                }
+            }
+            Ok(received)
+        });
+        Ok(Self { stop, thread })
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+
+    async fn join(self) -> Result<u64, BenchError> {
+        let thread = self.thread;
+        tokio::task::spawn_blocking(move || thread.join())
+            .await?
+            .map_err(|_| BenchError::Incomplete("the latency reader panicked".into()))?
+    }
+}
+
+fn position_of(message: &impl Message) -> Option<u64> {
+    let headers = message.headers()?;
+    (0..headers.count())
+        .filter_map(|index| headers.try_get(index))
+        .find(|header| header.key == h::POSITION)
+        .and_then(|header| std::str::from_utf8(header.value?).ok()?.parse().ok())
+}

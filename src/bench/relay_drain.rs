@@ -1,0 +1,456 @@
+//! Relay drain throughput against a raw producer sending the very same records.
+//!
+//! A backlog is written to a fresh store first (concurrent writers, not timed). Then, per round
+//! and per delivery mode, on fresh topics each time:
+//!
+//! * **raw producer**: `RecordMapper` turns the stored events into records before the clock
+//!   starts; a `FutureProducer` with the relay's client settings
+//!   (`KafkaConfig::idempotent_producer_config`) sends them. Exactly-once: a transactional
+//!   producer (initialised before the clock) that begins a transaction, sends `batch_size`
+//!   events' records and commits, until done. At-least-once: an idempotent `acks=all` producer
+//!   that sends everything and awaits every acknowledgement.
+//! * **relay**: `Relay::run(RunMode::Once)` over the same store, timed from its first outbox
+//!   read (its producer is ready by then; [`TimedOutbox`]) to its return. The store time inside
+//!   that window is reported too, split into reads and bookkeeping.
+//!
+//! The median of the rounds is reported, for the relay and the baseline alike.
+
+use std::time::{Duration, Instant};
+
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Headers;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use tracing::info;
+
+use super::stores::StoreFactory;
+use super::timed_outbox::TimedOutbox;
+use super::workload::{Workload, save_all};
+use super::{
+    BenchConfig, BenchError, BenchReport, Figure, KafkaRun, Measurement, StoreKind, Target, Unit,
+    median, mode_key, mode_label,
+};
+use crate::config::{KafkaConfig, RelaySettings};
+use crate::domain::{EventKind, StoredEvent};
+use crate::kafka::provision_topics;
+use crate::relay::record::{OutboundRecord, RecordMapper};
+use crate::relay::{DeliveryMode, RunMode, kafka_relay, wire_format};
+use crate::shutdown::Shutdown;
+use crate::store::{AnyStore, EventStore};
+
+const MODES: [DeliveryMode; 2] = [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce];
+
+/// One timed drain of the backlog.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Drain {
+    pub events: u64,
+    pub elapsed: Duration,
+    /// Relay only: from `run` to its first outbox read (lease, producer, checkpoint).
+    pub startup: Duration,
+    /// Relay only: time inside `read_after`, and in checkpoint/head/lease/retention calls.
+    pub store_reads: Duration,
+    pub store_bookkeeping: Duration,
+    pub batches: u64,
+}
+
+impl Drain {
+    pub fn events_per_second(&self) -> f64 {
+        super::workload::per_second(self.events, self.elapsed)
+    }
+}
+
+/// What the relay measurement leaves for the projection measurement: topics holding the facts.
+#[derive(Debug, Clone)]
+pub struct PublishedFacts {
+    pub kafka: KafkaConfig,
+    pub facts: u64,
+}
+
+/// Writes the backlog, drains it with the relay and the raw producer in both modes, and adds
+/// the figures; then measures the projection on the facts of the first exactly-once drain.
+pub async fn measure(
+    config: &BenchConfig,
+    factory: &mut StoreFactory,
+    kafka: &mut KafkaRun,
+    kind: StoreKind,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
+    let bench = factory.fresh(kind).await?;
+    let workload = Workload::new(config.updates_per_book);
+    let histories = workload.histories(workload.books_for(config.relay_events))?;
+    let written = save_all(&bench.store, histories, config.writers).await?;
+    info!(%kind, events = written.events, seconds = written.elapsed.as_secs_f64(), "backlog written");
+    let events = read_everything(&bench.store).await?;
+    let facts = events
+        .iter()
+        .filter(|event| event.metadata.kind() == EventKind::Fact)
+        .count() as u64;
+
+    let mut raw: [Vec<Drain>; 2] = [vec![], vec![]];
+    let mut relay: [Vec<Drain>; 2] = [vec![], vec![]];
+    let mut bytes = 0;
+    let mut published = None;
+    for round in 1..=config.rounds {
+        for (index, mode) in MODES.into_iter().enumerate() {
+            let (drain, record_bytes) = producer_drain(
+                kafka.fresh(),
+                &events,
+                mode,
+                config.batch_size,
+                CommitFlush::AwaitAcks,
+            )
+            .await?;
+            bytes = record_bytes;
+            raw[index].push(drain);
+            let topics = kafka.fresh();
+            let drain = relay_drain(topics.clone(), &bench.store, mode, config.batch_size).await?;
+            check_complete(&drain, events.len())?;
+            if published.is_none() && mode == DeliveryMode::ExactlyOnce {
+                published = Some(PublishedFacts {
+                    kafka: topics,
+                    facts,
+                });
+            }
+            relay[index].push(drain);
+            info!(
+                %kind, round, mode = mode_label(mode),
+                relay = relay[index].last().map_or(0.0, Drain::events_per_second),
+                raw = raw[index].last().map_or(0.0, Drain::events_per_second),
+                "drained (events/s)"
+            );
+        }
+    }
+
+    if config.runs(Measurement::Relay) {
+        add_figures(report, kind, &raw, &relay, bytes, events.len() as u64);
+        let (implicit, _) = producer_drain(
+            kafka.fresh(),
+            &events,
+            DeliveryMode::ExactlyOnce,
+            config.batch_size,
+            CommitFlush::Implicit,
+        )
+        .await?;
+        report.push(
+            Figure::new(
+                format!("{kind}_producer_commit_flush"),
+                "raw transactional producer, commit flushes (1 round)",
+                implicit.events_per_second(),
+                Unit::EventsPerSecond,
+            )
+            .store(kind)
+            .against(
+                "raw transactional producer, acks awaited",
+                median(
+                    &raw[0]
+                        .iter()
+                        .map(Drain::events_per_second)
+                        .collect::<Vec<_>>(),
+                ),
+                None,
+            ),
+        );
+    }
+    if config.runs(Measurement::Projection)
+        && let Some(published) = published
+    {
+        super::projection::measure(config, factory, kind, &published, report).await?;
+    }
+    Ok(())
+}
+
+fn check_complete(drain: &Drain, expected: usize) -> Result<(), BenchError> {
+    if drain.events == expected as u64 {
+        return Ok(());
+    }
+    Err(BenchError::Incomplete(format!(
+        "the relay published {} of {expected} events",
+        drain.events
+    )))
+}
+
+fn add_figures(
+    report: &mut BenchReport,
+    kind: StoreKind,
+    raw: &[Vec<Drain>; 2],
+    relay: &[Vec<Drain>; 2],
+    bytes: u64,
+    events: u64,
+) {
+    let bytes_per_event = bytes as f64 / events.max(1) as f64;
+    let megabytes =
+        |events_per_second: f64| format!("{:.1} MB/s", events_per_second * bytes_per_event / 1e6);
+    let target = match kind {
+        StoreKind::Sqlite => 0.8,
+        StoreKind::Postgres => 0.6,
+    };
+    let rate = |drains: &[Drain]| {
+        median(
+            &drains
+                .iter()
+                .map(Drain::events_per_second)
+                .collect::<Vec<_>>(),
+        )
+    };
+    for (index, mode) in MODES.into_iter().enumerate() {
+        let relay_rate = rate(&relay[index]);
+        let raw_rate = rate(&raw[index]);
+        let baseline = match mode {
+            DeliveryMode::ExactlyOnce => "raw transactional producer, same batches",
+            DeliveryMode::AtLeastOnce => "raw idempotent producer, acks=all",
+        };
+        let mean = |pick: fn(&Drain) -> Duration| {
+            let drains = &relay[index];
+            drains.iter().map(|d| pick(d).as_secs_f64()).sum::<f64>() / drains.len().max(1) as f64
+        };
+        let elapsed = mean(|d| d.elapsed);
+        let share = |part: f64| if elapsed > 0.0 { part / elapsed } else { 0.0 };
+        let figure = Figure::new(
+            format!("{kind}_relay_{}", mode_key(mode)),
+            format!("relay drain, {}", mode_label(mode)),
+            relay_rate,
+            Unit::EventsPerSecond,
+        )
+        .store(kind)
+        .detail(megabytes(relay_rate))
+        .against(baseline, raw_rate, Some(megabytes(raw_rate)))
+        .target(Target::RatioAtLeast(target))
+        .extra("megabytes_per_second", relay_rate * bytes_per_event / 1e6)
+        .extra(
+            "baseline_megabytes_per_second",
+            raw_rate * bytes_per_event / 1e6,
+        )
+        .extra("bytes_per_event", bytes_per_event)
+        .extra("startup_ms", mean(|d| d.startup) * 1e3)
+        .extra("store_read_share", share(mean(|d| d.store_reads)))
+        .extra(
+            "store_bookkeeping_share",
+            share(mean(|d| d.store_bookkeeping)),
+        )
+        .extra(
+            "batches",
+            relay[index].first().map_or(0.0, |d| d.batches as f64),
+        );
+        report.push(figure);
+    }
+    let (eos, alo) = (rate(&relay[0]), rate(&relay[1]));
+    report.push(
+        Figure::new(
+            format!("{kind}_relay_exactly_once_vs_at_least_once"),
+            "relay exactly-once vs at-least-once",
+            eos,
+            Unit::EventsPerSecond,
+        )
+        .store(kind)
+        .against("relay at-least-once", alo, None)
+        .target(Target::RatioAtLeast(0.9)),
+    );
+    let (raw_eos, raw_alo) = (rate(&raw[0]), rate(&raw[1]));
+    report.push(
+        Figure::new(
+            format!("{kind}_producer_exactly_once_vs_at_least_once"),
+            "raw producer transactional vs idempotent",
+            raw_eos,
+            Unit::EventsPerSecond,
+        )
+        .store(kind)
+        .against("raw idempotent producer", raw_alo, None),
+    );
+}
+
+/// Every event of the store, in position order.
+pub async fn read_everything(store: &AnyStore) -> Result<Vec<StoredEvent>, BenchError> {
+    let mut events = Vec::new();
+    loop {
+        let after = events
+            .last()
+            .map_or(0, |event: &StoredEvent| event.position);
+        let page = store.read_after(after, 10_000).await?;
+        if page.is_empty() {
+            return Ok(events);
+        }
+        events.extend(page);
+    }
+}
+
+/// Drains the store with the relay in `mode` onto the topics of `kafka`.
+pub async fn relay_drain(
+    kafka: KafkaConfig,
+    store: &AnyStore,
+    mode: DeliveryMode,
+    batch_size: usize,
+) -> Result<Drain, BenchError> {
+    let outbox = TimedOutbox::new(store.clone());
+    let clock = outbox.clock();
+    let settings = RelaySettings {
+        delivery: mode,
+        batch_size,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(outbox, &kafka, &settings).await?;
+    let started = Instant::now();
+    let outcome = relay.run(RunMode::Once, Shutdown::never()).await?;
+    let finished = Instant::now();
+    let first_read = clock.first_read().unwrap_or(started);
+    Ok(Drain {
+        events: outcome.published_events,
+        elapsed: finished.duration_since(first_read),
+        startup: first_read.duration_since(started),
+        store_reads: clock.reads().0,
+        store_bookkeeping: clock.bookkeeping().0,
+        batches: outcome.batches,
+    })
+}
+
+/// Sends the records of `events` with a raw producer in `mode`; returns the drain and the bytes
+/// of the records (keys, values and headers).
+pub async fn producer_drain(
+    kafka: KafkaConfig,
+    events: &[StoredEvent],
+    mode: DeliveryMode,
+    batch_size: usize,
+    flush: CommitFlush,
+) -> Result<(Drain, u64), BenchError> {
+    let topics = kafka.topics();
+    provision_topics(
+        &kafka,
+        &topics.specs(kafka.partitions, kafka.replication_factor),
+    )
+    .await?;
+    let mapper = RecordMapper::new(topics, wire_format(&kafka).await?);
+    let mut batches = Vec::with_capacity(events.len().div_ceil(batch_size));
+    for chunk in events.chunks(batch_size.max(1)) {
+        let mut records = Vec::with_capacity(chunk.len());
+        for event in chunk {
+            records.extend(mapper.records(event)?);
+        }
+        batches.push(records);
+    }
+    let bytes = batches.iter().flatten().map(record_bytes).sum();
+    let producer = raw_producer(&kafka, mode).await?;
+    let started = Instant::now();
+    match mode {
+        DeliveryMode::ExactlyOnce => {
+            send_in_transactions(&producer, batches, &kafka, flush).await?;
+        }
+        DeliveryMode::AtLeastOnce => send_acknowledged(&producer, batches).await?,
+    }
+    let drain = Drain {
+        events: events.len() as u64,
+        elapsed: started.elapsed(),
+        ..Drain::default()
+    };
+    Ok((drain, bytes))
+}
+
+fn record_bytes(record: &OutboundRecord<'_>) -> u64 {
+    let headers: usize = (0..record.headers.count())
+        .filter_map(|index| record.headers.try_get(index))
+        .map(|header| header.key.len() + header.value.map_or(0, <[u8]>::len))
+        .sum();
+    (record.key.len() + record.value.as_ref().map_or(0, Vec::len) + headers) as u64
+}
+
+/// A producer with the relay's settings, transactional (and initialised) for exactly-once.
+async fn raw_producer(
+    kafka: &KafkaConfig,
+    mode: DeliveryMode,
+) -> Result<FutureProducer, BenchError> {
+    let mut settings = kafka.idempotent_producer_config();
+    if mode == DeliveryMode::ExactlyOnce {
+        settings
+            .set("transactional.id", format!("{}.raw", kafka.topic_prefix))
+            .set(
+                "transaction.timeout.ms",
+                (kafka.request_timeout().as_millis() * 2).to_string(),
+            );
+    }
+    let producer: FutureProducer = settings.create()?;
+    if mode == DeliveryMode::ExactlyOnce {
+        let initialiser = producer.clone();
+        let timeout = kafka.request_timeout();
+        tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout)).await??;
+    }
+    Ok(producer)
+}
+
+/// One transaction per batch: send, await every acknowledgement, commit. Awaiting first
+/// matters: left to flush in-flight records itself, `commit_transaction` takes about 100 ms
+/// longer per transaction (see docs/benchmarks.md; [`CommitFlush::Implicit`] measures it).
+async fn send_in_transactions(
+    producer: &FutureProducer,
+    batches: Vec<Vec<OutboundRecord<'_>>>,
+    kafka: &KafkaConfig,
+    flush: CommitFlush,
+) -> Result<(), BenchError> {
+    for batch in batches {
+        producer.begin_transaction()?;
+        let mut deliveries = Vec::with_capacity(batch.len());
+        for record in batch {
+            deliveries.push(send(producer, record).await?);
+        }
+        match flush {
+            CommitFlush::AwaitAcks => await_all(deliveries).await?,
+            // The commit fails if any record of the transaction failed.
+            CommitFlush::Implicit => drop(deliveries),
+        }
+        let committer = producer.clone();
+        let timeout = kafka.request_timeout();
+        tokio::task::spawn_blocking(move || committer.commit_transaction(timeout)).await??;
+    }
+    Ok(())
+}
+
+/// How a raw transactional producer gets its records delivered before committing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitFlush {
+    /// Await every delivery future, then commit (the relay's way; the baseline).
+    AwaitAcks,
+    /// Commit at once and let `commit_transaction` flush.
+    Implicit,
+}
+
+/// Everything sent at once, then every acknowledgement awaited.
+async fn send_acknowledged(
+    producer: &FutureProducer,
+    batches: Vec<Vec<OutboundRecord<'_>>>,
+) -> Result<(), BenchError> {
+    let mut deliveries = Vec::with_capacity(batches.iter().map(Vec::len).sum());
+    for record in batches.into_iter().flatten() {
+        deliveries.push(send(producer, record).await?);
+    }
+    await_all(deliveries).await
+}
+
+async fn await_all(deliveries: Vec<DeliveryFuture>) -> Result<(), BenchError> {
+    for delivery in deliveries {
+        match delivery.await {
+            Ok(Ok(_)) => {}
+            Ok(Err((error, _))) => return Err(error.into()),
+            Err(_canceled) => return Err(KafkaError::Canceled.into()),
+        }
+    }
+    Ok(())
+}
+
+/// Enqueues one record, waiting while the local queue is full (as the relay does).
+async fn send(
+    producer: &FutureProducer,
+    record: OutboundRecord<'_>,
+) -> Result<DeliveryFuture, BenchError> {
+    let mut future_record = FutureRecord::to(record.topic)
+        .key(record.key.as_str())
+        .headers(record.headers);
+    if let Some(value) = &record.value {
+        future_record = future_record.payload(value.as_slice());
+    }
+    loop {
+        match producer.send_result(future_record) {
+            Ok(delivery) => return Ok(delivery),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                future_record = returned;
+            }
+            Err((error, _)) => return Err(error.into()),
+        }
+    }
+}

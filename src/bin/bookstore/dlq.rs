@@ -1,0 +1,47 @@
+//! `bookstore dlq list|replay`: the fact records the projection could not apply.
+
+use anyhow::Result;
+use bookstore::cli::DlqCommand;
+use bookstore::config::KafkaConfig;
+use bookstore::projection::{list_dead_letters, replay_dead_letters};
+
+pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
+    match command {
+        DlqCommand::List(args) => {
+            let letters = list_dead_letters(kafka).await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&letters)?);
+                return Ok(());
+            }
+            for letter in &letters {
+                let origin = match (&letter.topic, letter.partition, letter.offset) {
+                    (Some(topic), Some(partition), Some(offset)) => {
+                        format!("{topic}[{partition}]@{offset}")
+                    }
+                    _ => "unknown origin".to_owned(),
+                };
+                println!(
+                    "{:>6}  {origin}  key {}: {}",
+                    letter.dlq_offset,
+                    letter.key.as_deref().unwrap_or("-"),
+                    letter.reason
+                );
+            }
+            eprintln!(
+                "{} dead letter(s) on {}",
+                letters.len(),
+                kafka.topics().book_fact_dlq
+            );
+        }
+        DlqCommand::Replay => {
+            let report = replay_dead_letters(kafka).await?;
+            let mut topics: Vec<_> = report.replayed.iter().collect();
+            topics.sort();
+            for (topic, count) in topics {
+                println!("{topic}: {count} replayed");
+            }
+            println!("replayed {} dead letter(s)", report.total());
+        }
+    }
+    Ok(())
+}

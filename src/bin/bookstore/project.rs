@@ -1,0 +1,77 @@
+//! `bookstore project`: the reporting projection until Ctrl-C/SIGTERM, or `--until-caught-up`.
+
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use bookstore::cli::ProjectArgs;
+use bookstore::config::{KafkaConfig, StoreConfig};
+use bookstore::projection::{
+    ProjectionConfig, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
+};
+use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::AnyStore;
+use tokio::sync::watch;
+
+pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) -> Result<()> {
+    if let Some(addr) = args.metrics_addr {
+        bookstore::telemetry::install_metrics(addr)?;
+    }
+    let read_model = AnyStore::connect(&store.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let group = args
+        .group
+        .unwrap_or_else(|| default_group(&kafka.topic_prefix));
+    let mut config = ProjectionConfig::new(group);
+    config.batch_size = usize::try_from(args.batch_size).unwrap_or(usize::MAX);
+    config.batch_wait = Duration::from_millis(args.batch_wait_ms);
+    let projector = kafka_projector(read_model, kafka, config).await?;
+    if args.rebuild {
+        projector.rebuild().await?;
+        eprintln!(
+            "rebuilding: read model emptied; reading {} from the beginning",
+            kafka.topics().book_fact
+        );
+    }
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    let mode = if args.until_caught_up {
+        ProjectionMode::UntilCaughtUp
+    } else {
+        ProjectionMode::Follow
+    };
+    let progress = args
+        .until_caught_up
+        .then(|| tokio::spawn(print_progress(projector.status())));
+    let outcome = projector.run(mode, shutdown).await;
+    if let Some(progress) = progress {
+        progress.abort();
+    }
+    let report = outcome?;
+    if args.until_caught_up {
+        println!(
+            "caught up: applied {} facts in {} batches; {} sent to the dead-letter queue",
+            report.applied_facts, report.batches, report.dead_letters
+        );
+    }
+    Ok(())
+}
+
+/// A line on stderr every second while something moves.
+async fn print_progress(status: watch::Receiver<ProjectionStatus>) {
+    let mut shown = ProjectionStatus::default();
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = status.borrow().clone();
+        if now == shown {
+            continue;
+        }
+        let (done, partitions) = now.caught_up.unwrap_or_default();
+        eprintln!(
+            "projecting: {} facts applied in {} batches, {} dead letters; {done}/{partitions} \
+             partitions caught up; lag {}",
+            now.applied_facts, now.batches, now.dead_letters, now.lag
+        );
+        shown = now;
+    }
+}

@@ -1,0 +1,35 @@
+//! `bookstore report`: the BookReport read model as a table or a JSON array.
+
+use anyhow::{Context, Result};
+use bookstore::cli::ReportArgs;
+use bookstore::config::StoreConfig;
+use bookstore::projection::ReportStore;
+use bookstore::store::AnyStore;
+
+pub async fn run(config: &StoreConfig, args: ReportArgs) -> Result<()> {
+    let store = AnyStore::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", config.database_url))?;
+    let rows = store.list_reports().await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    println!(
+        "{:<36}  {:>10}  {:>7}  {:<13}  TITLE — AUTHOR",
+        "BOOK ID", "PRICE", "VERSION", "ISBN"
+    );
+    for row in &rows {
+        println!(
+            "{:<36}  {:>10}  {:>7}  {:<13}  {} — {}",
+            row.book_id,
+            row.price,
+            row.version,
+            row.isbn.as_deref().unwrap_or("-"),
+            row.title,
+            row.author
+        );
+    }
+    eprintln!("{} book(s)", rows.len());
+    Ok(())
+}

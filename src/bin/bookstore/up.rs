@@ -1,0 +1,90 @@
+//! `bookstore up`: relay, projector and dashboard in one process, optionally fed with demo
+//! data, until Ctrl-C/SIGTERM. The first part to fail stops the others.
+
+use anyhow::{Context, Result, anyhow};
+use bookstore::cli::UpArgs;
+use bookstore::codec::AvroCodec;
+use bookstore::config::{KafkaConfig, StoreConfig};
+use bookstore::demo::feed_demo_data;
+use bookstore::http::{self, HttpState};
+use bookstore::projection::{ProjectionConfig, ProjectionMode, default_group, kafka_projector};
+use bookstore::relay::{RunMode, kafka_relay};
+use bookstore::service::BookService;
+use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::AnyStore;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tracing::{error, info};
+
+pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) -> Result<()> {
+    let metrics = bookstore::telemetry::prometheus_handle()?;
+    let store = AnyStore::connect(&store_config.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", store_config.database_url))?;
+    let relay_id = args
+        .relay
+        .relay_id
+        .clone()
+        .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+    let relay = kafka_relay(store.clone(), kafka, &args.relay).await?;
+    let group = args
+        .group
+        .unwrap_or_else(|| default_group(&kafka.topic_prefix));
+    let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group)).await?;
+    let state = HttpState::new(store.clone(), metrics)
+        .with_relay_id(relay_id)
+        .with_kafka_readiness(kafka.clone());
+    let listener = TcpListener::bind(args.addr)
+        .await
+        .with_context(|| format!("listening on {}", args.addr))?;
+    let url = format!("http://{}/", listener.local_addr()?);
+
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    let mut parts: JoinSet<(&str, Result<()>)> = JoinSet::new();
+    let stop = shutdown.clone();
+    parts.spawn(async move {
+        (
+            "relay",
+            relay
+                .run(RunMode::Follow, stop)
+                .await
+                .map(drop)
+                .map_err(Into::into),
+        )
+    });
+    let stop = shutdown.clone();
+    parts.spawn(async move {
+        let outcome = projector.run(ProjectionMode::Follow, stop).await;
+        ("projector", outcome.map(drop).map_err(Into::into))
+    });
+    let stop = shutdown.clone();
+    parts.spawn(async move {
+        let outcome = http::serve(listener, http::router(state), stop).await;
+        ("dashboard", outcome.map_err(Into::into))
+    });
+    if args.demo_data {
+        let service = BookService::new(store.clone(), AvroCodec::new());
+        let stop = shutdown.clone();
+        parts.spawn(async move {
+            let outcome = feed_demo_data(&service, stop).await;
+            ("demo data", outcome.map_err(Into::into))
+        });
+    }
+    println!("bookstore is up: dashboard at {url} (Ctrl-C to stop)");
+
+    let mut failure = None;
+    while let Some(joined) = parts.join_next().await {
+        let (part, outcome) = joined.map_err(|join| anyhow!("a part panicked: {join}"))?;
+        match outcome {
+            Ok(()) => info!(part, "stopped"),
+            Err(error) => {
+                error!(part, "failed: {error:#}");
+                failure.get_or_insert(error.context(format!("{part} failed")));
+            }
+        }
+        // Whatever ended first, the others stop too: half a pipeline is not "up".
+        trigger.trigger();
+    }
+    failure.map_or(Ok(()), Err)
+}

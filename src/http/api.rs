@@ -1,0 +1,359 @@
+//! The JSON API: report rows out, commands in.
+//!
+//! Bodies are read as a JSON object and then field by field, so that every wrong field is
+//! answered with 422 and its name (`{"error": "title must not be empty", "field": "title"}`),
+//! and only a body that is not JSON at all gets 400. Unknown fields are refused rather than
+//! ignored, so a typo (`"prize"`) never silently leaves a value unchanged.
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, State};
+use axum::http::header::{CONTENT_TYPE, LOCATION};
+use axum::http::{HeaderMap, StatusCode};
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use super::error::ApiError;
+use super::state::{HttpState, HttpStore};
+use crate::domain::{AddBook, BookCommand, BookId, Price, UpdateDetails, ValidationError};
+use crate::projection::BookReport;
+use crate::service::{CommandContext, CommandOutcome};
+
+/// One row of the report, as the API shows it. The price is a string (`"12.99"`) so no client
+/// ever reads money as a binary float.
+#[derive(Debug, Serialize)]
+pub(super) struct BookRow {
+    book_id: BookId,
+    title: String,
+    author: String,
+    price: String,
+    isbn: Option<String>,
+    version: u64,
+    updated_at: DateTime<Utc>,
+}
+
+impl From<BookReport> for BookRow {
+    fn from(report: BookReport) -> Self {
+        Self {
+            book_id: report.book_id,
+            title: report.title,
+            author: report.author,
+            price: report.price.to_string(),
+            isbn: report.isbn,
+            version: report.version,
+            updated_at: report.updated_at,
+        }
+    }
+}
+
+/// What a command did: the book's version after it, and whether it changed anything (a
+/// command that changes nothing writes no event).
+#[derive(Debug, Serialize)]
+pub(super) struct CommandReply {
+    book_id: BookId,
+    version: u64,
+    changed: bool,
+}
+
+impl From<CommandOutcome> for CommandReply {
+    fn from(outcome: CommandOutcome) -> Self {
+        Self {
+            book_id: outcome.book_id,
+            version: outcome.state.map(|book| book.version).unwrap_or_default(),
+            changed: !outcome.events.is_empty(),
+        }
+    }
+}
+
+pub(super) async fn list_books<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+) -> Result<Json<Vec<BookRow>>, ApiError> {
+    let reports = state.store().list_reports().await?;
+    Ok(Json(reports.into_iter().map(BookRow::from).collect()))
+}
+
+pub(super) async fn show_book<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    Path(id): Path<String>,
+) -> Result<Json<BookRow>, ApiError> {
+    let book_id = book_id_in_path(&id)?;
+    match state.store().report(book_id).await? {
+        Some(report) => Ok(Json(report.into())),
+        None => Err(ApiError::not_found(format!(
+            "book {book_id} is not in the report"
+        ))),
+    }
+}
+
+pub(super) async fn add_book<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<
+    (
+        StatusCode,
+        [(axum::http::HeaderName, String); 1],
+        Json<CommandReply>,
+    ),
+    ApiError,
+> {
+    let context = command_context(&headers)?;
+    let body = JsonObject::parse(&headers, &body)?;
+    body.refuse_unknown(&["title", "author", "isbn", "price", "description"])?;
+    let command = BookCommand::Add(AddBook {
+        book_id: BookId::generate(),
+        title: body.required_text("title")?,
+        author: body.required_text("author")?,
+        isbn: body.text("isbn")?,
+        price: body.price("price")?.unwrap_or_default(),
+        description: body.text("description")?,
+    });
+    let reply = CommandReply::from(state.service().execute(command, context).await?);
+    let location = format!("/api/books/{}", reply.book_id);
+    Ok((StatusCode::CREATED, [(LOCATION, location)], Json(reply)))
+}
+
+pub(super) async fn update_price<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<CommandReply>, ApiError> {
+    let book_id = book_id_in_path(&id)?;
+    let context = command_context(&headers)?;
+    let body = JsonObject::parse(&headers, &body)?;
+    body.refuse_unknown(&["price"])?;
+    let price = body
+        .price("price")?
+        .ok_or_else(|| ValidationError::new("price", "is required"))?;
+    let command = BookCommand::UpdatePrice { book_id, price };
+    Ok(Json(
+        state.service().execute(command, context).await?.into(),
+    ))
+}
+
+pub(super) async fn update_details<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Result<Json<CommandReply>, ApiError> {
+    let book_id = book_id_in_path(&id)?;
+    let context = command_context(&headers)?;
+    let body = JsonObject::parse(&headers, &body)?;
+    body.refuse_unknown(&["title", "author", "isbn", "description"])?;
+    let mut update = UpdateDetails::new(book_id);
+    update.title = body.text("title")?;
+    update.author = body.text("author")?;
+    update.isbn = body.clearable_text("isbn")?;
+    update.description = body.clearable_text("description")?;
+    let command = BookCommand::UpdateDetails(update);
+    Ok(Json(
+        state.service().execute(command, context).await?.into(),
+    ))
+}
+
+pub(super) async fn remove_book<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Json<CommandReply>, ApiError> {
+    let book_id = book_id_in_path(&id)?;
+    let context = command_context(&headers)?;
+    let command = BookCommand::Remove { book_id };
+    Ok(Json(
+        state.service().execute(command, context).await?.into(),
+    ))
+}
+
+/// A path segment that is not a UUID cannot name a book.
+fn book_id_in_path(text: &str) -> Result<BookId, ApiError> {
+    text.parse()
+        .map_err(|error: ValidationError| ApiError::not_found(format!("no book {text:?}: {error}")))
+}
+
+/// The correlation trail of the request: `X-Correlation-Id` (a UUID) and W3C `traceparent`.
+fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
+    let correlation_id = match headers.get("x-correlation-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|text| Uuid::parse_str(text.trim()).ok())
+                .ok_or_else(|| ApiError::bad_request("X-Correlation-Id must be a UUID"))?,
+        ),
+    };
+    let traceparent = headers
+        .get("traceparent")
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|text| !text.is_empty() && text.len() <= 128)
+        .map(str::to_owned);
+    Ok(CommandContext {
+        correlation_id,
+        command_id: None,
+        traceparent,
+    })
+}
+
+/// A request body that is a JSON object, read field by field.
+struct JsonObject(Map<String, Value>);
+
+impl JsonObject {
+    /// Requires `Content-Type: application/json` (which also keeps plain HTML forms of other
+    /// sites from posting here) and a body that is a JSON object.
+    fn parse(headers: &HeaderMap, body: &[u8]) -> Result<Self, ApiError> {
+        if !is_json(headers) {
+            return Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "the body must be JSON, sent with Content-Type: application/json",
+            ));
+        }
+        let value: Value = serde_json::from_slice(body).map_err(|error| {
+            ApiError::bad_request(format!("the body is not valid JSON: {error}"))
+        })?;
+        match value {
+            Value::Object(fields) => Ok(Self(fields)),
+            _ => Err(ApiError::bad_request("the body must be a JSON object")),
+        }
+    }
+
+    fn refuse_unknown(&self, known: &[&str]) -> Result<(), ApiError> {
+        match self.0.keys().find(|name| !known.contains(&name.as_str())) {
+            None => Ok(()),
+            Some(unknown) => Err(ApiError::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                format!(
+                    "unknown field {unknown:?}; known fields: {}",
+                    known.join(", ")
+                ),
+            )),
+        }
+    }
+
+    /// A text field; absent or `null` is `None`.
+    fn text(&self, field: &'static str) -> Result<Option<String>, ValidationError> {
+        Ok(self.clearable_text(field)?.flatten())
+    }
+
+    fn required_text(&self, field: &'static str) -> Result<String, ValidationError> {
+        self.text(field)?
+            .ok_or_else(|| ValidationError::new(field, "is required"))
+    }
+
+    /// A text field that `null` clears: absent is `None`, `null` is `Some(None)`.
+    fn clearable_text(
+        &self,
+        field: &'static str,
+    ) -> Result<Option<Option<String>>, ValidationError> {
+        match self.0.get(field) {
+            None => Ok(None),
+            Some(Value::Null) => Ok(Some(None)),
+            Some(Value::String(text)) => Ok(Some(Some(text.clone()))),
+            Some(_) => Err(ValidationError::new(field, "must be a string")),
+        }
+    }
+
+    /// A price, given as a string (`"12.99"`) or a JSON number (`12.99`, read by its decimal
+    /// text, never through a float); absent or `null` is `None`.
+    fn price(&self, field: &'static str) -> Result<Option<Price>, ValidationError> {
+        let text = match self.0.get(field) {
+            None | Some(Value::Null) => return Ok(None),
+            Some(Value::String(text)) => text.clone(),
+            Some(Value::Number(number)) => number.to_string(),
+            Some(_) => {
+                return Err(ValidationError::new(
+                    field,
+                    "must be a decimal number like \"12.99\"",
+                ));
+            }
+        };
+        // `Price` names its own field; the request may call it otherwise.
+        text.parse()
+            .map(Some)
+            .map_err(|error: ValidationError| ValidationError::new(field, error.rule))
+    }
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    let Some(content_type) = headers
+        .get(CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let essence = content_type
+        .split(';')
+        .next()
+        .unwrap_or_default()
+        .trim()
+        .to_ascii_lowercase();
+    essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    fn json_headers() -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        headers
+    }
+
+    fn body(text: &str) -> JsonObject {
+        JsonObject::parse(&json_headers(), text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn malformed_or_non_object_bodies_are_bad_requests() {
+        for text in ["{", "", "[1]", "\"title\"", "{\"title\": }"] {
+            let error = JsonObject::parse(&json_headers(), text.as_bytes())
+                .err()
+                .unwrap_or_else(|| panic!("{text:?} was accepted"));
+            assert_eq!(error.status, StatusCode::BAD_REQUEST, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_body_without_a_json_content_type_is_refused() {
+        let error = JsonObject::parse(&HeaderMap::new(), b"{}").err().unwrap();
+        assert_eq!(error.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    }
+
+    #[test]
+    fn wrong_field_types_name_the_field() {
+        let body = body(r#"{"title": 5, "price": true, "isbn": null}"#);
+        assert_eq!(body.text("title").unwrap_err().field, "title");
+        assert_eq!(body.price("price").unwrap_err().field, "price");
+        assert_eq!(body.clearable_text("isbn").unwrap(), Some(None));
+        assert_eq!(body.clearable_text("description").unwrap(), None);
+        assert_eq!(body.required_text("author").unwrap_err().field, "author");
+    }
+
+    #[test]
+    fn prices_are_read_from_their_decimal_text() {
+        let body = body(r#"{"a": "15.99", "b": 15.99, "c": 0.1, "d": "-1"}"#);
+        assert_eq!(body.price("a").unwrap().unwrap().cents(), 1599);
+        assert_eq!(body.price("b").unwrap().unwrap().cents(), 1599);
+        assert_eq!(body.price("c").unwrap().unwrap().cents(), 10);
+        assert_eq!(body.price("d").unwrap_err().field, "d");
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let error = body(r#"{"prize": "1"}"#)
+            .refuse_unknown(&["price"])
+            .unwrap_err();
+        assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY);
+        assert!(error.message.contains("prize"));
+    }
+}

@@ -1,0 +1,456 @@
+//! The marketing dashboard: the `BookReport` as one HTML page, rendered on the server.
+//!
+//! It works without JavaScript: sorting is a link per column header (`?sort=price&dir=desc`),
+//! and the page reloads itself every few seconds through `<meta http-equiv="refresh">`, which
+//! keeps the query string and so the chosen order. Every text that comes from data goes
+//! through [`escape_html`]; nothing else is interpolated.
+
+use std::cmp::Ordering;
+use std::fmt::Write;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::response::{Html, IntoResponse, Response};
+use chrono::{DateTime, SecondsFormat, Utc};
+use rust_decimal::Decimal;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::state::{HttpState, HttpStore};
+use crate::projection::BookReport;
+
+/// Seconds between reloads of the page.
+const REFRESH_SECONDS: u32 = 5;
+
+/// The query string of the page; anything unknown or malformed falls back to the default
+/// order rather than failing the page.
+#[derive(Debug, Default, Deserialize)]
+pub(super) struct PageQuery {
+    sort: Option<String>,
+    dir: Option<String>,
+}
+
+pub(super) async fn page<S: HttpStore>(
+    State(state): State<HttpState<S>>,
+    query: Result<Query<PageQuery>, QueryRejection>,
+) -> Response {
+    let order = query
+        .map(|Query(query)| SortOrder::from_query(&query))
+        .unwrap_or_default();
+    match state.store().list_reports().await {
+        Ok(mut reports) => {
+            order.sort(&mut reports);
+            Html(render_report(&reports, order)).into_response()
+        }
+        Err(error) => {
+            let error = ApiError::from(error);
+            (error.status, Html(render_failure(&error.message))).into_response()
+        }
+    }
+}
+
+/// A column the table can be sorted by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Column {
+    #[default]
+    Title,
+    Author,
+    Price,
+    Isbn,
+    Version,
+}
+
+impl Column {
+    const ALL: [Column; 5] = [
+        Column::Title,
+        Column::Author,
+        Column::Price,
+        Column::Isbn,
+        Column::Version,
+    ];
+
+    /// The name in the query string.
+    fn key(self) -> &'static str {
+        match self {
+            Column::Title => "title",
+            Column::Author => "author",
+            Column::Price => "price",
+            Column::Isbn => "isbn",
+            Column::Version => "version",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Column::Title => "Title",
+            Column::Author => "Author",
+            Column::Price => "Price",
+            Column::Isbn => "ISBN",
+            Column::Version => "Version",
+        }
+    }
+
+    fn is_numeric(self) -> bool {
+        matches!(self, Column::Price | Column::Version)
+    }
+
+    fn parse(key: &str) -> Option<Column> {
+        Column::ALL.into_iter().find(|column| column.key() == key)
+    }
+
+    /// Ascending order of two rows by this column. Texts compare without regard to case;
+    /// books without an ISBN come after those with one.
+    fn compare(self, a: &BookReport, b: &BookReport) -> Ordering {
+        match self {
+            Column::Title => compare_text(&a.title, &b.title),
+            Column::Author => compare_text(&a.author, &b.author),
+            Column::Price => a.price.cmp(&b.price),
+            Column::Isbn => match (&a.isbn, &b.isbn) {
+                (Some(a), Some(b)) => compare_text(a, b),
+                (a, b) => a.is_none().cmp(&b.is_none()),
+            },
+            Column::Version => a.version.cmp(&b.version),
+        }
+    }
+}
+
+fn compare_text(a: &str, b: &str) -> Ordering {
+    a.to_lowercase()
+        .cmp(&b.to_lowercase())
+        .then_with(|| a.cmp(b))
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+enum Direction {
+    #[default]
+    Ascending,
+    Descending,
+}
+
+impl Direction {
+    fn key(self) -> &'static str {
+        match self {
+            Direction::Ascending => "asc",
+            Direction::Descending => "desc",
+        }
+    }
+
+    fn reversed(self) -> Direction {
+        match self {
+            Direction::Ascending => Direction::Descending,
+            Direction::Descending => Direction::Ascending,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct SortOrder {
+    column: Column,
+    direction: Direction,
+}
+
+impl SortOrder {
+    fn from_query(query: &PageQuery) -> SortOrder {
+        let column = query
+            .sort
+            .as_deref()
+            .and_then(Column::parse)
+            .unwrap_or_default();
+        let direction = match query.dir.as_deref() {
+            Some("desc") => Direction::Descending,
+            _ => Direction::Ascending,
+        };
+        SortOrder { column, direction }
+    }
+
+    /// Sorts by the chosen column, then by title and id, so equal values keep a stable order
+    /// across reloads.
+    fn sort(self, reports: &mut [BookReport]) {
+        reports.sort_by(|a, b| {
+            let primary = self.column.compare(a, b);
+            let primary = match self.direction {
+                Direction::Ascending => primary,
+                Direction::Descending => primary.reverse(),
+            };
+            primary
+                .then_with(|| compare_text(&a.title, &b.title))
+                .then_with(|| a.book_id.cmp(&b.book_id))
+        });
+    }
+
+    /// Where the header of `column` leads: the same column flips the direction, another
+    /// column starts ascending.
+    fn link(self, column: Column) -> String {
+        let direction = if column == self.column {
+            self.direction.reversed()
+        } else {
+            Direction::Ascending
+        };
+        format!("?sort={}&dir={}", column.key(), direction.key())
+    }
+}
+
+/// Number of books, sum and average of their prices.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Totals {
+    books: usize,
+    sum: Decimal,
+    average: Option<Decimal>,
+    last_change: Option<DateTime<Utc>>,
+}
+
+impl Totals {
+    fn of(reports: &[BookReport]) -> Totals {
+        let sum: Decimal = reports.iter().map(|report| report.price.amount()).sum();
+        let average =
+            (!reports.is_empty()).then(|| (sum / Decimal::from(reports.len())).round_dp(2));
+        Totals {
+            books: reports.len(),
+            sum,
+            average,
+            last_change: reports.iter().map(|report| report.updated_at).max(),
+        }
+    }
+}
+
+/// Replaces the characters that HTML gives a meaning (`& < > " '`) by their entities, so a
+/// text can go into an element or a quoted attribute as it is.
+pub fn escape_html(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for character in text.chars() {
+        match character {
+            '&' => escaped.push_str("&amp;"),
+            '<' => escaped.push_str("&lt;"),
+            '>' => escaped.push_str("&gt;"),
+            '"' => escaped.push_str("&quot;"),
+            '\'' => escaped.push_str("&#39;"),
+            other => escaped.push(other),
+        }
+    }
+    escaped
+}
+
+const STYLE: &str = "
+  :root { color-scheme: light; --line: #d8dee4; --muted: #57606a; --accent: #0b5cad; }
+  * { box-sizing: border-box; }
+  body { margin: 0; font: 15px/1.45 system-ui, -apple-system, 'Segoe UI', sans-serif;
+         color: #1f2328; background: #f6f8fa; }
+  main { max-width: 64rem; margin: 2rem auto; padding: 0 1rem; }
+  h1 { font-size: 1.5rem; margin: 0 0 1rem; }
+  .totals { display: flex; gap: 1rem; margin: 0 0 1rem; padding: 0; list-style: none; }
+  .totals li { background: #fff; border: 1px solid var(--line); border-radius: 6px;
+               padding: .5rem .9rem; }
+  .totals b { display: block; font-size: 1.25rem; font-variant-numeric: tabular-nums; }
+  .totals span { color: var(--muted); font-size: .85rem; }
+  table { width: 100%; border-collapse: collapse; background: #fff;
+          border: 1px solid var(--line); border-radius: 6px; }
+  th, td { padding: .45rem .75rem; border-bottom: 1px solid var(--line); text-align: left; }
+  th { background: #f0f3f6; font-weight: 600; white-space: nowrap; }
+  th a { color: var(--accent); text-decoration: none; }
+  th a:hover { text-decoration: underline; }
+  tbody tr:nth-child(even) { background: #fafbfc; }
+  .num { text-align: right; font-variant-numeric: tabular-nums; }
+  .empty { color: var(--muted); text-align: center; padding: 2rem; }
+  .error { background: #fff1f0; border: 1px solid #ffccc7; border-radius: 6px; padding: 1rem; }
+  footer { color: var(--muted); font-size: .85rem; margin-top: .75rem; }
+";
+
+fn render_report(reports: &[BookReport], order: SortOrder) -> String {
+    let totals = Totals::of(reports);
+    let mut body = String::new();
+    body.push_str(&render_totals(&totals));
+    body.push_str("<table>\n<thead><tr>");
+    for column in Column::ALL {
+        body.push_str(&render_header(column, order));
+    }
+    body.push_str("</tr></thead>\n<tbody>\n");
+    if reports.is_empty() {
+        body.push_str("<tr><td class=\"empty\" colspan=\"5\">No books yet.</td></tr>\n");
+    }
+    for report in reports {
+        body.push_str(&render_row(report));
+    }
+    body.push_str("</tbody>\n</table>\n");
+    let last_change = totals.last_change.map_or_else(
+        || "no change yet".to_owned(),
+        |at| {
+            format!(
+                "last change {}",
+                at.to_rfc3339_opts(SecondsFormat::Secs, true)
+            )
+        },
+    );
+    let _ = writeln!(
+        body,
+        "<footer>Read model of the book-fact topic; {last_change}. \
+         This page reloads every {REFRESH_SECONDS} s.</footer>"
+    );
+    render_document(&body)
+}
+
+fn render_totals(totals: &Totals) -> String {
+    let average = totals
+        .average
+        .map_or_else(|| "–".to_owned(), |average| format!("{average:.2}"));
+    format!(
+        "<ul class=\"totals\">\
+         <li><span>Books</span><b id=\"total-books\">{}</b></li>\
+         <li><span>Sum of prices</span><b id=\"total-price\">{:.2}</b></li>\
+         <li><span>Average price</span><b id=\"average-price\">{average}</b></li>\
+         </ul>\n",
+        totals.books, totals.sum
+    )
+}
+
+fn render_header(column: Column, order: SortOrder) -> String {
+    let class = if column.is_numeric() {
+        " class=\"num\""
+    } else {
+        ""
+    };
+    let (aria, arrow) = match (column == order.column, order.direction) {
+        (false, _) => ("", ""),
+        (true, Direction::Ascending) => (" aria-sort=\"ascending\"", " ▲"),
+        (true, Direction::Descending) => (" aria-sort=\"descending\"", " ▼"),
+    };
+    format!(
+        "<th scope=\"col\"{class}{aria}><a href=\"{}\">{}{arrow}</a></th>",
+        escape_html(&order.link(column)),
+        column.label()
+    )
+}
+
+fn render_row(report: &BookReport) -> String {
+    let isbn = report
+        .isbn
+        .as_deref()
+        .map_or_else(|| "–".to_owned(), escape_html);
+    format!(
+        "<tr data-book-id=\"{}\"><td>{}</td><td>{}</td><td class=\"num\">{}</td>\
+         <td>{isbn}</td><td class=\"num\">{}</td></tr>\n",
+        report.book_id,
+        escape_html(&report.title),
+        escape_html(&report.author),
+        report.price,
+        report.version
+    )
+}
+
+/// The page shown when the read model cannot be read; it keeps reloading, so it turns back
+/// into the report once the database answers again.
+fn render_failure(message: &str) -> String {
+    render_document(&format!(
+        "<p class=\"error\">The report cannot be read right now: {}</p>\n",
+        escape_html(message)
+    ))
+}
+
+fn render_document(body: &str) -> String {
+    format!(
+        "<!doctype html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\n\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECONDS}\">\n\
+         <title>Bookstore · Books</title>\n<style>{STYLE}</style>\n</head>\n<body>\n<main>\n\
+         <h1>Books</h1>\n{body}</main>\n</body>\n</html>\n"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::{BookId, Price};
+
+    fn report(title: &str, author: &str, price: &str, isbn: Option<&str>) -> BookReport {
+        BookReport {
+            book_id: BookId::generate(),
+            title: title.into(),
+            author: author.into(),
+            price: price.parse().unwrap(),
+            isbn: isbn.map(str::to_owned),
+            version: 1,
+            updated_at: DateTime::UNIX_EPOCH,
+        }
+    }
+
+    fn titles(reports: &[BookReport]) -> Vec<&str> {
+        reports.iter().map(|report| report.title.as_str()).collect()
+    }
+
+    fn order(sort: &str, dir: &str) -> SortOrder {
+        SortOrder::from_query(&PageQuery {
+            sort: Some(sort.into()),
+            dir: Some(dir.into()),
+        })
+    }
+
+    #[test]
+    fn escaping_neutralises_markup_and_attribute_quotes() {
+        assert_eq!(
+            escape_html(r#"<script>alert("x" & 'y')</script>"#),
+            "&lt;script&gt;alert(&quot;x&quot; &amp; &#39;y&#39;)&lt;/script&gt;"
+        );
+        assert_eq!(escape_html("Goethe – Faust"), "Goethe – Faust");
+    }
+
+    #[test]
+    fn rows_sort_by_the_chosen_column_and_direction() {
+        let mut reports = vec![
+            report("b", "Zed", "3.00", Some("2")),
+            report("A", "Amy", "10.00", None),
+            report("c", "Max", "1.50", Some("1")),
+        ];
+        order("price", "desc").sort(&mut reports);
+        assert_eq!(titles(&reports), ["A", "b", "c"]);
+        order("price", "asc").sort(&mut reports);
+        assert_eq!(titles(&reports), ["c", "b", "A"]);
+        order("author", "desc").sort(&mut reports);
+        assert_eq!(titles(&reports), ["b", "c", "A"]);
+        order("isbn", "asc").sort(&mut reports);
+        assert_eq!(titles(&reports), ["c", "b", "A"]);
+        order("nonsense", "sideways").sort(&mut reports);
+        assert_eq!(titles(&reports), ["A", "b", "c"]);
+    }
+
+    #[test]
+    fn header_of_the_sorted_column_flips_the_direction() {
+        let current = order("price", "asc");
+        assert_eq!(current.link(Column::Price), "?sort=price&dir=desc");
+        assert_eq!(current.link(Column::Title), "?sort=title&dir=asc");
+        assert_eq!(
+            order("price", "desc").link(Column::Price),
+            "?sort=price&dir=asc"
+        );
+    }
+
+    #[test]
+    fn totals_count_sum_and_average_exactly() {
+        let reports = vec![
+            report("a", "x", "0.10", None),
+            report("b", "x", "0.20", None),
+            report("c", "x", "0.05", None),
+        ];
+        let totals = Totals::of(&reports);
+        assert_eq!(totals.books, 3);
+        assert_eq!(format!("{:.2}", totals.sum), "0.35");
+        assert_eq!(format!("{:.2}", totals.average.unwrap()), "0.12");
+        assert_eq!(Totals::of(&[]).average, None);
+        assert_eq!(Price::ZERO.to_string(), "0.00");
+    }
+
+    #[test]
+    fn page_shows_escaped_rows_sort_links_and_refreshes() {
+        let reports = vec![report(
+            "<script>alert(1)</script>",
+            "O'Brien & Co",
+            "12.50",
+            None,
+        )];
+        let html = render_report(&reports, SortOrder::default());
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(!html.contains("<script>"));
+        assert!(html.contains("O&#39;Brien &amp; Co"));
+        assert!(html.contains("href=\"?sort=price&amp;dir=asc\""));
+        assert!(html.contains("<meta http-equiv=\"refresh\" content=\"5\">"));
+        assert!(html.contains("<b id=\"average-price\">12.50</b>"));
+    }
+}

@@ -1,0 +1,123 @@
+//! How a failure becomes a response: a status code and `{"error": "…", "field": "…"}`.
+//!
+//! | failure | status |
+//! | --- | --- |
+//! | body is not JSON, or not an object | 400 |
+//! | body without `Content-Type: application/json` | 415 |
+//! | a field breaks a rule ([`ValidationError`]) | 422, with `field` |
+//! | no such book (or an id that cannot name one) | 404 |
+//! | the book exists already, was removed, or keeps changing concurrently | 409 |
+//! | the database does not answer | 503 |
+//! | anything else (corrupt data, an event that cannot be encoded) | 500 |
+//!
+//! Messages of user errors are shown as they are; system errors are logged in full and
+//! answered with their message too, since the API serves the operators' own dashboard.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use tracing::error;
+
+use crate::domain::{DomainError, ValidationError};
+use crate::service::ServiceError;
+use crate::store::StoreError;
+
+/// A refused or failed request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{status}: {message}")]
+pub(super) struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// The request field at fault, for validation errors.
+    pub field: Option<&'static str>,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'static str>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            field: None,
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+impl From<ValidationError> for ApiError {
+    fn from(error: ValidationError) -> Self {
+        Self {
+            status: StatusCode::UNPROCESSABLE_ENTITY,
+            message: error.to_string(),
+            field: Some(error.field),
+        }
+    }
+}
+
+impl From<DomainError> for ApiError {
+    fn from(error: DomainError) -> Self {
+        let status = match &error {
+            DomainError::Invalid(invalid) => return invalid.clone().into(),
+            DomainError::NotFound(_) => StatusCode::NOT_FOUND,
+            DomainError::AlreadyExists(_) | DomainError::Removed(_) => StatusCode::CONFLICT,
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        let status = match &error {
+            StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Database(_) => StatusCode::SERVICE_UNAVAILABLE,
+            StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_) | StoreError::Migration(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        };
+        Self::new(status, error.to_string())
+    }
+}
+
+impl From<ServiceError> for ApiError {
+    fn from(error: ServiceError) -> Self {
+        match error {
+            ServiceError::Domain(error) => error.into(),
+            ServiceError::Store(error) => error.into(),
+            ServiceError::Codec(error) => {
+                Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            error!(status = %self.status, error = %self.message, "request failed");
+        }
+        let body = ErrorBody {
+            error: &self.message,
+            field: self.field,
+        };
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Answers paths that name no route.
+pub(super) async fn not_found() -> ApiError {
+    ApiError::not_found("no such page")
+}

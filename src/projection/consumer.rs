@@ -1,0 +1,530 @@
+//! The projector's Kafka consumer: a member of the projection's group that starts every
+//! partition it is given at the offset the read model stored, and hands out batches.
+//!
+//! * **Start at the stored offset.** The context's `rebalance` callback reads the group's
+//!   stored offsets from the [`ReportStore`] and assigns each new partition at its stored next
+//!   offset, or at the beginning when none is stored (nothing of it was applied yet). Kafka's
+//!   committed group offsets are never used to decide where to start, so a crash between the
+//!   database commit and the Kafka commit, a restored database or a `--rebuild` all resume
+//!   exactly where the rows are.
+//! * **No batch spans a rebalance.** Callbacks run only inside `poll`, on the thread that
+//!   polls; the projector applies a batch between polls. A revocation that arrives while a batch
+//!   is being collected drops that batch's records of the revoked partitions (unapplied, with
+//!   no offset stored: the next owner reads them from the stored offset). So when this member
+//!   acknowledges a revocation, everything it applied of that partition is committed, and the
+//!   next owner, which is only assigned the partition after that acknowledgement
+//!   (cooperative-sticky), reads the stored offset after it.
+//! * **Blocking calls stay off the async workers.** `poll` (and with it the callback, which
+//!   waits for the database through the runtime handle) runs on the blocking pool; so does
+//!   closing the consumer, which serves the last revocation. This works on a current-thread
+//!   runtime too: the thread in `Runtime::block_on` drives the I/O the callback waits for.
+//!
+//! The position handed out with a batch is librdkafka's consumer position, which also moves
+//! past transaction markers and aborted records. Storing it (rather than last offset + 1) lets
+//! the stored offset reach the end of a partition written by transactions, which
+//! `--until-caught-up` relies on.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
+use rdkafka::error::{KafkaError, KafkaResult};
+use rdkafka::message::OwnedMessage;
+use rdkafka::statistics::Statistics;
+use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tracing::{debug, info, warn};
+
+use super::projector::ProjectionError;
+use super::{PartitionOffset, ReportStore};
+use crate::config::KafkaConfig;
+use crate::store::StoreError;
+
+/// A change of this member's assignment, in the order it happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AssignmentChange {
+    /// The partition is this member's now, starting at `start` (the stored next offset; `None`:
+    /// from the beginning).
+    Assigned {
+        partition: i32,
+        start: Option<i64>,
+    },
+    Revoked {
+        partition: i32,
+    },
+}
+
+/// The consumer context: assigns at the stored offsets and records assignment changes.
+pub struct ProjectionContext<S> {
+    store: S,
+    group: String,
+    topic: String,
+    runtime: tokio::runtime::Handle,
+    state: Mutex<AssignmentState>,
+}
+
+#[derive(Debug, Default)]
+struct AssignmentState {
+    owned: BTreeSet<i32>,
+    changes: Vec<AssignmentChange>,
+    /// Records between the position and the end of the owned partitions, from the last
+    /// statistics librdkafka reported.
+    lag: Option<i64>,
+    /// Why an assignment could not be made safely; ends the session.
+    failure: Option<AssignFailure>,
+}
+
+#[derive(Debug)]
+enum AssignFailure {
+    Store(StoreError),
+    Kafka(KafkaError),
+}
+
+impl<S: ReportStore> ProjectionContext<S> {
+    fn state(&self) -> MutexGuard<'_, AssignmentState> {
+        // The state stays consistent even if a holder panicked: every update is one assignment.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn owns(&self, partition: i32) -> bool {
+        self.state().owned.contains(&partition)
+    }
+
+    fn partitions_of(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic)
+            .iter()
+            .map(|element| element.partition())
+            .collect()
+    }
+
+    fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
+        let partitions = self.partitions_of(tpl);
+        // Blocks the polling thread (never an async worker, see the module doc) until the
+        // database answers: the assignment must not start anywhere else.
+        let stored = self
+            .runtime
+            .block_on(self.store.stored_offsets(&self.group, &self.topic));
+        let starts: HashMap<i32, i64> = match stored {
+            Ok(offsets) => offsets
+                .into_iter()
+                .map(|offset| (offset.partition, offset.next_offset))
+                .collect(),
+            Err(error) => {
+                warn!(%error, "could not read the stored offsets; leaving the group");
+                self.state().failure = Some(AssignFailure::Store(error));
+                // Assigned anyway, as the protocol requires, but never owned: nothing of these
+                // partitions is applied, and the session ends at the next batch.
+                let _ = incremental_assign(consumer, tpl);
+                return;
+            }
+        };
+        for &partition in &partitions {
+            let start = starts
+                .get(&partition)
+                .map_or(Offset::Beginning, |&next| Offset::Offset(next));
+            if let Err(error) = tpl.set_partition_offset(&self.topic, partition, start) {
+                self.state().failure = Some(AssignFailure::Kafka(error));
+            }
+        }
+        if let Err(error) = incremental_assign(consumer, tpl) {
+            self.state().failure = Some(AssignFailure::Kafka(error));
+            return;
+        }
+        info!(?partitions, "assigned; starting at the stored offsets");
+        let mut state = self.state();
+        for partition in partitions {
+            state.owned.insert(partition);
+            state.changes.push(AssignmentChange::Assigned {
+                partition,
+                start: starts.get(&partition).copied(),
+            });
+        }
+    }
+
+    fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
+        let partitions = self.partitions_of(tpl);
+        {
+            let mut state = self.state();
+            for &partition in &partitions {
+                state.owned.remove(&partition);
+                state.changes.push(AssignmentChange::Revoked { partition });
+            }
+        }
+        let outcome = match consumer.rebalance_protocol() {
+            RebalanceProtocol::Cooperative => consumer.incremental_unassign(tpl),
+            _ => consumer.unassign(),
+        };
+        if let Err(error) = outcome {
+            warn!(%error, "unassigning revoked partitions failed");
+        }
+        info!(?partitions, "revoked");
+    }
+
+    fn take_changes(&self) -> Vec<AssignmentChange> {
+        std::mem::take(&mut self.state().changes)
+    }
+
+    fn take_failure(&self) -> Option<AssignFailure> {
+        self.state().failure.take()
+    }
+}
+
+fn incremental_assign<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: &TopicPartitionList,
+) -> KafkaResult<()> {
+    match consumer.rebalance_protocol() {
+        RebalanceProtocol::Cooperative => consumer.incremental_assign(tpl),
+        _ => consumer.assign(tpl),
+    }
+}
+
+impl<S: ReportStore> ClientContext for ProjectionContext<S> {
+    /// The lag gauge, from librdkafka's periodic statistics: they cost no request, unlike
+    /// asking the broker for watermarks.
+    fn stats(&self, statistics: Statistics) {
+        let Some(topic) = statistics.topics.get(&self.topic) else {
+            return;
+        };
+        let mut state = self.state();
+        let mut total = 0;
+        for partition in topic.partitions.values() {
+            if !state.owned.contains(&partition.partition) || partition.app_offset < 0 {
+                continue;
+            }
+            // read_committed reads up to the last stable offset, not the high watermark.
+            let lag = (partition.ls_offset - partition.app_offset).max(0);
+            super::metrics::record_lag(partition.partition, lag);
+            total += lag;
+        }
+        state.lag = Some(total);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        // The end of a partition is how `--until-caught-up` knows it is done; librdkafka also
+        // reports it as a client error, which it is not.
+        if matches!(error, KafkaError::PartitionEOF(_))
+            || matches!(&error, KafkaError::Global(code) if *code == RDKafkaErrorCode::PartitionEOF)
+        {
+            return;
+        }
+        // librdkafka reconnects by itself; these are worth a warning, not an exit.
+        warn!(%error, reason, "Kafka client error");
+    }
+}
+
+impl<S: ReportStore> ConsumerContext for ProjectionContext<S> {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => self.assign(consumer, tpl),
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => self.revoke(consumer, tpl),
+            other => {
+                warn!(error = ?other, "rebalance failed; giving up the partitions");
+                self.revoke(consumer, tpl);
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, _offsets: &TopicPartitionList) {
+        // The group offsets only serve lag tooling; the database holds the real position.
+        if let Err(error) = result {
+            debug!(%error, "committing the group offsets failed");
+        }
+    }
+}
+
+type ProjectionConsumer<S> = BaseConsumer<ProjectionContext<S>>;
+
+/// What one poll round brought.
+#[derive(Debug, Default)]
+pub struct Batch {
+    /// Records of partitions this member owns, in the order received.
+    pub messages: Vec<OwnedMessage>,
+    /// The position after the batch of every owned partition that has one.
+    pub positions: Vec<PartitionOffset>,
+    /// Partitions whose end was reached (nothing more to read for now).
+    pub ends_reached: Vec<i32>,
+}
+
+/// One membership in the group: from joining to leaving.
+pub struct Session<S: ReportStore + Clone + 'static> {
+    consumer: Option<Arc<ProjectionConsumer<S>>>,
+    topic: String,
+    /// The next offset stored in the database per owned partition, as far as this member knows.
+    stored: HashMap<i32, i64>,
+}
+
+/// How often librdkafka reports statistics, and so how often the lag gauge moves.
+const STATISTICS_INTERVAL_MS: &str = "5000";
+
+impl<S: ReportStore + Clone + 'static> Session<S> {
+    /// Joins `group` and subscribes to the fact topic. Must be called inside a Tokio runtime.
+    pub fn join(kafka: &KafkaConfig, group: &str, store: S) -> Result<Self, ProjectionError> {
+        let topic = kafka.topics().book_fact;
+        let context = ProjectionContext {
+            store,
+            group: group.to_owned(),
+            topic: topic.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            state: Mutex::new(AssignmentState::default()),
+        };
+        let mut config = kafka.consumer_config(group);
+        config.set("enable.partition.eof", "true");
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
+        }
+        let consumer: ProjectionConsumer<S> =
+            config
+                .create_with_context(context)
+                .map_err(|cause| ProjectionError::Consumer {
+                    bootstrap_servers: kafka.bootstrap_servers.clone(),
+                    cause,
+                })?;
+        consumer
+            .subscribe(&[&topic])
+            .map_err(ProjectionError::Kafka)?;
+        Ok(Self {
+            consumer: Some(Arc::new(consumer)),
+            topic,
+            stored: HashMap::new(),
+        })
+    }
+
+    fn consumer(&self) -> &Arc<ProjectionConsumer<S>> {
+        self.consumer
+            .as_ref()
+            .expect("the consumer is only taken when the session ends")
+    }
+
+    /// The partitions this member owns.
+    pub fn owned(&self) -> Vec<i32> {
+        self.consumer()
+            .context()
+            .state()
+            .owned
+            .iter()
+            .copied()
+            .collect()
+    }
+
+    /// Records behind the end of the owned partitions, as librdkafka last reported.
+    pub fn lag(&self) -> Option<i64> {
+        self.consumer().context().state().lag
+    }
+
+    /// Polls for up to `max_records` records or `max_wait`, whichever comes first.
+    pub async fn next_batch(
+        &mut self,
+        max_records: usize,
+        max_wait: Duration,
+    ) -> Result<Batch, ProjectionError> {
+        let consumer = self.consumer().clone();
+        let topic = self.topic.clone();
+        let (batch, changes) = tokio::task::spawn_blocking(move || {
+            collect_batch(&consumer, &topic, max_records, max_wait)
+        })
+        .await
+        .expect("polling the consumer panicked")?;
+        for change in changes {
+            match change {
+                AssignmentChange::Assigned {
+                    partition,
+                    start: Some(start),
+                } => {
+                    self.stored.insert(partition, start);
+                }
+                AssignmentChange::Assigned { partition, .. }
+                | AssignmentChange::Revoked { partition } => {
+                    self.stored.remove(&partition);
+                }
+            }
+        }
+        match self.consumer().context().take_failure() {
+            None => Ok(batch),
+            Some(AssignFailure::Store(error)) => Err(ProjectionError::Store(error)),
+            Some(AssignFailure::Kafka(error)) => Err(ProjectionError::Kafka(error)),
+        }
+    }
+
+    /// The offsets to store with `batch`: per owned partition whose position moved, the
+    /// position (never below what the batch's records need).
+    pub fn offsets_to_store(&self, batch: &Batch) -> Vec<PartitionOffset> {
+        let mut next: HashMap<i32, i64> = batch
+            .positions
+            .iter()
+            .map(|position| (position.partition, position.next_offset))
+            .collect();
+        for message in &batch.messages {
+            let after = next.entry(message.partition()).or_default();
+            *after = (*after).max(message.offset() + 1);
+        }
+        let mut offsets: Vec<PartitionOffset> = next
+            .into_iter()
+            .filter(|(partition, next_offset)| self.stored.get(partition) != Some(next_offset))
+            .map(|(partition, next_offset)| PartitionOffset {
+                partition,
+                next_offset,
+            })
+            .collect();
+        offsets.sort_unstable_by_key(|offset| offset.partition);
+        offsets
+    }
+
+    /// Records that `offsets` are stored in the database, and commits them to the group for
+    /// lag tooling (asynchronously: the database is what counts).
+    pub fn stored(&mut self, offsets: &[PartitionOffset]) {
+        for offset in offsets {
+            self.stored.insert(offset.partition, offset.next_offset);
+        }
+        if let Some(list) = self.offset_list(offsets)
+            && let Err(error) = self.consumer().commit(&list, CommitMode::Async)
+        {
+            debug!(%error, "could not commit the group offsets");
+        }
+    }
+
+    /// The next offset stored per owned partition, as far as this member knows.
+    pub fn stored_offsets(&self) -> &HashMap<i32, i64> {
+        &self.stored
+    }
+
+    fn offset_list(&self, offsets: &[PartitionOffset]) -> Option<TopicPartitionList> {
+        let mut list = TopicPartitionList::new();
+        for offset in offsets {
+            list.add_partition_offset(
+                &self.topic,
+                offset.partition,
+                Offset::Offset(offset.next_offset),
+            )
+            .ok()?;
+        }
+        (list.count() > 0).then_some(list)
+    }
+
+    /// Commits the stored offsets to the group synchronously and leaves the group (which
+    /// revokes this member's partitions and lets the others take them over at once).
+    pub async fn leave(mut self) {
+        let offsets: Vec<PartitionOffset> = self
+            .stored
+            .iter()
+            .map(|(&partition, &next_offset)| PartitionOffset {
+                partition,
+                next_offset,
+            })
+            .collect();
+        let list = self.offset_list(&offsets);
+        let Some(consumer) = self.consumer.take() else {
+            return;
+        };
+        let left = tokio::task::spawn_blocking(move || {
+            if let Some(list) = list
+                && let Err(error) = consumer.commit(&list, CommitMode::Sync)
+            {
+                debug!(%error, "could not commit the group offsets on leaving");
+            }
+            // Dropping the last handle closes the consumer: it leaves the group.
+            drop(consumer);
+        })
+        .await;
+        if left.is_err() {
+            warn!("closing the consumer panicked");
+        }
+        info!("left the group");
+    }
+}
+
+impl<S: ReportStore + Clone + 'static> Drop for Session<S> {
+    fn drop(&mut self) {
+        // Closing serves the last rebalance callbacks: keep it off async workers.
+        if let Some(consumer) = self.consumer.take()
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn_blocking(move || drop(consumer));
+        }
+    }
+}
+
+/// Polls until `max_records` records or `max_wait` (blocking; on the blocking pool). Records
+/// of partitions revoked meanwhile are dropped. Returns the batch and the assignment changes.
+fn collect_batch<S: ReportStore>(
+    consumer: &ProjectionConsumer<S>,
+    topic: &str,
+    max_records: usize,
+    max_wait: Duration,
+) -> Result<(Batch, Vec<AssignmentChange>), ProjectionError> {
+    let context = consumer.context();
+    let deadline = Instant::now() + max_wait;
+    let mut batch = Batch::default();
+    let mut changes = Vec::new();
+    while batch.messages.len() < max_records {
+        let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+            break;
+        };
+        let polled = consumer.poll(wait);
+        for change in context.take_changes() {
+            if let AssignmentChange::Revoked { partition } = change {
+                batch
+                    .messages
+                    .retain(|message| message.partition() != partition);
+                batch.ends_reached.retain(|&reached| reached != partition);
+            }
+            changes.push(change);
+        }
+        match polled {
+            None => {}
+            Some(Ok(message)) if message.topic() == topic && context.owns(message.partition()) => {
+                batch.messages.push(message.detach());
+            }
+            Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                if context.owns(partition) {
+                    batch.ends_reached.push(partition);
+                }
+                if !batch.messages.is_empty() {
+                    // The end is reached: apply what there is rather than wait for more.
+                    break;
+                }
+            }
+            Some(Err(error @ KafkaError::MessageConsumptionFatal(_))) => {
+                return Err(ProjectionError::Kafka(error));
+            }
+            Some(Err(error)) => {
+                warn!(%error, "consumer error; librdkafka retries");
+                super::metrics::record_error("consume");
+            }
+        }
+    }
+    batch.positions = positions(consumer, topic);
+    Ok((batch, changes))
+}
+
+/// The consumer position of every owned partition that has one.
+fn positions<S: ReportStore>(
+    consumer: &ProjectionConsumer<S>,
+    topic: &str,
+) -> Vec<PartitionOffset> {
+    let Ok(list) = consumer.position() else {
+        return vec![];
+    };
+    let context = consumer.context();
+    list.elements_for_topic(topic)
+        .iter()
+        .filter(|element| context.owns(element.partition()))
+        .filter_map(|element| match element.offset() {
+            Offset::Offset(next_offset) => Some(PartitionOffset {
+                partition: element.partition(),
+                next_offset,
+            }),
+            _ => None,
+        })
+        .collect()
+}

@@ -1,0 +1,429 @@
+//! The dead-letter queue `<prefix>.book-fact.dlq`: fact records the projection could not apply.
+//!
+//! A dead letter is the original record — key, value and headers, byte for byte — plus four
+//! headers saying why and where it came from ([`REASON`], [`ORIGIN_TOPIC`],
+//! [`ORIGIN_PARTITION`], [`ORIGIN_OFFSET`]). The projector sends it and waits for the
+//! acknowledgement before it stores an offset past the record, so a record is never both
+//! skipped and missing from the queue; after a crash in between it can be there twice.
+//!
+//! [`list_dead_letters`] reads the queue from the beginning without joining a group.
+//! [`replay_dead_letters`] sends every dead letter not replayed yet back to its original topic,
+//! once the cause is fixed (a schema registered, a projector upgraded): it resumes from the
+//! offsets of the consumer group `<prefix>.book-fact.dlq-replay` and commits each record's
+//! offset right after the record is acknowledged, so each is replayed once (twice at worst if
+//! it crashes between the two). Run one replay at a time.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::fact::{Rejection, header};
+use crate::config::KafkaConfig;
+use crate::kafka::KafkaSetupError;
+
+/// Why the record could not be applied (a sentence).
+pub const REASON: &str = "bookstore_dlq_reason";
+/// The topic the record was read from.
+pub const ORIGIN_TOPIC: &str = "bookstore_dlq_topic";
+/// Its partition there, as decimal text.
+pub const ORIGIN_PARTITION: &str = "bookstore_dlq_partition";
+/// Its offset there, as decimal text.
+pub const ORIGIN_OFFSET: &str = "bookstore_dlq_offset";
+
+/// The prefix of every header the dead-letter queue adds; a replay strips them.
+const DLQ_HEADER_PREFIX: &str = "bookstore_dlq_";
+
+/// Why the dead-letter queue could not be used. Each text names its cause once (nothing is
+/// marked as a `source`, which an error chain printed with `{:#}` would repeat).
+#[derive(Debug, thiserror::Error)]
+pub enum DlqError {
+    #[error("{0}")]
+    Setup(KafkaSetupError),
+    #[error("dead-letter queue {topic}: {cause}")]
+    Kafka { topic: String, cause: KafkaError },
+    #[error(
+        "the dead-letter queue {topic} does not exist (is the topic prefix right? the relay, the \
+         projector and `bookstore kafka provision` create it)"
+    )]
+    NoQueue { topic: String },
+    #[error("reading {topic} did not reach its end within {timeout:?}")]
+    Timeout { topic: String, timeout: Duration },
+}
+
+impl From<KafkaSetupError> for DlqError {
+    fn from(error: KafkaSetupError) -> Self {
+        DlqError::Setup(error)
+    }
+}
+
+/// Sends dead letters and waits for their acknowledgement.
+pub struct DeadLetterSender {
+    producer: FutureProducer,
+    topic: String,
+    timeout: Duration,
+}
+
+impl DeadLetterSender {
+    pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaSetupError> {
+        Ok(Self {
+            producer: kafka.producer()?,
+            topic: kafka.topics().book_fact_dlq,
+            timeout: kafka.request_timeout(),
+        })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends every `(record, rejection)` and returns once all are acknowledged (`acks=all`).
+    pub async fn send_all(&self, letters: &[(&OwnedMessage, Rejection)]) -> Result<(), DlqError> {
+        let mut deliveries = Vec::with_capacity(letters.len());
+        for (message, rejection) in letters {
+            let headers = dead_letter_headers(message, rejection);
+            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.payload() {
+                record = record.payload(value);
+            }
+            deliveries.push(self.producer.send(record, self.timeout));
+        }
+        for delivery in deliveries {
+            delivery.await.map_err(|(cause, _)| DlqError::Kafka {
+                topic: self.topic.clone(),
+                cause,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The original headers, then where the record came from and why it is here.
+fn dead_letter_headers(message: &OwnedMessage, rejection: &Rejection) -> OwnedHeaders {
+    let reason = rejection.to_string();
+    let partition = message.partition().to_string();
+    let offset = message.offset().to_string();
+    original_headers(message)
+        .insert(text_header(REASON, &reason))
+        .insert(text_header(ORIGIN_TOPIC, message.topic()))
+        .insert(text_header(ORIGIN_PARTITION, &partition))
+        .insert(text_header(ORIGIN_OFFSET, &offset))
+}
+
+/// The record's headers without the ones the dead-letter queue adds.
+fn original_headers(message: &OwnedMessage) -> OwnedHeaders {
+    let mut headers = OwnedHeaders::new();
+    if let Some(original) = message.headers() {
+        for header in original.iter() {
+            if !header.key.starts_with(DLQ_HEADER_PREFIX) {
+                headers = headers.insert(header);
+            }
+        }
+    }
+    headers
+}
+
+fn text_header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
+    Header {
+        key,
+        value: Some(value),
+    }
+}
+
+/// A record of the dead-letter queue, as `bookstore dlq list` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DeadLetter {
+    /// Where the dead letter itself is.
+    pub dlq_partition: i32,
+    pub dlq_offset: i64,
+    /// Why it could not be applied.
+    pub reason: String,
+    /// Where the original record was.
+    pub topic: Option<String>,
+    pub partition: Option<i32>,
+    pub offset: Option<i64>,
+    /// The key as text (lossy), if any.
+    pub key: Option<String>,
+    /// The size of the value; `None` for a tombstone.
+    pub value_bytes: Option<usize>,
+}
+
+impl DeadLetter {
+    fn of(message: &OwnedMessage) -> Self {
+        Self {
+            dlq_partition: message.partition(),
+            dlq_offset: message.offset(),
+            reason: header(message, REASON)
+                .unwrap_or("(no reason given)")
+                .to_owned(),
+            topic: header(message, ORIGIN_TOPIC).map(str::to_owned),
+            partition: header(message, ORIGIN_PARTITION).and_then(|p| p.parse().ok()),
+            offset: header(message, ORIGIN_OFFSET).and_then(|o| o.parse().ok()),
+            key: message
+                .key()
+                .map(|key| String::from_utf8_lossy(key).into_owned()),
+            value_bytes: message.payload().map(<[u8]>::len),
+        }
+    }
+}
+
+/// Every record on the dead-letter queue, oldest first. Joins no group and commits nothing.
+pub async fn list_dead_letters(kafka: &KafkaConfig) -> Result<Vec<DeadLetter>, DlqError> {
+    let group = format!(
+        "{}.dlq-list-{}",
+        kafka.topic_prefix,
+        uuid::Uuid::new_v4().simple()
+    );
+    let mut reader = QueueReader::open(kafka, &group, StartAt::Beginning).await?;
+    let mut letters = Vec::new();
+    while let Some(message) = reader.next().await? {
+        letters.push(DeadLetter::of(&message));
+    }
+    Ok(letters)
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct ReplayReport {
+    /// Records sent back, per topic.
+    pub replayed: HashMap<String, u64>,
+}
+
+impl ReplayReport {
+    pub fn total(&self) -> u64 {
+        self.replayed.values().sum()
+    }
+}
+
+/// Sends every dead letter not replayed before back to the topic it came from (its original
+/// key, value and headers), committing the replay group's offset after each. See the module
+/// documentation.
+pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
+    let topics = kafka.topics();
+    let group = format!("{}-replay", topics.book_fact_dlq);
+    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed).await?;
+    let producer = kafka.producer()?;
+    let mut report = ReplayReport::default();
+    while let Some(message) = reader.next().await? {
+        let target = header(&message, ORIGIN_TOPIC)
+            .unwrap_or(&topics.book_fact)
+            .to_owned();
+        let mut record =
+            FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(&message));
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let Some(value) = message.payload() {
+            record = record.payload(value);
+        }
+        producer
+            .send(record, kafka.request_timeout())
+            .await
+            .map_err(|(cause, _)| DlqError::Kafka {
+                topic: target.clone(),
+                cause,
+            })?;
+        reader.commit_past(&message).await?;
+        *report.replayed.entry(target).or_default() += 1;
+    }
+    Ok(report)
+}
+
+/// Where a [`QueueReader`] starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartAt {
+    Beginning,
+    /// The reader's group's committed offsets (the beginning where there is none).
+    Committed,
+}
+
+/// Reads the dead-letter queue up to its end as it was when opened, by partition assignment
+/// (no group membership, so no rebalance to wait for).
+struct QueueReader {
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    /// Per partition not read to the end yet: the end offset measured when opened.
+    remaining: HashMap<i32, i64>,
+    deadline: Instant,
+    timeout: Duration,
+}
+
+impl QueueReader {
+    async fn open(kafka: &KafkaConfig, group: &str, start: StartAt) -> Result<Self, DlqError> {
+        let topic = kafka.topics().book_fact_dlq;
+        let partitions = match partition_ids(kafka, &topic).await {
+            Err(KafkaSetupError::TopicMissing { topic }) => {
+                return Err(DlqError::NoQueue { topic });
+            }
+            other => other?,
+        };
+        let mut config = kafka.consumer_config(group);
+        config.set("enable.partition.eof", "true");
+        let consumer: StreamConsumer = config
+            .create()
+            .map_err(|cause| kafka_error(&topic, cause))?;
+        let consumer = Arc::new(consumer);
+        let timeout = kafka.request_timeout();
+        let (ends, starts) = {
+            let consumer = consumer.clone();
+            let topic = topic.clone();
+            tokio::task::spawn_blocking(move || {
+                measure_and_place(&consumer, &topic, &partitions, start, timeout)
+            })
+            .await
+            .expect("reading the dead-letter queue's offsets panicked")?
+        };
+        let mut assignment = TopicPartitionList::new();
+        let mut remaining = HashMap::new();
+        for (partition, start_offset) in starts {
+            let end = ends.get(&partition).copied().unwrap_or(0);
+            let already_there = matches!(start_offset, Offset::Offset(next) if next >= end);
+            if already_there || end == 0 {
+                continue;
+            }
+            assignment
+                .add_partition_offset(&topic, partition, start_offset)
+                .map_err(|cause| kafka_error(&topic, cause))?;
+            remaining.insert(partition, end);
+        }
+        consumer
+            .assign(&assignment)
+            .map_err(|cause| kafka_error(&topic, cause))?;
+        Ok(Self {
+            consumer,
+            topic,
+            remaining,
+            deadline: Instant::now() + timeout,
+            timeout,
+        })
+    }
+
+    /// The next record before the end, `None` once every partition is read to its end.
+    async fn next(&mut self) -> Result<Option<OwnedMessage>, DlqError> {
+        loop {
+            if self.remaining.is_empty() {
+                return Ok(None);
+            }
+            let received = tokio::time::timeout_at(self.deadline, self.consumer.recv())
+                .await
+                .map_err(|_| DlqError::Timeout {
+                    topic: self.topic.clone(),
+                    timeout: self.timeout,
+                })?;
+            let message = match received {
+                Ok(message) => message.detach(),
+                Err(KafkaError::PartitionEOF(partition)) => {
+                    self.remaining.remove(&partition);
+                    continue;
+                }
+                Err(cause) => return Err(kafka_error(&self.topic, cause)),
+            };
+            let Some(&end) = self.remaining.get(&message.partition()) else {
+                continue;
+            };
+            if message.offset() + 1 >= end {
+                self.remaining.remove(&message.partition());
+            }
+            if message.offset() < end {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// Commits the reader's group offset past `message`, synchronously.
+    async fn commit_past(&self, message: &OwnedMessage) -> Result<(), DlqError> {
+        let mut offsets = TopicPartitionList::new();
+        offsets
+            .add_partition_offset(
+                &self.topic,
+                message.partition(),
+                Offset::Offset(message.offset() + 1),
+            )
+            .map_err(|cause| kafka_error(&self.topic, cause))?;
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            consumer.commit(&offsets, rdkafka::consumer::CommitMode::Sync)
+        })
+        .await
+        .expect("committing the replay offset panicked")
+        .map_err(|cause| kafka_error(&self.topic, cause))
+    }
+}
+
+/// The partitions of `topic`.
+pub(crate) async fn partition_ids(
+    kafka: &KafkaConfig,
+    topic: &str,
+) -> Result<Vec<i32>, KafkaSetupError> {
+    let metadata = kafka.fetch_metadata(Some(topic)).await?;
+    let partitions = metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+        .filter(|found| found.error().is_none() && !found.partitions().is_empty())
+        .map(|found| found.partitions().iter().map(|p| p.id()).collect())
+        .ok_or_else(|| KafkaSetupError::TopicMissing {
+            topic: topic.to_owned(),
+        })?;
+    Ok(partitions)
+}
+
+type Placement = (HashMap<i32, i64>, Vec<(i32, Offset)>);
+
+/// The end offset of every partition, and where to start reading each (blocking calls).
+fn measure_and_place(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+    start: StartAt,
+    timeout: Duration,
+) -> Result<Placement, DlqError> {
+    let mut ends = HashMap::new();
+    for &partition in partitions {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .map_err(|cause| kafka_error(topic, cause))?;
+        ends.insert(partition, high);
+    }
+    let starts = match start {
+        StartAt::Beginning => partitions
+            .iter()
+            .map(|&partition| (partition, Offset::Beginning))
+            .collect(),
+        StartAt::Committed => {
+            let mut wanted = TopicPartitionList::new();
+            for &partition in partitions {
+                wanted.add_partition(topic, partition);
+            }
+            let committed = consumer
+                .committed_offsets(wanted, timeout)
+                .map_err(|cause| kafka_error(topic, cause))?;
+            committed
+                .elements()
+                .iter()
+                .map(|element| match element.offset() {
+                    Offset::Offset(next) => (element.partition(), Offset::Offset(next)),
+                    _ => (element.partition(), Offset::Beginning),
+                })
+                .collect()
+        }
+    };
+    Ok((ends, starts))
+}
+
+fn kafka_error(topic: &str, cause: KafkaError) -> DlqError {
+    DlqError::Kafka {
+        topic: topic.to_owned(),
+        cause,
+    }
+}

@@ -1,0 +1,331 @@
+//! What one record of the fact topic asks of the read model, or why it cannot be applied.
+//!
+//! A record is keyed by book id. Its value is a `BookFactEvent` in either framing (the first
+//! byte tells which; see [`crate::codec::wire`]), or nothing: a tombstone, which deletes the
+//! book. A fact of a removed book deletes it too. Anything else is a [`Rejection`], which the
+//! projector sends to the dead-letter queue.
+//!
+//! A Confluent frame with a schema id the reader does not know yet is looked up in the schema
+//! registry, when one is configured, and the writer schema is remembered for the next record.
+//! An unreachable registry is an error to retry, not a rejection: the record is fine, the
+//! reader just cannot tell yet.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use rdkafka::Message;
+use rdkafka::message::Headers;
+
+use super::ReportChange;
+use crate::codec::headers as h;
+use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError};
+use crate::domain::{BookId, EventPayload};
+
+/// Why a record cannot be applied; the text becomes its `bookstore_dlq_reason` header.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    #[error("the record has no key; fact records are keyed by book id")]
+    MissingKey,
+    #[error("the key {0:?} is not a book id")]
+    KeyNotABookId(String),
+    #[error("undecodable value: {0}")]
+    Undecodable(String),
+    #[error("a {0} event is not a fact")]
+    NotAFact(&'static str),
+    #[error("the key {key} is not the fact's book id {book_id}")]
+    KeyMismatch { key: BookId, book_id: BookId },
+}
+
+/// What the projector does with a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FactOutcome {
+    Apply(ReportChange),
+    DeadLetter(Rejection),
+}
+
+/// Reads fact records; remembers writer schemas fetched from the registry.
+#[derive(Debug, Clone)]
+pub struct FactReader {
+    decoder: FramedDecoder,
+    registry: Option<RegistryClient>,
+    /// Schema ids the registry could not give a usable schema for, and why.
+    unusable_ids: HashMap<u32, String>,
+}
+
+impl FactReader {
+    /// A reader of single-object frames, and of Confluent frames whose schema ids `registry`
+    /// knows (none without one).
+    pub fn new(registry: Option<RegistryClient>) -> Self {
+        Self {
+            decoder: FramedDecoder::new(AvroCodec::new()),
+            registry,
+            unusable_ids: HashMap::new(),
+        }
+    }
+
+    /// What `message` asks of the read model. Fails only when the schema registry cannot be
+    /// asked right now.
+    pub async fn read(&mut self, message: &impl Message) -> Result<FactOutcome, RegistryError> {
+        let book_id = match book_id_of(message.key()) {
+            Ok(book_id) => book_id,
+            Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
+        };
+        let Some(value) = message.payload() else {
+            let version = header(message, h::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
+            return Ok(FactOutcome::Apply(ReportChange::Delete {
+                book_id,
+                version,
+            }));
+        };
+        let payload = match self.decode(value).await? {
+            Ok(payload) => payload,
+            Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
+        };
+        Ok(interpret(book_id, payload, changed_at(message)))
+    }
+
+    async fn decode(
+        &mut self,
+        value: &[u8],
+    ) -> Result<Result<EventPayload, Rejection>, RegistryError> {
+        match self.decoder.decode(value) {
+            Err(CodecError::UnknownSchemaId(id)) => {
+                if let Some(rejection) = self.learn_schema(id).await? {
+                    return Ok(Err(rejection));
+                }
+                Ok(self.decoder.decode(value).map_err(undecodable))
+            }
+            other => Ok(other.map_err(undecodable)),
+        }
+    }
+
+    /// Fetches schema `id` from the registry and teaches it to the decoder; a rejection when
+    /// there is no registry or it has no usable schema under that id.
+    async fn learn_schema(&mut self, id: u32) -> Result<Option<Rejection>, RegistryError> {
+        if let Some(reason) = self.unusable_ids.get(&id) {
+            return Ok(Some(Rejection::Undecodable(reason.clone())));
+        }
+        let Some(registry) = self.registry.clone() else {
+            let reason = format!(
+                "{} (no schema registry is configured to look it up)",
+                CodecError::UnknownSchemaId(id)
+            );
+            return Ok(Some(Rejection::Undecodable(reason)));
+        };
+        // The registry client blocks.
+        let fetched = tokio::task::spawn_blocking(move || registry.fetch_schema(id))
+            .await
+            .expect("the schema registry lookup panicked");
+        let learned = match fetched {
+            Ok(schema) => self
+                .decoder
+                .add_writer_schema(id, &schema)
+                .map(|_| ())
+                .map_err(|error| format!("schema id {id}: {error}")),
+            Err(error) if error.is_retryable() => return Err(error),
+            Err(error) => Err(format!("schema id {id}: {error}")),
+        };
+        match learned {
+            Ok(()) => Ok(None),
+            Err(reason) => {
+                self.unusable_ids.insert(id, reason.clone());
+                Ok(Some(Rejection::Undecodable(reason)))
+            }
+        }
+    }
+}
+
+/// The change a decoded value of the record of `key` asks for.
+fn interpret(key: BookId, payload: EventPayload, changed_at: DateTime<Utc>) -> FactOutcome {
+    let fact = match payload {
+        EventPayload::Fact(fact) => fact,
+        EventPayload::Delta(event) => {
+            return FactOutcome::DeadLetter(Rejection::NotAFact(event.event_type()));
+        }
+    };
+    if fact.book_id != key {
+        return FactOutcome::DeadLetter(Rejection::KeyMismatch {
+            key,
+            book_id: fact.book_id,
+        });
+    }
+    if fact.removed {
+        return FactOutcome::Apply(ReportChange::Delete {
+            book_id: fact.book_id,
+            version: Some(fact.version),
+        });
+    }
+    FactOutcome::Apply(ReportChange::Upsert { fact, changed_at })
+}
+
+fn book_id_of(key: Option<&[u8]>) -> Result<BookId, Rejection> {
+    let key = key.ok_or(Rejection::MissingKey)?;
+    let text = String::from_utf8_lossy(key);
+    text.parse()
+        .map_err(|_| Rejection::KeyNotABookId(text.into_owned()))
+}
+
+fn undecodable(error: CodecError) -> Rejection {
+    Rejection::Undecodable(error.to_string())
+}
+
+/// When the change happened: the CloudEvents time the relay writes, else the record's
+/// timestamp, else now.
+fn changed_at(message: &impl Message) -> DateTime<Utc> {
+    header(message, h::CE_TIME)
+        .and_then(|time| DateTime::parse_from_rfc3339(time).ok())
+        .map(|time| time.with_timezone(&Utc))
+        .or_else(|| {
+            message
+                .timestamp()
+                .to_millis()
+                .and_then(DateTime::from_timestamp_millis)
+        })
+        .unwrap_or_else(Utc::now)
+}
+
+/// The value of header `name` as text, if present and UTF-8.
+pub(crate) fn header<'m>(message: &'m impl Message, name: &str) -> Option<&'m str> {
+    let headers = message.headers()?;
+    headers
+        .iter()
+        .find(|header| header.key == name)
+        .and_then(|header| header.value)
+        .and_then(|value| std::str::from_utf8(value).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::Timestamp;
+    use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
+
+    use super::*;
+    use crate::codec::{EventCodec, frame_single_object};
+    use crate::domain::{BookFactEvent, BookRemoved, Price};
+
+    fn fact(book_id: BookId, version: u64, removed: bool) -> BookFactEvent {
+        BookFactEvent {
+            book_id,
+            title: "Dune".into(),
+            author: "Frank Herbert".into(),
+            isbn: None,
+            price: Price::from_cents(1599).unwrap(),
+            description: None,
+            version,
+            removed,
+        }
+    }
+
+    fn framed(payload: &EventPayload) -> Vec<u8> {
+        let codec = AvroCodec::new();
+        let datum = codec.encode(payload).unwrap();
+        frame_single_object(codec.fingerprint(payload.event_type()).unwrap(), &datum)
+    }
+
+    fn record(key: Option<&str>, value: Option<Vec<u8>>, headers: &[(&str, &str)]) -> OwnedMessage {
+        let mut owned = OwnedHeaders::new();
+        for &(name, value) in headers {
+            owned = owned.insert(Header {
+                key: name,
+                value: Some(value),
+            });
+        }
+        OwnedMessage::new(
+            value,
+            key.map(|key| key.as_bytes().to_vec()),
+            "t.book-fact".into(),
+            Timestamp::CreateTime(1_700_000_000_000),
+            0,
+            7,
+            Some(owned),
+        )
+    }
+
+    async fn read(message: &OwnedMessage) -> FactOutcome {
+        FactReader::new(None).read(message).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_fact_becomes_an_upsert_at_its_event_time() {
+        let book_id = BookId::generate();
+        let value = framed(&EventPayload::Fact(fact(book_id, 3, false)));
+        let key = book_id.to_string();
+        let message = record(
+            Some(&key),
+            Some(value),
+            &[(h::CE_TIME, "2025-01-31T12:34:56.123456Z")],
+        );
+        let FactOutcome::Apply(ReportChange::Upsert {
+            fact: read,
+            changed_at,
+        }) = read(&message).await
+        else {
+            panic!("not an upsert");
+        };
+        assert_eq!(read, fact(book_id, 3, false));
+        assert_eq!(changed_at.to_rfc3339(), "2025-01-31T12:34:56.123456+00:00");
+    }
+
+    #[tokio::test]
+    async fn a_removed_fact_and_a_tombstone_delete_at_their_version() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let removed = record(
+            Some(&key),
+            Some(framed(&EventPayload::Fact(fact(book_id, 4, true)))),
+            &[],
+        );
+        let tombstone = record(Some(&key), None, &[(h::AGGREGATE_VERSION, "4")]);
+        let bare_tombstone = record(Some(&key), None, &[]);
+        let delete = |version| FactOutcome::Apply(ReportChange::Delete { book_id, version });
+        assert_eq!(read(&removed).await, delete(Some(4)));
+        assert_eq!(read(&tombstone).await, delete(Some(4)));
+        assert_eq!(read(&bare_tombstone).await, delete(None));
+    }
+
+    #[tokio::test]
+    async fn records_that_cannot_be_applied_are_rejected_with_a_reason() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let good = framed(&EventPayload::Fact(fact(book_id, 1, false)));
+        let delta = framed(&EventPayload::Delta(crate::domain::BookEvent::Removed(
+            BookRemoved {
+                book_id,
+                title: "Dune".into(),
+                author: "Frank Herbert".into(),
+            },
+        )));
+        let other = BookId::generate().to_string();
+        let cases = [
+            record(None, Some(good.clone()), &[]),
+            record(Some("not-a-uuid"), Some(good.clone()), &[]),
+            record(Some(&key), Some(b"garbage".to_vec()), &[]),
+            record(Some(&key), Some(good[..good.len() - 3].to_vec()), &[]),
+            record(Some(&key), Some(frame_single_object(42, &good[10..])), &[]),
+            record(Some(&key), Some(vec![0, 0, 0, 0, 9, 1]), &[]),
+            record(Some(&key), Some(delta), &[]),
+            record(Some(&other), Some(good), &[]),
+        ];
+        let mut reasons = Vec::new();
+        for message in &cases {
+            match read(message).await {
+                FactOutcome::DeadLetter(rejection) => reasons.push(rejection.to_string()),
+                outcome => panic!("{outcome:?} for {message:?}"),
+            }
+        }
+        assert!(reasons[0].contains("no key"), "{reasons:?}");
+        assert!(reasons[1].contains("not a book id"), "{reasons:?}");
+        assert!(reasons[2].contains("unknown magic"), "{reasons:?}");
+        assert!(reasons[3].contains("could not decode"), "{reasons:?}");
+        assert!(reasons[4].contains("fingerprint"), "{reasons:?}");
+        assert!(reasons[5].contains("no schema registry"), "{reasons:?}");
+        assert!(
+            reasons[6].contains("BookRemoved event is not a fact"),
+            "{reasons:?}"
+        );
+        assert!(
+            reasons[7].contains("is not the fact's book id"),
+            "{reasons:?}"
+        );
+    }
+}

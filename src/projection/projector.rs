@@ -1,0 +1,514 @@
+//! The projector: joins the group, applies batches of fact records to the read model, and goes
+//! on through outages; or, with [`ProjectionMode::UntilCaughtUp`], stops once it has applied
+//! everything that was on the topic when it started.
+//!
+//! One batch is one round: poll up to `batch_size` records or `batch_wait`; send the records
+//! it cannot read to the dead-letter queue and wait for the acknowledgement; apply the rest
+//! and store the next offsets in ONE [`ReportStore::apply_batch`]; then commit the offsets to
+//! the Kafka group. Any failure (database, broker, registry down) abandons the batch, leaves
+//! the group, backs off and joins again: the stored offsets say where to resume, and what was
+//! applied already is applied again harmlessly (see the [module doc](super)).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::time::Duration;
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use super::consumer::{Batch, Session};
+use super::dlq::{DeadLetterSender, DlqError, partition_ids};
+use super::fact::{FactOutcome, FactReader};
+use super::{ReportChange, ReportStore, compact_changes, metrics};
+use crate::codec::{RegistryClient, RegistryError};
+use crate::config::KafkaConfig;
+use crate::kafka::{KafkaSetupError, provision_topics};
+use crate::shutdown::Shutdown;
+use crate::store::StoreError;
+
+/// How the projector runs. [`ProjectionConfig::new`] gives defaults for a laptop and
+/// production alike.
+#[derive(Debug, Clone)]
+pub struct ProjectionConfig {
+    /// The consumer group; its offsets are stored with the read model under this name.
+    /// Default in the command line: `<topic prefix>.book-report`.
+    pub group_id: String,
+    /// Most records per batch (one database transaction). Default 500.
+    pub batch_size: usize,
+    /// Longest wait for a batch to fill. Default 100 ms.
+    pub batch_wait: Duration,
+    /// First pause after an error; doubles up to `max_backoff`. Defaults 200 ms and 10 s.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl ProjectionConfig {
+    pub fn new(group_id: impl Into<String>) -> Self {
+        Self {
+            group_id: group_id.into(),
+            batch_size: 500,
+            batch_wait: Duration::from_millis(100),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The group the projection uses by default: `<topic prefix>.book-report`.
+pub fn default_group(topic_prefix: &str) -> String {
+    format!("{topic_prefix}.book-report")
+}
+
+/// Until when [`Projector::run`] goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProjectionMode {
+    /// Until shutdown.
+    Follow,
+    /// Until every partition is applied up to its end as measured at start (its high
+    /// watermark, or its last stable offset while a transaction is open), counting what other
+    /// members of the group stored; or until shutdown.
+    UntilCaughtUp,
+}
+
+/// Why the projector stopped. Each variant's text already names its cause, so none is marked
+/// as a `source` (an error chain printed with `{:#}` would repeat it).
+#[derive(Debug, thiserror::Error)]
+pub enum ProjectionError {
+    #[error("read model: {0}")]
+    Store(StoreError),
+    #[error("{0}")]
+    Setup(KafkaSetupError),
+    #[error("could not create a Kafka consumer for {bootstrap_servers}: {cause}")]
+    Consumer {
+        bootstrap_servers: String,
+        cause: KafkaError,
+    },
+    #[error("Kafka: {0}")]
+    Kafka(KafkaError),
+    #[error("{0}")]
+    DeadLetter(DlqError),
+    #[error("schema registry: {0}")]
+    Registry(RegistryError),
+    #[error(
+        "consumer group {group} has {members} active member(s); stop every projector of the \
+         group before rebuilding"
+    )]
+    GroupActive { group: String, members: usize },
+}
+
+impl From<StoreError> for ProjectionError {
+    fn from(error: StoreError) -> Self {
+        ProjectionError::Store(error)
+    }
+}
+
+impl From<KafkaSetupError> for ProjectionError {
+    fn from(error: KafkaSetupError) -> Self {
+        ProjectionError::Setup(error)
+    }
+}
+
+impl From<DlqError> for ProjectionError {
+    fn from(error: DlqError) -> Self {
+        ProjectionError::DeadLetter(error)
+    }
+}
+
+impl From<RegistryError> for ProjectionError {
+    fn from(error: RegistryError) -> Self {
+        ProjectionError::Registry(error)
+    }
+}
+
+impl ProjectionError {
+    /// Whether waiting can fix it (something is down), as opposed to configuration or data
+    /// that will stay wrong.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            ProjectionError::Store(StoreError::Database(_)) => true,
+            ProjectionError::Setup(KafkaSetupError::Unreachable { .. }) => true,
+            ProjectionError::Kafka(_) => true,
+            ProjectionError::DeadLetter(DlqError::Kafka { .. } | DlqError::Timeout { .. }) => true,
+            ProjectionError::Registry(error) => error.is_retryable(),
+            _ => false,
+        }
+    }
+
+    /// A short label for the error metric.
+    fn kind(&self) -> &'static str {
+        match self {
+            ProjectionError::Store(_) => "store",
+            ProjectionError::DeadLetter(_) => "dlq",
+            ProjectionError::Registry(_) => "registry",
+            _ => "kafka",
+        }
+    }
+}
+
+/// What a run did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectionReport {
+    /// Fact records applied (including replayed and older ones the version guard ignored).
+    pub applied_facts: u64,
+    /// Batches committed.
+    pub batches: u64,
+    /// Records sent to the dead-letter queue.
+    pub dead_letters: u64,
+    /// Every partition this instance owned at some point.
+    pub partitions: BTreeSet<i32>,
+}
+
+/// How a running projector is doing, for progress output and dashboards.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProjectionStatus {
+    /// The partitions this instance owns now.
+    pub owned: Vec<i32>,
+    pub applied_facts: u64,
+    pub batches: u64,
+    pub dead_letters: u64,
+    /// Records behind the end of the owned partitions, as last measured.
+    pub lag: i64,
+    /// With [`ProjectionMode::UntilCaughtUp`]: partitions caught up, of all.
+    pub caught_up: Option<(usize, usize)>,
+}
+
+/// Keeps the read model of `S` up to date from the fact topic.
+pub struct Projector<S> {
+    store: S,
+    kafka: KafkaConfig,
+    config: ProjectionConfig,
+    topic: String,
+    reader: FactReader,
+    dead_letters: DeadLetterSender,
+    status: watch::Sender<ProjectionStatus>,
+}
+
+/// A projector from the Kafka cluster of `kafka` into `store`, ready to run: the topics are
+/// provisioned, and a schema registry client made when one is configured.
+pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
+    store: S,
+    kafka: &KafkaConfig,
+    config: ProjectionConfig,
+) -> Result<Projector<S>, ProjectionError> {
+    let topics = kafka.topics();
+    provision_topics(
+        kafka,
+        &topics.specs(kafka.partitions, kafka.replication_factor),
+    )
+    .await?;
+    let registry = kafka
+        .schema_registry_url
+        .as_deref()
+        .map(RegistryClient::new)
+        .transpose()?;
+    Ok(Projector {
+        store,
+        kafka: kafka.clone(),
+        config: ProjectionConfig {
+            batch_size: config.batch_size.max(1),
+            ..config
+        },
+        topic: topics.book_fact,
+        reader: FactReader::new(registry),
+        dead_letters: DeadLetterSender::new(kafka)?,
+        status: watch::Sender::new(ProjectionStatus::default()),
+    })
+}
+
+/// Why a membership ended.
+enum Stop {
+    Shutdown,
+    CaughtUp,
+}
+
+/// The end of each partition when the run started: (low, high) watermarks.
+type Ends = HashMap<i32, (i64, i64)>;
+
+impl<S: ReportStore + Clone + 'static> Projector<S> {
+    pub fn group(&self) -> &str {
+        &self.config.group_id
+    }
+
+    /// Follows the projector's progress.
+    pub fn status(&self) -> watch::Receiver<ProjectionStatus> {
+        self.status.subscribe()
+    }
+
+    /// Empties the read model and forgets the group's offsets, in the database and in Kafka,
+    /// so the next run reads the compacted topic from the beginning. Refuses while any member
+    /// of the group is active: it would go on storing offsets of rows just deleted.
+    pub async fn rebuild(&self) -> Result<(), ProjectionError> {
+        let group = self.config.group_id.clone();
+        let consumer: BaseConsumer =
+            self.kafka
+                .consumer_config(&group)
+                .create()
+                .map_err(|cause| ProjectionError::Consumer {
+                    bootstrap_servers: self.kafka.bootstrap_servers.clone(),
+                    cause,
+                })?;
+        let timeout = self.kafka.request_timeout();
+        let members = {
+            let group = group.clone();
+            run_blocking(move || {
+                let groups = consumer.fetch_group_list(Some(&group), timeout)?;
+                let members = groups.groups().iter().map(|g| g.members().len()).sum();
+                Ok((consumer, members))
+            })
+            .await
+        };
+        let (consumer, members) = members.map_err(ProjectionError::Kafka)?;
+        if members > 0 {
+            return Err(ProjectionError::GroupActive { group, members });
+        }
+        self.store.reset(&group).await?;
+        let partitions = partition_ids(&self.kafka, &self.topic).await?;
+        let topic = self.topic.clone();
+        let reset = run_blocking(move || {
+            let mut beginning = TopicPartitionList::new();
+            for partition in partitions {
+                let (low, _) = consumer.fetch_watermarks(&topic, partition, timeout)?;
+                beginning.add_partition_offset(&topic, partition, Offset::Offset(low))?;
+            }
+            consumer.commit(&beginning, CommitMode::Sync)
+        })
+        .await;
+        // The database alone decides where reading starts; the group offsets only feed lag
+        // tooling until the first batch commits new ones.
+        if let Err(error) = reset {
+            warn!(%error, "could not reset the group offsets in Kafka");
+        }
+        info!(group = %self.config.group_id, "read model and stored offsets reset");
+        Ok(())
+    }
+
+    /// Runs until shutdown (or, with [`ProjectionMode::UntilCaughtUp`], until caught up).
+    /// Returns an error only for what waiting cannot fix.
+    pub async fn run(
+        mut self,
+        mode: ProjectionMode,
+        mut shutdown: Shutdown,
+    ) -> Result<ProjectionReport, ProjectionError> {
+        let ends = match mode {
+            ProjectionMode::UntilCaughtUp => Some(self.measure_ends().await?),
+            ProjectionMode::Follow => None,
+        };
+        let mut report = ProjectionReport::default();
+        let mut reached = HashSet::new();
+        let mut backoff = self.config.min_backoff;
+        while !shutdown.is_triggered() {
+            let mut session =
+                Session::join(&self.kafka, &self.config.group_id, self.store.clone())?;
+            let outcome = self
+                .project(
+                    &mut session,
+                    ends.as_ref(),
+                    &mut reached,
+                    &mut report,
+                    &mut shutdown,
+                    &mut backoff,
+                )
+                .await;
+            session.leave().await;
+            self.status.send_modify(|status| status.owned.clear());
+            match outcome {
+                Ok(Stop::Shutdown | Stop::CaughtUp) => break,
+                Err(error) if error.is_retryable() => {
+                    metrics::record_error(error.kind());
+                    warn!(%error, ?backoff, "projection interrupted; joining again after a pause");
+                    if !pause(&mut shutdown, &mut backoff, self.config.max_backoff).await {
+                        break;
+                    }
+                }
+                Err(error) => return Err(error),
+            }
+        }
+        info!(
+            applied = report.applied_facts,
+            batches = report.batches,
+            dead_letters = report.dead_letters,
+            "projection stopped"
+        );
+        Ok(report)
+    }
+
+    /// One membership: batches until shutdown, caught up, or an error.
+    async fn project(
+        &mut self,
+        session: &mut Session<S>,
+        ends: Option<&Ends>,
+        reached: &mut HashSet<i32>,
+        report: &mut ProjectionReport,
+        shutdown: &mut Shutdown,
+        backoff: &mut Duration,
+    ) -> Result<Stop, ProjectionError> {
+        loop {
+            if shutdown.is_triggered() {
+                return Ok(Stop::Shutdown);
+            }
+            let batch = session
+                .next_batch(self.config.batch_size, self.config.batch_wait)
+                .await?;
+            self.apply(session, &batch, report).await?;
+            *backoff = self.config.min_backoff;
+            reached.extend(&batch.ends_reached);
+            let owned = session.owned();
+            report.partitions.extend(&owned);
+            self.publish_status(report, owned, session.lag());
+            if let Some(ends) = ends
+                && self.caught_up(session, ends, reached).await?
+            {
+                info!(applied = report.applied_facts, "caught up");
+                return Ok(Stop::CaughtUp);
+            }
+        }
+    }
+
+    /// Dead-letters what cannot be read, then applies the rest with the batch's offsets in one
+    /// transaction, then tells the group.
+    async fn apply(
+        &mut self,
+        session: &mut Session<S>,
+        batch: &Batch,
+        report: &mut ProjectionReport,
+    ) -> Result<(), ProjectionError> {
+        let mut changes = Vec::with_capacity(batch.messages.len());
+        let mut rejected = Vec::new();
+        for message in &batch.messages {
+            match self.reader.read(message).await? {
+                FactOutcome::Apply(change) => changes.push(change),
+                FactOutcome::DeadLetter(rejection) => {
+                    warn!(
+                        partition = rdkafka::Message::partition(message),
+                        offset = rdkafka::Message::offset(message),
+                        %rejection,
+                        "fact record cannot be applied; sending it to the dead-letter queue"
+                    );
+                    rejected.push((message, rejection));
+                }
+            }
+        }
+        if !rejected.is_empty() {
+            // Acknowledged before any offset past these records is stored.
+            self.dead_letters.send_all(&rejected).await?;
+            metrics::record_dead_letters(rejected.len());
+            report.dead_letters += rejected.len() as u64;
+        }
+        let offsets = session.offsets_to_store(batch);
+        if changes.is_empty() && offsets.is_empty() {
+            return Ok(());
+        }
+        let deletes = changes
+            .iter()
+            .filter(|change| matches!(change, ReportChange::Delete { .. }))
+            .count();
+        let applied = changes.len();
+        let changes = compact_changes(changes);
+        self.store
+            .apply_batch(&self.config.group_id, &self.topic, &changes, &offsets)
+            .await?;
+        session.stored(&offsets);
+        if !batch.messages.is_empty() {
+            metrics::record_batch(applied - deletes, deletes);
+            report.applied_facts += applied as u64;
+            report.batches += 1;
+        }
+        Ok(())
+    }
+
+    fn publish_status(&self, report: &ProjectionReport, owned: Vec<i32>, lag: Option<i64>) {
+        self.status.send_modify(|status| {
+            status.owned = owned;
+            status.applied_facts = report.applied_facts;
+            status.batches = report.batches;
+            status.dead_letters = report.dead_letters;
+            if let Some(lag) = lag {
+                status.lag = lag;
+            }
+        });
+    }
+
+    /// Whether every partition is applied up to its end at start, by this member (its stored
+    /// offsets, or an end it reached) or by another one (the offsets it stored).
+    async fn caught_up(
+        &self,
+        session: &Session<S>,
+        ends: &Ends,
+        reached: &HashSet<i32>,
+    ) -> Result<bool, ProjectionError> {
+        let mut progress = session.stored_offsets().clone();
+        let done = |progress: &HashMap<i32, i64>| {
+            ends.iter()
+                .filter(|(partition, (low, high))| {
+                    high <= low
+                        || reached.contains(partition)
+                        || progress.get(partition).is_some_and(|next| next >= high)
+                })
+                .count()
+        };
+        let mut caught_up = done(&progress);
+        if caught_up < ends.len() {
+            let stored = self
+                .store
+                .stored_offsets(&self.config.group_id, &self.topic)
+                .await?;
+            for offset in stored {
+                let next = progress.entry(offset.partition).or_default();
+                *next = (*next).max(offset.next_offset);
+            }
+            caught_up = done(&progress);
+        }
+        self.status
+            .send_modify(|status| status.caught_up = Some((caught_up, ends.len())));
+        Ok(caught_up == ends.len())
+    }
+
+    /// The watermarks of every partition of the fact topic, now.
+    async fn measure_ends(&self) -> Result<Ends, ProjectionError> {
+        let partitions = partition_ids(&self.kafka, &self.topic).await?;
+        let client: BaseConsumer =
+            self.kafka
+                .client_config()
+                .create()
+                .map_err(|cause| ProjectionError::Consumer {
+                    bootstrap_servers: self.kafka.bootstrap_servers.clone(),
+                    cause,
+                })?;
+        let topic = self.topic.clone();
+        let timeout = self.kafka.request_timeout();
+        let ends = run_blocking(move || {
+            partitions
+                .into_iter()
+                .map(|partition| {
+                    let watermarks = client.fetch_watermarks(&topic, partition, timeout)?;
+                    Ok((partition, watermarks))
+                })
+                .collect::<Result<Ends, KafkaError>>()
+        })
+        .await
+        .map_err(ProjectionError::Kafka)?;
+        info!(?ends, "catching up to the end of every partition");
+        Ok(ends)
+    }
+}
+
+/// Runs a blocking librdkafka call on the blocking pool.
+async fn run_blocking<T: Send + 'static>(
+    call: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+) -> Result<T, KafkaError> {
+    tokio::task::spawn_blocking(call)
+        .await
+        .expect("a blocking Kafka call panicked")
+}
+
+/// Sleeps for `backoff` (doubling it for next time); false if shutdown came first.
+async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration, max: Duration) -> bool {
+    let sleep = *backoff;
+    *backoff = (*backoff * 2).min(max);
+    tokio::select! {
+        _ = shutdown.wait() => false,
+        _ = tokio::time::sleep(sleep) => true,
+    }
+}

@@ -1,0 +1,47 @@
+//! [`ReportStore`] for [`AnyStore`]: whichever adapter the database URL chose.
+
+use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use crate::domain::BookId;
+use crate::store::{AnyStore, StoreError};
+
+/// Runs the same call on whichever adapter `self` holds.
+macro_rules! delegate {
+    ($self:ident, $store:ident => $call:expr) => {
+        match $self {
+            AnyStore::Sqlite($store) => $call.await,
+            AnyStore::Postgres($store) => $call.await,
+        }
+    };
+}
+
+impl ReportStore for AnyStore {
+    async fn apply_batch(
+        &self,
+        group: &str,
+        topic: &str,
+        changes: &[ReportChange],
+        offsets: &[PartitionOffset],
+    ) -> Result<(), StoreError> {
+        delegate!(self, store => store.apply_batch(group, topic, changes, offsets))
+    }
+
+    async fn stored_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionOffset>, StoreError> {
+        delegate!(self, store => store.stored_offsets(group, topic))
+    }
+
+    async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
+        delegate!(self, store => store.list_reports())
+    }
+
+    async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {
+        delegate!(self, store => store.report(book_id))
+    }
+
+    async fn reset(&self, group: &str) -> Result<(), StoreError> {
+        delegate!(self, store => store.reset(group))
+    }
+}

@@ -1,0 +1,292 @@
+//! [`ReportStore`] for [`PostgresStore`]: the read model in the store's own schema.
+//!
+//! A batch runs in one READ COMMITTED transaction. Several projector instances apply batches at
+//! the same time, normally for different books (a book's facts live on one partition, and a
+//! partition has one owner). The exception is an instance that lost its partitions while
+//! paused and wakes up with a stale batch: its version checks could then race with the new
+//! owner's writes of the same book (a check reads no uncommitted deletion, then the insert
+//! waits for and follows it). So a batch first takes a transaction-scoped advisory lock per
+//! book it touches, all in one statement and in one global order (no deadlock); writes of one
+//! book are thereby serialised and every check sees the last committed state.
+
+use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
+use sqlx::PgConnection;
+use uuid::Uuid;
+
+use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use crate::domain::{BookFactEvent, BookId, Price};
+use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
+
+impl ReportStore for PostgresStore {
+    async fn apply_batch(
+        &self,
+        group: &str,
+        topic: &str,
+        changes: &[ReportChange],
+        offsets: &[PartitionOffset],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        lock_books(&mut tx, changes).await?;
+        let now = Utc::now().trunc_subsecs(6);
+        for change in changes {
+            match change {
+                ReportChange::Upsert { fact, changed_at } => {
+                    upsert(&mut tx, fact, *changed_at).await?;
+                }
+                ReportChange::Delete {
+                    book_id,
+                    version: Some(version),
+                } => delete_at(&mut tx, *book_id, *version, now).await?,
+                ReportChange::Delete {
+                    book_id,
+                    version: None,
+                } => delete_any(&mut tx, *book_id, now).await?,
+            }
+        }
+        store_offsets(&mut tx, group, topic, offsets).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn stored_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionOffset>, StoreError> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_offsets
+             WHERE consumer_group = $1 AND topic = $2 ORDER BY partition",
+        )
+        .bind(group)
+        .bind(topic)
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        Ok(rows
+            .into_iter()
+            .map(|(partition, next_offset)| PartitionOffset {
+                partition,
+                next_offset,
+            })
+            .collect())
+    }
+
+    async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
+        let rows: Vec<ReportRow> = sqlx::query_as(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report ORDER BY title, book_id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {
+        let row: Option<ReportRow> = sqlx::query_as(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report WHERE book_id = $1",
+        )
+        .bind(book_id.as_uuid())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(read_failed)?;
+        row.map(ReportRow::into_report).transpose()
+    }
+
+    async fn reset(&self, group: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin().await?;
+        sqlx::query("DELETE FROM book_report")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM book_report_deleted")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM projection_offsets WHERE consumer_group = $1")
+            .bind(group)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Takes the advisory lock of every book of `changes`, in ascending key order, in one round
+/// trip. Released at the end of the transaction.
+async fn lock_books(conn: &mut PgConnection, changes: &[ReportChange]) -> Result<(), StoreError> {
+    let mut keys: Vec<i64> = changes
+        .iter()
+        .map(|change| lock_key(change.book_id()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    if keys.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "SELECT pg_advisory_xact_lock(key)
+         FROM (SELECT key FROM unnest($1::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n) AS keys",
+    )
+    .bind(keys)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// The advisory lock key of a book: its UUID folded to 64 bits (collisions only serialise two
+/// books' writes).
+fn lock_key(book_id: BookId) -> i64 {
+    let (high, low) = book_id.as_uuid().as_u64_pair();
+    (high ^ low) as i64
+}
+
+/// Writes the fact's row unless the row or a remembered deletion is as new or newer; writing it
+/// forgets an older deletion (the book exists again).
+async fn upsert(
+    conn: &mut PgConnection,
+    fact: &BookFactEvent,
+    changed_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH written AS (
+             INSERT INTO book_report (book_id, title, author, price, isbn, version, updated_at)
+             SELECT $1, $2, $3, $4, $5, $6, $7
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM book_report_deleted WHERE book_id = $1 AND version >= $6)
+             ON CONFLICT (book_id) DO UPDATE SET
+                 title = excluded.title, author = excluded.author, price = excluded.price,
+                 isbn = excluded.isbn, version = excluded.version,
+                 updated_at = excluded.updated_at
+             WHERE book_report.version < excluded.version
+             RETURNING book_id)
+         DELETE FROM book_report_deleted AS deleted USING written
+         WHERE deleted.book_id = written.book_id AND deleted.version < $6",
+    )
+    .bind(fact.book_id.as_uuid())
+    .bind(fact.title.as_str())
+    .bind(fact.author.as_str())
+    .bind(fact.price.amount())
+    .bind(fact.isbn.as_deref())
+    .bind(to_i64(fact.version, "fact version")?)
+    .bind(changed_at.trunc_subsecs(6))
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the row unless it is newer than `version`, and remembers the deletion.
+async fn delete_at(
+    conn: &mut PgConnection,
+    book_id: BookId,
+    version: u64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH remembered AS (
+             INSERT INTO book_report_deleted (book_id, version, deleted_at)
+             SELECT $1, $2, $3
+             WHERE NOT EXISTS (SELECT 1 FROM book_report WHERE book_id = $1 AND version > $2)
+             ON CONFLICT (book_id) DO UPDATE SET
+                 version = excluded.version, deleted_at = excluded.deleted_at
+             WHERE book_report_deleted.version < excluded.version)
+         DELETE FROM book_report WHERE book_id = $1 AND version <= $2",
+    )
+    .bind(book_id.as_uuid())
+    .bind(to_i64(version, "deleted version")?)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Deletes the row whatever its version, remembering that version.
+async fn delete_any(
+    conn: &mut PgConnection,
+    book_id: BookId,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "WITH gone AS (DELETE FROM book_report WHERE book_id = $1 RETURNING book_id, version)
+         INSERT INTO book_report_deleted (book_id, version, deleted_at)
+         SELECT book_id, version, $2 FROM gone
+         ON CONFLICT (book_id) DO UPDATE SET
+             version = excluded.version, deleted_at = excluded.deleted_at
+         WHERE book_report_deleted.version < excluded.version",
+    )
+    .bind(book_id.as_uuid())
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Stores every partition's next offset in one statement.
+async fn store_offsets(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    offsets: &[PartitionOffset],
+) -> Result<(), StoreError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let partitions: Vec<i32> = offsets.iter().map(|offset| offset.partition).collect();
+    let next_offsets: Vec<i64> = offsets.iter().map(|offset| offset.next_offset).collect();
+    sqlx::query(
+        "INSERT INTO projection_offsets (consumer_group, topic, partition, next_offset, updated_at)
+         SELECT $1, $2, partition, next_offset, now()
+         FROM unnest($3::integer[], $4::bigint[]) AS o(partition, next_offset)
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
+             next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partitions)
+    .bind(next_offsets)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct ReportRow {
+    book_id: Uuid,
+    title: String,
+    author: String,
+    price: Decimal,
+    isbn: Option<String>,
+    version: i64,
+    updated_at: DateTime<Utc>,
+}
+
+impl ReportRow {
+    fn into_report(self) -> Result<BookReport, StoreError> {
+        let book_id = BookId::new(self.book_id);
+        let price = Price::new(self.price).map_err(|error| {
+            StoreError::Corrupt(format!(
+                "report of book {book_id} has price {}: {error}",
+                self.price
+            ))
+        })?;
+        Ok(BookReport {
+            book_id,
+            title: self.title,
+            author: self.author,
+            price,
+            isbn: self.isbn,
+            version: to_u64(self.version, "book_report.version")?,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// A value that does not decode is corrupt data, not an outage.
+fn read_failed(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Database(other),
+    }
+}

@@ -1,0 +1,267 @@
+//! [`ReportStore`] for [`SqliteStore`]: the read model in the store's own SQLite file.
+//!
+//! A batch runs in one `BEGIN IMMEDIATE` transaction, like the store's saves: SQLite has one
+//! writer at a time, so batches of several projector instances simply queue, and the version
+//! checks of one change can never interleave with another batch's writes. Values are stored as
+//! the store stores them: hyphenated UUID text, canonical price text, RFC 3339 UTC timestamps.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use sqlx::SqliteConnection;
+use uuid::fmt::Hyphenated;
+
+use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use crate::domain::{BookFactEvent, BookId, Price};
+use crate::store::{SqliteStore, StoreError, to_i64, to_u64};
+
+impl ReportStore for SqliteStore {
+    async fn apply_batch(
+        &self,
+        group: &str,
+        topic: &str,
+        changes: &[ReportChange],
+        offsets: &[PartitionOffset],
+    ) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let now = Utc::now().trunc_subsecs(6);
+        for change in changes {
+            match change {
+                ReportChange::Upsert { fact, changed_at } => {
+                    upsert(&mut tx, fact, *changed_at).await?;
+                }
+                ReportChange::Delete {
+                    book_id,
+                    version: Some(version),
+                } => delete_at(&mut tx, *book_id, *version, now).await?,
+                ReportChange::Delete {
+                    book_id,
+                    version: None,
+                } => delete_any(&mut tx, *book_id, now).await?,
+            }
+        }
+        for offset in offsets {
+            store_offset(&mut tx, group, topic, *offset).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn stored_offsets(
+        &self,
+        group: &str,
+        topic: &str,
+    ) -> Result<Vec<PartitionOffset>, StoreError> {
+        let rows: Vec<(i32, i64)> = sqlx::query_as(
+            "SELECT partition, next_offset FROM projection_offsets
+             WHERE consumer_group = ? AND topic = ? ORDER BY partition",
+        )
+        .bind(group)
+        .bind(topic)
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        Ok(rows
+            .into_iter()
+            .map(|(partition, next_offset)| PartitionOffset {
+                partition,
+                next_offset,
+            })
+            .collect())
+    }
+
+    async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
+        let rows: Vec<ReportRow> = sqlx::query_as(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report ORDER BY title, book_id",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {
+        let row: Option<ReportRow> = sqlx::query_as(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report WHERE book_id = ?",
+        )
+        .bind(book_id.as_uuid().hyphenated())
+        .fetch_optional(self.pool())
+        .await
+        .map_err(read_failed)?;
+        row.map(ReportRow::into_report).transpose()
+    }
+
+    async fn reset(&self, group: &str) -> Result<(), StoreError> {
+        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        sqlx::query("DELETE FROM book_report")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM book_report_deleted")
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM projection_offsets WHERE consumer_group = ?")
+            .bind(group)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// Writes the fact's row unless the row or a remembered deletion is as new or newer.
+async fn upsert(
+    conn: &mut SqliteConnection,
+    fact: &BookFactEvent,
+    changed_at: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let version = to_i64(fact.version, "fact version")?;
+    let written = sqlx::query(
+        "INSERT INTO book_report (book_id, title, author, price, isbn, version, updated_at)
+         SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7
+         WHERE NOT EXISTS (
+             SELECT 1 FROM book_report_deleted WHERE book_id = ?1 AND version >= ?6)
+         ON CONFLICT (book_id) DO UPDATE SET
+             title = excluded.title, author = excluded.author, price = excluded.price,
+             isbn = excluded.isbn, version = excluded.version, updated_at = excluded.updated_at
+         WHERE book_report.version < excluded.version",
+    )
+    .bind(fact.book_id.as_uuid().hyphenated())
+    .bind(fact.title.as_str())
+    .bind(fact.author.as_str())
+    .bind(fact.price.to_string())
+    .bind(fact.isbn.as_deref())
+    .bind(version)
+    .bind(changed_at.trunc_subsecs(6))
+    .execute(&mut *conn)
+    .await?
+    .rows_affected();
+    if written > 0 {
+        // A newer fact than a remembered deletion: the book exists again.
+        sqlx::query("DELETE FROM book_report_deleted WHERE book_id = ? AND version < ?")
+            .bind(fact.book_id.as_uuid().hyphenated())
+            .bind(version)
+            .execute(&mut *conn)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Deletes the row unless it is newer than `version`, and remembers the deletion.
+async fn delete_at(
+    conn: &mut SqliteConnection,
+    book_id: BookId,
+    version: u64,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let version = to_i64(version, "deleted version")?;
+    let id = book_id.as_uuid().hyphenated();
+    sqlx::query(
+        "INSERT INTO book_report_deleted (book_id, version, deleted_at)
+         SELECT ?1, ?2, ?3
+         WHERE NOT EXISTS (SELECT 1 FROM book_report WHERE book_id = ?1 AND version > ?2)
+         ON CONFLICT (book_id) DO UPDATE SET
+             version = excluded.version, deleted_at = excluded.deleted_at
+         WHERE book_report_deleted.version < excluded.version",
+    )
+    .bind(id)
+    .bind(version)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM book_report WHERE book_id = ? AND version <= ?")
+        .bind(id)
+        .bind(version)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Deletes the row whatever its version, remembering that version.
+async fn delete_any(
+    conn: &mut SqliteConnection,
+    book_id: BookId,
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    let id = book_id.as_uuid().hyphenated();
+    sqlx::query(
+        "INSERT INTO book_report_deleted (book_id, version, deleted_at)
+         SELECT book_id, version, ?2 FROM book_report WHERE book_id = ?1
+         ON CONFLICT (book_id) DO UPDATE SET
+             version = excluded.version, deleted_at = excluded.deleted_at
+         WHERE book_report_deleted.version < excluded.version",
+    )
+    .bind(id)
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query("DELETE FROM book_report WHERE book_id = ?")
+        .bind(id)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+async fn store_offset(
+    conn: &mut SqliteConnection,
+    group: &str,
+    topic: &str,
+    offset: PartitionOffset,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "INSERT INTO projection_offsets (consumer_group, topic, partition, next_offset, updated_at)
+         VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
+             next_offset = excluded.next_offset, updated_at = excluded.updated_at",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(offset.partition)
+    .bind(offset.next_offset)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+#[derive(sqlx::FromRow)]
+struct ReportRow {
+    book_id: Hyphenated,
+    title: String,
+    author: String,
+    price: String,
+    isbn: Option<String>,
+    version: i64,
+    updated_at: DateTime<Utc>,
+}
+
+impl ReportRow {
+    fn into_report(self) -> Result<BookReport, StoreError> {
+        let book_id = BookId::new(self.book_id.into_uuid());
+        let price = Price::from_str(&self.price).map_err(|error| {
+            StoreError::Corrupt(format!(
+                "report of book {book_id} has price {:?}: {error}",
+                self.price
+            ))
+        })?;
+        Ok(BookReport {
+            book_id,
+            title: self.title,
+            author: self.author,
+            price,
+            isbn: self.isbn,
+            version: to_u64(self.version, "book_report.version")?,
+            updated_at: self.updated_at,
+        })
+    }
+}
+
+/// A value that does not decode is corrupt data, not an outage.
+fn read_failed(error: sqlx::Error) -> StoreError {
+    match error {
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) => {
+            StoreError::Corrupt(error.to_string())
+        }
+        other => StoreError::Database(other),
+    }
+}

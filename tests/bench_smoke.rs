@@ -1,0 +1,108 @@
+//! `bookstore bench --json` end to end with tiny sizes against the real broker and PostgreSQL:
+//! every required key is there and every ratio is a positive finite number. No timing is
+//! asserted; the figures of so small a run mean nothing.
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::Value;
+
+const REQUIRED: [&str; 5] = [
+    "relay_vs_producer_ratio",
+    "projection_vs_consumer_ratio",
+    "commit_to_ack_p99_ms",
+    "commit_to_report_p99_ms",
+    "relay_backlog_rss_mib",
+];
+
+fn positive_finite(value: &Value) -> bool {
+    value
+        .as_f64()
+        .is_some_and(|number| number.is_finite() && number > 0.0)
+}
+
+#[tokio::test]
+async fn bench_json_has_every_figure_and_positive_finite_ratios() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("bench")
+        .arg("--json")
+        .args(["--stores", "sqlite,postgres"])
+        .args(["--postgres-url", &common::postgres_url()])
+        .args(["--bootstrap-servers", &common::bootstrap_servers()])
+        .args(["--work-dir", work_dir.path().to_str().unwrap()])
+        .args([
+            "--relay-events",
+            "200",
+            "--batch-size",
+            "50",
+            "--rounds",
+            "1",
+        ])
+        .args([
+            "--writers",
+            "2",
+            "--writer-seconds",
+            "0.5",
+            "--append-events",
+            "40",
+        ])
+        .args(["--latency-rate", "100", "--latency-seconds", "1"])
+        .args(["--backlog-events", "2000"])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let output = tokio::time::timeout(Duration::from_secs(600), child.wait_with_output())
+        .await
+        .expect("the bench did not finish within 10 minutes")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "bench failed: {}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("stdout is not ONE JSON object ({error}): {stdout}"));
+
+    for key in REQUIRED {
+        let value = &report[key];
+        assert!(
+            positive_finite(value),
+            "{key} is {value}, not a positive finite number"
+        );
+    }
+    let figures = report["figures"].as_object().expect("a figures map");
+    for store in ["sqlite", "postgres"] {
+        for suffix in [
+            "relay_exactly_once",
+            "relay_at_least_once",
+            "relay_exactly_once_vs_at_least_once",
+            "writers_with_relay",
+            "projection",
+            "commit_to_ack_p99",
+            "commit_to_report_p99",
+            "append_x1",
+            "append_x2",
+        ] {
+            let key = format!("{store}_{suffix}");
+            assert!(figures.contains_key(&key), "figure {key} is missing");
+        }
+    }
+    for (key, figure) in figures {
+        assert!(
+            positive_finite(&figure["value"]),
+            "{key} has value {}",
+            figure["value"]
+        );
+        if let Some(ratio) = figure.get("ratio") {
+            assert!(positive_finite(ratio), "{key} has ratio {ratio}");
+        }
+    }
+}

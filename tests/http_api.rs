@@ -1,0 +1,573 @@
+//! `bookstore serve`'s router on an ephemeral port over a real store: commands through the JSON
+//! API land in the store with their outbox events, errors have their status and shape, the
+//! report is served as JSON and as an escaped HTML page, and the operational endpoints tell
+//! the truth about the database, the broker and the relay's backlog.
+//!
+//! Report rows are written here through the `ReportStore` adapter, as the projector would, so
+//! these tests need no broker (except the one readiness check that asks it);
+//! `tests/dashboard_browser.rs` runs the whole loop through Kafka.
+
+mod common;
+
+use std::time::Duration;
+
+use bookstore::domain::{BookFactEvent, BookId};
+use bookstore::http::{self, HttpState, HttpStore};
+use bookstore::projection::ReportChange;
+use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::{EventStore, Outbox, SqliteStore};
+use chrono::Utc;
+use serde_json::{Value, json};
+use tempfile::TempDir;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+/// The router served on 127.0.0.1:0, stopped when dropped.
+struct Server<S> {
+    base: String,
+    store: S,
+    trigger: ShutdownTrigger,
+    task: Option<JoinHandle<Result<(), http::HttpError>>>,
+    _dir: Option<TempDir>,
+}
+
+impl<S: HttpStore + Clone> Server<S> {
+    async fn start(store: S, configure: impl FnOnce(HttpState<S>) -> HttpState<S>) -> Self {
+        let metrics = bookstore::telemetry::prometheus_handle().unwrap();
+        let state = configure(HttpState::new(store.clone(), metrics));
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let task = tokio::spawn(http::serve(listener, http::router(state), shutdown));
+        Self {
+            base,
+            store,
+            trigger,
+            task: Some(task),
+            _dir: None,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn get(&self, path: &str) -> Reply {
+        send("GET", self.url(path), None).await
+    }
+
+    async fn delete(&self, path: &str) -> Reply {
+        send("DELETE", self.url(path), None).await
+    }
+
+    async fn post(&self, path: &str, body: Value) -> Reply {
+        send(
+            "POST",
+            self.url(path),
+            Some(("application/json", body.to_string())),
+        )
+        .await
+    }
+
+    async fn put(&self, path: &str, body: Value) -> Reply {
+        send(
+            "PUT",
+            self.url(path),
+            Some(("application/json", body.to_string())),
+        )
+        .await
+    }
+
+    async fn patch(&self, path: &str, body: Value) -> Reply {
+        send(
+            "PATCH",
+            self.url(path),
+            Some(("application/json", body.to_string())),
+        )
+        .await
+    }
+
+    /// Adds a book through the API and returns its id.
+    async fn add_book(&self, title: &str, price: &str) -> BookId {
+        let reply = self
+            .post(
+                "/api/books",
+                json!({"title": title, "author": "Ann Author", "price": price}),
+            )
+            .await;
+        assert_eq!(reply.status, 201, "{reply:?}");
+        reply.json()["book_id"].as_str().unwrap().parse().unwrap()
+    }
+
+    /// Writes the book's current state to the read model, as the projector would.
+    async fn project(&self, book_id: BookId) {
+        let book = self.store.load_book(book_id).await.unwrap().unwrap();
+        let change = if book.removed {
+            ReportChange::Delete {
+                book_id,
+                version: Some(book.version),
+            }
+        } else {
+            ReportChange::Upsert {
+                fact: BookFactEvent::of(&book),
+                changed_at: Utc::now(),
+            }
+        };
+        self.store
+            .apply_batch("http-test", "http-test.book-fact", &[change], &[])
+            .await
+            .unwrap();
+    }
+}
+
+impl Server<SqliteStore> {
+    async fn sqlite() -> Self {
+        Self::sqlite_with(|state| state).await
+    }
+
+    async fn sqlite_with(
+        configure: impl FnOnce(HttpState<SqliteStore>) -> HttpState<SqliteStore>,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::connect(dir.path().join("bookstore.db").to_str().unwrap())
+            .await
+            .unwrap();
+        let mut server = Self::start(store, configure).await;
+        server._dir = Some(dir);
+        server
+    }
+}
+
+impl<S> Drop for Server<S> {
+    fn drop(&mut self) {
+        self.trigger.trigger();
+    }
+}
+
+#[derive(Debug)]
+struct Reply {
+    status: u16,
+    content_type: String,
+    location: Option<String>,
+    body: String,
+}
+
+impl Reply {
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|error| panic!("not JSON ({error}): {}", self.body))
+    }
+
+    /// Asserts an error reply: `status`, a JSON body with a message, and `field` if given.
+    fn assert_error(&self, status: u16, field: Option<&str>) {
+        assert_eq!(self.status, status, "{self:?}");
+        let body = self.json();
+        assert!(
+            body["error"].as_str().is_some_and(|text| !text.is_empty()),
+            "{self:?}"
+        );
+        assert_eq!(body["field"].as_str(), field, "{self:?}");
+    }
+}
+
+/// One request with ureq (blocking, so on the blocking pool); every status is a reply.
+async fn send(method: &'static str, url: String, body: Option<(&'static str, String)>) -> Reply {
+    tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .new_agent();
+        let request = ureq::http::Request::builder().method(method).uri(&url);
+        let response = match body {
+            Some((content_type, body)) => agent.run(
+                request
+                    .header("content-type", content_type)
+                    .body(body)
+                    .unwrap(),
+            ),
+            None => agent.run(request.body(()).unwrap()),
+        };
+        let mut response = response.unwrap_or_else(|error| panic!("{method} {url}: {error}"));
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|value| value.to_str().ok())
+                .map(str::to_owned)
+        };
+        let content_type = header("content-type").unwrap_or_default();
+        let location = header("location");
+        Reply {
+            status: response.status().as_u16(),
+            content_type,
+            location,
+            body: response.body_mut().read_to_string().unwrap(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+/// Add, reprice, change details, read back through the report, remove: each command is one
+/// transaction with its delta and fact events in the outbox.
+async fn book_round_trip<S: HttpStore + Clone>(server: &Server<S>) {
+    let added = server
+        .post(
+            "/api/books",
+            json!({
+                "title": "The Outbox Pattern",
+                "author": "Ann Author",
+                "isbn": "9780000000001",
+                "price": "12.50",
+                "description": "Reliable events"
+            }),
+        )
+        .await;
+    assert_eq!(added.status, 201, "{added:?}");
+    let book_id: BookId = added.json()["book_id"].as_str().unwrap().parse().unwrap();
+    assert_eq!(added.location, Some(format!("/api/books/{book_id}")));
+    let book = server.store.load_book(book_id).await.unwrap().unwrap();
+    assert_eq!(
+        (book.title.as_str(), book.price.to_string(), book.version),
+        ("The Outbox Pattern", "12.50".to_owned(), 1)
+    );
+    assert_eq!(
+        server.store.head_position().await.unwrap(),
+        2,
+        "delta + fact"
+    );
+
+    let path = format!("/api/books/{book_id}");
+    let repriced = server
+        .put(&format!("{path}/price"), json!({"price": "15.99"}))
+        .await;
+    assert_eq!(repriced.status, 200, "{repriced:?}");
+    assert_eq!(repriced.json()["version"], 2);
+    let unchanged = server
+        .put(&format!("{path}/price"), json!({"price": 15.99}))
+        .await;
+    assert_eq!(unchanged.json()["changed"], false, "{unchanged:?}");
+
+    let patched = server
+        .patch(
+            &path,
+            json!({"title": "The Outbox Pattern, 2nd ed.", "isbn": null}),
+        )
+        .await;
+    assert_eq!(patched.status, 200, "{patched:?}");
+    let book = server.store.load_book(book_id).await.unwrap().unwrap();
+    assert_eq!(book.title, "The Outbox Pattern, 2nd ed.");
+    assert_eq!(book.isbn, None);
+    assert_eq!(book.description.as_deref(), Some("Reliable events"));
+    assert_eq!(book.price.to_string(), "15.99");
+
+    server.project(book_id).await;
+    let rows = server.get("/api/books").await;
+    assert_eq!(rows.status, 200, "{rows:?}");
+    assert!(rows.content_type.starts_with("application/json"));
+    assert_eq!(
+        rows.json(),
+        json!([{
+            "book_id": book_id.to_string(),
+            "title": "The Outbox Pattern, 2nd ed.",
+            "author": "Ann Author",
+            "price": "15.99",
+            "isbn": null,
+            "version": 3,
+            "updated_at": rows.json()[0]["updated_at"],
+        }])
+    );
+    let row = server.get(&path).await;
+    assert_eq!(row.json()["price"], "15.99", "{row:?}");
+
+    let removed = server.delete(&path).await;
+    assert_eq!(removed.status, 200, "{removed:?}");
+    assert_eq!(removed.json()["version"], 4);
+    assert!(
+        server
+            .store
+            .load_book(book_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .removed
+    );
+    assert_eq!(server.store.head_position().await.unwrap(), 8);
+    server.project(book_id).await;
+    server.get(&path).await.assert_error(404, None);
+}
+
+#[tokio::test]
+async fn book_round_trip_through_the_api_on_sqlite() {
+    book_round_trip(&Server::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn book_round_trip_through_the_api_on_postgres() {
+    let server = Server::start(common::postgres_store().await, |state| state).await;
+    book_round_trip(&server).await;
+}
+
+#[tokio::test]
+async fn invalid_input_is_refused_with_its_field_and_writes_nothing() {
+    let server = Server::sqlite().await;
+    let refusals = [
+        (json!({"title": "", "author": "A"}), Some("title")),
+        (json!({"author": "A"}), Some("title")),
+        (json!({"title": 7, "author": "A"}), Some("title")),
+        (json!({"title": "T", "author": "  "}), Some("author")),
+        (
+            json!({"title": "T", "author": "A", "price": "-1"}),
+            Some("price"),
+        ),
+        (
+            json!({"title": "T", "author": "A", "price": "1.001"}),
+            Some("price"),
+        ),
+        (
+            json!({"title": "T", "author": "A", "price": [1]}),
+            Some("price"),
+        ),
+        (
+            json!({"title": "x".repeat(201), "author": "A"}),
+            Some("title"),
+        ),
+        (json!({"title": "T", "author": "A", "prize": "1"}), None),
+    ];
+    for (body, field) in refusals {
+        let reply = server.post("/api/books", body.clone()).await;
+        assert_eq!(reply.status, 422, "{body}: {reply:?}");
+        reply.assert_error(422, field);
+    }
+
+    let url = server.url("/api/books");
+    for text in ["{\"title\": ", "not json", "[\"a list\"]", ""] {
+        let reply = send("POST", url.clone(), Some(("application/json", text.into()))).await;
+        reply.assert_error(400, None);
+    }
+    let form = send(
+        "POST",
+        url,
+        Some((
+            "application/x-www-form-urlencoded",
+            "title=T&author=A".into(),
+        )),
+    )
+    .await;
+    form.assert_error(415, None);
+    assert_eq!(server.store.head_position().await.unwrap(), 0);
+
+    let book_id = server.add_book("Priced", "1.00").await;
+    let reply = server
+        .put(
+            &format!("/api/books/{book_id}/price"),
+            json!({"price": "cheap"}),
+        )
+        .await;
+    reply.assert_error(422, Some("price"));
+    let reply = server
+        .put(&format!("/api/books/{book_id}/price"), json!({}))
+        .await;
+    reply.assert_error(422, Some("price"));
+    let reply = server
+        .patch(&format!("/api/books/{book_id}"), json!({"title": ""}))
+        .await;
+    reply.assert_error(422, Some("title"));
+    assert_eq!(server.store.head_position().await.unwrap(), 2);
+}
+
+#[tokio::test]
+async fn unknown_books_are_404_and_removed_books_409() {
+    let server = Server::sqlite().await;
+    let unknown = BookId::generate();
+    let path = format!("/api/books/{unknown}");
+    server.get(&path).await.assert_error(404, None);
+    server
+        .put(&format!("{path}/price"), json!({"price": "1.00"}))
+        .await
+        .assert_error(404, None);
+    server
+        .patch(&path, json!({"title": "T"}))
+        .await
+        .assert_error(404, None);
+    server.delete(&path).await.assert_error(404, None);
+    server
+        .get("/api/books/not-a-uuid")
+        .await
+        .assert_error(404, None);
+    server.get("/no/such/page").await.assert_error(404, None);
+
+    let book_id = server.add_book("Soon gone", "3.00").await;
+    let path = format!("/api/books/{book_id}");
+    assert_eq!(server.delete(&path).await.status, 200);
+    server
+        .put(&format!("{path}/price"), json!({"price": "4.00"}))
+        .await
+        .assert_error(409, None);
+    server
+        .patch(&path, json!({"title": "Back"}))
+        .await
+        .assert_error(409, None);
+    let again = server.delete(&path).await;
+    assert_eq!(
+        (again.status, &again.json()["changed"]),
+        (200, &json!(false))
+    );
+}
+
+#[tokio::test]
+async fn liveness_and_readiness_follow_the_database() {
+    let server = Server::sqlite().await;
+    let health = server.get("/healthz").await;
+    assert_eq!(health.status, 200, "{health:?}");
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(
+        ready.json(),
+        json!({"status": "ready", "checks": {"database": "ok"}})
+    );
+
+    server.store.pool().close().await;
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert_ne!(ready.json()["checks"]["database"], "ok", "{ready:?}");
+    assert_eq!(server.get("/healthz").await.status, 200);
+    server
+        .post("/api/books", json!({"title": "T", "author": "A"}))
+        .await
+        .assert_error(503, None);
+    assert_eq!(server.get("/api/books").await.status, 503);
+    let page = server.get("/").await;
+    assert_eq!(page.status, 503);
+    assert!(page.body.contains("cannot be read right now"), "{page:?}");
+}
+
+#[tokio::test]
+async fn readiness_asks_the_broker_when_given_one() {
+    let kafka = common::kafka_config();
+    let server = Server::sqlite_with(|state| state.with_kafka_readiness(kafka)).await;
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 200, "{ready:?}");
+    assert_eq!(ready.json()["checks"]["kafka"], "ok");
+
+    let nowhere =
+        bookstore::config::KafkaConfig::new(format!("127.0.0.1:{}", common::free_local_port()));
+    let server = Server::sqlite_with(|state| {
+        state
+            .with_kafka_readiness(nowhere)
+            .with_probe_timeout(Duration::from_secs(1))
+    })
+    .await;
+    let ready = server.get("/readyz").await;
+    assert_eq!(ready.status, 503, "{ready:?}");
+    assert_eq!(ready.json()["checks"]["database"], "ok");
+    assert_ne!(ready.json()["checks"]["kafka"], "ok", "{ready:?}");
+}
+
+fn metric_line<'a>(text: &'a str, name: &str, labels: &[&str]) -> Option<&'a str> {
+    text.lines().find(|line| {
+        line.split(['{', ' ']).next() == Some(name) && labels.iter().all(|l| line.contains(l))
+    })
+}
+
+fn metric_value(text: &str, name: &str) -> f64 {
+    let line = metric_line(text, name, &[]).unwrap_or_else(|| panic!("no {name} in:\n{text}"));
+    line.rsplit(' ').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test]
+async fn metrics_show_the_relay_backlog_and_count_requests() {
+    let server = Server::sqlite_with(|state| state.with_relay_id("http-test.relay")).await;
+    server.add_book("One", "1.00").await;
+    server.add_book("Two", "2.00").await;
+
+    let scrape = server.get("/metrics").await;
+    assert_eq!(scrape.status, 200, "{scrape:?}");
+    assert!(scrape.content_type.starts_with("text/plain"), "{scrape:?}");
+    assert_eq!(
+        metric_value(&scrape.body, "bookstore_relay_backlog_events"),
+        4.0
+    );
+    assert_eq!(
+        metric_value(&scrape.body, "bookstore_relay_last_published_position"),
+        0.0
+    );
+    let added = metric_line(
+        &scrape.body,
+        "bookstore_http_requests_total",
+        &["method=\"POST\"", "route=\"/api/books\"", "status=\"201\""],
+    );
+    assert!(added.is_some(), "no request counter in:\n{}", scrape.body);
+
+    server
+        .store
+        .record_published("http-test.relay", 3)
+        .await
+        .unwrap();
+    let scrape = server.get("/metrics").await;
+    assert_eq!(
+        metric_value(&scrape.body, "bookstore_relay_backlog_events"),
+        1.0
+    );
+    assert_eq!(
+        metric_value(&scrape.body, "bookstore_relay_last_published_position"),
+        3.0
+    );
+}
+
+#[tokio::test]
+async fn dashboard_escapes_markup_sorts_and_totals() {
+    let server = Server::sqlite().await;
+    let script = server
+        .add_book("<script>alert('pwned')</script>", "20.00")
+        .await;
+    let plain = server.add_book("Plain & Simple", "5.00").await;
+    server.project(script).await;
+    server.project(plain).await;
+
+    let page = server.get("/").await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert!(page.content_type.starts_with("text/html"), "{page:?}");
+    assert!(
+        page.body
+            .contains("&lt;script&gt;alert(&#39;pwned&#39;)&lt;/script&gt;"),
+        "{}",
+        page.body
+    );
+    assert!(
+        !page.body.contains("<script"),
+        "unescaped markup:\n{}",
+        page.body
+    );
+    assert!(page.body.contains("Plain &amp; Simple"));
+    assert!(
+        page.body
+            .contains("<meta http-equiv=\"refresh\" content=\"5\">")
+    );
+    assert!(page.body.contains("<b id=\"total-books\">2</b>"));
+    assert!(page.body.contains("<b id=\"total-price\">25.00</b>"));
+    assert!(page.body.contains("<b id=\"average-price\">12.50</b>"));
+
+    let position = |body: &str, id: BookId| body.find(&id.to_string()).unwrap();
+    let by_price_desc = server.get("/?sort=price&dir=desc").await.body;
+    assert!(position(&by_price_desc, script) < position(&by_price_desc, plain));
+    let by_price_asc = server.get("/?sort=price&dir=asc").await.body;
+    assert!(position(&by_price_asc, plain) < position(&by_price_asc, script));
+    assert!(by_price_asc.contains("href=\"?sort=price&amp;dir=desc\""));
+    let garbled = server.get("/?sort=%ZZ&dir").await;
+    assert_eq!(garbled.status, 200, "{garbled:?}");
+}
+
+#[tokio::test]
+async fn serving_stops_when_shutdown_fires() {
+    let mut server = Server::sqlite().await;
+    assert_eq!(server.get("/healthz").await.status, 200);
+    server.trigger.trigger();
+    let task = server.task.take().unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the server did not stop within 10 s")
+        .unwrap()
+        .unwrap();
+}

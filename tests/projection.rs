@@ -1,0 +1,774 @@
+//! The reporting projection, proved once per read-model adapter.
+//!
+//! Each behaviour is one async function over a [`World`] (a store that is outbox and read model
+//! at once, plus topics of its own on the real broker); `projection_suite!` turns it into a
+//! `sqlite::<behaviour>` and a `postgres::<behaviour>` test. The broker comes from
+//! `KAFKA_BOOTSTRAP_SERVERS`, PostgreSQL from `BOOKSTORE_TEST_DATABASE_URL`, the schema registry
+//! from `SCHEMA_REGISTRY_URL` (see `tests/common`).
+
+mod common;
+#[path = "store_suite/fixtures.rs"]
+mod fixtures;
+#[path = "projection/world.rs"]
+mod world;
+
+use std::collections::{BTreeSet, HashSet};
+use std::time::Duration;
+
+use bookstore::codec::headers as h;
+use bookstore::codec::{AvroCodec, EventCodec, frame_single_object};
+use bookstore::domain::{BookFactEvent, BookId, EventPayload, Price};
+use bookstore::projection::{
+    BookReport, PartitionOffset, ProjectionMode, ReportChange, ReportStore, default_group, dlq,
+    kafka_projector, list_dead_letters,
+};
+use bookstore::shutdown::ShutdownTrigger;
+use chrono::{DateTime, Utc};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::FutureRecord;
+use rdkafka::{Offset, TopicPartitionList};
+
+use world::{Rng, World};
+
+macro_rules! projection_suite {
+    ($($behaviour:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let world = crate::World::sqlite().await;
+                    crate::$behaviour(&world).await;
+                    world.finish().await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let world = crate::World::postgres().await;
+                    crate::$behaviour(&world).await;
+                    world.finish().await;
+                }
+            )*
+        }
+    };
+}
+
+projection_suite!(
+    older_fact_never_overwrites_newer_report,
+    older_fact_cannot_bring_back_a_deleted_book,
+    versionless_tombstone_deletes_whatever_version_and_remembers_it,
+    batch_stores_offsets_with_the_rows_and_reset_forgets_them,
+    projection_equals_store_after_random_commands,
+    replaying_the_topic_in_a_fresh_group_changes_nothing,
+    tombstone_on_the_topic_deletes_the_report_row,
+    killed_projector_resumes_from_stored_offsets_and_matches_store,
+    projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metrics,
+    two_projectors_split_the_partitions_and_together_match_store,
+    undecodable_records_go_to_the_dlq_and_projection_goes_on,
+    dlq_replay_sends_each_dead_letter_back_once,
+    report_json_has_the_documented_shape,
+    rebuild_restores_rows_deleted_by_hand,
+    confluent_framed_facts_are_decoded_through_the_schema_registry,
+);
+
+// ---------------------------------------------------------------------------------------------
+// The ReportStore rules, straight against the adapter.
+
+fn fact(book_id: BookId, version: u64, title: &str) -> BookFactEvent {
+    BookFactEvent {
+        book_id,
+        title: title.into(),
+        author: "Ursula K. Le Guin".into(),
+        isbn: Some("9780441478125".into()),
+        price: Price::from_cents(1099).unwrap(),
+        description: None,
+        version,
+        removed: false,
+    }
+}
+
+fn upsert(book_id: BookId, version: u64, title: &str) -> ReportChange {
+    ReportChange::Upsert {
+        fact: fact(book_id, version, title),
+        changed_at: DateTime::<Utc>::from_timestamp(1_700_000_000 + version as i64, 0).unwrap(),
+    }
+}
+
+fn delete(book_id: BookId, version: Option<u64>) -> ReportChange {
+    ReportChange::Delete { book_id, version }
+}
+
+async fn apply(world: &World, changes: &[ReportChange]) {
+    world
+        .store
+        .apply_batch("g", "t.book-fact", changes, &[])
+        .await
+        .unwrap();
+}
+
+async fn row(world: &World, book_id: BookId) -> Option<(u64, String)> {
+    world
+        .store
+        .report(book_id)
+        .await
+        .unwrap()
+        .map(|report| (report.version, report.title))
+}
+
+async fn older_fact_never_overwrites_newer_report(world: &World) {
+    let book_id = BookId::generate();
+    apply(world, &[upsert(book_id, 3, "v3")]).await;
+    apply(world, &[upsert(book_id, 2, "v2")]).await;
+    assert_eq!(row(world, book_id).await, Some((3, "v3".into())));
+
+    // The same version again (a replay) changes nothing either.
+    apply(world, &[upsert(book_id, 3, "v3 replayed")]).await;
+    assert_eq!(row(world, book_id).await, Some((3, "v3".into())));
+
+    // Out of order within one batch: the newest still wins.
+    apply(world, &[upsert(book_id, 5, "v5"), upsert(book_id, 4, "v4")]).await;
+    let report = world.store.report(book_id).await.unwrap().unwrap();
+    assert_eq!((report.version, report.title.as_str()), (5, "v5"));
+    assert_eq!(report.price.to_string(), "10.99");
+    assert_eq!(report.isbn.as_deref(), Some("9780441478125"));
+    assert_eq!(report.updated_at.timestamp(), 1_700_000_005);
+}
+
+async fn older_fact_cannot_bring_back_a_deleted_book(world: &World) {
+    let book_id = BookId::generate();
+    apply(world, &[upsert(book_id, 3, "v3"), delete(book_id, Some(4))]).await;
+    assert_eq!(row(world, book_id).await, None);
+
+    apply(world, &[upsert(book_id, 3, "v3 late")]).await;
+    assert_eq!(
+        row(world, book_id).await,
+        None,
+        "v3 came back after delete at v4"
+    );
+    apply(world, &[upsert(book_id, 4, "v4 late")]).await;
+    assert_eq!(row(world, book_id).await, None, "a deletion wins a tie");
+    apply(world, &[delete(book_id, Some(2))]).await;
+
+    // A deletion older than the row leaves it alone; only a newer fact than the deletion
+    // makes the book exist again.
+    apply(world, &[upsert(book_id, 6, "v6")]).await;
+    apply(world, &[delete(book_id, Some(5))]).await;
+    assert_eq!(row(world, book_id).await, Some((6, "v6".into())));
+    apply(world, &[upsert(book_id, 4, "v4 later still")]).await;
+    assert_eq!(row(world, book_id).await, Some((6, "v6".into())));
+}
+
+async fn versionless_tombstone_deletes_whatever_version_and_remembers_it(world: &World) {
+    let book_id = BookId::generate();
+    apply(world, &[upsert(book_id, 7, "v7"), delete(book_id, None)]).await;
+    assert_eq!(row(world, book_id).await, None);
+    apply(world, &[upsert(book_id, 7, "v7 replayed")]).await;
+    assert_eq!(
+        row(world, book_id).await,
+        None,
+        "the deleted version 7 was forgotten"
+    );
+    apply(world, &[upsert(book_id, 8, "v8")]).await;
+    assert_eq!(row(world, book_id).await, Some((8, "v8".into())));
+}
+
+async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World) {
+    let store = &world.store;
+    let topic = "t.book-fact";
+    let at = |partition, next_offset| PartitionOffset {
+        partition,
+        next_offset,
+    };
+    let book_id = BookId::generate();
+    store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(book_id, 1, "v1")],
+            &[at(0, 10), at(2, 4)],
+        )
+        .await
+        .unwrap();
+    store
+        .apply_batch("a", topic, &[], &[at(0, 12)])
+        .await
+        .unwrap();
+    store
+        .apply_batch("b", topic, &[], &[at(1, 3)])
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stored_offsets("a", topic).await.unwrap(),
+        vec![at(0, 12), at(2, 4)]
+    );
+    assert_eq!(store.stored_offsets("a", "other").await.unwrap(), vec![]);
+
+    store.reset("a").await.unwrap();
+    assert_eq!(
+        store.list_reports().await.unwrap(),
+        Vec::<BookReport>::new()
+    );
+    assert_eq!(store.stored_offsets("a", topic).await.unwrap(), vec![]);
+    assert_eq!(
+        store.stored_offsets("b", topic).await.unwrap(),
+        vec![at(1, 3)]
+    );
+    // Remembered deletions go too: the rebuild starts from nothing.
+    apply(world, &[delete(book_id, Some(9))]).await;
+    store.reset("a").await.unwrap();
+    apply(world, &[upsert(book_id, 2, "after reset")]).await;
+    assert_eq!(row(world, book_id).await, Some((2, "after reset".into())));
+}
+
+// ---------------------------------------------------------------------------------------------
+// End to end: store → relay → Kafka → projector → read model.
+
+async fn projection_equals_store_after_random_commands(world: &World) {
+    let history = world.write_random_history(40, 160, Rng::seed()).await;
+    assert_eq!(history.facts, world.stored_facts().await);
+    assert!(history.removals > 0, "the history removed no book");
+    world.relay_once().await;
+
+    let report = world.project(&common::unique("report")).await;
+
+    assert_eq!(report.applied_facts, history.fact_records());
+    assert_eq!(report.dead_letters, 0);
+    assert_eq!(report.partitions, BTreeSet::from([0, 1, 2]));
+    world.assert_report_equals_store().await;
+}
+
+async fn replaying_the_topic_in_a_fresh_group_changes_nothing(world: &World) {
+    let history = world.write_random_history(15, 45, Rng::seed()).await;
+    world.relay_once().await;
+    world.project(&common::unique("first")).await;
+    let before = world.reports().await;
+
+    // Every fact again, from the beginning, onto the same rows.
+    let replay = world.project(&common::unique("second")).await;
+    assert_eq!(replay.applied_facts, history.fact_records());
+    assert_eq!(world.reports().await, before, "a replay changed the rows");
+
+    // The same batch applied twice directly changes nothing either.
+    let book = &before[0];
+    let again = ReportChange::Upsert {
+        fact: BookFactEvent {
+            book_id: book.book_id,
+            title: "replayed".into(),
+            author: book.author.clone(),
+            isbn: book.isbn.clone(),
+            price: book.price,
+            description: None,
+            version: book.version,
+            removed: false,
+        },
+        changed_at: Utc::now(),
+    };
+    apply(world, &[again.clone(), again]).await;
+    assert_eq!(world.reports().await, before);
+    world.assert_report_equals_store().await;
+}
+
+async fn tombstone_on_the_topic_deletes_the_report_row(world: &World) {
+    let kept = world.add_book("Kept", "5.00", None).await;
+    let removed = world.add_book("Removed", "6.00", None).await;
+    let tombstoned = world.add_book("Tombstoned", "7.00", None).await;
+    world.remove(removed).await;
+    world.relay_once().await;
+    let group = common::unique("report");
+    world.project(&group).await;
+    let ids: Vec<BookId> = world.reports().await.iter().map(|r| r.book_id).collect();
+    assert!(ids.contains(&kept) && ids.contains(&tombstoned), "{ids:?}");
+    assert!(!ids.contains(&removed), "a removed book has a row");
+
+    // A bare tombstone, as another producer or an operator would write it: no headers.
+    let producer = world.kafka.producer().unwrap();
+    let key = tombstoned.to_string();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&world.kafka.topics().book_fact).key(&key),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    world.project(&group).await;
+    let ids: Vec<BookId> = world.reports().await.iter().map(|r| r.book_id).collect();
+    assert_eq!(ids, vec![kept]);
+}
+
+async fn killed_projector_resumes_from_stored_offsets_and_matches_store(world: &World) {
+    let history = world.write_random_history(60, 240, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("killed");
+
+    // A short session, so the broker notices the killed member soon and the restart does not
+    // wait the default 45 s for the partitions.
+    let mut child = world
+        .bookstore(&["project", "--group", &group, "--batch-size", "2"])
+        .env(
+            "BOOKSTORE_KAFKA_OPTIONS",
+            "session.timeout.ms=6000,heartbeat.interval.ms=1000",
+        )
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + world::CATCH_UP_TIMEOUT;
+    let applied_before_kill = loop {
+        let stored: i64 = stored_records(world, &group).await;
+        if stored >= 20 {
+            break stored;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the projector applied nothing"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    child.start_kill().unwrap(); // SIGKILL: no graceful anything
+    child.wait().await.unwrap();
+    let stored_at_kill = stored_records(world, &group).await;
+    eprintln!(
+        "killed after {applied_before_kill}..{stored_at_kill} of {} records",
+        history.fact_records()
+    );
+
+    let output = world
+        .run_bookstore(&["project", "--group", &group, "--until-caught-up"])
+        .await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let applied_after: u64 = stdout
+        .split_whitespace()
+        .nth(3)
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("unexpected output: {stdout}"));
+    assert!(
+        applied_after <= history.fact_records() - stored_at_kill as u64,
+        "the restart applied {applied_after} records: it did not resume at the stored offsets"
+    );
+    world.assert_report_equals_store().await;
+}
+
+/// Records the database says `group` has applied (the sum of its next offsets, which on a
+/// topic of committed transactions counts the commit markers too).
+async fn stored_records(world: &World, group: &str) -> i64 {
+    world
+        .store
+        .stored_offsets(group, &world.kafka.topics().book_fact)
+        .await
+        .unwrap()
+        .iter()
+        .map(|offset| offset.next_offset)
+        .sum()
+}
+
+async fn projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metrics(world: &World) {
+    world.write_random_history(10, 20, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("graceful");
+    let addr = format!("127.0.0.1:{}", common::free_local_port());
+    let mut child = world
+        .bookstore(&["project", "--group", &group, "--metrics-addr", &addr])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    world.wait_until_report_equals_store().await;
+    let metrics = scrape_until(&addr, "bookstore_projection_applied_facts_total").await;
+    assert!(metric(&metrics, "bookstore_projection_applied_facts_total") > 0.0);
+    assert!(metric(&metrics, "bookstore_projection_batches_total") > 0.0);
+    // The lag gauge comes with librdkafka's statistics, every 5 s; caught up, it reads 0.
+    let metrics = scrape_until(&addr, "bookstore_projection_lag_records").await;
+    assert_eq!(metric(&metrics, "bookstore_projection_lag_records"), 0.0);
+
+    let pid = child.id().unwrap().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the projector did not stop within 30 s of SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "the projector exited with {exit:?}");
+
+    // The group offsets in Kafka (for lag tooling) equal the ones stored with the rows.
+    let topic = world.kafka.topics().book_fact;
+    let stored = world.store.stored_offsets(&group, &topic).await.unwrap();
+    let committed = committed_offsets(world, &group).await;
+    for offset in stored {
+        assert_eq!(
+            committed.get(&offset.partition),
+            Some(&offset.next_offset),
+            "partition {}",
+            offset.partition
+        );
+    }
+}
+
+async fn committed_offsets(world: &World, group: &str) -> std::collections::HashMap<i32, i64> {
+    let consumer: BaseConsumer = world.kafka.consumer_config(group).create().unwrap();
+    let topic = world.kafka.topics().book_fact;
+    tokio::task::spawn_blocking(move || {
+        let mut wanted = TopicPartitionList::new();
+        for partition in 0..3 {
+            wanted.add_partition(&topic, partition);
+        }
+        consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .unwrap()
+            .elements()
+            .iter()
+            .filter_map(|element| match element.offset() {
+                Offset::Offset(next) => Some((element.partition(), next)),
+                _ => None,
+            })
+            .collect()
+    })
+    .await
+    .unwrap()
+}
+
+/// The metrics text once `name` is there (and, for a counter, above zero).
+async fn scrape_until(addr: &str, name: &str) -> String {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let url = format!("http://{addr}/metrics");
+        let text = tokio::task::spawn_blocking(move || {
+            let mut response = ureq::get(&url).call().ok()?;
+            response.body_mut().read_to_string().ok()
+        })
+        .await
+        .unwrap();
+        if let Some(text) = text
+            && text.lines().any(|line| line.starts_with(name))
+            && (name.ends_with("_records") || metric(&text, name) > 0.0)
+        {
+            return text;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no {name} metric");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| line.starts_with(name))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn two_projectors_split_the_partitions_and_together_match_store(world: &World) {
+    let group = common::unique("pair");
+    let mut runs = Vec::new();
+    let mut statuses = Vec::new();
+    let mut triggers = Vec::new();
+    for _ in 0..2 {
+        let projector = kafka_projector(
+            world.store.clone(),
+            &world.kafka,
+            World::projection_config(&group),
+        )
+        .await
+        .unwrap();
+        statuses.push(projector.status());
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        triggers.push(trigger);
+        runs.push(tokio::spawn(
+            projector.run(ProjectionMode::Follow, shutdown),
+        ));
+    }
+    // Both members own partitions before anything is written.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned: Vec<Vec<i32>> = statuses.iter().map(|s| s.borrow().owned.clone()).collect();
+        let all: HashSet<i32> = owned.iter().flatten().copied().collect();
+        let split = owned.iter().all(|o| !o.is_empty())
+            && all.len() == 3
+            && owned.iter().map(Vec::len).sum::<usize>() == 3;
+        if split {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the two projectors never split the partitions: {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let history = world.write_random_history(40, 120, Rng::seed()).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+
+    for trigger in &triggers {
+        trigger.trigger();
+    }
+    let mut applied = 0;
+    let mut partitions = Vec::new();
+    for run in runs {
+        let report = run.await.unwrap().unwrap();
+        assert!(report.applied_facts > 0, "one projector applied nothing");
+        applied += report.applied_facts;
+        partitions.push(report.partitions);
+    }
+    assert!(
+        applied >= history.fact_records(),
+        "together they applied {applied} of {} records",
+        history.fact_records()
+    );
+    let union: BTreeSet<i32> = partitions.iter().flatten().copied().collect();
+    assert_eq!(union, BTreeSet::from([0, 1, 2]));
+    world.assert_report_equals_store().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Records that cannot be applied.
+
+/// Puts raw records onto the fact topic behind the relay's back.
+async fn produce_raw(world: &World, records: &[(Option<String>, Vec<u8>)]) {
+    let producer = world.kafka.producer().unwrap();
+    let topic = world.kafka.topics().book_fact;
+    for (key, value) in records {
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "origin",
+            value: Some("test"),
+        });
+        let mut record = FutureRecord::<str, [u8]>::to(&topic)
+            .payload(value.as_slice())
+            .headers(headers);
+        if let Some(key) = key {
+            record = record.key(key.as_str());
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+
+/// Four records the projector cannot apply: garbage, a truncated fact, a fact framed with a
+/// fingerprint no schema has, and a good fact under a key that is no book id.
+fn bad_records() -> Vec<(Option<String>, Vec<u8>)> {
+    let book_id = BookId::generate();
+    let codec = AvroCodec::new();
+    let good_fact = EventPayload::Fact(fact(book_id, 1, "Good"));
+    let datum = codec.encode(&good_fact).unwrap();
+    let fingerprint = codec.fingerprint(BookFactEvent::TYPE).unwrap();
+    let framed = frame_single_object(fingerprint, &datum);
+    let key = Some(book_id.to_string());
+    vec![
+        (key.clone(), b"definitely not avro".to_vec()),
+        (key.clone(), framed[..framed.len() / 2].to_vec()),
+        (key, frame_single_object(0x0bad_f00d_dead_beef, &datum)),
+        (Some("not-a-book-id".into()), framed),
+    ]
+}
+
+async fn undecodable_records_go_to_the_dlq_and_projection_goes_on(world: &World) {
+    world.write_random_history(8, 16, Rng::seed()).await;
+    world.relay_once().await;
+    produce_raw(world, &bad_records()).await;
+    // Good facts after the bad ones, on every partition.
+    let history = world.write_random_history(8, 16, Rng::seed()).await;
+    world.relay_once().await;
+
+    let report = world.project(&common::unique("dlq")).await;
+    assert_eq!(report.dead_letters, 4);
+    assert!(report.applied_facts >= history.fact_records());
+    world.assert_report_equals_store().await;
+
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 4, "{letters:#?}");
+    let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    for expected in [
+        "unknown magic",
+        "could not decode",
+        "fingerprint",
+        "not a book id",
+    ] {
+        assert!(
+            reasons.iter().any(|reason| reason.contains(expected)),
+            "no dead letter says {expected:?}: {reasons:#?}"
+        );
+    }
+    let fact_topic = world.kafka.topics().book_fact;
+    for letter in &letters {
+        assert_eq!(letter.topic.as_deref(), Some(fact_topic.as_str()));
+        assert!(
+            letter.partition.is_some() && letter.offset.is_some(),
+            "{letter:?}"
+        );
+    }
+
+    // What `bookstore dlq list` prints, as JSON and as text.
+    let output = world.run_bookstore(&["dlq", "list", "--json"]).await;
+    let listed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let listed = listed.as_array().expect("a JSON array");
+    assert_eq!(listed.len(), 4);
+    for letter in listed {
+        assert!(letter["reason"].as_str().is_some_and(|r| !r.is_empty()));
+        assert_eq!(letter["topic"], fact_topic.as_str());
+        assert!(letter["offset"].is_i64());
+    }
+    let output = world.run_bookstore(&["dlq", "list"]).await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.contains("not a book id"), "{text}");
+}
+
+async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {
+    world.add_book("Fine", "1.00", None).await;
+    world.relay_once().await;
+    produce_raw(world, &bad_records()[..2]).await;
+    let group = common::unique("replay");
+    assert_eq!(world.project(&group).await.dead_letters, 2);
+
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 2 dead letter(s)"), "{stdout}");
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 0 dead letter(s)"), "{stdout}");
+
+    // The replayed records are the originals (key, value, headers), still unreadable: the
+    // projector dead-letters them again, with the same reasons.
+    assert_eq!(world.project(&group).await.dead_letters, 2);
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 4);
+    assert_eq!(letters[0].reason, letters[2].reason);
+    assert_eq!(letters[1].reason, letters[3].reason);
+    assert_eq!(letters[0].key, letters[2].key);
+    assert_eq!(letters[0].value_bytes, letters[2].value_bytes);
+    let origin = |letter: &dlq::DeadLetter| (letter.partition, letter.offset);
+    assert_ne!(
+        origin(&letters[0]),
+        origin(&letters[2]),
+        "not re-read from the topic"
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command line.
+
+async fn report_json_has_the_documented_shape(world: &World) {
+    let book_id = world
+        .add_book("The Great Gatsby", "15.99", Some("9780743273565"))
+        .await;
+    world.relay_once().await;
+    world.run_bookstore(&["project", "--until-caught-up"]).await;
+
+    let output = world.run_bookstore(&["report", "--json"]).await;
+    let rows: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    let rows = rows.as_array().expect("a JSON array");
+    assert_eq!(rows.len(), 1);
+    let row = &rows[0];
+    assert_eq!(row["book_id"], book_id.to_string());
+    assert_eq!(row["title"], "The Great Gatsby");
+    assert_eq!(row["author"], "Test Author");
+    assert_eq!(row["price"], "15.99");
+    assert_eq!(row["isbn"], "9780743273565");
+    assert_eq!(row["version"], 1);
+    assert!(row["updated_at"].as_str().is_some());
+
+    let output = world.run_bookstore(&["report"]).await;
+    let table = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        table.contains("The Great Gatsby") && table.contains("15.99"),
+        "{table}"
+    );
+}
+
+async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
+    world.write_random_history(20, 40, Rng::seed()).await;
+    world.relay_once().await;
+    let output = world.run_bookstore(&["project", "--until-caught-up"]).await;
+    let progress = String::from_utf8_lossy(&output.stdout);
+    assert!(progress.starts_with("caught up: applied"), "{progress}");
+    world.assert_report_equals_store().await;
+
+    world.delete_report_rows_by_hand(5).await;
+    // Caught up already: a plain run does not bring them back.
+    world.run_bookstore(&["project", "--until-caught-up"]).await;
+    let (reports, books) = world.report_and_store().await;
+    assert_eq!(reports.len() + 5, books.len());
+
+    // Not while another member of the group is running: it would store offsets of rows
+    // the rebuild just deleted.
+    let group = default_group(&world.kafka.topic_prefix);
+    let running = kafka_projector(
+        world.store.clone(),
+        &world.kafka,
+        World::projection_config(&group),
+    )
+    .await
+    .unwrap();
+    let mut status = running.status();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let run = tokio::spawn(running.run(ProjectionMode::Follow, shutdown));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|s| !s.owned.is_empty()),
+    )
+    .await
+    .expect("the running projector never got partitions")
+    .unwrap();
+    let refused = world
+        .bookstore(&["project", "--rebuild", "--until-caught-up"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(error.contains("active member"), "{error}");
+    assert_eq!(error.trim().lines().count(), 1, "not one line: {error}");
+    assert_eq!(
+        world.reports().await.len() + 5,
+        books.len(),
+        "rows changed anyway"
+    );
+    stop.trigger();
+    run.await.unwrap().unwrap();
+
+    world
+        .run_bookstore(&["project", "--rebuild", "--until-caught-up"])
+        .await;
+    world.assert_report_equals_store().await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Confluent framing.
+
+async fn confluent_framed_facts_are_decoded_through_the_schema_registry(world: &World) {
+    let registry = std::env::var("SCHEMA_REGISTRY_URL").expect(
+        "SCHEMA_REGISTRY_URL names the test schema registry (start one with \
+         `deploy/schema-registry/registry.sh start`, then use \
+         http://127.0.0.1:8081/apis/ccompat/v7)",
+    );
+    let mut kafka = world.kafka.clone();
+    kafka.schema_registry_url = Some(registry);
+    world.write_random_history(10, 20, Rng::seed()).await;
+    world.relay_once_with(&kafka).await;
+
+    let records = common::consume_committed(
+        &kafka,
+        &[&kafka.topics().book_fact],
+        1,
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+    )
+    .await;
+    let value = records[0].value.as_deref().unwrap();
+    assert_eq!(value[0], 0x00, "not Confluent framed");
+    assert_eq!(
+        records[0].headers.get(h::CONTENT_TYPE).unwrap(),
+        "application/avro"
+    );
+
+    let report = world
+        .project_with(&kafka, &common::unique("confluent"))
+        .await;
+    assert_eq!(report.dead_letters, 0);
+    world.assert_report_equals_store().await;
+}
