@@ -351,7 +351,7 @@ pub struct UpArgs {
     pub demo_data: bool,
 
     /// Consumer group of the projection; default `<topic prefix>.book-report`.
-    #[arg(long)]
+    #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
     pub group: Option<String>,
 
     #[command(flatten)]
@@ -361,7 +361,7 @@ pub struct UpArgs {
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Consumer group of the projection; default `<topic prefix>.book-report`.
-    #[arg(long)]
+    #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
     pub group: Option<String>,
 }
 

@@ -385,7 +385,7 @@ pub async fn feed_demo_data<S: Outbox>(
         let random = uuid::Uuid::new_v4().as_u128();
         let (book_id, list_price) = ids[(random % ids.len() as u128) as usize];
         // Between 80 % and 120 % of the list price, in whole cents.
-        let percent = 80 + (random >> 64) as i64 % 41;
+        let percent = 80 + ((random >> 64) % 41) as i64;
         let cents = list_price.cents() * percent / 100;
         let command = BookCommand::UpdatePrice {
             book_id,
