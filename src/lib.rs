@@ -40,6 +40,10 @@
 //! | [`store`] | the `EventStore` port and its SQLite and PostgreSQL adapters |
 //! | [`codec`] | the Avro contracts of `schemas/` and their wire framings |
 //! | [`kafka`] | client configuration and topic provisioning |
+//! | [`relay`] | the outbox relay: store → Kafka, exactly-once or at-least-once |
+//! | [`projection`] | the `BookReport` read model, kept from the fact topic |
+//! | [`demo`] | the seed scenario, checked end to end, and demo data |
+//! | [`shutdown`] | graceful shutdown handed to every task |
 //! | [`config`] | one typed configuration, from flags and environment variables |
 //! | [`cli`] | the shape of the `bookstore` command line (run by `src/bin/bookstore/`) |
 //! | [`http`] | `bookstore serve`: the dashboard, the JSON API, health and metrics endpoints |

@@ -96,8 +96,13 @@ pub async fn measure(
         )
         .store(kind)
         .detail(format!(
-            "{events} events in {:.1} s = {rate:.0} events/s incl. start-up",
-            drained.elapsed.as_secs_f64()
+            "{events} events in {:.1} s = {rate:.0} events/s incl. start-up{}",
+            drained.elapsed.as_secs_f64(),
+            if config.relay_wrapper.is_empty() {
+                ""
+            } else {
+                " (under --relay-wrapper: not representative)"
+            }
         ))
         .target(Target::ValueAtMost(64.0))
         .extra("events", events as f64)
@@ -197,12 +202,14 @@ pub async fn drain_in_child(
         tokio::select! {
             status = child.wait() => break status.map_err(BenchError::io("waiting for the relay"))?,
             _ = tokio::time::sleep(Duration::from_millis(50)) => {
+                // Under `perf record` the relay is a process below the wrapper; under
+                // valgrind it is the wrapper's own process.
                 let pid = if wrapper.is_empty() {
-                    Some(child_pid)
+                    child_pid
                 } else {
-                    descendant_named(child_pid, &relay_name)
+                    descendant_named(child_pid, &relay_name).unwrap_or(child_pid)
                 };
-                if let Some(kib) = pid.and_then(peak_resident_kib) {
+                if let Some(kib) = peak_resident_kib(pid) {
                     peak_kib = peak_kib.max(kib);
                 }
             }

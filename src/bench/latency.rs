@@ -93,28 +93,14 @@ pub async fn measure(
     let offered = outcome?;
     listener_result?;
     let relayed = relay_result??;
-    let (reads, read_calls) = relay_clock.reads();
-    let (bookkeeping, bookkeeping_calls) = relay_clock.bookkeeping();
-    let relay_extras = [
-        ("relay_batches", relayed.batches as f64),
+    let mut relay_extras = vec![
+        ("relay_batches".to_owned(), relayed.batches as f64),
         (
-            "relay_events_per_batch",
+            "relay_events_per_batch".to_owned(),
             relayed.published_events as f64 / relayed.batches.max(1) as f64,
         ),
-        (
-            "relay_longest_store_call_ms",
-            relay_clock.longest_call().as_secs_f64() * 1e3,
-        ),
-        (
-            "relay_mean_read_ms",
-            reads.as_secs_f64() * 1e3 / read_calls.max(1) as f64,
-        ),
-        (
-            "relay_mean_bookkeeping_ms",
-            bookkeeping.as_secs_f64() * 1e3 / bookkeeping_calls.max(1) as f64,
-        ),
     ];
-
+    relay_extras.extend(super::timed_outbox::call_extras(&relay_clock));
     let acks = timeline.histogram(WARM_UP_SAVES as u64 * EVENTS_PER_SAVE)?;
     let rate_detail = format!(
         "offered {} events/s ({saves_per_second} saves/s), achieved {:.0}",
@@ -130,7 +116,7 @@ pub async fn measure(
         offered,
     );
     for (name, value) in relay_extras {
-        figure = figure.extra(name, value);
+        figure = figure.extra(&name, value);
     }
     report.push(figure);
     if let Some(reports) = timeline.report_histogram()? {

@@ -295,8 +295,8 @@ pub async fn relay_drain(
         events: outcome.published_events,
         elapsed: finished.duration_since(first_read),
         startup: first_read.duration_since(started),
-        store_reads: clock.reads().0,
-        store_bookkeeping: clock.bookkeeping().0,
+        store_reads: clock.reads(),
+        store_bookkeeping: clock.bookkeeping(),
         batches: outcome.batches,
     })
 }

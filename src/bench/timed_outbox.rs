@@ -11,17 +11,64 @@ use tokio::sync::Notify;
 use crate::domain::{Book, BookId, StoredEvent};
 use crate::store::{BookChange, CommitSignal, EventStore, Outbox, StoreError};
 
+/// The outbox calls the relay makes, timed one by one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreCall {
+    ReadAfter,
+    RecordPublished,
+    HeadPosition,
+    Lease,
+    Prune,
+}
+
+impl StoreCall {
+    pub const ALL: [StoreCall; 5] = [
+        StoreCall::ReadAfter,
+        StoreCall::RecordPublished,
+        StoreCall::HeadPosition,
+        StoreCall::Lease,
+        StoreCall::Prune,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreCall::ReadAfter => "read_after",
+            StoreCall::RecordPublished => "record_published",
+            StoreCall::HeadPosition => "head_position",
+            StoreCall::Lease => "lease",
+            StoreCall::Prune => "prune",
+        }
+    }
+}
+
+/// Count, total and longest duration of one kind of call.
+#[derive(Debug, Default)]
+struct CallStats {
+    calls: AtomicU64,
+    nanos: AtomicU64,
+    longest_nanos: AtomicU64,
+}
+
+/// What one kind of call cost, as read from an [`OutboxClock`].
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CallCost {
+    pub calls: u64,
+    pub total: Duration,
+    pub longest: Duration,
+}
+
+impl CallCost {
+    pub fn mean(&self) -> Duration {
+        self.total / u32::try_from(self.calls.max(1)).unwrap_or(u32::MAX)
+    }
+}
+
 /// Where the relay's time in the store went. Shared by the clones of a [`TimedOutbox`].
 #[derive(Debug, Default)]
 pub struct OutboxClock {
     first_read: OnceLock<Instant>,
     first_read_seen: Notify,
-    read_nanos: AtomicU64,
-    reads: AtomicU64,
-    bookkeeping_nanos: AtomicU64,
-    bookkeeping_calls: AtomicU64,
-    /// The longest single call of either kind.
-    longest_nanos: AtomicU64,
+    calls: [CallStats; 5],
 }
 
 impl OutboxClock {
@@ -39,41 +86,60 @@ impl OutboxClock {
         notified.await;
     }
 
-    /// Time spent in `read_after`, and how many calls.
-    pub fn reads(&self) -> (Duration, u64) {
-        (
-            Duration::from_nanos(self.read_nanos.load(Ordering::Relaxed)),
-            self.reads.load(Ordering::Relaxed),
-        )
+    /// What the calls of one kind cost.
+    pub fn cost(&self, call: StoreCall) -> CallCost {
+        let stats = &self.calls[call as usize];
+        CallCost {
+            calls: stats.calls.load(Ordering::Relaxed),
+            total: Duration::from_nanos(stats.nanos.load(Ordering::Relaxed)),
+            longest: Duration::from_nanos(stats.longest_nanos.load(Ordering::Relaxed)),
+        }
     }
 
-    /// Time spent in checkpoint, head, lease and retention calls, and how many calls.
-    pub fn bookkeeping(&self) -> (Duration, u64) {
-        (
-            Duration::from_nanos(self.bookkeeping_nanos.load(Ordering::Relaxed)),
-            self.bookkeeping_calls.load(Ordering::Relaxed),
-        )
+    /// Time spent in `read_after`.
+    pub fn reads(&self) -> Duration {
+        self.cost(StoreCall::ReadAfter).total
     }
 
-    /// The longest single store call: a stall here stalls the relay's loop.
-    pub fn longest_call(&self) -> Duration {
-        Duration::from_nanos(self.longest_nanos.load(Ordering::Relaxed))
+    /// Time spent in checkpoint, head, lease and retention calls.
+    pub fn bookkeeping(&self) -> Duration {
+        StoreCall::ALL
+            .into_iter()
+            .filter(|&call| call != StoreCall::ReadAfter)
+            .map(|call| self.cost(call).total)
+            .sum()
     }
 
-    fn add(&self, nanos: &AtomicU64, calls: &AtomicU64, since: Instant) {
+    fn add(&self, call: StoreCall, since: Instant) {
         let elapsed = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        nanos.fetch_add(elapsed, Ordering::Relaxed);
-        calls.fetch_add(1, Ordering::Relaxed);
-        self.longest_nanos.fetch_max(elapsed, Ordering::Relaxed);
+        let stats = &self.calls[call as usize];
+        stats.nanos.fetch_add(elapsed, Ordering::Relaxed);
+        stats.calls.fetch_add(1, Ordering::Relaxed);
+        stats.longest_nanos.fetch_max(elapsed, Ordering::Relaxed);
     }
+}
 
-    fn add_read(&self, since: Instant) {
-        self.add(&self.read_nanos, &self.reads, since);
+/// `relay_<call>_{calls,mean_ms,max_ms}` for every kind of call the relay made, for a figure's
+/// extras.
+pub fn call_extras(clock: &OutboxClock) -> Vec<(String, f64)> {
+    let mut extras = vec![];
+    for call in StoreCall::ALL {
+        let cost = clock.cost(call);
+        if cost.calls == 0 {
+            continue;
+        }
+        let name = call.name();
+        extras.push((format!("relay_{name}_calls"), cost.calls as f64));
+        extras.push((
+            format!("relay_{name}_mean_ms"),
+            cost.mean().as_secs_f64() * 1e3,
+        ));
+        extras.push((
+            format!("relay_{name}_max_ms"),
+            cost.longest.as_secs_f64() * 1e3,
+        ));
     }
-
-    fn add_bookkeeping(&self, since: Instant) {
-        self.add(&self.bookkeeping_nanos, &self.bookkeeping_calls, since);
-    }
+    extras
 }
 
 /// Wraps an outbox; every call goes through unchanged.
@@ -119,14 +185,14 @@ impl<O: Outbox> EventStore for TimedOutbox<O> {
             self.clock.first_read_seen.notify_waiters();
         }
         let events = self.inner.read_after(after, limit).await;
-        self.clock.add_read(started);
+        self.clock.add(StoreCall::ReadAfter, started);
         events
     }
 
     async fn head_position(&self) -> Result<u64, StoreError> {
         let started = Instant::now();
         let head = self.inner.head_position().await;
-        self.clock.add_bookkeeping(started);
+        self.clock.add(StoreCall::HeadPosition, started);
         head
     }
 }
@@ -143,14 +209,14 @@ impl<O: Outbox> Outbox for TimedOutbox<O> {
     async fn record_published(&self, relay: &str, position: u64) -> Result<(), StoreError> {
         let started = Instant::now();
         let recorded = self.inner.record_published(relay, position).await;
-        self.clock.add_bookkeeping(started);
+        self.clock.add(StoreCall::RecordPublished, started);
         recorded
     }
 
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
         let started = Instant::now();
         let pruned = self.inner.prune_published(relay, older_than).await;
-        self.clock.add_bookkeeping(started);
+        self.clock.add(StoreCall::Prune, started);
         pruned
     }
 
@@ -162,7 +228,7 @@ impl<O: Outbox> Outbox for TimedOutbox<O> {
     ) -> Result<bool, StoreError> {
         let started = Instant::now();
         let acquired = self.inner.try_acquire_lease(name, holder, ttl).await;
-        self.clock.add_bookkeeping(started);
+        self.clock.add(StoreCall::Lease, started);
         acquired
     }
 

@@ -65,30 +65,32 @@ pub async fn measure(
         "writers measured (saves/s)"
     );
 
-    report.push(
-        Figure::new(
-            format!("{kind}_writers_with_relay"),
-            format!("{} writers' commits, relay following", config.writers),
-            draining.saves_per_second(),
-            Unit::SavesPerSecond,
-        )
-        .store(kind)
-        .detail(format!(
-            "{:.0} events/s; relay lag at end {lag} events, {} batches",
-            draining.events_per_second(),
-            relayed.batches
-        ))
-        .against(
-            "same writers, relay stopped",
-            stopped.saves_per_second(),
-            Some(format!("{:.0} events/s", stopped.events_per_second())),
-        )
-        .extra("relay_lag_events", lag as f64)
-        .extra("relay_batches", relayed.batches as f64)
-        .extra(
-            "events_per_batch",
-            relayed.published_events as f64 / relayed.batches.max(1) as f64,
-        ),
+    let mut figure = Figure::new(
+        format!("{kind}_writers_with_relay"),
+        format!("{} writers' commits, relay following", config.writers),
+        draining.saves_per_second(),
+        Unit::SavesPerSecond,
+    )
+    .store(kind)
+    .detail(format!(
+        "{:.0} events/s; relay lag at end {lag} events, {} batches",
+        draining.events_per_second(),
+        relayed.batches
+    ))
+    .against(
+        "same writers, relay stopped",
+        stopped.saves_per_second(),
+        Some(format!("{:.0} events/s", stopped.events_per_second())),
+    )
+    .extra("relay_lag_events", lag as f64)
+    .extra("relay_batches", relayed.batches as f64)
+    .extra(
+        "events_per_batch",
+        relayed.published_events as f64 / relayed.batches.max(1) as f64,
     );
+    for (name, value) in super::timed_outbox::call_extras(&clock) {
+        figure = figure.extra(&name, value);
+    }
+    report.push(figure);
     Ok(())
 }

@@ -118,7 +118,7 @@ impl<S: ReportStore> ProjectionContext<S> {
                 self.state().failure = Some(AssignFailure::Store(error));
                 // Assigned anyway, as the protocol requires, but never owned: nothing of these
                 // partitions is applied, and the session ends at the next batch.
-                let _ = incremental_assign(consumer, tpl);
+                let _ = assign_partitions(consumer, tpl);
                 return;
             }
         };
@@ -130,7 +130,7 @@ impl<S: ReportStore> ProjectionContext<S> {
                 self.state().failure = Some(AssignFailure::Kafka(error));
             }
         }
-        if let Err(error) = incremental_assign(consumer, tpl) {
+        if let Err(error) = assign_partitions(consumer, tpl) {
             self.state().failure = Some(AssignFailure::Kafka(error));
             return;
         }
@@ -152,6 +152,8 @@ impl<S: ReportStore> ProjectionContext<S> {
             for &partition in &partitions {
                 state.owned.remove(&partition);
                 state.changes.push(AssignmentChange::Revoked { partition });
+                // Its new owner reports its lag; this instance's figure would go stale.
+                super::metrics::record_lag(partition, 0);
             }
         }
         let outcome = match consumer.rebalance_protocol() {
@@ -173,7 +175,9 @@ impl<S: ReportStore> ProjectionContext<S> {
     }
 }
 
-fn incremental_assign<C: ConsumerContext>(
+/// Adds `tpl` to the assignment: incrementally under the cooperative protocol (the default),
+/// as the whole assignment under an eager one (configurable through the passthrough options).
+fn assign_partitions<C: ConsumerContext>(
     consumer: &BaseConsumer<C>,
     tpl: &TopicPartitionList,
 ) -> KafkaResult<()> {

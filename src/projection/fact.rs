@@ -48,7 +48,9 @@ pub enum FactOutcome {
 pub struct FactReader {
     decoder: FramedDecoder,
     registry: Option<RegistryClient>,
-    /// Schema ids the registry could not give a usable schema for, and why.
+    /// Schema ids the registry could not give a usable schema for, and why; remembered for
+    /// the life of the reader, so after registering a missing schema restart the projector
+    /// (then `bookstore dlq replay`).
     unusable_ids: HashMap<u32, String>,
 }
 
@@ -84,6 +86,8 @@ impl FactReader {
         Ok(interpret(book_id, payload, changed_at(message)))
     }
 
+    /// The event in `value`: the outer error means "ask the registry again later", the inner
+    /// one "this record is bad".
     async fn decode(
         &mut self,
         value: &[u8],

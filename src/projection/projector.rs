@@ -10,6 +10,7 @@
 //! applied already is applied again harmlessly (see the [module doc](super)).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -168,8 +169,9 @@ pub struct ProjectionStatus {
     pub applied_facts: u64,
     pub batches: u64,
     pub dead_letters: u64,
-    /// Records behind the end of the owned partitions, as last measured.
-    pub lag: i64,
+    /// Records behind the end of the owned partitions, as librdkafka last reported (every
+    /// 5 s); `None` before the first report.
+    pub lag: Option<i64>,
     /// With [`ProjectionMode::UntilCaughtUp`]: partitions caught up, of all.
     pub caught_up: Option<(usize, usize)>,
 }
@@ -217,6 +219,14 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
     })
 }
 
+/// What a run carries from one membership to the next.
+#[derive(Default)]
+struct Progress {
+    report: ProjectionReport,
+    /// Partitions whose end this run reached with everything before it applied.
+    ends_reached: HashSet<i32>,
+}
+
 /// Why a membership ended.
 enum Stop {
     Shutdown,
@@ -240,48 +250,63 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
     /// so the next run reads the compacted topic from the beginning. Refuses while any member
     /// of the group is active: it would go on storing offsets of rows just deleted.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
-        let group = self.config.group_id.clone();
-        let consumer: BaseConsumer =
-            self.kafka
-                .consumer_config(&group)
-                .create()
-                .map_err(|cause| ProjectionError::Consumer {
-                    bootstrap_servers: self.kafka.bootstrap_servers.clone(),
-                    cause,
-                })?;
-        let timeout = self.kafka.request_timeout();
-        let members = {
-            let group = group.clone();
-            run_blocking(move || {
-                let groups = consumer.fetch_group_list(Some(&group), timeout)?;
-                let members = groups.groups().iter().map(|g| g.members().len()).sum();
-                Ok((consumer, members))
-            })
-            .await
-        };
-        let (consumer, members) = members.map_err(ProjectionError::Kafka)?;
+        let group = &self.config.group_id;
+        let client = Arc::new(self.group_client()?);
+        let members = self.active_members(client.clone()).await?;
         if members > 0 {
-            return Err(ProjectionError::GroupActive { group, members });
+            return Err(ProjectionError::GroupActive {
+                group: group.clone(),
+                members,
+            });
         }
-        self.store.reset(&group).await?;
-        let partitions = partition_ids(&self.kafka, &self.topic).await?;
-        let topic = self.topic.clone();
-        let reset = run_blocking(move || {
-            let mut beginning = TopicPartitionList::new();
-            for partition in partitions {
-                let (low, _) = consumer.fetch_watermarks(&topic, partition, timeout)?;
-                beginning.add_partition_offset(&topic, partition, Offset::Offset(low))?;
-            }
-            consumer.commit(&beginning, CommitMode::Sync)
-        })
-        .await;
+        self.store.reset(group).await?;
         // The database alone decides where reading starts; the group offsets only feed lag
-        // tooling until the first batch commits new ones.
-        if let Err(error) = reset {
+        // tooling until the first batch commits new ones, so failing here is no reason to stop.
+        if let Err(error) = self.rewind_group_offsets(client).await {
             warn!(%error, "could not reset the group offsets in Kafka");
         }
-        info!(group = %self.config.group_id, "read model and stored offsets reset");
+        info!(%group, "read model and stored offsets reset");
         Ok(())
+    }
+
+    /// A client of the group that does not join it.
+    fn group_client(&self) -> Result<BaseConsumer, ProjectionError> {
+        self.kafka
+            .consumer_config(&self.config.group_id)
+            .create()
+            .map_err(|cause| ProjectionError::Consumer {
+                bootstrap_servers: self.kafka.bootstrap_servers.clone(),
+                cause,
+            })
+    }
+
+    /// How many members the group has right now.
+    async fn active_members(&self, client: Arc<BaseConsumer>) -> Result<usize, ProjectionError> {
+        let group = self.config.group_id.clone();
+        let timeout = self.kafka.request_timeout();
+        run_blocking(move || {
+            let groups = client.fetch_group_list(Some(&group), timeout)?;
+            Ok(groups.groups().iter().map(|g| g.members().len()).sum())
+        })
+        .await
+        .map_err(ProjectionError::Kafka)
+    }
+
+    /// Commits the low watermark of every partition as the group's offset.
+    async fn rewind_group_offsets(&self, client: Arc<BaseConsumer>) -> Result<(), ProjectionError> {
+        let partitions = partition_ids(&self.kafka, &self.topic).await?;
+        let topic = self.topic.clone();
+        let timeout = self.kafka.request_timeout();
+        run_blocking(move || {
+            let mut beginning = TopicPartitionList::new();
+            for partition in partitions {
+                let (low, _) = client.fetch_watermarks(&topic, partition, timeout)?;
+                beginning.add_partition_offset(&topic, partition, Offset::Offset(low))?;
+            }
+            client.commit(&beginning, CommitMode::Sync)
+        })
+        .await
+        .map_err(ProjectionError::Kafka)
     }
 
     /// Runs until shutdown (or, with [`ProjectionMode::UntilCaughtUp`], until caught up).
@@ -295,8 +320,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             ProjectionMode::UntilCaughtUp => Some(self.measure_ends().await?),
             ProjectionMode::Follow => None,
         };
-        let mut report = ProjectionReport::default();
-        let mut reached = HashSet::new();
+        let mut progress = Progress::default();
         let mut backoff = self.config.min_backoff;
         while !shutdown.is_triggered() {
             let mut session =
@@ -305,8 +329,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 .project(
                     &mut session,
                     ends.as_ref(),
-                    &mut reached,
-                    &mut report,
+                    &mut progress,
                     &mut shutdown,
                     &mut backoff,
                 )
@@ -325,6 +348,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 Err(error) => return Err(error),
             }
         }
+        let report = progress.report;
         info!(
             applied = report.applied_facts,
             batches = report.batches,
@@ -339,8 +363,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         &mut self,
         session: &mut Session<S>,
         ends: Option<&Ends>,
-        reached: &mut HashSet<i32>,
-        report: &mut ProjectionReport,
+        progress: &mut Progress,
         shutdown: &mut Shutdown,
         backoff: &mut Duration,
     ) -> Result<Stop, ProjectionError> {
@@ -351,16 +374,18 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             let batch = session
                 .next_batch(self.config.batch_size, self.config.batch_wait)
                 .await?;
-            self.apply(session, &batch, report).await?;
+            self.apply(session, &batch, &mut progress.report).await?;
             *backoff = self.config.min_backoff;
-            reached.extend(&batch.ends_reached);
+            progress.ends_reached.extend(&batch.ends_reached);
             let owned = session.owned();
-            report.partitions.extend(&owned);
-            self.publish_status(report, owned, session.lag());
+            progress.report.partitions.extend(&owned);
+            self.publish_status(&progress.report, owned, session.lag());
             if let Some(ends) = ends
-                && self.caught_up(session, ends, reached).await?
+                && self
+                    .caught_up(session, ends, &progress.ends_reached)
+                    .await?
             {
-                info!(applied = report.applied_facts, "caught up");
+                info!(applied = progress.report.applied_facts, "caught up");
                 return Ok(Stop::CaughtUp);
             }
         }
@@ -424,7 +449,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             status.applied_facts = report.applied_facts;
             status.batches = report.batches;
             status.dead_letters = report.dead_letters;
-            if let Some(lag) = lag {
+            if lag.is_some() {
                 status.lag = lag;
             }
         });

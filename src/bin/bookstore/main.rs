@@ -39,7 +39,7 @@ async fn main() -> ExitCode {
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("error: {error:#}");
+            eprintln!("error: {}", one_line(&error));
             ExitCode::FAILURE
         }
     }
@@ -59,4 +59,21 @@ fn warn_about_unknown_variables() {
     if let Err(error) = bookstore::config::reject_unknown_variables(names, known) {
         tracing::warn!("{error}; it is ignored");
     }
+}
+
+/// The error and its causes on one line, each said once: many errors repeat their source in
+/// their own message, and printing the chain as is would say the same thing twice.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
+    }
+    line
 }

@@ -67,10 +67,13 @@ async fn print_progress(status: watch::Receiver<ProjectionStatus>) {
             continue;
         }
         let (done, partitions) = now.caught_up.unwrap_or_default();
+        let lag = now
+            .lag
+            .map_or("unknown yet".to_owned(), |lag| lag.to_string());
         eprintln!(
             "projecting: {} facts applied in {} batches, {} dead letters; {done}/{partitions} \
-             partitions caught up; lag {}",
-            now.applied_facts, now.batches, now.dead_letters, now.lag
+             partitions caught up; lag {lag}",
+            now.applied_facts, now.batches, now.dead_letters
         );
         shown = now;
     }
