@@ -231,7 +231,7 @@ pub async fn records_of(
     consumer
         .subscribe(&[topic])
         .map_err(|error| DemoError::Kafka(error.to_string()))?;
-    let decoder = FramedDecoder::new(AvroCodec::new());
+    let decoder = decoder_for(kafka).await?;
     let mut found = Vec::new();
     let mut stream = consumer.stream();
     let deadline = tokio::time::Instant::now() + STAGE_TIMEOUT;
@@ -252,6 +252,20 @@ pub async fn records_of(
         );
     }
     Ok(found)
+}
+
+/// A decoder for what the relay writes with this configuration: single-object frames, and
+/// Confluent frames with the ids of our schemas when a registry is configured.
+async fn decoder_for(kafka: &KafkaConfig) -> Result<FramedDecoder, DemoError> {
+    match crate::relay::wire_format(kafka)
+        .await
+        .map_err(|error| DemoError::Kafka(error.to_string()))?
+    {
+        crate::codec::WireFormat::Confluent { schemas } => {
+            Ok(FramedDecoder::with_registered(AvroCodec::new(), &schemas))
+        }
+        crate::codec::WireFormat::SingleObject => Ok(FramedDecoder::new(AvroCodec::new())),
+    }
 }
 
 /// Checks the store's fact stream of `book_id` (first check of the scenario).

@@ -52,10 +52,20 @@ async fn demo_on_postgres() {
 }
 
 #[tokio::test]
-async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm() {
+async fn up_on_sqlite_fills_its_dashboard_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite:{}", dir.path().join("up.db").display());
-    let mut child = bookstore(&url, &common::unique("up"))
+    up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(&url).await;
+}
+
+#[tokio::test]
+async fn up_on_postgres_fills_its_dashboard_and_stops_on_sigterm() {
+    let (_, url) = common::postgres_store_with_url().await;
+    up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(&url).await;
+}
+
+async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(url: &str) {
+    let mut child = bookstore(url, &common::unique("up"))
         .args(["up", "--demo-data", "--addr", "127.0.0.1:0"])
         .stdout(Stdio::piped())
         .spawn()
