@@ -123,6 +123,11 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = defaults::ROUNDS)]
     pub rounds: usize,
 
+    /// Events the raw producers send on throwaway topics to warm the broker up before
+    /// anything is measured; 0 skips the warm-up.
+    #[arg(long = "broker-warm-up-events", default_value_t = defaults::BROKER_WARM_UP_EVENTS)]
+    pub broker_warm_up_events: u64,
+
     /// Concurrent writers (backlogs, writer impact, append ×N).
     #[arg(long, default_value_t = defaults::WRITERS)]
     pub writers: usize,

@@ -50,7 +50,7 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
             "40",
         ])
         .args(["--latency-rate", "100", "--latency-seconds", "1"])
-        .args(["--backlog-events", "2000"])
+        .args(["--backlog-events", "2000", "--broker-warm-up-events", "100"])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -12,6 +12,12 @@
 //!   projection batch that wrote its `BookReport` row (the projection's store is wrapped, see
 //!   [`super::projection::TimedReports`]).
 //!
+//! Both are also split into stages, to show where the time goes: the relay's outbox is
+//! traced ([`TimedOutbox::traced`]: when each batch was read, when it was recorded published,
+//! i.e. right after its Kafka commit returned), so every event's commit → ack splits into
+//! pickup, publish and Kafka visibility; every report row's into fact visible, projection
+//! batching and `apply_batch`. They are the `stage_*` extras of the figures.
+//!
 //! A short warm-up (saves one at a time until their records arrive) makes sure the relay's
 //! producer and both consumers are live before the schedule starts; it is not measured.
 //! Percentiles come from HDR histograms in microseconds.
@@ -29,7 +35,7 @@ use tracing::{info, warn};
 
 use super::projection::RunningProjection;
 use super::stores::StoreFactory;
-use super::timed_outbox::TimedOutbox;
+use super::timed_outbox::{RelayTrace, TimedOutbox};
 use super::workload::{EVENTS_PER_SAVE, Workload, save_at_rate};
 use super::{BenchConfig, BenchError, BenchReport, Figure, KafkaRun, StoreKind, Target, Unit};
 use crate::codec::headers as h;
@@ -58,7 +64,7 @@ pub async fn measure(
         batch_size: config.batch_size,
         ..RelaySettings::default()
     };
-    let outbox = TimedOutbox::new(bench.store.clone());
+    let outbox = TimedOutbox::traced(bench.store.clone());
     let relay_clock = outbox.clock();
     let relay = kafka_relay(outbox, &kafka, &settings).await?;
     let (trigger, shutdown) = ShutdownTrigger::new();
@@ -102,6 +108,8 @@ pub async fn measure(
     ];
     relay_extras.extend(super::timed_outbox::call_extras(&relay_clock));
     let acks = timeline.histogram(WARM_UP_SAVES as u64 * EVENTS_PER_SAVE)?;
+    let relay_stages = timeline.relay_stages(&relay_clock.trace())?;
+    let report_stages = timeline.report_stages()?;
     let rate_detail = format!(
         "offered {} events/s ({saves_per_second} saves/s), achieved {:.0}",
         config.latency_events_per_second,
@@ -115,19 +123,23 @@ pub async fn measure(
         &rate_detail,
         offered,
     );
-    for (name, value) in relay_extras {
+    for (name, value) in relay_extras.into_iter().chain(relay_stages) {
         figure = figure.extra(&name, value);
     }
     report.push(figure);
     if let Some(reports) = timeline.report_histogram()? {
-        report.push(latency_figure(
+        let mut figure = latency_figure(
             format!("{kind}_commit_to_report_p99"),
             "commit → report row, p99",
             kind,
             &reports,
             &rate_detail,
             offered,
-        ));
+        );
+        for (name, value) in report_stages {
+            figure = figure.extra(&name, value);
+        }
+        report.push(figure);
     }
     Ok(())
 }
@@ -216,8 +228,10 @@ pub struct Timelines {
     acks: Vec<AtomicU64>,
     /// When the schedule started: books committed before are the warm-up's.
     measured_from: AtomicU64,
-    /// Facts committed (book → nanoseconds), and report rows committed.
-    book_commits: std::sync::Mutex<std::collections::HashMap<BookId, u64>>,
+    /// Per book: its addition committed (and the position of its fact), the projection began
+    /// applying the batch with its fact, that batch committed.
+    book_commits: std::sync::Mutex<std::collections::HashMap<BookId, (u64, u64)>>,
+    book_applying: std::sync::Mutex<std::collections::HashMap<BookId, u64>>,
     book_reports: std::sync::Mutex<std::collections::HashMap<BookId, u64>>,
 }
 
@@ -238,6 +252,7 @@ impl Timelines {
             acks: slots(),
             measured_from: AtomicU64::new(0),
             book_commits: Default::default(),
+            book_applying: Default::default(),
             book_reports: Default::default(),
         }
     }
@@ -263,9 +278,9 @@ impl Timelines {
                 slot.store(stamp, Ordering::Relaxed);
             }
         }
-        if let Some(event) = events.first() {
+        if let (Some(first), Some(last)) = (events.first(), events.last()) {
             let mut books = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
-            books.insert(event.metadata.aggregate_id, stamp);
+            books.insert(first.metadata.aggregate_id, (stamp, last.position));
         }
     }
 
@@ -276,12 +291,15 @@ impl Timelines {
         }
     }
 
-    /// Records that the report rows of `books` committed at `at` (first time counts).
-    pub fn reported(&self, books: impl IntoIterator<Item = BookId>, at: Instant) {
-        let stamp = self.stamp(at);
+    /// Records that the projection began applying the rows of `books` at `started` and
+    /// committed them at `ended` (the first time counts).
+    pub fn reported(&self, books: &[BookId], started: Instant, ended: Instant) {
+        let (started, ended) = (self.stamp(started), self.stamp(ended));
+        let mut applying = self.book_applying.lock().unwrap_or_else(|p| p.into_inner());
         let mut reports = self.book_reports.lock().unwrap_or_else(|p| p.into_inner());
         for book in books {
-            reports.entry(book).or_insert(stamp);
+            applying.entry(*book).or_insert(started);
+            reports.entry(*book).or_insert(ended);
         }
     }
 
@@ -364,7 +382,7 @@ impl Timelines {
         let commits = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
         let measured_from = self.measured_from.load(Ordering::Relaxed);
         let mut histogram = new_histogram()?;
-        for (book, &commit) in commits.iter() {
+        for (book, &(commit, _)) in commits.iter() {
             if commit < measured_from {
                 continue;
             }
@@ -374,6 +392,92 @@ impl Timelines {
         }
         Ok(Some(histogram))
     }
+
+    /// Every measured event's way through the relay, in stages: commit → picked up by the
+    /// relay's read, → recorded published (right after its Kafka commit returned), → received
+    /// by the `read_committed` reader. p50 and p99 of each, in milliseconds; plus the relay's
+    /// cycle time.
+    fn relay_stages(&self, trace: &RelayTrace) -> Result<Vec<(String, f64)>, BenchError> {
+        let (mut pickup, mut publish, mut visible) =
+            (new_histogram()?, new_histogram()?, new_histogram()?);
+        let skip = WARM_UP_SAVES as u64 * EVENTS_PER_SAVE;
+        for (position, (commit, ack)) in self.commits.iter().zip(&self.acks).enumerate() {
+            let position = position as u64;
+            let (commit, ack) = (commit.load(Ordering::Relaxed), ack.load(Ordering::Relaxed));
+            if position <= skip || commit == 0 || ack == 0 {
+                continue;
+            }
+            let (Some(picked), Some(published)) =
+                (trace.picked_up(position), trace.published(position))
+            else {
+                continue;
+            };
+            let (picked, published) = (self.stamp(picked), self.stamp(published));
+            pickup.saturating_record(picked.saturating_sub(commit) / 1_000);
+            publish.saturating_record(published.saturating_sub(picked) / 1_000);
+            visible.saturating_record(ack.saturating_sub(published) / 1_000);
+        }
+        // One relay cycle (read, publish, checkpoint, head) is the gap between two reads that
+        // returned events; an event committed during a cycle waits for the rest of it.
+        let mut cycle = new_histogram()?;
+        for pair in trace.reads.windows(2) {
+            let gap = pair[1].1.saturating_duration_since(pair[0].1);
+            cycle.saturating_record(u64::try_from(gap.as_micros()).unwrap_or(u64::MAX));
+        }
+        let mut extras = stage_extras([
+            ("relay_pickup", &pickup),
+            ("relay_publish", &publish),
+            ("kafka_visible", &visible),
+            ("relay_cycle", &cycle),
+        ]);
+        extras.push(("relay_cycle_max_ms".into(), cycle.max() as f64 / 1e3));
+        Ok(extras)
+    }
+
+    /// Every measured book's way from its fact being readable to its report row: the
+    /// `read_committed` reader received the fact → the projection began applying the batch
+    /// holding it → that batch committed.
+    fn report_stages(&self) -> Result<Vec<(String, f64)>, BenchError> {
+        let commits = self.book_commits.lock().unwrap_or_else(|p| p.into_inner());
+        let applying = self.book_applying.lock().unwrap_or_else(|p| p.into_inner());
+        let reports = self.book_reports.lock().unwrap_or_else(|p| p.into_inner());
+        let measured_from = self.measured_from.load(Ordering::Relaxed);
+        let (mut fact_visible, mut batching, mut apply) =
+            (new_histogram()?, new_histogram()?, new_histogram()?);
+        for (book, &(commit, fact_position)) in commits.iter() {
+            let ack = Self::slot(&self.acks, fact_position)
+                .map_or(0, |slot| slot.load(Ordering::Relaxed));
+            let (Some(&started), Some(&ended)) = (applying.get(book), reports.get(book)) else {
+                continue;
+            };
+            if commit < measured_from || ack == 0 {
+                continue;
+            }
+            fact_visible.saturating_record(ack.saturating_sub(commit) / 1_000);
+            batching.saturating_record(started.saturating_sub(ack) / 1_000);
+            apply.saturating_record(ended.saturating_sub(started) / 1_000);
+        }
+        Ok(stage_extras([
+            ("fact_visible", &fact_visible),
+            ("projection_batching", &batching),
+            ("projection_apply", &apply),
+        ]))
+    }
+}
+
+/// `stage_<name>_{p50,p99}_ms` of each stage's histogram (in µs).
+fn stage_extras<const N: usize>(stages: [(&str, &Histogram<u64>); N]) -> Vec<(String, f64)> {
+    let mut extras = vec![];
+    for (name, histogram) in stages {
+        if histogram.is_empty() {
+            continue;
+        }
+        for (label, quantile) in [("p50", 0.5), ("p99", 0.99)] {
+            let ms = histogram.value_at_quantile(quantile) as f64 / 1e3;
+            extras.push((format!("stage_{name}_{label}_ms"), ms));
+        }
+    }
+    extras
 }
 
 fn new_histogram() -> Result<Histogram<u64>, BenchError> {

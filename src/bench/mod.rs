@@ -14,6 +14,8 @@
 //! | store append ([`append`]) | events/s of `EventStore::save`, one writer and N | raw SQL doing the same inserts without the `outbox_head` reservation |
 //! | backlog memory ([`backlog`]) | peak RSS (VmHWM) of a `bookstore relay --once` child draining a large backlog | target only |
 //!
+//! The run starts by warming the broker up (raw producers on throwaway topics, not measured):
+//! a JVM broker serves its first thousands of transactions several times slower.
 //! Every measurement runs on fresh stores ([`stores`]: a SQLite file in a temporary folder, a
 //! PostgreSQL schema of its own) and fresh topics (a random prefix per run, deleted at the end).
 //! Timed windows exclude setup: topics are provisioned, producers initialised and backlogs
@@ -67,6 +69,9 @@ pub struct BenchConfig {
     pub batch_size: usize,
     /// Repetitions of each drain (relay and baseline alike); the median is reported.
     pub rounds: usize,
+    /// Events sent by the raw producers on throwaway topics before anything is measured, to
+    /// warm the broker up; 0 skips it.
+    pub broker_warm_up_events: u64,
     /// Concurrent writers for backlogs, the writer-impact runs and append ×N.
     pub writers: usize,
     /// Price updates after each book's addition (each change is a save of two events).
@@ -97,7 +102,8 @@ pub mod defaults {
     pub const POSTGRES_URL: &str = "postgres://bookstore:bookstore@127.0.0.1:5432/bookstore_test";
     pub const RELAY_EVENTS: u64 = 20_000;
     pub const BATCH_SIZE: usize = 500;
-    pub const ROUNDS: usize = 3;
+    pub const ROUNDS: usize = 5;
+    pub const BROKER_WARM_UP_EVENTS: u64 = 20_000;
     pub const WRITERS: usize = 4;
     pub const UPDATES_PER_BOOK: usize = 4;
     pub const WRITER_SECONDS: f64 = 5.0;
@@ -117,6 +123,7 @@ impl BenchConfig {
             relay_events: defaults::RELAY_EVENTS,
             batch_size: defaults::BATCH_SIZE,
             rounds: defaults::ROUNDS,
+            broker_warm_up_events: defaults::BROKER_WARM_UP_EVENTS,
             writers: defaults::WRITERS,
             updates_per_book: defaults::UPDATES_PER_BOOK,
             writer_duration: Duration::from_secs_f64(defaults::WRITER_SECONDS),
@@ -216,6 +223,18 @@ async fn run_measurements(
     kafka: &mut KafkaRun,
     factory: &mut stores::StoreFactory,
 ) -> Result<(), BenchError> {
+    let uses_kafka = [
+        Measurement::Relay,
+        Measurement::Projection,
+        Measurement::Writers,
+        Measurement::Latency,
+    ]
+    .into_iter()
+    .any(|measurement| config.runs(measurement));
+    if uses_kafka && config.broker_warm_up_events > 0 {
+        info!("warming up the broker (not measured)");
+        relay_drain::warm_up_broker(config, kafka, config.broker_warm_up_events).await?;
+    }
     for &store in &config.stores {
         if config.runs(Measurement::Append) {
             info!(%store, "measuring store append");

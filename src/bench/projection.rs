@@ -270,7 +270,8 @@ impl ReportClock {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(timelines) = timelines {
-            timelines.reported(changes.iter().map(ReportChange::book_id), ended);
+            let books: Vec<BookId> = changes.iter().map(ReportChange::book_id).collect();
+            timelines.reported(&books, started, ended);
         }
     }
 

@@ -3,7 +3,7 @@
 //! store bookkeeping (checkpoint, head, lease, retention) and the rest (publishing).
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -69,6 +69,36 @@ pub struct OutboxClock {
     first_read: OnceLock<Instant>,
     first_read_seen: Notify,
     calls: [CallStats; 5],
+    /// Kept only for a traced outbox ([`TimedOutbox::traced`]).
+    trace: Option<Mutex<RelayTrace>>,
+}
+
+/// When the relay picked events up and when it recorded them published, for following each
+/// event through the relay.
+#[derive(Debug, Clone, Default)]
+pub struct RelayTrace {
+    /// `read_after` calls that returned events: the last position returned, and when.
+    pub reads: Vec<(u64, Instant)>,
+    /// `record_published` calls (made right after a batch's Kafka commit): position, when.
+    pub published: Vec<(u64, Instant)>,
+}
+
+impl RelayTrace {
+    /// When `position` was first returned by a read.
+    pub fn picked_up(&self, position: u64) -> Option<Instant> {
+        first_reaching(&self.reads, position)
+    }
+
+    /// When the relay first recorded `position` (or a later one) published.
+    pub fn published(&self, position: u64) -> Option<Instant> {
+        first_reaching(&self.published, position)
+    }
+}
+
+/// The instant of the first entry at or past `position`; entries ascend by position.
+fn first_reaching(entries: &[(u64, Instant)], position: u64) -> Option<Instant> {
+    let index = entries.partition_point(|(reached, _)| *reached < position);
+    entries.get(index).map(|(_, at)| *at)
 }
 
 impl OutboxClock {
@@ -108,6 +138,21 @@ impl OutboxClock {
             .filter(|&call| call != StoreCall::ReadAfter)
             .map(|call| self.cost(call).total)
             .sum()
+    }
+
+    /// What a traced outbox saw (empty for an untraced one).
+    pub fn trace(&self) -> RelayTrace {
+        self.trace
+            .as_ref()
+            .map(|trace| trace.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .unwrap_or_default()
+    }
+
+    fn note(&self, pick: impl FnOnce(&mut RelayTrace) -> &mut Vec<(u64, Instant)>, position: u64) {
+        if let Some(trace) = &self.trace {
+            let mut trace = trace.lock().unwrap_or_else(|p| p.into_inner());
+            pick(&mut trace).push((position, Instant::now()));
+        }
     }
 
     fn add(&self, call: StoreCall, since: Instant) {
@@ -157,6 +202,17 @@ impl<O> TimedOutbox<O> {
         }
     }
 
+    /// Also keeps a [`RelayTrace`] (one entry per batch).
+    pub fn traced(inner: O) -> Self {
+        Self {
+            inner,
+            clock: Arc::new(OutboxClock {
+                trace: Some(Mutex::default()),
+                ..OutboxClock::default()
+            }),
+        }
+    }
+
     pub fn clock(&self) -> Arc<OutboxClock> {
         self.clock.clone()
     }
@@ -186,6 +242,9 @@ impl<O: Outbox> EventStore for TimedOutbox<O> {
         }
         let events = self.inner.read_after(after, limit).await;
         self.clock.add(StoreCall::ReadAfter, started);
+        if let Ok(Some(last)) = events.as_ref().map(|events| events.last()) {
+            self.clock.note(|trace| &mut trace.reads, last.position);
+        }
         events
     }
 
@@ -207,6 +266,7 @@ impl<O: Outbox> Outbox for TimedOutbox<O> {
     }
 
     async fn record_published(&self, relay: &str, position: u64) -> Result<(), StoreError> {
+        self.clock.note(|trace| &mut trace.published, position);
         let started = Instant::now();
         let recorded = self.inner.record_published(relay, position).await;
         self.clock.add(StoreCall::RecordPublished, started);

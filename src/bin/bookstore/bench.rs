@@ -33,6 +33,7 @@ fn config_from(kafka: &KafkaConfig, args: BenchArgs) -> Result<BenchConfig> {
     config.relay_events = args.relay_events;
     config.batch_size = args.batch_size;
     config.rounds = args.rounds;
+    config.broker_warm_up_events = args.broker_warm_up_events;
     config.writers = args.writers;
     config.updates_per_book = args.updates_per_book;
     config.writer_duration = seconds(args.writer_seconds, "--writer-seconds")?;
@@ -56,12 +57,14 @@ fn render(report: &BenchReport) -> String {
     let machine = &report.machine;
     let load = |value: Option<f64>| value.map_or("?".to_owned(), |load| format!("{load:.2}"));
     let mut out = format!(
-        "bookstore bench: {} CPUs, load average {} before, {} after\n\
+        "bookstore bench: {} CPUs, load average {} before, {} after; \
+         broker warmed with {} events\n\
          relay backlog {} events, batch {}, median of {} rounds; {} writers; \
          latency at {} events/s ({} saves/s) for {} s; RSS backlog {} events ({})\n\n",
         machine.cpus,
         load(machine.load_average_before),
         load(machine.load_average_after),
+        settings.broker_warm_up_events,
         settings.relay_events,
         settings.batch_size,
         settings.rounds,
