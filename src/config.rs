@@ -131,11 +131,12 @@ pub struct RelaySettings {
     )]
     pub delivery: DeliveryMode,
 
-    /// Most events per batch (one Kafka transaction in exactly-once mode).
+    /// Most events per batch (one Kafka transaction in exactly-once mode). Batches fill up
+    /// only while there is a backlog; at low load each is committed as soon as it is read.
     #[arg(
         long = "batch-size",
         env = "BOOKSTORE_RELAY_BATCH_SIZE",
-        default_value_t = 500
+        default_value_t = 5_000
     )]
     pub batch_size: usize,
 
@@ -165,7 +166,7 @@ impl Default for RelaySettings {
     fn default() -> Self {
         Self {
             delivery: DeliveryMode::ExactlyOnce,
-            batch_size: 500,
+            batch_size: 5_000,
             relay_id: None,
             poll_interval_ms: 250,
             retention_hours: 168,

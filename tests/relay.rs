@@ -319,6 +319,26 @@ async fn at_least_once_mode_publishes_every_event_in_order() {
 }
 
 #[tokio::test]
+async fn a_backlog_is_published_in_full_batches_filled_page_by_page() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(20, 4).await; // 200 events
+    let relay = fixture
+        .relay(DeliveryMode::ExactlyOnce)
+        .await
+        .tuned(|config| {
+            config.page_size = 7;
+            config.max_batch_time = Duration::from_secs(60);
+        });
+    let report = relay.run(RunMode::Once, Shutdown::never()).await.unwrap();
+    let events = fixture.all_events().await;
+    assert_eq!(events.len(), 200);
+    assert_eq!(report.published_events, 200);
+    assert_eq!(report.batches, 4, "batches of 50 events, each 8 pages");
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+}
+
+#[tokio::test]
 async fn a_second_relay_stands_by_until_the_active_one_stops() {
     let fixture = Fixture::new().await;
     let (stop_first, first_shutdown) = ShutdownTrigger::new();

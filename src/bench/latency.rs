@@ -1,7 +1,8 @@
 //! Latency at a fixed offered load, never at saturation: new books are saved on an open-loop
 //! schedule (`rate / 2` saves per second, two events each) while a relay follows the store
-//! (exactly-once, `Follow`, woken by the commit signal) and the projection follows the fact
-//! topic.
+//! (`Follow`, woken by the commit signal) and the projection follows the fact topic. It runs
+//! twice: exactly-once (the headline, with the projection) and at-least-once (relay only), so
+//! the cost of the transactions shows.
 //!
 //! * **commit → ack**: for every event, from the instant its `save` returned (the commit) to
 //!   the instant a `read_committed` consumer, assigned every partition of both topics on its
@@ -50,6 +51,8 @@ const WARM_UP_SAVES: usize = 10;
 /// How long records may take to arrive once the schedule is over.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// Both delivery modes: exactly-once (with the projection following, when it is measured)
+/// gives the headline figures; at-least-once shows what the transactions cost in latency.
 pub async fn measure(
     config: &BenchConfig,
     factory: &mut StoreFactory,
@@ -57,10 +60,38 @@ pub async fn measure(
     kind: StoreKind,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
+    measure_mode(
+        config,
+        factory,
+        kafka,
+        kind,
+        DeliveryMode::ExactlyOnce,
+        report,
+    )
+    .await?;
+    measure_mode(
+        config,
+        factory,
+        kafka,
+        kind,
+        DeliveryMode::AtLeastOnce,
+        report,
+    )
+    .await
+}
+
+async fn measure_mode(
+    config: &BenchConfig,
+    factory: &mut StoreFactory,
+    kafka: &mut KafkaRun,
+    kind: StoreKind,
+    mode: DeliveryMode,
+    report: &mut BenchReport,
+) -> Result<(), BenchError> {
     let bench = factory.fresh(kind).await?;
     let kafka = kafka.fresh();
     let settings = RelaySettings {
-        delivery: DeliveryMode::ExactlyOnce,
+        delivery: mode,
         batch_size: config.batch_size,
         ..RelaySettings::default()
     };
@@ -75,11 +106,12 @@ pub async fn measure(
     let capacity = (WARM_UP_SAVES + saves) as u64 * EVENTS_PER_SAVE;
     let timeline = Arc::new(Timelines::new(capacity));
     let listener = AckListener::start(&kafka, timeline.clone())?;
-    let projection = if config.runs(super::Measurement::Projection) {
-        Some(RunningProjection::start(&kafka, factory, kind).await?)
-    } else {
-        None
-    };
+    let projection =
+        if mode == DeliveryMode::ExactlyOnce && config.runs(super::Measurement::Projection) {
+            Some(RunningProjection::start(&kafka, factory, kind).await?)
+        } else {
+            None
+        };
 
     let outcome = run_schedule(
         &bench.store,
@@ -115,14 +147,17 @@ pub async fn measure(
         config.latency_events_per_second,
         offered * EVENTS_PER_SAVE as f64
     );
-    let mut figure = latency_figure(
-        format!("{kind}_commit_to_ack_p99"),
-        "commit → Kafka ack (read_committed), p99",
-        kind,
-        &acks,
-        &rate_detail,
-        offered,
-    );
+    let (key, measurement) = match mode {
+        DeliveryMode::ExactlyOnce => (
+            format!("{kind}_commit_to_ack_p99"),
+            "commit → Kafka ack (read_committed), p99",
+        ),
+        DeliveryMode::AtLeastOnce => (
+            format!("{kind}_at_least_once_commit_to_ack_p99"),
+            "commit → Kafka ack, at-least-once relay, p99",
+        ),
+    };
+    let mut figure = latency_figure(key, measurement, kind, &acks, &rate_detail, offered);
     for (name, value) in relay_extras.into_iter().chain(relay_stages) {
         figure = figure.extra(&name, value);
     }

@@ -394,15 +394,10 @@ async fn raw_producer(
     kafka: &KafkaConfig,
     mode: DeliveryMode,
 ) -> Result<FutureProducer, BenchError> {
-    let mut settings = kafka.idempotent_producer_config();
-    if mode == DeliveryMode::ExactlyOnce {
-        settings
-            .set("transactional.id", format!("{}.raw", kafka.topic_prefix))
-            .set(
-                "transaction.timeout.ms",
-                (kafka.request_timeout().as_millis() * 2).to_string(),
-            );
-    }
+    let transactional_id = format!("{}.raw", kafka.topic_prefix);
+    let settings = kafka.relay_producer_config(
+        (mode == DeliveryMode::ExactlyOnce).then_some(transactional_id.as_str()),
+    );
     let producer: FutureProducer = settings.create()?;
     if mode == DeliveryMode::ExactlyOnce {
         let initialiser = producer.clone();
@@ -412,9 +407,10 @@ async fn raw_producer(
     Ok(producer)
 }
 
-/// One transaction per batch: send, await every acknowledgement, commit. Awaiting first
-/// matters: left to flush in-flight records itself, `commit_transaction` takes about 100 ms
-/// longer per transaction (see docs/benchmarks.md; [`CommitFlush::Implicit`] measures it).
+/// One transaction per batch: send, await every acknowledgement, commit, as the relay does
+/// ([`crate::kafka::commit_transaction`]). Awaiting first matters: left to flush in-flight
+/// records itself, rust-rdkafka's `commit_transaction` polls for 100 ms per flush
+/// ([`CommitFlush::Implicit`] measures it).
 async fn send_in_transactions(
     producer: &FutureProducer,
     batches: Vec<Vec<OutboundRecord<'_>>>,
@@ -432,9 +428,17 @@ async fn send_in_transactions(
             // The commit fails if any record of the transaction failed.
             CommitFlush::Implicit => drop(deliveries),
         }
-        let committer = producer.clone();
-        let timeout = kafka.request_timeout();
-        tokio::task::spawn_blocking(move || committer.commit_transaction(timeout)).await??;
+        match flush {
+            CommitFlush::AwaitAcks => {
+                crate::kafka::commit_transaction(producer, kafka.request_timeout()).await?;
+            }
+            CommitFlush::Implicit => {
+                let committer = producer.clone();
+                let timeout = kafka.request_timeout();
+                tokio::task::spawn_blocking(move || committer.commit_transaction(timeout))
+                    .await??;
+            }
+        }
     }
     Ok(())
 }

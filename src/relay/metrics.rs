@@ -3,25 +3,17 @@
 //! Recorded through the `metrics` facade; whoever runs the relay installs an exporter
 //! (see [`crate::telemetry::install_metrics`]). Without one they cost next to nothing.
 
-use crate::domain::{EventKind, StoredEvent};
-
 pub const PUBLISHED_EVENTS: &str = "bookstore_relay_published_events_total";
 pub const BATCHES: &str = "bookstore_relay_batches_total";
 pub const SEND_ERRORS: &str = "bookstore_relay_send_errors_total";
 pub const BACKLOG: &str = "bookstore_relay_backlog_events";
 pub const LAST_POSITION: &str = "bookstore_relay_last_published_position";
 
-pub(crate) fn record_batch(events: &[StoredEvent]) {
-    let facts = events
-        .iter()
-        .filter(|event| event.metadata.kind() == EventKind::Fact)
-        .count() as u64;
+pub(crate) fn record_batch(events: u64, facts: u64, last_position: u64) {
     metrics::counter!(PUBLISHED_EVENTS, "kind" => "fact").increment(facts);
-    metrics::counter!(PUBLISHED_EVENTS, "kind" => "delta").increment(events.len() as u64 - facts);
+    metrics::counter!(PUBLISHED_EVENTS, "kind" => "delta").increment(events - facts);
     metrics::counter!(BATCHES).increment(1);
-    if let Some(last) = events.last() {
-        record_position(last.position);
-    }
+    record_position(last_position);
 }
 
 pub(crate) fn record_position(position: u64) {

@@ -20,8 +20,10 @@
 
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
+use crate::domain::{EventKind, StoredEvent};
 use crate::shutdown::Shutdown;
 use crate::store::{CommitSignal, Outbox, StoreError};
 
@@ -41,8 +43,15 @@ pub struct RelayConfig {
     pub relay_id: String,
     /// Identifies this process among the instances competing for the lease.
     pub instance_id: String,
-    /// Most events per batch (one Kafka transaction in exactly-once mode).
+    /// Most events per batch (one Kafka transaction in exactly-once mode). A batch is filled
+    /// page by page while a backlog lasts, and committed at once when the relay has caught up,
+    /// so large batches cost no latency at low load.
     pub batch_size: usize,
+    /// Most events read from the outbox at a time; the next page is read while the previous
+    /// one is being sent.
+    pub page_size: usize,
+    /// A batch being filled from a backlog is committed after this long at the latest.
+    pub max_batch_time: Duration,
     /// Fallback polling interval when no commit signal arrives.
     pub poll_interval: Duration,
     /// How long a lease lasts without renewal; renewed at a third of it.
@@ -61,7 +70,9 @@ impl RelayConfig {
         Self {
             relay_id: relay_id.into(),
             instance_id: format!("{}-{}", std::process::id(), uuid::Uuid::new_v4().simple()),
-            batch_size: 500,
+            batch_size: 5_000,
+            page_size: 500,
+            max_batch_time: Duration::from_millis(100),
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(15),
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -110,7 +121,7 @@ enum Stop {
     LeaseLost,
 }
 
-impl<O: Outbox, P: EventPublisher> Relay<O, P> {
+impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     pub fn new(outbox: O, publisher: P, config: RelayConfig) -> Self {
         Self {
             outbox,
@@ -119,8 +130,15 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
         }
     }
 
+    /// Adjusts the configuration after wiring (tests and benchmarks tune sizes and timings).
+    pub fn tuned(mut self, tune: impl FnOnce(&mut RelayConfig)) -> Self {
+        tune(&mut self.config);
+        self
+    }
+
     /// Runs until shutdown (or, in `Once` mode, until the backlog at start is published).
     /// Returns an error only for what waiting cannot fix: an event that cannot be encoded.
+    /// Outages of Kafka or of the store are waited out.
     pub async fn run(
         mut self,
         mode: RunMode,
@@ -132,7 +150,7 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
             RunMode::Follow => None,
         };
         loop {
-            if !self.wait_for_lease(&mut shutdown).await? {
+            if !self.wait_for_lease(&mut shutdown).await {
                 break;
             }
             let outcome = self
@@ -157,22 +175,26 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
     }
 
     /// Waits until this instance holds the lease. False if shutdown came first.
-    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> Result<bool, RelayError> {
+    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> bool {
         let mut announced = false;
         loop {
             if shutdown.is_triggered() {
-                return Ok(false);
+                return false;
             }
-            if self.renew_lease().await? {
-                info!(relay_id = %self.config.relay_id, instance = %self.config.instance_id, "relay is active");
-                return Ok(true);
-            }
-            if !announced {
-                info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
-                announced = true;
+            match self.renew_lease().await {
+                Ok(true) => {
+                    info!(relay_id = %self.config.relay_id, instance = %self.config.instance_id, "relay is active");
+                    return true;
+                }
+                Ok(false) if !announced => {
+                    info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
+                    announced = true;
+                }
+                Ok(false) => {}
+                Err(error) => warn!(%error, "cannot take the relay lease; retrying"),
             }
             tokio::select! {
-                _ = shutdown.wait() => return Ok(false),
+                _ = shutdown.wait() => return false,
                 _ = tokio::time::sleep(self.config.lease_ttl / 3) => {}
             }
         }
@@ -194,11 +216,29 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
         report: &mut RelayReport,
         shutdown: &mut Shutdown,
     ) -> Result<Stop, RelayError> {
+        let recorder = PositionRecorder::spawn(self.outbox.clone(), self.config.relay_id.clone());
+        let stop = self
+            .publish_batches(&recorder, target, report, shutdown)
+            .await;
+        recorder.finish().await;
+        stop
+    }
+
+    async fn publish_batches(
+        &mut self,
+        recorder: &PositionRecorder,
+        target: Option<u64>,
+        report: &mut RelayReport,
+        shutdown: &mut Shutdown,
+    ) -> Result<Stop, RelayError> {
         let mut signal = self.outbox.commit_signal().await?;
         let mut backoff = self.config.min_backoff;
         let mut lease_renewed_at = Instant::now();
         let mut pruned_at: Option<Instant> = None;
-        let Some(mut position) = self.start_publisher(shutdown, &mut backoff).await? else {
+        let Some(mut position) = self
+            .start_publisher(recorder, shutdown, &mut backoff)
+            .await?
+        else {
             return Ok(Stop::Shutdown);
         };
         loop {
@@ -206,10 +246,15 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
                 return Ok(Stop::Shutdown);
             }
             if lease_renewed_at.elapsed() >= self.config.lease_ttl / 3 {
-                if !self.renew_lease().await? {
-                    return Ok(Stop::LeaseLost);
+                match self.renew_lease().await {
+                    Ok(true) => lease_renewed_at = Instant::now(),
+                    Ok(false) => return Ok(Stop::LeaseLost),
+                    Err(error) => {
+                        // Publishing on without a renewed lease could overlap a successor.
+                        warn!(%error, "cannot renew the relay lease");
+                        return Ok(Stop::LeaseLost);
+                    }
                 }
-                lease_renewed_at = Instant::now();
             }
             if pruned_at.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
                 self.prune().await;
@@ -218,51 +263,44 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
             if target.is_some_and(|target| position >= target) {
                 return Ok(Stop::Done);
             }
-            let events = self
-                .outbox
-                .read_after(position, self.config.batch_size)
-                .await?;
-            if events.is_empty() {
-                self.wait_for_commit(&mut signal, shutdown).await;
-                continue;
-            }
-            let last = events
-                .last()
-                .map(|event| event.position)
-                .unwrap_or(position);
-            let span = info_span!(
-                "publish_batch",
-                first = position + 1,
-                last,
-                events = events.len()
-            );
-            match self.publisher.publish_batch(&events).instrument(span).await {
-                Ok(()) => {
-                    position = last;
+            let error = match self.publish_next_batch(position, target).await {
+                Ok(Some(batch)) => {
+                    position = batch.last;
                     backoff = self.config.min_backoff;
-                    report.published_events += events.len() as u64;
+                    report.published_events += batch.events;
                     report.batches += 1;
                     report.last_position = position;
-                    metrics::record_batch(&events);
-                    self.record_published(position).await;
+                    metrics::record_batch(batch.events, batch.facts, position);
+                    recorder.record(position);
+                    continue;
                 }
-                Err(PublishError::Poison { position, source }) => {
+                Ok(None) => {
+                    self.wait_for_commit(&mut signal, shutdown).await;
+                    continue;
+                }
+                Err(error) => error,
+            };
+            match error {
+                RelayError::Publish(PublishError::Poison { position, source }) => {
                     metrics::record_send_error();
                     error!(position, %source, "event cannot be published; relay stops");
                     return Err(PublishError::Poison { position, source }.into());
                 }
-                Err(PublishError::Fenced(error)) => {
+                RelayError::Publish(PublishError::Fenced(error)) => {
                     metrics::record_send_error();
                     warn!(%error, "fenced by another relay instance");
                     return Ok(Stop::LeaseLost);
                 }
-                Err(error) => {
+                error => {
                     metrics::record_send_error();
                     warn!(%error, ?backoff, "publishing failed; retrying from the last confirmed position");
                     if !pause(shutdown, &mut backoff, self.config.max_backoff).await {
                         return Ok(Stop::Shutdown);
                     }
-                    match self.start_publisher(shutdown, &mut backoff).await? {
+                    match self
+                        .start_publisher(recorder, shutdown, &mut backoff)
+                        .await?
+                    {
                         Some(resumed) => position = resumed,
                         None => return Ok(Stop::Shutdown),
                     }
@@ -271,56 +309,98 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
         }
     }
 
-    /// Starts the publisher, retrying with backoff while Kafka is unavailable, and returns the
-    /// position to resume after: the furthest of what Kafka and the store know to be published.
-    /// `None` if shutdown came first.
+    /// Publishes the events after `position` as one batch, filled page by page while there is
+    /// a backlog (up to `batch_size` events or `max_batch_time`), each page read while the
+    /// previous one is on the wire. `None` if there was nothing to publish.
+    async fn publish_next_batch(
+        &mut self,
+        position: u64,
+        target: Option<u64>,
+    ) -> Result<Option<PublishedBatch>, RelayError> {
+        let page_size = self.config.page_size.min(self.config.batch_size).max(1);
+        let mut page = self.outbox.read_after(position, page_size).await?;
+        if page.is_empty() {
+            return Ok(None);
+        }
+        let span = info_span!(
+            "publish_batch",
+            first = position + 1,
+            last = tracing::field::Empty,
+            events = tracing::field::Empty
+        );
+        async {
+            let started = Instant::now();
+            let mut batch = PublishedBatch::default();
+            self.publisher.begin_batch()?;
+            loop {
+                let requested = page_size.min(self.config.batch_size - batch.events as usize);
+                let more_waiting = page.len() >= requested;
+                batch.add(&page);
+                self.publisher.send(&page).await?;
+                let room = self.config.batch_size.saturating_sub(batch.events as usize);
+                if !more_waiting
+                    || room == 0
+                    || started.elapsed() >= self.config.max_batch_time
+                    || target.is_some_and(|target| batch.last >= target)
+                {
+                    break;
+                }
+                // On a store error the open batch is abandoned: the next `start` aborts it.
+                page = self
+                    .outbox
+                    .read_after(batch.last, page_size.min(room))
+                    .await?;
+                if page.is_empty() {
+                    break;
+                }
+            }
+            self.publisher.commit_batch().await?;
+            tracing::Span::current()
+                .record("last", batch.last)
+                .record("events", batch.events);
+            debug!("batch published");
+            Ok(Some(batch))
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Starts the publisher, retrying with backoff while Kafka (or the store) is unavailable,
+    /// and returns the position to resume after: the furthest of what Kafka and the store know
+    /// to be published. `None` if shutdown came first.
     async fn start_publisher(
         &mut self,
+        recorder: &PositionRecorder,
         shutdown: &mut Shutdown,
         backoff: &mut Duration,
     ) -> Result<Option<u64>, RelayError> {
         loop {
-            match self.publisher.start().await {
+            let error = match self.publisher.start().await {
                 Ok(known_by_publisher) => {
-                    let recorded = self
-                        .outbox
-                        .published_position(&self.config.relay_id)
-                        .await?;
-                    let position = known_by_publisher.unwrap_or(0).max(recorded);
-                    info!(position, "resuming after position");
-                    metrics::record_position(position);
-                    if known_by_publisher.is_some_and(|known| known > recorded) {
-                        // The crash came between the Kafka commit and the store's copy.
-                        self.record_published(position).await;
+                    match self.outbox.published_position(&self.config.relay_id).await {
+                        Ok(recorded) => {
+                            let position = known_by_publisher.unwrap_or(0).max(recorded);
+                            info!(position, "resuming after position");
+                            metrics::record_position(position);
+                            if known_by_publisher.is_some_and(|known| known > recorded) {
+                                // The crash came between the Kafka commit and the store's copy.
+                                recorder.record(position);
+                            }
+                            return Ok(Some(position));
+                        }
+                        Err(error) => RelayError::Store(error),
                     }
-                    return Ok(Some(position));
                 }
                 Err(PublishError::Poison { position, source }) => {
                     return Err(PublishError::Poison { position, source }.into());
                 }
-                Err(error) => {
-                    metrics::record_send_error();
-                    warn!(%error, ?backoff, "Kafka not ready; retrying");
-                    if !pause(shutdown, backoff, self.config.max_backoff).await {
-                        return Ok(None);
-                    }
-                }
+                Err(error) => RelayError::Publish(error),
+            };
+            metrics::record_send_error();
+            warn!(%error, ?backoff, "cannot start publishing; retrying");
+            if !pause(shutdown, backoff, self.config.max_backoff).await {
+                return Ok(None);
             }
-        }
-    }
-
-    async fn record_published(&self, position: u64) {
-        // The store's copy is for retention, metrics and at-least-once restarts; failing to
-        // write it loses nothing (exactly-once resumes from Kafka's checkpoint), so log and go on.
-        if let Err(error) = self
-            .outbox
-            .record_published(&self.config.relay_id, position)
-            .await
-        {
-            warn!(%error, position, "could not record the published position");
-        }
-        if let Ok(head) = self.outbox.head_position().await {
-            metrics::record_backlog(head.saturating_sub(position));
         }
     }
 
@@ -342,6 +422,76 @@ impl<O: Outbox, P: EventPublisher> Relay<O, P> {
             _ = signal.committed() => debug!("woken by a commit"),
             _ = tokio::time::sleep(self.config.poll_interval) => {}
             _ = shutdown.wait() => {}
+        }
+    }
+}
+
+/// What one committed batch held.
+#[derive(Debug, Default)]
+struct PublishedBatch {
+    events: u64,
+    facts: u64,
+    last: u64,
+}
+
+impl PublishedBatch {
+    fn add(&mut self, page: &[StoredEvent]) {
+        self.events += page.len() as u64;
+        self.facts += page
+            .iter()
+            .filter(|event| event.metadata.kind() == EventKind::Fact)
+            .count() as u64;
+        if let Some(last) = page.last() {
+            self.last = last.position;
+        }
+    }
+}
+
+/// Copies the published position into the store, off the publishing path.
+///
+/// The store's copy serves retention, metrics and at-least-once restarts (exactly-once resumes
+/// from Kafka's checkpoint). On SQLite its write waits behind the writers for the database
+/// lock, measured at up to a second under load, and must not hold the next batch up. Only the
+/// latest position matters, so positions published meanwhile collapse into one write.
+struct PositionRecorder {
+    positions: watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PositionRecorder {
+    fn spawn<O: Outbox + 'static>(outbox: O, relay_id: String) -> Self {
+        let (positions, receiver) = watch::channel(0);
+        let task = tokio::spawn(record_positions(outbox, relay_id, receiver));
+        Self { positions, task }
+    }
+
+    fn record(&self, position: u64) {
+        self.positions.send_replace(position);
+    }
+
+    /// Writes the last position recorded, if not written yet, and stops.
+    async fn finish(self) {
+        drop(self.positions);
+        if let Err(error) = self.task.await {
+            warn!(%error, "the published-position writer failed");
+        }
+    }
+}
+
+async fn record_positions<O: Outbox>(
+    outbox: O,
+    relay_id: String,
+    mut positions: watch::Receiver<u64>,
+) {
+    // `changed` reports a value sent before the sender was dropped, so the last one is written.
+    while positions.changed().await.is_ok() {
+        let position = *positions.borrow_and_update();
+        // Failing to write it loses nothing (see above): log and go on.
+        if let Err(error) = outbox.record_published(&relay_id, position).await {
+            warn!(%error, position, "could not record the published position");
+        }
+        if let Ok(head) = outbox.head_position().await {
+            metrics::record_backlog(head.saturating_sub(position));
         }
     }
 }

@@ -26,7 +26,7 @@ use super::record::{OutboundRecord, RecordMapper};
 use crate::codec::CodecError;
 use crate::config::KafkaConfig;
 use crate::domain::StoredEvent;
-use crate::kafka::KafkaSetupError;
+use crate::kafka::{self, KafkaSetupError};
 
 /// How the relay delivers to Kafka.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -68,20 +68,45 @@ impl PublishError {
     }
 }
 
-/// Sends outbox events somewhere durable, in order.
+/// Sends outbox events somewhere durable, in order, in batches: `begin_batch`, any number of
+/// `send`s, `commit_batch`. A batch is all or nothing for its readers in exactly-once mode (one
+/// Kafka transaction); sending several pages into one batch lets the next page be read while
+/// the previous one is on the wire.
 pub trait EventPublisher: Send {
     /// Gets ready to publish: connects, fences older instances where the mode has fencing, and
     /// returns the position up to which everything is known to be published already, if the
     /// publisher itself keeps track (exactly-once does; at-least-once relies on the store).
     fn start(&mut self) -> impl Future<Output = Result<Option<u64>, PublishError>> + Send;
 
-    /// Publishes `events` (ascending positions) and returns once all are durably stored.
-    /// On error nothing can be assumed about the batch: call `start` again and resume from
-    /// the position it returns.
-    fn publish_batch(
+    /// Opens a batch (a Kafka transaction in exactly-once mode).
+    fn begin_batch(&mut self) -> Result<(), PublishError>;
+
+    /// Hands `events` (ascending positions, after those sent before in this batch) to the
+    /// batch without waiting for them to be stored.
+    fn send(
         &mut self,
         events: &[StoredEvent],
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// Returns once every event sent since `begin_batch` is durably stored (committed, with
+    /// the checkpoint of the last one, in exactly-once mode). On any error of the batch,
+    /// nothing can be assumed about it: call `start` again and resume from what it returns.
+    fn commit_batch(&mut self) -> impl Future<Output = Result<(), PublishError>> + Send;
+
+    /// One batch of `events`: begin, send, commit.
+    fn publish_batch(
+        &mut self,
+        events: &[StoredEvent],
+    ) -> impl Future<Output = Result<(), PublishError>> + Send
+    where
+        Self: Sized,
+    {
+        async move {
+            self.begin_batch()?;
+            self.send(events).await?;
+            self.commit_batch().await
+        }
+    }
 }
 
 /// Publishes to Kafka; see the module documentation for the two modes.
@@ -93,6 +118,9 @@ pub struct KafkaPublisher {
     relay_id: String,
     checkpoint_topic: String,
     producer: Option<FutureProducer>,
+    /// The open batch: deliveries still to await and the last position sent.
+    deliveries: Vec<DeliveryFuture>,
+    batch_last: Option<u64>,
 }
 
 impl KafkaPublisher {
@@ -110,6 +138,8 @@ impl KafkaPublisher {
             relay_id,
             checkpoint_topic,
             producer: None,
+            deliveries: Vec::new(),
+            batch_last: None,
         }
     }
 
@@ -118,14 +148,10 @@ impl KafkaPublisher {
     }
 
     fn create_producer(&self) -> Result<FutureProducer, KafkaSetupError> {
-        let mut producer_config = self.config.idempotent_producer_config();
-        if self.mode == DeliveryMode::ExactlyOnce {
-            producer_config.set("transactional.id", &self.relay_id).set(
-                "transaction.timeout.ms",
-                (self.transaction_timeout().as_millis() * 2).to_string(),
-            );
-        }
-        producer_config
+        let transactional_id =
+            (self.mode == DeliveryMode::ExactlyOnce).then_some(self.relay_id.as_str());
+        self.config
+            .relay_producer_config(transactional_id)
             .create()
             .map_err(|source| KafkaSetupError::Client {
                 bootstrap_servers: self.config.bootstrap_servers.clone(),
@@ -136,13 +162,16 @@ impl KafkaPublisher {
     fn producer(&self) -> &FutureProducer {
         self.producer
             .as_ref()
-            .expect("publish_batch is only called after start succeeded")
+            .expect("batches are only opened after start succeeded")
     }
 
-    /// Hands every record of `events` to the producer, in order; returns their delivery futures.
-    async fn enqueue(&self, events: &[StoredEvent]) -> Result<Vec<DeliveryFuture>, PublishError> {
-        let producer = self.producer();
-        let mut deliveries = Vec::with_capacity(events.len() + 1);
+    /// Hands every record of `events` to the producer, in order, keeping their delivery futures.
+    async fn enqueue(&mut self, events: &[StoredEvent]) -> Result<(), PublishError> {
+        let producer = self
+            .producer
+            .as_ref()
+            .expect("batches are only opened after start succeeded");
+        self.deliveries.reserve(events.len());
         for event in events {
             let records = self
                 .mapper
@@ -152,46 +181,36 @@ impl KafkaPublisher {
                     source,
                 })?;
             for record in records {
-                deliveries.push(send(producer, record).await?);
+                self.deliveries.push(send(producer, record).await?);
             }
         }
-        Ok(deliveries)
+        Ok(())
     }
 
-    async fn publish_transaction(&self, events: &[StoredEvent]) -> Result<(), PublishError> {
+    /// Sends the checkpoint, awaits every record of the transaction, commits.
+    async fn commit_transaction(&mut self) -> Result<(), PublishError> {
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        let last = self.batch_last.take();
         let producer = self.producer();
-        producer
-            .begin_transaction()
-            .map_err(PublishError::from_kafka)?;
-        let outcome = async {
-            let mut deliveries = self.enqueue(events).await?;
-            let last = events
-                .last()
-                .map(|event| event.position)
-                .unwrap_or_default();
+        if let Some(last) = last {
             let value = checkpoint::checkpoint_value(last);
             let checkpoint = FutureRecord::to(&self.checkpoint_topic)
                 .key(self.relay_id.as_str())
                 .payload(value.as_str());
             deliveries.push(send_record(producer, checkpoint).await?);
-            await_deliveries(deliveries).await?;
-            let committer = producer.clone();
-            let timeout = self.transaction_timeout();
-            // commit_transaction blocks until the coordinator answers.
-            tokio::task::spawn_blocking(move || committer.commit_transaction(timeout))
-                .await
-                .expect("commit_transaction panicked")
-                .map_err(PublishError::from_kafka)
         }
-        .await;
-        let outcome = outcome.map_err(|error| self.fenced_if_fatal(error));
-        if outcome.is_err() {
-            // Best effort: the next `start` fences and aborts whatever is left open anyway.
-            let aborter = producer.clone();
-            let timeout = Duration::from_secs(5);
-            let _ = tokio::task::spawn_blocking(move || aborter.abort_transaction(timeout)).await;
-        }
-        outcome
+        await_deliveries(deliveries).await?;
+        kafka::commit_transaction(producer, self.transaction_timeout())
+            .await
+            .map_err(PublishError::from_kafka)
+    }
+
+    /// Best effort after a failed batch: the next `start` fences and aborts whatever is left
+    /// open anyway.
+    async fn abort_transaction(&self) {
+        let aborter = self.producer().clone();
+        let timeout = Duration::from_secs(5);
+        let _ = tokio::task::spawn_blocking(move || aborter.abort_transaction(timeout)).await;
     }
 
     /// A fenced producer first fails its queued records ("purged"), and only its later calls
@@ -208,17 +227,14 @@ impl KafkaPublisher {
             None => PublishError::Retryable(kafka_error),
         }
     }
-
-    async fn publish_acknowledged(&self, events: &[StoredEvent]) -> Result<(), PublishError> {
-        let deliveries = self.enqueue(events).await?;
-        await_deliveries(deliveries).await
-    }
 }
 
 impl EventPublisher for KafkaPublisher {
     async fn start(&mut self) -> Result<Option<u64>, PublishError> {
         // A fresh producer each time: after an error the old one's state is unknown.
         self.producer = None;
+        self.deliveries.clear();
+        self.batch_last = None;
         let producer = self.create_producer()?;
         if self.mode == DeliveryMode::AtLeastOnce {
             self.producer = Some(producer);
@@ -238,14 +254,42 @@ impl EventPublisher for KafkaPublisher {
         Ok(position)
     }
 
-    async fn publish_batch(&mut self, events: &[StoredEvent]) -> Result<(), PublishError> {
-        if events.is_empty() {
-            return Ok(());
+    fn begin_batch(&mut self) -> Result<(), PublishError> {
+        self.deliveries.clear();
+        self.batch_last = None;
+        if self.mode == DeliveryMode::ExactlyOnce {
+            self.producer()
+                .begin_transaction()
+                .map_err(|error| self.fenced_if_fatal(PublishError::from_kafka(error)))?;
         }
-        match self.mode {
-            DeliveryMode::ExactlyOnce => self.publish_transaction(events).await,
-            DeliveryMode::AtLeastOnce => self.publish_acknowledged(events).await,
+        Ok(())
+    }
+
+    async fn send(&mut self, events: &[StoredEvent]) -> Result<(), PublishError> {
+        let outcome = self.enqueue(events).await;
+        if let Some(last) = events.last() {
+            self.batch_last = Some(last.position);
         }
+        let outcome = outcome.map_err(|error| self.fenced_if_fatal(error));
+        if outcome.is_err() && self.mode == DeliveryMode::ExactlyOnce {
+            self.abort_transaction().await;
+        }
+        outcome
+    }
+
+    async fn commit_batch(&mut self) -> Result<(), PublishError> {
+        let outcome = match self.mode {
+            DeliveryMode::ExactlyOnce => self.commit_transaction().await,
+            DeliveryMode::AtLeastOnce => {
+                self.batch_last = None;
+                await_deliveries(std::mem::take(&mut self.deliveries)).await
+            }
+        };
+        let outcome = outcome.map_err(|error| self.fenced_if_fatal(error));
+        if outcome.is_err() && self.mode == DeliveryMode::ExactlyOnce {
+            self.abort_transaction().await;
+        }
+        outcome
     }
 }
 

@@ -22,7 +22,7 @@ pub enum RelaySetupError {
 }
 
 /// A relay from `outbox` to the Kafka cluster of `kafka`, ready to run.
-pub async fn kafka_relay<O: Outbox>(
+pub async fn kafka_relay<O: Outbox + Clone + 'static>(
     outbox: O,
     kafka: &KafkaConfig,
     settings: &RelaySettings,
