@@ -1,6 +1,7 @@
-//! The relay under faults: its process SIGKILLed mid-batch and restarted, and the broker
-//! stopped and started in the middle of a run. Afterwards a `read_committed` reader must see
-//! every committed event exactly once, in per-book order.
+//! The relay under faults: its process SIGKILLed mid-batch and restarted, the broker stopped
+//! and started in the middle of a run, and the broker not up yet when the relay and the
+//! projection start. Afterwards a `read_committed` reader must see every committed event
+//! exactly once, in per-book order.
 
 mod common;
 
@@ -12,6 +13,7 @@ use std::time::{Duration, Instant};
 use bookstore::codec::AvroCodec;
 use bookstore::config::{KafkaConfig, RelaySettings};
 use bookstore::domain::{AddBook, BookCommand, BookId, Price, StoredEvent};
+use bookstore::projection::ReportStore;
 use bookstore::relay::{RunMode, kafka_relay};
 use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::ShutdownTrigger;
@@ -208,6 +210,91 @@ async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
     }
     stop.trigger();
     running.await.unwrap().unwrap();
+
+    let events = store.read_after(0, 1_000_000).await.unwrap();
+    let records = read_all(&kafka, events.len()).await;
+    assert_exactly_once_in_order(&events, &records);
+}
+
+#[tokio::test]
+async fn relay_and_projection_started_before_the_broker_wait_for_it() {
+    let broker = PrivateBroker::not_started();
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("t");
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("outbox.db");
+    let store = SqliteStore::connect(database.to_str().unwrap())
+        .await
+        .unwrap();
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    write_books(&service, 5, 1).await;
+    let head = store.head_position().await.unwrap();
+
+    let service_process = |command: &str| {
+        let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"));
+        process
+            .arg(command)
+            .env(
+                "BOOKSTORE_DATABASE_URL",
+                format!("sqlite:{}", database.display()),
+            )
+            .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+            .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+            .env("BOOKSTORE_KAFKA_TIMEOUT_MS", "2000")
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        process.spawn().unwrap()
+    };
+    let mut relay = service_process("relay");
+    let mut projector = service_process("project");
+
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay gave up on a broker not started yet"
+    );
+    assert!(
+        projector.try_wait().unwrap().is_none(),
+        "the projection gave up on a broker not started yet"
+    );
+
+    broker.run("start").await;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    while published(&store, &relay_id).await < head || store.list_reports().await.unwrap().len() < 5
+    {
+        assert!(
+            Instant::now() < deadline,
+            "relay and projection did not catch up once the broker started"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    for (name, child) in [("relay", &mut relay), ("projection", &mut projector)] {
+        let pid = child.id().unwrap().to_string();
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-TERM", &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+        let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{name} did not stop within 30 s of SIGTERM"))
+            .unwrap();
+        assert!(exit.success(), "{name} exited with {exit:?}");
+    }
+    for child in [relay, projector] {
+        let output = child.wait_with_output().await.unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains("waiting for Kafka"),
+            "no word of the wait:\n{stderr}"
+        );
+    }
 
     let events = store.read_after(0, 1_000_000).await.unwrap();
     let records = read_all(&kafka, events.len()).await;

@@ -31,13 +31,18 @@ impl PrivateBroker {
     }
 
     pub async fn start() -> Self {
-        let broker = Self {
+        let broker = Self::not_started();
+        broker.run("start").await;
+        broker
+    }
+
+    /// Ports and a folder, but no broker yet: `run("start")` starts it.
+    pub fn not_started() -> Self {
+        Self {
             state: tempfile::tempdir().unwrap(),
             port: super::free_local_port(),
             controller_port: super::free_local_port(),
-        };
-        broker.run("start").await;
-        broker
+        }
     }
 
     pub fn bootstrap_servers(&self) -> String {

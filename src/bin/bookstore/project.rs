@@ -25,6 +25,13 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
     let mut config = ProjectionConfig::new(group);
     config.batch_size = usize::try_from(args.batch_size).unwrap_or(usize::MAX);
     config.batch_wait = Duration::from_millis(args.batch_wait_ms);
+    let (trigger, mut shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    // Following, the projection is a service: it waits for a broker that is not up yet.
+    // `--until-caught-up` and `--rebuild` are jobs and say at once that Kafka does not answer.
+    if !args.until_caught_up && !args.rebuild && !kafka.wait_until_reachable(&mut shutdown).await? {
+        return Ok(());
+    }
     let projector = kafka_projector(read_model, kafka, config).await?;
     if args.rebuild {
         projector.rebuild().await?;
@@ -33,8 +40,6 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
             kafka.topics().book_fact
         );
     }
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     let mode = if args.until_caught_up {
         ProjectionMode::UntilCaughtUp
     } else {

@@ -14,14 +14,19 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
     let outbox = AnyStore::connect(&store.database_url)
         .await
         .with_context(|| format!("opening the store {}", store.database_url))?;
-    let relay = kafka_relay(outbox, kafka, &args.settings).await?;
-    let (trigger, shutdown) = ShutdownTrigger::new();
+    let (trigger, mut shutdown) = ShutdownTrigger::new();
     trigger.on_signals();
     let mode = if args.once {
         RunMode::Once
     } else {
         RunMode::Follow
     };
+    // A following relay is a service: it waits for a broker that is not up yet. `--once` is a
+    // job and says at once that Kafka does not answer.
+    if mode == RunMode::Follow && !kafka.wait_until_reachable(&mut shutdown).await? {
+        return Ok(());
+    }
+    let relay = kafka_relay(outbox, kafka, &args.settings).await?;
     let report = relay.run(mode, shutdown).await?;
     if args.once {
         println!(

@@ -26,6 +26,12 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
         .relay_id
         .clone()
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+    let (trigger, mut shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    // Started together with the broker (compose, an orchestrator), it waits for it.
+    if !kafka.wait_until_reachable(&mut shutdown).await? {
+        return Ok(());
+    }
     let relay = kafka_relay(store.clone(), kafka, &args.relay).await?;
     let group = args
         .group
@@ -39,8 +45,6 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
         .with_context(|| format!("listening on {}", args.addr))?;
     let url = format!("http://{}/", listener.local_addr()?);
 
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     let mut parts: JoinSet<(&str, Result<()>)> = JoinSet::new();
     let stop = shutdown.clone();
     parts.spawn(async move {
