@@ -52,6 +52,11 @@ pub struct RelayConfig {
     pub page_size: usize,
     /// A batch being filled from a backlog is committed after this long at the latest.
     pub max_batch_time: Duration,
+    /// After committing everything there was, how long to let new events gather before the
+    /// next batch. Exactly-once sets 5 ms: a transaction begun while the coordinator still
+    /// writes the previous one's markers is refused (CONCURRENT_TRANSACTIONS) and librdkafka
+    /// retries only after 20 ms, so a short pause costs less latency than it saves.
+    pub batch_linger: Duration,
     /// Fallback polling interval when no commit signal arrives.
     pub poll_interval: Duration,
     /// How long a lease lasts without renewal; renewed at a third of it.
@@ -73,6 +78,7 @@ impl RelayConfig {
             batch_size: 5_000,
             page_size: 500,
             max_batch_time: Duration::from_millis(100),
+            batch_linger: Duration::ZERO,
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(15),
             retention: Duration::from_secs(7 * 24 * 3600),
@@ -272,6 +278,13 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     report.last_position = position;
                     metrics::record_batch(batch.events, batch.facts, position);
                     recorder.record(position);
+                    if batch.caught_up && !self.config.batch_linger.is_zero() {
+                        let mut shutdown = shutdown.clone();
+                        tokio::select! {
+                            _ = shutdown.wait() => {}
+                            _ = tokio::time::sleep(self.config.batch_linger) => {}
+                        }
+                    }
                     continue;
                 }
                 Ok(None) => {
@@ -338,6 +351,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 batch.add(&page);
                 self.publisher.send(&page).await?;
                 let room = self.config.batch_size.saturating_sub(batch.events as usize);
+                batch.caught_up = !more_waiting;
                 if !more_waiting
                     || room == 0
                     || started.elapsed() >= self.config.max_batch_time
@@ -432,6 +446,8 @@ struct PublishedBatch {
     events: u64,
     facts: u64,
     last: u64,
+    /// The outbox had nothing more when the batch was committed.
+    caught_up: bool,
 }
 
 impl PublishedBatch {

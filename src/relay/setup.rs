@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::record::RecordMapper;
-use super::{KafkaPublisher, Relay, RelayConfig};
+use super::{DeliveryMode, KafkaPublisher, Relay, RelayConfig};
 use crate::codec::wire::WireFormat;
 use crate::codec::{AvroCodec, RegistryClient, RegistryError};
 use crate::config::{KafkaConfig, RelaySettings};
@@ -42,6 +42,9 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
     config.batch_size = settings.batch_size.max(1);
     config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(1));
     config.retention = Duration::from_secs(settings.retention_hours.saturating_mul(3600));
+    if settings.delivery == DeliveryMode::ExactlyOnce {
+        config.batch_linger = Duration::from_millis(5);
+    }
     let checkpoint_topic = topics.relay_checkpoint.clone();
     // Kafka-side identity: the relay of THIS store. Another store relaying to the same topics
     // under the same relay id must neither fence this one nor read its checkpoint.
