@@ -186,12 +186,13 @@ pub struct ProjectArgs {
     #[arg(
         long = "batch-size",
         env = "BOOKSTORE_PROJECTION_BATCH_SIZE",
-        default_value_t = 500,
+        default_value_t = 5000,
         value_parser = clap::value_parser!(u64).range(1..=100_000)
     )]
     pub batch_size: u64,
 
-    /// Longest wait for a batch to fill, in milliseconds.
+    /// Longest wait for the first record of a batch, in milliseconds; a batch is applied as
+    /// soon as nothing more is buffered.
     #[arg(
         long = "batch-wait-ms",
         env = "BOOKSTORE_PROJECTION_BATCH_WAIT_MS",

@@ -62,6 +62,7 @@ projection_suite!(
     older_fact_cannot_bring_back_a_deleted_book,
     versionless_tombstone_deletes_whatever_version_and_remembers_it,
     batch_stores_offsets_with_the_rows_and_reset_forgets_them,
+    a_batch_of_many_books_follows_the_version_rules_for_each,
     projection_equals_store_after_random_commands,
     replaying_the_topic_in_a_fresh_group_changes_nothing,
     tombstone_on_the_topic_deletes_the_report_row,
@@ -174,6 +175,80 @@ async fn versionless_tombstone_deletes_whatever_version_and_remembers_it(world: 
     );
     apply(world, &[upsert(book_id, 8, "v8")]).await;
     assert_eq!(row(world, book_id).await, Some((8, "v8".into())));
+}
+
+/// The adapters write a batch set-wise (a few statements for all its books): each book must
+/// still end up exactly as if its changes had been applied one by one.
+async fn a_batch_of_many_books_follows_the_version_rules_for_each(world: &World) {
+    let books: Vec<BookId> = (0..60).map(|_| BookId::generate()).collect();
+    let title = |book: usize, version: u64| format!("book {book} v{version}");
+    // Several versions of every book, out of order, in one batch; a third of the books end
+    // deleted (at v4), one of them by a versionless tombstone applied in order.
+    let mut first = Vec::new();
+    for (n, &book_id) in books.iter().enumerate() {
+        for version in [2, 3, 1] {
+            first.push(upsert(book_id, version, &title(n, version)));
+        }
+        if n % 3 == 0 {
+            first.push(delete(book_id, Some(4)));
+        }
+    }
+    first.push(upsert(books[1], 5, &title(1, 5)));
+    first.push(delete(books[2], None));
+    apply(world, &first).await;
+    for (n, &book_id) in books.iter().enumerate() {
+        let expected = match n {
+            _ if n % 3 == 0 => None,
+            1 => Some((5, title(1, 5))),
+            2 => None,
+            _ => Some((3, title(n, 3))),
+        };
+        assert_eq!(
+            row(world, book_id).await,
+            expected,
+            "book {n} after the first batch"
+        );
+    }
+
+    // Older versions arriving after newer ones change nothing; newer ones win, also over a
+    // remembered deletion, and a deletion older than the row leaves it.
+    let mut second = Vec::new();
+    for (n, &book_id) in books.iter().enumerate() {
+        second.push(match n % 4 {
+            0 => upsert(book_id, 6, &title(n, 6)),
+            1 => delete(book_id, Some(2)),
+            _ => upsert(book_id, 3, &format!("late {n}")),
+        });
+    }
+    apply(world, &second).await;
+    for (n, &book_id) in books.iter().enumerate() {
+        let expected = match n {
+            _ if n % 4 == 0 => Some((6, title(n, 6))),
+            _ if n % 3 == 0 => None,
+            1 => Some((5, title(1, 5))),
+            // Deleted without a version at v3: the late v3 does not bring it back.
+            2 => None,
+            _ => Some((3, title(n, 3))),
+        };
+        assert_eq!(
+            row(world, book_id).await,
+            expected,
+            "book {n} after the second batch"
+        );
+    }
+
+    // A book that came back at v6 can be deleted again, and stays deleted against v5.
+    apply(
+        world,
+        &[delete(books[0], Some(7)), upsert(books[0], 5, "v5")],
+    )
+    .await;
+    assert_eq!(row(world, books[0]).await, None);
+    let listed = world.store.list_reports().await.unwrap();
+    let expected_rows = (0..books.len())
+        .filter(|n| (n % 4 == 0 && *n != 0) || (n % 3 != 0 && *n != 2))
+        .count();
+    assert_eq!(listed.len(), expected_rows);
 }
 
 async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World) {

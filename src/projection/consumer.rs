@@ -37,8 +37,9 @@ use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tracing::{debug, info, warn};
 
+use super::fact::FactReader;
 use super::projector::ProjectionError;
-use super::{PartitionOffset, ReportStore};
+use super::{PartitionOffset, ReportChange, ReportStore};
 use crate::config::KafkaConfig;
 use crate::store::StoreError;
 
@@ -252,11 +253,29 @@ type ProjectionConsumer<S> = BaseConsumer<ProjectionContext<S>>;
 #[derive(Debug, Default)]
 pub struct Batch {
     /// Records of partitions this member owns, in the order received.
-    pub messages: Vec<OwnedMessage>,
+    pub records: Vec<PolledRecord>,
     /// The position after the batch of every owned partition that has one.
     pub positions: Vec<PartitionOffset>,
     /// Partitions whose end was reached (nothing more to read for now).
     pub ends_reached: Vec<i32>,
+}
+
+/// One record of a batch, read already when the poll thread could (see
+/// [`FactReader::read_known`]).
+#[derive(Debug)]
+pub struct PolledRecord {
+    pub partition: i32,
+    pub offset: i64,
+    pub read: PolledRead,
+}
+
+#[derive(Debug)]
+pub enum PolledRead {
+    /// What the record asks of the read model.
+    Change(ReportChange),
+    /// The record, copied, for [`FactReader::read`] to tell (asking the schema registry) or
+    /// reject (with everything the dead-letter queue keeps of it).
+    Unread(OwnedMessage),
 }
 
 /// One membership in the group: from joining to leaving.
@@ -330,11 +349,15 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
         &mut self,
         max_records: usize,
         max_wait: Duration,
+        reader: &FactReader,
     ) -> Result<Batch, ProjectionError> {
         let consumer = self.consumer().clone();
         let topic = self.topic.clone();
+        // A clone shares the schemas learned so far; what only the registry can tell is left
+        // to the projector's own reader, which learns it for the next batches.
+        let reader = reader.clone();
         let (batch, changes) = tokio::task::spawn_blocking(move || {
-            collect_batch(&consumer, &topic, max_records, max_wait)
+            collect_batch(&consumer, &topic, &reader, max_records, max_wait)
         })
         .await
         .expect("polling the consumer panicked")?;
@@ -367,9 +390,9 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             .iter()
             .map(|position| (position.partition, position.next_offset))
             .collect();
-        for message in &batch.messages {
-            let after = next.entry(message.partition()).or_default();
-            *after = (*after).max(message.offset() + 1);
+        for record in &batch.records {
+            let after = next.entry(record.partition).or_default();
+            *after = (*after).max(record.offset + 1);
         }
         let mut offsets: Vec<PartitionOffset> = next
             .into_iter()
@@ -457,11 +480,17 @@ impl<S: ReportStore + Clone + 'static> Drop for Session<S> {
     }
 }
 
-/// Polls until `max_records` records or `max_wait` (blocking; on the blocking pool). Records
-/// of partitions revoked meanwhile are dropped. Returns the batch and the assignment changes.
+/// Polls until `max_records` records, or until nothing more is buffered once there is a record,
+/// or `max_wait` for the first record (blocking; on the blocking pool). Records of partitions
+/// revoked meanwhile are dropped. Returns the batch and the assignment changes.
+///
+/// Returning as soon as librdkafka has nothing more buffered keeps a lone record from waiting
+/// for a batch that will not fill (at low load, the batch is what has arrived), while a backlog
+/// still makes full batches: librdkafka prefetches, so its queue does not run dry then.
 fn collect_batch<S: ReportStore>(
     consumer: &ProjectionConsumer<S>,
     topic: &str,
+    reader: &FactReader,
     max_records: usize,
     max_wait: Duration,
 ) -> Result<(Batch, Vec<AssignmentChange>), ProjectionError> {
@@ -469,31 +498,43 @@ fn collect_batch<S: ReportStore>(
     let deadline = Instant::now() + max_wait;
     let mut batch = Batch::default();
     let mut changes = Vec::new();
-    while batch.messages.len() < max_records {
-        let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
-            break;
+    while batch.records.len() < max_records {
+        let wait = if batch.records.is_empty() {
+            let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+                break;
+            };
+            wait
+        } else {
+            Duration::ZERO
         };
         let polled = consumer.poll(wait);
         for change in context.take_changes() {
             if let AssignmentChange::Revoked { partition } = change {
-                batch
-                    .messages
-                    .retain(|message| message.partition() != partition);
+                batch.records.retain(|record| record.partition != partition);
                 batch.ends_reached.retain(|&reached| reached != partition);
             }
             changes.push(change);
         }
         match polled {
+            None if !batch.records.is_empty() => break,
             None => {}
             Some(Ok(message)) if message.topic() == topic && context.owns(message.partition()) => {
-                batch.messages.push(message.detach());
+                let read = match reader.read_known(&message) {
+                    Some(change) => PolledRead::Change(change),
+                    None => PolledRead::Unread(message.detach()),
+                };
+                batch.records.push(PolledRecord {
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    read,
+                });
             }
             Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 if context.owns(partition) {
                     batch.ends_reached.push(partition);
                 }
-                if !batch.messages.is_empty() {
+                if !batch.records.is_empty() {
                     // The end is reached: apply what there is rather than wait for more.
                     break;
                 }

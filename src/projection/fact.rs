@@ -65,6 +65,23 @@ impl FactReader {
         }
     }
 
+    /// What `message` asks of the read model, when that can be told without the schema
+    /// registry and the record can be applied; `None` otherwise, and then [`read`](Self::read)
+    /// tells (asking the registry, or rejecting the record with its reason). Needs no `&mut`,
+    /// so that the records of a batch can be read on the thread that polls them, while they are
+    /// still librdkafka's: copying a record out (with all its headers) costs more than reading it.
+    pub fn read_known(&self, message: &impl Message) -> Option<ReportChange> {
+        let book_id = book_id_of(message.key()).ok()?;
+        let Some(value) = message.payload() else {
+            return Some(tombstone(book_id, message));
+        };
+        let payload = self.decoder.decode(value).ok()?;
+        match interpret(book_id, payload, changed_at(message)) {
+            FactOutcome::Apply(change) => Some(change),
+            FactOutcome::DeadLetter(_) => None,
+        }
+    }
+
     /// What `message` asks of the read model. Fails only when the schema registry cannot be
     /// asked right now.
     pub async fn read(&mut self, message: &impl Message) -> Result<FactOutcome, RegistryError> {
@@ -73,11 +90,7 @@ impl FactReader {
             Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
         };
         let Some(value) = message.payload() else {
-            let version = header(message, h::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
-            return Ok(FactOutcome::Apply(ReportChange::Delete {
-                book_id,
-                version,
-            }));
+            return Ok(FactOutcome::Apply(tombstone(book_id, message)));
         };
         let payload = match self.decode(value).await? {
             Ok(payload) => payload,
@@ -137,6 +150,12 @@ impl FactReader {
             }
         }
     }
+}
+
+/// The deletion a tombstone of `book_id` asks for, at the version its header states if any.
+fn tombstone(book_id: BookId, message: &impl Message) -> ReportChange {
+    let version = header(message, h::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
+    ReportChange::Delete { book_id, version }
 }
 
 /// The change a decoded value of the record of `key` asks for.
@@ -267,6 +286,13 @@ mod tests {
             panic!("not an upsert");
         };
         assert_eq!(read, fact(book_id, 3, false));
+        assert_eq!(
+            FactReader::new(None).read_known(&message),
+            Some(ReportChange::Upsert {
+                fact: read.clone(),
+                changed_at
+            })
+        );
         assert_eq!(changed_at.to_rfc3339(), "2025-01-31T12:34:56.123456+00:00");
     }
 
@@ -283,6 +309,12 @@ mod tests {
         let bare_tombstone = record(Some(&key), None, &[]);
         let delete = |version| FactOutcome::Apply(ReportChange::Delete { book_id, version });
         assert_eq!(read(&removed).await, delete(Some(4)));
+        for message in [&removed, &tombstone, &bare_tombstone] {
+            let FactOutcome::Apply(change) = read(message).await else {
+                panic!("not applied: {message:?}");
+            };
+            assert_eq!(FactReader::new(None).read_known(message), Some(change));
+        }
         assert_eq!(read(&tombstone).await, delete(Some(4)));
         assert_eq!(read(&bare_tombstone).await, delete(None));
     }
@@ -312,6 +344,11 @@ mod tests {
         ];
         let mut reasons = Vec::new();
         for message in &cases {
+            assert_eq!(
+                FactReader::new(None).read_known(message),
+                None,
+                "{message:?}"
+            );
             match read(message).await {
                 FactOutcome::DeadLetter(rejection) => reasons.push(rejection.to_string()),
                 outcome => panic!("{outcome:?} for {message:?}"),

@@ -165,11 +165,33 @@ pub trait ReportStore: Send + Sync {
 /// [`ReportStore`] make the outcome depend on nothing else. A book with a versionless deletion
 /// keeps all its changes in order, as that one depends on what came before it.
 pub fn compact_changes(changes: Vec<ReportChange>) -> Vec<ReportChange> {
-    let mut order_dependent: HashMap<BookId, bool> = HashMap::new();
-    for change in &changes {
+    let decisive = decisive_changes(&changes);
+    changes
+        .into_iter()
+        .zip(decisive)
+        .filter_map(|(change, decisive)| (decisive != Decisive::No).then_some(change))
+        .collect()
+}
+
+/// Whether a change of a batch can affect the outcome, and how it must be applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Decisive {
+    /// Another change of the same book supersedes it.
+    No,
+    /// The only change of its book that counts: it can be applied in any order relative to
+    /// the changes of other books, so set-wise with them.
+    Alone,
+    /// Its book has a versionless deletion: every change of the book counts, in batch order.
+    InOrder,
+}
+
+/// Per change of `changes`, whether and how it counts (see [`compact_changes`]).
+fn decisive_changes(changes: &[ReportChange]) -> Vec<Decisive> {
+    let mut order_dependent: HashMap<BookId, bool> = HashMap::with_capacity(changes.len());
+    for change in changes {
         *order_dependent.entry(change.book_id()).or_default() |= change.version().is_none();
     }
-    let mut newest: HashMap<BookId, usize> = HashMap::new();
+    let mut newest: HashMap<BookId, usize> = HashMap::with_capacity(changes.len());
     for (index, change) in changes.iter().enumerate() {
         let book_id = change.book_id();
         if order_dependent[&book_id] {
@@ -183,13 +205,62 @@ pub fn compact_changes(changes: Vec<ReportChange>) -> Vec<ReportChange> {
         }
     }
     changes
-        .into_iter()
+        .iter()
         .enumerate()
-        .filter(|(index, change)| {
-            order_dependent[&change.book_id()] || newest.get(&change.book_id()) == Some(index)
+        .map(|(index, change)| {
+            let book_id = change.book_id();
+            if order_dependent[&book_id] {
+                Decisive::InOrder
+            } else if newest.get(&book_id) == Some(&index) {
+                Decisive::Alone
+            } else {
+                Decisive::No
+            }
         })
-        .map(|(_, change)| change)
         .collect()
+}
+
+/// How an adapter applies a batch: the changes that count, split so that most of them can be
+/// written by a few set-wise statements instead of one statement per book.
+///
+/// Every book in `upserts` and `deletes` appears once in the two together (its decisive change,
+/// see [`compact_changes`]), so each set-wise statement touches a book at most once and the
+/// order between them does not matter. Books with a versionless deletion, whose outcome depends
+/// on the order of their changes, are in `in_order`, to be applied one change after the other;
+/// they share no book with the sets.
+#[derive(Debug, Default)]
+pub(crate) struct BatchPlan<'a> {
+    pub upserts: Vec<(&'a BookFactEvent, DateTime<Utc>)>,
+    /// Deletions with a version: (book, version).
+    pub deletes: Vec<(BookId, u64)>,
+    pub in_order: Vec<&'a ReportChange>,
+}
+
+impl<'a> BatchPlan<'a> {
+    pub fn new(changes: &'a [ReportChange]) -> Self {
+        let mut plan = BatchPlan::default();
+        for (change, decisive) in changes.iter().zip(decisive_changes(changes)) {
+            match (decisive, change) {
+                (Decisive::No, _) => {}
+                (Decisive::InOrder, change) => plan.in_order.push(change),
+                (Decisive::Alone, ReportChange::Upsert { fact, changed_at }) => {
+                    plan.upserts.push((fact, *changed_at));
+                }
+                (
+                    Decisive::Alone,
+                    ReportChange::Delete {
+                        book_id,
+                        version: Some(version),
+                    },
+                ) => plan.deletes.push((*book_id, *version)),
+                // A versionless deletion makes its book order-dependent; kept for completeness.
+                (Decisive::Alone, change @ ReportChange::Delete { version: None, .. }) => {
+                    plan.in_order.push(change);
+                }
+            }
+        }
+        plan
+    }
 }
 
 /// Whether `candidate` decides the outcome rather than `kept` (both of one book, with versions).
@@ -234,6 +305,29 @@ mod tests {
         let a = BookId::generate();
         let changes = vec![delete(a, Some(4)), upsert(a, 4), upsert(a, 2)];
         assert_eq!(compact_changes(changes), vec![delete(a, Some(4))]);
+    }
+
+    #[test]
+    fn plan_splits_decisive_changes_into_sets_and_keeps_order_dependent_books_in_order() {
+        let (a, b, c) = (BookId::generate(), BookId::generate(), BookId::generate());
+        let changes = vec![
+            upsert(a, 2),
+            upsert(b, 1),
+            delete(c, None),
+            upsert(a, 5),
+            delete(b, Some(3)),
+            upsert(c, 4),
+            upsert(a, 4),
+        ];
+        let plan = BatchPlan::new(&changes);
+        let upserts: Vec<(BookId, u64)> = plan
+            .upserts
+            .iter()
+            .map(|(fact, _)| (fact.book_id, fact.version))
+            .collect();
+        assert_eq!(upserts, vec![(a, 5)]);
+        assert_eq!(plan.deletes, vec![(b, 3)]);
+        assert_eq!(plan.in_order, vec![&changes[2], &changes[5]]);
     }
 
     #[test]

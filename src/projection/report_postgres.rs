@@ -6,15 +6,17 @@
 //! paused and wakes up with a stale batch: its version checks could then race with the new
 //! owner's writes of the same book (a check reads no uncommitted deletion, then the insert
 //! waits for and follows it). So a batch first takes a transaction-scoped advisory lock per
-//! book it touches, all in one statement and in one global order (no deadlock); writes of one
-//! book are thereby serialised and every check sees the last committed state.
+//! book it touches (one per bucket of books, see [`LOCK_BUCKETS`]), all in one statement and in
+//! one global order (no deadlock); writes of one book are thereby serialised and every check
+//! sees the last committed state. The rows themselves are written set-wise, a statement per
+//! kind of change for the whole batch, not a round trip per book.
 
 use chrono::{DateTime, SubsecRound, Utc};
 use rust_decimal::Decimal;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use super::{BatchPlan, BookReport, PartitionOffset, ReportChange, ReportStore};
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
 
@@ -29,7 +31,10 @@ impl ReportStore for PostgresStore {
         let mut tx = self.pool().begin().await?;
         lock_books(&mut tx, changes).await?;
         let now = Utc::now().trunc_subsecs(6);
-        for change in changes {
+        let plan = BatchPlan::new(changes);
+        upsert_all(&mut tx, &plan.upserts).await?;
+        delete_all_at(&mut tx, &plan.deletes, now).await?;
+        for change in plan.in_order {
             match change {
                 ReportChange::Upsert { fact, changed_at } => {
                     upsert(&mut tx, fact, *changed_at).await?;
@@ -112,33 +117,145 @@ impl ReportStore for PostgresStore {
     }
 }
 
-/// Takes the advisory lock of every book of `changes`, in ascending key order, in one round
-/// trip. Released at the end of the transaction.
+/// How many advisory locks stand for all books: a book's lock is the one of its bucket.
+///
+/// A lock per book made a batch of 5000 books take 5000 locks, and advisory locks live in the
+/// server's shared lock table (`max_locks_per_transaction` × connections: 6400 by default), so
+/// two instances applying large batches could exhaust it. With buckets, a batch takes at most
+/// this many locks. Two books in one bucket are merely serialised, which is what keeps the
+/// guarantee whatever the partitioning: writes of one book still never interleave. The cost is
+/// that two instances applying large batches at once mostly wait for each other (as SQLite's
+/// single writer makes them anyway); small batches at low load rarely share a bucket.
+const LOCK_BUCKETS: u64 = 256;
+
+/// The first key of the projection's advisory locks (the second is the bucket), so they
+/// cannot collide with single-key advisory locks of anything else in the database.
+const LOCK_NAMESPACE: i32 = 0x626b_7270; // "bkrp"
+
+/// Takes the advisory lock of every book of `changes` (of its bucket), in ascending order, in
+/// one round trip. Released at the end of the transaction.
 async fn lock_books(conn: &mut PgConnection, changes: &[ReportChange]) -> Result<(), StoreError> {
-    let mut keys: Vec<i64> = changes
+    let mut buckets: Vec<i32> = changes
         .iter()
-        .map(|change| lock_key(change.book_id()))
+        .map(|change| lock_bucket(change.book_id()))
         .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    if keys.is_empty() {
+    buckets.sort_unstable();
+    buckets.dedup();
+    if buckets.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "SELECT pg_advisory_xact_lock(key)
-         FROM (SELECT key FROM unnest($1::bigint[]) WITH ORDINALITY AS k(key, n) ORDER BY n) AS keys",
+        "SELECT pg_advisory_xact_lock($1, bucket)
+         FROM (SELECT bucket FROM unnest($2::integer[]) WITH ORDINALITY AS b(bucket, n)
+               ORDER BY n) AS buckets",
     )
-    .bind(keys)
+    .bind(LOCK_NAMESPACE)
+    .bind(buckets)
     .execute(conn)
     .await?;
     Ok(())
 }
 
-/// The advisory lock key of a book: its UUID folded to 64 bits (collisions only serialise two
-/// books' writes).
-fn lock_key(book_id: BookId) -> i64 {
+/// The advisory lock bucket of a book: its UUID folded to 64 bits, modulo [`LOCK_BUCKETS`].
+fn lock_bucket(book_id: BookId) -> i32 {
     let (high, low) = book_id.as_uuid().as_u64_pair();
-    (high ^ low) as i64
+    // Below LOCK_BUCKETS (256), so it fits.
+    ((high ^ low) % LOCK_BUCKETS) as i32
+}
+
+/// [`upsert`] for many books at once (each at most once, as `ON CONFLICT DO UPDATE` requires):
+/// one statement over arrays instead of one round trip per book. Within one statement, every
+/// part sees the same snapshot, exactly as the single-book statement does.
+async fn upsert_all(
+    conn: &mut PgConnection,
+    upserts: &[(&BookFactEvent, DateTime<Utc>)],
+) -> Result<(), StoreError> {
+    if upserts.is_empty() {
+        return Ok(());
+    }
+    let count = upserts.len();
+    let mut book_ids = Vec::with_capacity(count);
+    let mut titles = Vec::with_capacity(count);
+    let mut authors = Vec::with_capacity(count);
+    let mut prices = Vec::with_capacity(count);
+    let mut isbns = Vec::with_capacity(count);
+    let mut versions = Vec::with_capacity(count);
+    let mut updated = Vec::with_capacity(count);
+    for (fact, changed_at) in upserts {
+        book_ids.push(fact.book_id.as_uuid());
+        titles.push(fact.title.as_str());
+        authors.push(fact.author.as_str());
+        prices.push(fact.price.amount());
+        isbns.push(fact.isbn.as_deref());
+        versions.push(to_i64(fact.version, "fact version")?);
+        updated.push(changed_at.trunc_subsecs(6));
+    }
+    sqlx::query(
+        "WITH written AS (
+             INSERT INTO book_report (book_id, title, author, price, isbn, version, updated_at)
+             SELECT i.book_id, i.title, i.author, i.price, i.isbn, i.version, i.updated_at
+             FROM unnest($1::uuid[], $2::text[], $3::text[], $4::numeric[], $5::text[],
+                         $6::bigint[], $7::timestamptz[])
+                  AS i(book_id, title, author, price, isbn, version, updated_at)
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM book_report_deleted AS d
+                 WHERE d.book_id = i.book_id AND d.version >= i.version)
+             ON CONFLICT (book_id) DO UPDATE SET
+                 title = excluded.title, author = excluded.author, price = excluded.price,
+                 isbn = excluded.isbn, version = excluded.version,
+                 updated_at = excluded.updated_at
+             WHERE book_report.version < excluded.version
+             RETURNING book_id, version)
+         DELETE FROM book_report_deleted AS deleted USING written
+         WHERE deleted.book_id = written.book_id AND deleted.version < written.version",
+    )
+    .bind(book_ids)
+    .bind(titles)
+    .bind(authors)
+    .bind(prices)
+    .bind(isbns)
+    .bind(versions)
+    .bind(updated)
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// [`delete_at`] for many books at once (each at most once), in one statement.
+async fn delete_all_at(
+    conn: &mut PgConnection,
+    deletes: &[(BookId, u64)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if deletes.is_empty() {
+        return Ok(());
+    }
+    let book_ids: Vec<Uuid> = deletes.iter().map(|(id, _)| id.as_uuid()).collect();
+    let versions = deletes
+        .iter()
+        .map(|(_, version)| to_i64(*version, "deleted version"))
+        .collect::<Result<Vec<i64>, _>>()?;
+    sqlx::query(
+        "WITH input AS (
+             SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS i(book_id, version)),
+         remembered AS (
+             INSERT INTO book_report_deleted (book_id, version, deleted_at)
+             SELECT i.book_id, i.version, $3 FROM input AS i
+             WHERE NOT EXISTS (
+                 SELECT 1 FROM book_report AS r
+                 WHERE r.book_id = i.book_id AND r.version > i.version)
+             ON CONFLICT (book_id) DO UPDATE SET
+                 version = excluded.version, deleted_at = excluded.deleted_at
+             WHERE book_report_deleted.version < excluded.version)
+         DELETE FROM book_report AS r USING input AS i
+         WHERE r.book_id = i.book_id AND r.version <= i.version",
+    )
+    .bind(book_ids)
+    .bind(versions)
+    .bind(now)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// Writes the fact's row unless the row or a remembered deletion is as new or newer; writing it

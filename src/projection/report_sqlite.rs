@@ -7,11 +7,12 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, SecondsFormat, SubsecRound, Utc};
 use sqlx::SqliteConnection;
+use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
-use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use super::{BatchPlan, BookReport, PartitionOffset, ReportChange, ReportStore};
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{SqliteStore, StoreError, to_i64, to_u64};
 
@@ -25,7 +26,10 @@ impl ReportStore for SqliteStore {
     ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
         let now = Utc::now().trunc_subsecs(6);
-        for change in changes {
+        let plan = BatchPlan::new(changes);
+        upsert_all(&mut tx, &plan.upserts).await?;
+        delete_all_at(&mut tx, &plan.deletes, now).await?;
+        for change in plan.in_order {
             match change {
                 ReportChange::Upsert { fact, changed_at } => {
                     upsert(&mut tx, fact, *changed_at).await?;
@@ -40,9 +44,7 @@ impl ReportStore for SqliteStore {
                 } => delete_any(&mut tx, *book_id, now).await?,
             }
         }
-        for offset in offsets {
-            store_offset(&mut tx, group, topic, *offset).await?;
-        }
+        store_offsets(&mut tx, group, topic, offsets).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -108,6 +110,116 @@ impl ReportStore for SqliteStore {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The facts of `upserts` as one JSON array of `[book_id, title, author, price, isbn, version,
+/// updated_at]` rows, each value as the single-row statements bind it (the text sqlx writes for
+/// a UUID and a `DateTime<Utc>`), so both paths store the very same rows.
+fn upsert_rows(upserts: &[(&BookFactEvent, DateTime<Utc>)]) -> Result<String, StoreError> {
+    type Row<'a> = (Uuid, &'a str, &'a str, String, Option<&'a str>, i64, String);
+    let rows = upserts
+        .iter()
+        .map(|(fact, changed_at)| -> Result<Row<'_>, StoreError> {
+            Ok((
+                fact.book_id.as_uuid(),
+                fact.title.as_str(),
+                fact.author.as_str(),
+                fact.price.to_string(),
+                fact.isbn.as_deref(),
+                to_i64(fact.version, "fact version")?,
+                changed_at
+                    .trunc_subsecs(6)
+                    .to_rfc3339_opts(SecondsFormat::AutoSi, false),
+            ))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    serde_json::to_string(&rows).map_err(|error| StoreError::Corrupt(error.to_string()))
+}
+
+/// [`upsert`] for many books at once (each at most once): two statements for the whole batch
+/// instead of one or two per book, over a JSON array that `json_each` turns back into rows.
+/// SQLite has one writer and sqlx runs every statement through its worker thread, so the
+/// statements per batch, not the rows, are what costs.
+async fn upsert_all(
+    conn: &mut SqliteConnection,
+    upserts: &[(&BookFactEvent, DateTime<Utc>)],
+) -> Result<(), StoreError> {
+    if upserts.is_empty() {
+        return Ok(());
+    }
+    let rows = upsert_rows(upserts)?;
+    sqlx::query(
+        "INSERT INTO book_report (book_id, title, author, price, isbn, version, updated_at)
+         SELECT j.value ->> 0, j.value ->> 1, j.value ->> 2, j.value ->> 3, j.value ->> 4,
+                j.value ->> 5, j.value ->> 6
+         FROM json_each(?1) AS j
+         WHERE NOT EXISTS (
+             SELECT 1 FROM book_report_deleted AS d
+             WHERE d.book_id = (j.value ->> 0) AND d.version >= (j.value ->> 5))
+         ON CONFLICT (book_id) DO UPDATE SET
+             title = excluded.title, author = excluded.author, price = excluded.price,
+             isbn = excluded.isbn, version = excluded.version, updated_at = excluded.updated_at
+         WHERE book_report.version < excluded.version",
+    )
+    .bind(rows.as_str())
+    .execute(&mut *conn)
+    .await?;
+    // A newer fact than a remembered deletion: the book exists again. A row and a deletion of
+    // one book never outlive a batch together (writing either removes the older other), so a
+    // deletion older than the book's row now is exactly one the insert just overtook.
+    sqlx::query(
+        "DELETE FROM book_report_deleted
+         WHERE book_id IN (SELECT j.value ->> 0 FROM json_each(?1) AS j)
+           AND version < (SELECT r.version FROM book_report AS r
+                          WHERE r.book_id = book_report_deleted.book_id)",
+    )
+    .bind(rows.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// [`delete_at`] for many books at once (each at most once), in two statements.
+async fn delete_all_at(
+    conn: &mut SqliteConnection,
+    deletes: &[(BookId, u64)],
+    now: DateTime<Utc>,
+) -> Result<(), StoreError> {
+    if deletes.is_empty() {
+        return Ok(());
+    }
+    let rows = deletes
+        .iter()
+        .map(|(book_id, version)| Ok((book_id.as_uuid(), to_i64(*version, "deleted version")?)))
+        .collect::<Result<Vec<(Uuid, i64)>, StoreError>>()?;
+    let rows =
+        serde_json::to_string(&rows).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    sqlx::query(
+        "INSERT INTO book_report_deleted (book_id, version, deleted_at)
+         SELECT j.value ->> 0, j.value ->> 1, ?2
+         FROM json_each(?1) AS j
+         WHERE NOT EXISTS (
+             SELECT 1 FROM book_report AS r
+             WHERE r.book_id = (j.value ->> 0) AND r.version > (j.value ->> 1))
+         ON CONFLICT (book_id) DO UPDATE SET
+             version = excluded.version, deleted_at = excluded.deleted_at
+         WHERE book_report_deleted.version < excluded.version",
+    )
+    .bind(rows.as_str())
+    .bind(now)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "DELETE FROM book_report
+         WHERE rowid IN (
+             SELECT r.rowid FROM json_each(?1) AS j
+             JOIN book_report AS r ON r.book_id = (j.value ->> 0)
+             WHERE r.version <= (j.value ->> 1))",
+    )
+    .bind(rows.as_str())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Writes the fact's row unless the row or a remembered deletion is as new or newer.
@@ -203,22 +315,34 @@ async fn delete_any(
     Ok(())
 }
 
-async fn store_offset(
+/// Stores every partition's next offset in one statement.
+async fn store_offsets(
     conn: &mut SqliteConnection,
     group: &str,
     topic: &str,
-    offset: PartitionOffset,
+    offsets: &[PartitionOffset],
 ) -> Result<(), StoreError> {
+    if offsets.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<(i32, i64)> = offsets
+        .iter()
+        .map(|offset| (offset.partition, offset.next_offset))
+        .collect();
+    let rows =
+        serde_json::to_string(&rows).map_err(|error| StoreError::Corrupt(error.to_string()))?;
+    // `WHERE true`: without a WHERE, SQLite would parse the upsert's ON as a join constraint.
     sqlx::query(
         "INSERT INTO projection_offsets (consumer_group, topic, partition, next_offset, updated_at)
-         VALUES (?1, ?2, ?3, ?4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))
+         SELECT ?1, ?2, j.value ->> 0, j.value ->> 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now')
+         FROM json_each(?3) AS j
+         WHERE true
          ON CONFLICT (consumer_group, topic, partition) DO UPDATE SET
              next_offset = excluded.next_offset, updated_at = excluded.updated_at",
     )
     .bind(group)
     .bind(topic)
-    .bind(offset.partition)
-    .bind(offset.next_offset)
+    .bind(rows)
     .execute(conn)
     .await?;
     Ok(())
