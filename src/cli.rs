@@ -119,6 +119,10 @@ pub struct BenchArgs {
     #[arg(long = "batch-size", default_value_t = defaults::BATCH_SIZE)]
     pub batch_size: usize,
 
+    /// The exactly-once relay's pause after catching up, in ms (the relay's `--batch-linger-ms`).
+    #[arg(long = "batch-linger-ms", default_value_t = defaults::BATCH_LINGER_MS)]
+    pub batch_linger_ms: u64,
+
     /// Repetitions of each drain and projection read; the median is reported.
     #[arg(long, default_value_t = defaults::ROUNDS)]
     pub rounds: usize,

@@ -140,6 +140,16 @@ pub struct RelaySettings {
     )]
     pub batch_size: usize,
 
+    /// Exactly-once only: after catching up, how long (ms) new events may gather before the
+    /// next transaction. A transaction begun while the coordinator still completes the
+    /// previous one is refused and retried by librdkafka only after 20 ms.
+    #[arg(
+        long = "batch-linger-ms",
+        env = "BOOKSTORE_RELAY_BATCH_LINGER_MS",
+        default_value_t = 5
+    )]
+    pub batch_linger_ms: u64,
+
     /// Names the relay's lease, checkpoint and Kafka transactional id; default
     /// `<topic prefix>.relay`. Relays of the same store must share it.
     #[arg(long = "relay-id", env = "BOOKSTORE_RELAY_ID")]
@@ -167,6 +177,7 @@ impl Default for RelaySettings {
         Self {
             delivery: DeliveryMode::ExactlyOnce,
             batch_size: 5_000,
+            batch_linger_ms: 5,
             relay_id: None,
             poll_interval_ms: 250,
             retention_hours: 168,

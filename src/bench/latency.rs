@@ -93,6 +93,7 @@ async fn measure_mode(
     let settings = RelaySettings {
         delivery: mode,
         batch_size: config.batch_size,
+        batch_linger_ms: config.batch_linger_ms,
         ..RelaySettings::default()
     };
     let outbox = TimedOutbox::traced(bench.store.clone());

@@ -67,6 +67,8 @@ pub struct BenchConfig {
     pub relay_events: u64,
     /// Relay batch size (one Kafka transaction in exactly-once mode).
     pub batch_size: usize,
+    /// The exactly-once relay's pause after catching up (`--batch-linger-ms` of the relay).
+    pub batch_linger_ms: u64,
     /// Repetitions of each drain (relay and baseline alike); the median is reported.
     pub rounds: usize,
     /// Events sent by the raw producers on throwaway topics before anything is measured, to
@@ -102,6 +104,7 @@ pub mod defaults {
     pub const POSTGRES_URL: &str = "postgres://bookstore:bookstore@127.0.0.1:5432/bookstore_test";
     pub const RELAY_EVENTS: u64 = 20_000;
     pub const BATCH_SIZE: usize = 5_000;
+    pub const BATCH_LINGER_MS: u64 = 5;
     pub const ROUNDS: usize = 5;
     pub const BROKER_WARM_UP_EVENTS: u64 = 20_000;
     pub const WRITERS: usize = 4;
@@ -122,6 +125,7 @@ impl BenchConfig {
             work_dir: None,
             relay_events: defaults::RELAY_EVENTS,
             batch_size: defaults::BATCH_SIZE,
+            batch_linger_ms: defaults::BATCH_LINGER_MS,
             rounds: defaults::ROUNDS,
             broker_warm_up_events: defaults::BROKER_WARM_UP_EVENTS,
             writers: defaults::WRITERS,

@@ -39,6 +39,7 @@ pub async fn measure(
     let settings = RelaySettings {
         delivery: DeliveryMode::ExactlyOnce,
         batch_size: config.batch_size,
+        batch_linger_ms: config.batch_linger_ms,
         ..RelaySettings::default()
     };
     let relay = kafka_relay(outbox, &kafka.fresh(), &settings).await?;

@@ -53,9 +53,9 @@ pub struct RelayConfig {
     /// A batch being filled from a backlog is committed after this long at the latest.
     pub max_batch_time: Duration,
     /// After committing everything there was, how long to let new events gather before the
-    /// next batch. Exactly-once sets 5 ms: a transaction begun while the coordinator still
-    /// writes the previous one's markers is refused (CONCURRENT_TRANSACTIONS) and librdkafka
-    /// retries only after 20 ms, so a short pause costs less latency than it saves.
+    /// next batch. Exactly-once sets it (default 5 ms): a transaction begun while the
+    /// coordinator still writes the previous one's markers is refused (CONCURRENT_TRANSACTIONS)
+    /// and librdkafka retries only after 20 ms, so a short pause costs less than it saves.
     pub batch_linger: Duration,
     /// Fallback polling interval when no commit signal arrives.
     pub poll_interval: Duration,

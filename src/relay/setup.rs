@@ -43,7 +43,7 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
     config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(1));
     config.retention = Duration::from_secs(settings.retention_hours.saturating_mul(3600));
     if settings.delivery == DeliveryMode::ExactlyOnce {
-        config.batch_linger = Duration::from_millis(5);
+        config.batch_linger = Duration::from_millis(settings.batch_linger_ms);
     }
     let checkpoint_topic = topics.relay_checkpoint.clone();
     // Kafka-side identity: the relay of THIS store. Another store relaying to the same topics

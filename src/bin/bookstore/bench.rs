@@ -32,6 +32,7 @@ fn config_from(kafka: &KafkaConfig, args: BenchArgs) -> Result<BenchConfig> {
     config.work_dir = args.work_dir;
     config.relay_events = args.relay_events;
     config.batch_size = args.batch_size;
+    config.batch_linger_ms = args.batch_linger_ms;
     config.rounds = args.rounds;
     config.broker_warm_up_events = args.broker_warm_up_events;
     config.writers = args.writers;
