@@ -18,12 +18,6 @@ mod report;
 mod serve;
 mod up;
 
-/// The relay and the projection move many short-lived buffers (rows, records, headers) between
-/// threads; glibc's allocator spent a quarter of the relay's time on them (perf), mimalloc's
-/// per-thread heaps much less.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
