@@ -457,17 +457,7 @@ async fn projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metric
     let metrics = scrape_until(&addr, "bookstore_projection_lag_records").await;
     assert_eq!(metric(&metrics, "bookstore_projection_lag_records"), 0.0);
 
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("the projector did not stop within 30 s of SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "the projector exited with {exit:?}");
+    common::terminate_gracefully(&mut child, "the projector").await;
 
     // The group offsets in Kafka (for lag tooling) equal the ones stored with the rows.
     let topic = world.kafka.topics().book_fact;

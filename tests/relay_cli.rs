@@ -89,15 +89,5 @@ async fn following_relay_serves_metrics_and_stops_gracefully_on_sigterm() {
         14.0
     );
 
-    let pid = child.id().unwrap().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let exit = tokio::time::timeout(Duration::from_secs(20), child.wait())
-        .await
-        .expect("relay did not stop within 20 s of SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "relay exited with {exit:?} after SIGTERM");
+    common::terminate_gracefully(&mut child, "the relay").await;
 }

@@ -272,21 +272,8 @@ async fn relay_and_projection_started_before_the_broker_wait_for_it() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
-    for (name, child) in [("relay", &mut relay), ("projection", &mut projector)] {
-        let pid = child.id().unwrap().to_string();
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap()
-                .success()
-        );
-        let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{name} did not stop within 30 s of SIGTERM"))
-            .unwrap();
-        assert!(exit.success(), "{name} exited with {exit:?}");
-    }
+    common::terminate_gracefully(&mut relay, "the relay").await;
+    common::terminate_gracefully(&mut projector, "the projection").await;
     for child in [relay, projector] {
         let output = child.wait_with_output().await.unwrap();
         let stderr = String::from_utf8_lossy(&output.stderr);

@@ -110,17 +110,5 @@ async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(u
         .unwrap();
     assert!(page.contains("Pride and Prejudice"), "{page}");
 
-    let pid = child.id().unwrap().to_string();
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("bookstore up did not stop within 30 s of SIGTERM")
-        .unwrap();
-    assert!(exit.success(), "{exit:?}");
+    common::terminate_gracefully(&mut child, "bookstore up").await;
 }

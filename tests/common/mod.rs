@@ -286,3 +286,22 @@ pub async fn postgres_store_with_url() -> (bookstore::store::PostgresStore, Stri
     let schema_url = format!("{url}{separator}options=-c%20search_path%3D{schema}");
     (store, schema_url)
 }
+
+/// Sends SIGTERM to `child` (a `bookstore` service) and asserts it exits successfully within
+/// 30 s: the graceful shutdown every service promises.
+pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str) {
+    let pid = child
+        .id()
+        .expect("the process is still running")
+        .to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success(), "could not signal {name}");
+    let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("{name} did not stop within 30 s of SIGTERM"))
+        .unwrap();
+    assert!(exit.success(), "{name} exited with {exit:?} after SIGTERM");
+}
