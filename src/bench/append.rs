@@ -14,7 +14,7 @@ use sqlx::{Postgres, QueryBuilder, Sqlite};
 use tokio::task::JoinSet;
 
 use super::stores::StoreFactory;
-use super::workload::{Appended, Workload, save_all};
+use super::workload::{Appended, Workload, join_writers, save_all, split_among};
 use super::{BenchConfig, BenchError, BenchReport, Figure, StoreKind, Unit};
 use crate::store::{AnyStore, BookChange, PostgresStore, SqliteStore};
 
@@ -58,11 +58,7 @@ async fn raw_save_all(
     histories: Vec<Vec<BookChange>>,
     tasks: usize,
 ) -> Result<Appended, BenchError> {
-    let tasks = tasks.max(1);
-    let mut per_task: Vec<Vec<BookChange>> = (0..tasks).map(|_| vec![]).collect();
-    for (n, history) in histories.into_iter().enumerate() {
-        per_task[n % tasks].extend(history);
-    }
+    let per_task = split_among(histories, tasks);
     let positions = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let mut writers = JoinSet::new();
@@ -78,20 +74,12 @@ async fn raw_save_all(
                     AnyStore::Sqlite(store) => raw_save_sqlite(store, &change, first).await?,
                     AnyStore::Postgres(store) => raw_save_postgres(store, &change, first).await?,
                 }
-                done.saves += 1;
-                done.events += count;
+                done.count(count);
             }
             Ok::<_, BenchError>(done)
         });
     }
-    let mut total = Appended::default();
-    while let Some(done) = writers.join_next().await {
-        let done = done??;
-        total.saves += done.saves;
-        total.events += done.events;
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    join_writers(writers, started).await
 }
 
 const SQLITE_INSERT_BOOK: &str =

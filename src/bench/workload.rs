@@ -154,7 +154,8 @@ pub struct Appended {
 }
 
 impl Appended {
-    fn count(&mut self, events: u64) {
+    /// One save of `events` events.
+    pub(crate) fn count(&mut self, events: u64) {
         self.saves += 1;
         self.events += events;
     }
@@ -177,6 +178,32 @@ pub(crate) fn per_second(count: u64, elapsed: Duration) -> f64 {
     }
 }
 
+/// Splits `histories` among `tasks` writers: writer `t` gets the books `t, t + tasks, …`, each
+/// book's changes in order.
+pub(crate) fn split_among(histories: Vec<Vec<BookChange>>, tasks: usize) -> Vec<Vec<BookChange>> {
+    let tasks = tasks.max(1);
+    let mut per_task: Vec<Vec<BookChange>> = (0..tasks).map(|_| vec![]).collect();
+    for (n, history) in histories.into_iter().enumerate() {
+        per_task[n % tasks].extend(history);
+    }
+    per_task
+}
+
+/// Waits for every writer and adds up what they did, timed from `started`.
+pub(crate) async fn join_writers(
+    mut writers: JoinSet<Result<Appended, BenchError>>,
+    started: Instant,
+) -> Result<Appended, BenchError> {
+    let mut total = Appended::default();
+    while let Some(done) = writers.join_next().await {
+        let done = done??;
+        total.saves += done.saves;
+        total.events += done.events;
+    }
+    total.elapsed = started.elapsed();
+    Ok(total)
+}
+
 /// Saves every history from `tasks` concurrent writers; writer `t` owns the books `t, t + tasks,
 /// …` and saves each book's changes in order. Timed from the first save to the last commit.
 pub async fn save_all<S>(
@@ -187,11 +214,7 @@ pub async fn save_all<S>(
 where
     S: EventStore + Clone + 'static,
 {
-    let tasks = tasks.max(1);
-    let mut per_task: Vec<Vec<BookChange>> = (0..tasks).map(|_| vec![]).collect();
-    for (n, history) in histories.into_iter().enumerate() {
-        per_task[n % tasks].extend(history);
-    }
+    let per_task = split_among(histories, tasks);
     let started = Instant::now();
     let mut writers = JoinSet::new();
     for changes in per_task {
@@ -199,20 +222,12 @@ where
         writers.spawn(async move {
             let mut done = Appended::default();
             for change in changes {
-                done.events += store.save(change).await?.len() as u64;
-                done.saves += 1;
+                done.count(store.save(change).await?.len() as u64);
             }
             Ok::<_, BenchError>(done)
         });
     }
-    let mut total = Appended::default();
-    while let Some(done) = writers.join_next().await {
-        let done = done??;
-        total.saves += done.saves;
-        total.events += done.events;
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    join_writers(writers, started).await
 }
 
 /// `tasks` closed-loop writers saving new books' histories for `duration`; a save in flight
@@ -237,8 +252,7 @@ where
             let mut book = task;
             while Instant::now() < deadline {
                 for change in workload.history(book)? {
-                    done.events += store.save(change).await?.len() as u64;
-                    done.saves += 1;
+                    done.count(store.save(change).await?.len() as u64);
                     if Instant::now() >= deadline {
                         break;
                     }
@@ -248,14 +262,7 @@ where
             Ok::<_, BenchError>(done)
         });
     }
-    let mut total = Appended::default();
-    while let Some(done) = writers.join_next().await {
-        let done = done??;
-        total.saves += done.saves;
-        total.events += done.events;
-    }
-    total.elapsed = started.elapsed();
-    Ok(total)
+    join_writers(writers, started).await
 }
 
 /// Starts `changes[i]` at `start + i × period` (open loop: a slow save never delays the next

@@ -331,7 +331,8 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         target: Option<u64>,
     ) -> Result<Option<PublishedBatch>, RelayError> {
         let page_size = self.config.page_size.min(self.config.batch_size).max(1);
-        let mut page = self.outbox.read_after(position, page_size).await?;
+        let mut requested = page_size;
+        let mut page = self.outbox.read_after(position, requested).await?;
         if page.is_empty() {
             return Ok(None);
         }
@@ -346,13 +347,11 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             let mut batch = PublishedBatch::default();
             self.publisher.begin_batch()?;
             loop {
-                let requested = page_size.min(self.config.batch_size - batch.events as usize);
-                let more_waiting = page.len() >= requested;
+                batch.caught_up = page.len() < requested;
                 batch.add(&page);
                 self.publisher.send(&page).await?;
                 let room = self.config.batch_size.saturating_sub(batch.events as usize);
-                batch.caught_up = !more_waiting;
-                if !more_waiting
+                if batch.caught_up
                     || room == 0
                     || started.elapsed() >= self.config.max_batch_time
                     || target.is_some_and(|target| batch.last >= target)
@@ -360,11 +359,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     break;
                 }
                 // On a store error the open batch is abandoned: the next `start` aborts it.
-                page = self
-                    .outbox
-                    .read_after(batch.last, page_size.min(room))
-                    .await?;
+                requested = page_size.min(room);
+                page = self.outbox.read_after(batch.last, requested).await?;
                 if page.is_empty() {
+                    batch.caught_up = true;
                     break;
                 }
             }
