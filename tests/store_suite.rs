@@ -619,3 +619,42 @@ async fn postgres_save_notifies_its_last_position_on_commit_only() {
     store.pool().close().await;
     schema.drop().await;
 }
+
+/// SQLite's outbox read has a path of its own (`sqlite_reader`); a row it cannot read is
+/// corrupt data, reported as such, and the rows before it still read.
+#[tokio::test]
+async fn sqlite_outbox_read_reports_a_corrupt_event_row_as_corrupt() {
+    let (store, _dir) = sqlite_store().await;
+    store.save(added(&new_book("First", "1.00"))).await.unwrap();
+    store
+        .save(added(&new_book("Second", "2.00")))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE events SET occurred_at = 'last Tuesday' WHERE position = 3")
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let everything = store.read_after(0, 10).await;
+    let before = store.read_after(0, 2).await.unwrap();
+
+    assert!(
+        matches!(&everything, Err(StoreError::Corrupt(reason)) if reason.contains("occurred_at")),
+        "{everything:?}"
+    );
+    assert_eq!(
+        before.iter().map(|e| e.position).collect::<Vec<_>>(),
+        [1, 2]
+    );
+}
+
+/// A database that is not a file is read through the pool instead of the reader of its own.
+#[tokio::test]
+async fn an_in_memory_sqlite_store_reads_its_outbox_too() {
+    let store = SqliteStore::connect("sqlite::memory:").await.unwrap();
+    let saved = store.save(added(&new_book("Kept", "1.00"))).await.unwrap();
+
+    let read = store.read_after(0, 10).await.unwrap();
+
+    assert_eq!(read, saved);
+}

@@ -29,6 +29,7 @@ mod postgres;
 mod postgres_outbox;
 mod sqlite;
 mod sqlite_outbox;
+mod sqlite_reader;
 
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
@@ -62,6 +63,15 @@ pub enum StoreError {
     Corrupt(String),
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From the SQLite store's own read path (see `sqlite_reader`).
+    #[error("reading SQLite database {path}: {source}")]
+    Sqlite {
+        path: String,
+        source: rusqlite::Error,
+    },
+    /// A read on the blocking pool did not finish (the runtime is shutting down).
+    #[error("the database read was cancelled")]
+    Cancelled,
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }

@@ -27,6 +27,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::fmt::Hyphenated;
 
+use super::sqlite_reader::OutboxReader;
 use super::{BookChange, EventStore, StoreError, to_i64, to_u64};
 use crate::domain::{Book, BookId, EventMetadata, NewEvent, Price, StoredEvent};
 
@@ -38,6 +39,9 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// The outbox's hot read path; `None` for a database that is not a file (in memory), which
+    /// is read through the pool instead.
+    reader: Option<OutboxReader>,
     /// Signalled after every commit that appended events; see [`Self::commits`].
     commits: Arc<Notify>,
 }
@@ -63,10 +67,17 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
+        let path = options.get_filename().to_owned();
         let pool = SqlitePoolOptions::new().connect_with(options).await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        let reader = if path.is_file() {
+            Some(OutboxReader::open(&path, BUSY_TIMEOUT)?)
+        } else {
+            None
+        };
         Ok(Self {
             pool,
+            reader,
             commits: Arc::new(Notify::new()),
         })
     }
@@ -154,6 +165,15 @@ impl EventStore for SqliteStore {
         // Beyond i64::MAX there is nothing to read and no limit to apply: clamping is exact.
         let after = i64::try_from(after).unwrap_or(i64::MAX);
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        if let Some(reader) = &self.reader {
+            let reader = reader.clone();
+            return match tokio::task::spawn_blocking(move || reader.read_after(after, limit)).await
+            {
+                Ok(events) => events,
+                Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+                Err(_) => Err(StoreError::Cancelled),
+            };
+        }
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
                     occurred_at, correlation_id, causation_id, traceparent, payload
