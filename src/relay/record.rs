@@ -1,12 +1,18 @@
 //! How one committed event becomes Kafka records: topic by kind, key = book id, value = the
 //! framed Avro datum, CloudEvents headers. A removed book's fact is followed by a tombstone.
 
-use rdkafka::message::{Header, OwnedHeaders};
+use std::borrow::Cow;
+use std::fmt::Write;
 
+use rdkafka::message::{Header, OwnedHeaders};
+use uuid::fmt::Hyphenated;
+
+use crate::codec::CodecError;
+use crate::codec::avro::fact_is_removal;
+use crate::codec::contract;
 use crate::codec::headers as h;
 use crate::codec::wire::WireFormat;
-use crate::codec::{AvroCodec, CodecError, EventCodec};
-use crate::domain::{BookFactEvent, EventKind, EventPayload, StoredEvent};
+use crate::domain::{EventKind, StoredEvent};
 use crate::kafka::Topics;
 
 /// A record ready to hand to the producer.
@@ -24,16 +30,11 @@ pub struct OutboundRecord<'a> {
 pub struct RecordMapper {
     topics: Topics,
     wire: WireFormat,
-    codec: AvroCodec,
 }
 
 impl RecordMapper {
     pub fn new(topics: Topics, wire: WireFormat) -> Self {
-        Self {
-            topics,
-            wire,
-            codec: AvroCodec::new(),
-        }
+        Self { topics, wire }
     }
 
     pub fn topics(&self) -> &Topics {
@@ -44,65 +45,91 @@ impl RecordMapper {
     /// fact of a removed book, a tombstone for the compacted fact topic.
     pub fn records(&self, event: &StoredEvent) -> Result<Vec<OutboundRecord<'_>>, CodecError> {
         let metadata = &event.metadata;
-        let key = metadata.aggregate_id.to_string();
+        let mut key_buffer = [0; Hyphenated::LENGTH];
+        let key: &str = metadata
+            .aggregate_id
+            .as_uuid()
+            .hyphenated()
+            .encode_lower(&mut key_buffer);
         let mut value = Vec::with_capacity(event.payload.len() + 16);
         self.wire
             .frame_into(&metadata.event_type, &event.payload, &mut value)?;
-        let topic = match metadata.kind() {
-            EventKind::Delta => self.topics.book.as_str(),
-            EventKind::Fact => self.topics.book_fact.as_str(),
+        let (topic, removal) = match metadata.kind() {
+            EventKind::Delta => (self.topics.book.as_str(), false),
+            EventKind::Fact => (
+                self.topics.book_fact.as_str(),
+                fact_is_removal(&event.payload)?,
+            ),
         };
-        let mut records = vec![OutboundRecord {
+        let mut records = Vec::with_capacity(if removal { 2 } else { 1 });
+        records.push(OutboundRecord {
             topic,
-            key: key.clone(),
+            key: key.to_owned(),
             value: Some(value),
             headers: headers(event),
-        }];
-        if metadata.kind() == EventKind::Fact && self.is_removal(event)? {
+        });
+        if removal {
             records.push(OutboundRecord {
                 topic,
-                key,
+                key: key.to_owned(),
                 value: None,
                 headers: headers(event),
             });
         }
         Ok(records)
     }
-
-    fn is_removal(&self, event: &StoredEvent) -> Result<bool, CodecError> {
-        match self.codec.decode(BookFactEvent::TYPE, &event.payload)? {
-            EventPayload::Fact(fact) => Ok(fact.removed),
-            EventPayload::Delta(_) => Ok(false),
-        }
-    }
 }
 
 /// CloudEvents binary-mode headers plus position, version, stream and causality.
+///
+/// Built for every record the relay sends, so the values are written into stack buffers and
+/// one scratch string rather than a `String` each (librdkafka copies every header anyway).
 pub fn headers(event: &StoredEvent) -> OwnedHeaders {
     let metadata = &event.metadata;
-    let event_id = metadata.event_id.to_string();
-    let ce_type = h::ce_type(&metadata.event_type);
-    let time = metadata
-        .occurred_at
-        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
-    let subject = metadata.aggregate_id.to_string();
-    let position = event.position.to_string();
-    let version = metadata.aggregate_version.to_string();
-    let correlation = metadata.correlation_id.to_string();
-    let causation = metadata.causation_id.to_string();
+    let mut uuids = [[0; Hyphenated::LENGTH]; 4];
+    let [id, subject, correlation, causation] = &mut uuids;
+    let event_id: &str = metadata.event_id.hyphenated().encode_lower(id);
+    let subject: &str = metadata
+        .aggregate_id
+        .as_uuid()
+        .hyphenated()
+        .encode_lower(subject);
+    let correlation: &str = metadata
+        .correlation_id
+        .hyphenated()
+        .encode_lower(correlation);
+    let causation: &str = metadata.causation_id.hyphenated().encode_lower(causation);
+    let ce_type = match contract::contract(&metadata.event_type) {
+        Some(contract) => Cow::Borrowed(contract.full_name()),
+        None => Cow::Owned(h::ce_type(&metadata.event_type)),
+    };
+    // Time, position and version, one after the other; writing to a String cannot fail.
+    let mut scratch = String::with_capacity(64);
+    let _ = write!(
+        scratch,
+        "{}",
+        metadata.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+    );
+    let time_end = scratch.len();
+    let _ = write!(scratch, "{}", event.position);
+    let position_end = scratch.len();
+    let _ = write!(scratch, "{}", metadata.aggregate_version);
+    let time = &scratch[..time_end];
+    let position = &scratch[time_end..position_end];
+    let version = &scratch[position_end..];
     let mut headers = OwnedHeaders::new_with_capacity(13)
         .insert(header(h::CE_SPECVERSION, h::SPEC_VERSION))
-        .insert(header(h::CE_ID, &event_id))
+        .insert(header(h::CE_ID, event_id))
         .insert(header(h::CE_TYPE, &ce_type))
         .insert(header(h::CE_SOURCE, h::SOURCE))
-        .insert(header(h::CE_TIME, &time))
-        .insert(header(h::CE_SUBJECT, &subject))
+        .insert(header(h::CE_TIME, time))
+        .insert(header(h::CE_SUBJECT, subject))
         .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_AVRO))
-        .insert(header(h::POSITION, &position))
-        .insert(header(h::AGGREGATE_VERSION, &version))
+        .insert(header(h::POSITION, position))
+        .insert(header(h::AGGREGATE_VERSION, version))
         .insert(header(h::STREAM, &metadata.stream))
-        .insert(header(h::CORRELATION_ID, &correlation))
-        .insert(header(h::CAUSATION_ID, &causation));
+        .insert(header(h::CORRELATION_ID, correlation))
+        .insert(header(h::CAUSATION_ID, causation));
     if let Some(traceparent) = &metadata.traceparent {
         headers = headers.insert(header(h::TRACEPARENT, traceparent));
     }
