@@ -46,6 +46,10 @@ pub struct Drain {
     pub elapsed: Duration,
     /// Relay only: from `run` to its first outbox read (lease, producer, checkpoint).
     pub startup: Duration,
+    /// Relay only: from the last position recorded published until `run` returned (dropping
+    /// the producers: rust-rdkafka joins each one's polling thread, which polls in 100 ms
+    /// slices). Not part of `elapsed`, as the baseline's producer teardown is not either.
+    pub teardown: Duration,
     /// Relay only: time inside `read_after`, and in checkpoint/head/lease/retention calls.
     pub store_reads: Duration,
     pub store_bookkeeping: Duration,
@@ -260,6 +264,7 @@ fn add_figures(
         )
         .extra("bytes_per_event", bytes_per_event)
         .extra("startup_ms", mean(|d| d.startup) * 1e3)
+        .extra("teardown_ms", mean(|d| d.teardown) * 1e3)
         .extra("store_read_share", share(mean(|d| d.store_reads)))
         .extra(
             "store_bookkeeping_share",
@@ -330,10 +335,12 @@ pub async fn relay_drain(
     let outcome = relay.run(RunMode::Once, Shutdown::never()).await?;
     let finished = Instant::now();
     let first_read = clock.first_read().unwrap_or(started);
+    let drained = clock.last_recorded().unwrap_or(finished);
     Ok(Drain {
         events: outcome.published_events,
-        elapsed: finished.duration_since(first_read),
+        elapsed: drained.duration_since(first_read),
         startup: first_read.duration_since(started),
+        teardown: finished.duration_since(drained),
         store_reads: clock.reads(),
         store_bookkeeping: clock.bookkeeping(),
         batches: outcome.batches,
@@ -399,10 +406,24 @@ async fn raw_producer(
         (mode == DeliveryMode::ExactlyOnce).then_some(transactional_id.as_str()),
     );
     let producer: FutureProducer = settings.create()?;
-    if mode == DeliveryMode::ExactlyOnce {
-        let initialiser = producer.clone();
-        let timeout = kafka.request_timeout();
-        tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout)).await??;
+    match mode {
+        DeliveryMode::ExactlyOnce => {
+            let initialiser = producer.clone();
+            let timeout = kafka.request_timeout();
+            tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout)).await??;
+        }
+        DeliveryMode::AtLeastOnce => {
+            // `init_transactions` readies the transactional producer before its clock starts;
+            // ready the idempotent one too. A record sent before librdkafka has its producer
+            // id waits for a 500 ms retry (librdkafka PR #5032), which made this baseline
+            // look 4x slower than the transactional one. One acknowledged record outside the
+            // measured topics gets it ready.
+            let topic = kafka.topics().relay_checkpoint;
+            let warm_up = FutureRecord::<str, str>::to(&topic)
+                .key("bench.warm-up")
+                .payload("0");
+            await_all(vec![send_warm_up(&producer, warm_up)?]).await?;
+        }
     }
     Ok(producer)
 }
@@ -450,6 +471,15 @@ pub enum CommitFlush {
     AwaitAcks,
     /// Commit at once and let `commit_transaction` flush.
     Implicit,
+}
+
+fn send_warm_up(
+    producer: &FutureProducer,
+    record: FutureRecord<'_, str, str>,
+) -> Result<DeliveryFuture, BenchError> {
+    producer
+        .send_result(record)
+        .map_err(|(error, _)| BenchError::from(error))
 }
 
 /// Everything sent at once, then every acknowledgement awaited.

@@ -68,6 +68,9 @@ impl CallCost {
 pub struct OutboxClock {
     first_read: OnceLock<Instant>,
     first_read_seen: Notify,
+    /// When the last `record_published` call returned: everything published so far is
+    /// committed to Kafka and recorded in the store.
+    last_recorded: Mutex<Option<Instant>>,
     calls: [CallStats; 5],
     /// Kept only for a traced outbox ([`TimedOutbox::traced`]).
     trace: Option<Mutex<RelayTrace>>,
@@ -105,6 +108,11 @@ impl OutboxClock {
     /// When the relay first read the outbox: its producer was ready by then.
     pub fn first_read(&self) -> Option<Instant> {
         self.first_read.get().copied()
+    }
+
+    /// When the relay last finished recording a position published.
+    pub fn last_recorded(&self) -> Option<Instant> {
+        *self.last_recorded.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Completes once the relay has read the outbox (at once if it already has).
@@ -270,6 +278,11 @@ impl<O: Outbox> Outbox for TimedOutbox<O> {
         let started = Instant::now();
         let recorded = self.inner.record_published(relay, position).await;
         self.clock.add(StoreCall::RecordPublished, started);
+        *self
+            .clock
+            .last_recorded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
         recorded
     }
 
