@@ -5,13 +5,15 @@
 //!
 //! * **raw producer**: `RecordMapper` turns the stored events into records before the clock
 //!   starts; a `FutureProducer` with the relay's client settings
-//!   (`KafkaConfig::idempotent_producer_config`) sends them. Exactly-once: a transactional
+//!   (`KafkaConfig::relay_producer_config`) sends them. Exactly-once: a transactional
 //!   producer (initialised before the clock) that begins a transaction, sends `batch_size`
 //!   events' records and commits, until done. At-least-once: an idempotent `acks=all` producer
-//!   that sends everything and awaits every acknowledgement.
+//!   (readied by one acknowledged record before the clock) that sends everything and awaits
+//!   every acknowledgement.
 //! * **relay**: `Relay::run(RunMode::Once)` over the same store, timed from its first outbox
-//!   read (its producer is ready by then; [`TimedOutbox`]) to its return. The store time inside
-//!   that window is reported too, split into reads and bookkeeping.
+//!   read (its producer is ready by then; [`TimedOutbox`]) to the end of its last
+//!   `record_published` call. The store time inside that window is reported too, split into
+//!   reads and bookkeeping; start-up before it and teardown after it are reported apart.
 //!
 //! The median of the rounds is reported, for the relay and the baseline alike.
 
