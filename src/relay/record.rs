@@ -4,6 +4,7 @@
 use std::borrow::Cow;
 use std::fmt::Write;
 
+use chrono::format::{Fixed, Item, Numeric, Pad};
 use rdkafka::message::{Header, OwnedHeaders};
 use uuid::fmt::Hyphenated;
 
@@ -108,7 +109,9 @@ pub fn headers(event: &StoredEvent) -> OwnedHeaders {
     let _ = write!(
         scratch,
         "{}",
-        metadata.occurred_at.format("%Y-%m-%dT%H:%M:%S%.6fZ")
+        metadata
+            .occurred_at
+            .format_with_items(CE_TIME_FORMAT.iter())
     );
     let time_end = scratch.len();
     let _ = write!(scratch, "{}", event.position);
@@ -136,9 +139,48 @@ pub fn headers(event: &StoredEvent) -> OwnedHeaders {
     headers
 }
 
+/// `2025-01-31T12:34:56.123456Z` (RFC 3339, UTC, microseconds), as items chrono need not parse
+/// again for every record (a format string is parsed on every use: 10 % of the relay's CPU).
+const CE_TIME_FORMAT: [Item<'static>; 13] = [
+    Item::Numeric(Numeric::Year, Pad::Zero),
+    Item::Literal("-"),
+    Item::Numeric(Numeric::Month, Pad::Zero),
+    Item::Literal("-"),
+    Item::Numeric(Numeric::Day, Pad::Zero),
+    Item::Literal("T"),
+    Item::Numeric(Numeric::Hour, Pad::Zero),
+    Item::Literal(":"),
+    Item::Numeric(Numeric::Minute, Pad::Zero),
+    Item::Literal(":"),
+    Item::Numeric(Numeric::Second, Pad::Zero),
+    Item::Fixed(Fixed::Nanosecond6),
+    Item::Literal("Z"),
+];
+
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
     Header {
         key,
         value: Some(value),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::{SecondsFormat, TimeZone, Utc};
+
+    use super::*;
+
+    #[test]
+    fn ce_time_is_rfc3339_utc_with_microseconds() {
+        for time in [
+            Utc.with_ymd_and_hms(2025, 1, 31, 12, 34, 56).unwrap(),
+            Utc.timestamp_opt(1_700_000_000, 123_456_789).unwrap(),
+            Utc.with_ymd_and_hms(999, 2, 3, 4, 5, 6).unwrap(),
+        ] {
+            assert_eq!(
+                time.format_with_items(CE_TIME_FORMAT.iter()).to_string(),
+                time.to_rfc3339_opts(SecondsFormat::Micros, true)
+            );
+        }
     }
 }
