@@ -6,7 +6,7 @@
 mod common;
 
 use std::collections::{BTreeMap, HashSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -97,11 +97,35 @@ async fn published(store: &SqliteStore, relay_id: &str) -> u64 {
     store.published_position(relay_id).await.unwrap()
 }
 
-fn relay_process(database: &Path, kafka: &KafkaConfig, once: bool) -> tokio::process::Command {
+/// A SQLite outbox in a fresh folder with `books` books written, each updated `updates` times.
+async fn written_outbox(
+    books: usize,
+    updates: i64,
+) -> (
+    tempfile::TempDir,
+    PathBuf,
+    SqliteStore,
+    BookService<SqliteStore, AvroCodec>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("outbox.db");
+    let store = SqliteStore::connect(database.to_str().unwrap())
+        .await
+        .unwrap();
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    write_books(&service, books, updates).await;
+    (dir, database, store, service)
+}
+
+/// `bookstore <subcommand>` on the outbox at `database` and the topics of `kafka`.
+fn bookstore_process(
+    subcommand: &str,
+    database: &Path,
+    kafka: &KafkaConfig,
+) -> tokio::process::Command {
     let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"));
     command
-        .arg("relay")
-        .args(["--batch-size", "25"])
+        .arg(subcommand)
         .env(
             "BOOKSTORE_DATABASE_URL",
             format!("sqlite:{}", database.display()),
@@ -109,9 +133,16 @@ fn relay_process(database: &Path, kafka: &KafkaConfig, once: bool) -> tokio::pro
         .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
         .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
         .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
         .kill_on_drop(true);
+    command
+}
+
+fn relay_process(database: &Path, kafka: &KafkaConfig, once: bool) -> tokio::process::Command {
+    let mut command = bookstore_process("relay", database, kafka);
+    command
+        .args(["--batch-size", "25"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
     if once {
         command.arg("--once");
     }
@@ -120,13 +151,7 @@ fn relay_process(database: &Path, kafka: &KafkaConfig, once: bool) -> tokio::pro
 
 #[tokio::test]
 async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once() {
-    let dir = tempfile::tempdir().unwrap();
-    let database = dir.path().join("outbox.db");
-    let store = SqliteStore::connect(database.to_str().unwrap())
-        .await
-        .unwrap();
-    let service = BookService::new(store.clone(), AvroCodec::new());
-    write_books(&service, 150, 4).await;
+    let (_dir, database, store, _service) = written_outbox(150, 4).await;
     let events = store.read_after(0, 1_000_000).await.unwrap();
     let head = events.last().unwrap().position;
     let kafka = common::kafka_config();
@@ -171,11 +196,7 @@ async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
     let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
     kafka.topic_prefix = common::unique("t");
     kafka.request_timeout_ms = 10_000;
-    let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::connect(dir.path().join("outbox.db").to_str().unwrap())
-        .await
-        .unwrap();
-    let service = BookService::new(store.clone(), AvroCodec::new());
+    let (_dir, _database, store, service) = written_outbox(0, 0).await;
     let relay_id = format!("{}.relay", kafka.topic_prefix);
     let settings = RelaySettings {
         batch_size: 20,
@@ -221,31 +242,16 @@ async fn relay_and_projection_started_before_the_broker_wait_for_it() {
     let broker = PrivateBroker::not_started();
     let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
     kafka.topic_prefix = common::unique("t");
-    let dir = tempfile::tempdir().unwrap();
-    let database = dir.path().join("outbox.db");
-    let store = SqliteStore::connect(database.to_str().unwrap())
-        .await
-        .unwrap();
-    let service = BookService::new(store.clone(), AvroCodec::new());
-    write_books(&service, 5, 1).await;
+    let (_dir, database, store, _service) = written_outbox(5, 1).await;
     let head = store.head_position().await.unwrap();
 
     let service_process = |command: &str| {
-        let mut process = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"));
-        process
-            .arg(command)
-            .env(
-                "BOOKSTORE_DATABASE_URL",
-                format!("sqlite:{}", database.display()),
-            )
-            .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
-            .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+        bookstore_process(command, &database, &kafka)
             .env("BOOKSTORE_KAFKA_TIMEOUT_MS", "2000")
-            .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        process.spawn().unwrap()
+            .spawn()
+            .unwrap()
     };
     let mut relay = service_process("relay");
     let mut projector = service_process("project");
