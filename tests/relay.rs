@@ -305,10 +305,21 @@ async fn a_restarted_relay_resumes_without_publishing_anything_twice() {
 #[tokio::test]
 async fn at_least_once_mode_publishes_every_event_in_order() {
     let fixture = Fixture::new().await;
-    fixture.write_books(8, 3).await;
-    let report = fixture.relay_once(DeliveryMode::AtLeastOnce).await;
+    fixture.write_books(8, 3).await; // 64 events
+    // Small batches, so later batches are sent while earlier ones await acknowledgements.
+    let relay = fixture
+        .relay(DeliveryMode::AtLeastOnce)
+        .await
+        .tuned(|config| {
+            config.batch_size = 10;
+            config.page_size = 10;
+        });
+    let report = relay.run(RunMode::Once, Shutdown::never()).await.unwrap();
     let events = fixture.all_events().await;
-    assert_eq!(report.published_events, events.len() as u64);
+    assert_eq!(events.len(), 64);
+    assert_eq!(report.published_events, 64, "every batch confirmed");
+    assert_eq!(report.batches, 7);
+    assert_eq!(report.last_position, events.last().unwrap().position);
     let records = fixture.read_topics(events.len()).await;
     assert_exactly_the_events_in_order(&events, &records);
     let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
@@ -430,6 +441,42 @@ async fn a_following_relay_publishes_a_new_commit_promptly_without_polling() {
     );
     stop.trigger();
     running.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn a_following_at_least_once_relay_confirms_everything_once_caught_up() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(10, 2).await; // 60 events
+    let relay = fixture
+        .relay(DeliveryMode::AtLeastOnce)
+        .await
+        .tuned(|config| {
+            config.batch_size = 8;
+            config.page_size = 8;
+        });
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    let events = fixture.all_events().await;
+    let last = events.last().unwrap().position;
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    let store = fixture.store();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    // The last batch is only confirmed by settling once the outbox has nothing more: without
+    // that, the store's position would stay one batch behind while the relay waits.
+    while store.published_position(&relay_id).await.unwrap() < last {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "published position stuck at {}",
+            store.published_position(&relay_id).await.unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop.trigger();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.published_events, 60);
+    assert_eq!(report.last_position, last);
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
 }
 
 #[tokio::test]

@@ -7,8 +7,8 @@
 //!   event. The resume point only moves after the publisher confirmed the batch durable
 //!   (transaction committed, or every record acknowledged with `acks=all`).
 //! * **Per-book order.** Events are read in position order, a book's records share a key and
-//!   so a partition, the producer is idempotent (no reordering on retry), and a failed batch is
-//!   resent from its first event after a fresh `start`.
+//!   so a partition, the producer is idempotent (no reordering on retry), and after a failure
+//!   everything not confirmed is resent from its first event after a fresh `start`.
 //! * **No duplicates for `read_committed` readers** in exactly-once mode: batch and checkpoint
 //!   commit in one Kafka transaction, and a restart resumes from the committed checkpoint
 //!   (see [`checkpoint`]). In at-least-once mode a crash can resend the last batch.
@@ -18,6 +18,7 @@
 //! * **Outages.** Any publish error leads to a pause with exponential backoff, a fresh producer
 //!   and a resume from the recovered position, until the broker answers again.
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -239,6 +240,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         shutdown: &mut Shutdown,
     ) -> Result<Stop, RelayError> {
         let mut signal = self.outbox.commit_signal().await?;
+        let mut unconfirmed = Unconfirmed::default();
         let mut backoff = self.config.min_backoff;
         let mut lease_renewed_at = Instant::now();
         let mut pruned_at: Option<Instant> = None;
@@ -250,6 +252,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         };
         loop {
             if shutdown.is_triggered() {
+                // Finish what is in flight, so a restart does not send it again.
+                if let Err(error) = self.settle(&mut unconfirmed, report, recorder).await {
+                    warn!(%error, "could not confirm the last batches before stopping; they will be sent again");
+                }
                 return Ok(Stop::Shutdown);
             }
             if lease_renewed_at.elapsed() >= self.config.lease_ttl / 3 {
@@ -271,29 +277,40 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 return Ok(Stop::Done);
             }
             let error = match self.publish_next_batch(position, target).await {
-                Ok(Some(batch)) => {
+                Ok(Some((batch, confirmed))) => {
                     position = batch.last;
                     backoff = self.config.min_backoff;
-                    report.published_events += batch.events;
-                    report.batches += 1;
-                    report.last_position = position;
-                    metrics::record_batch(batch.events, batch.facts, position);
-                    recorder.record(position);
-                    if batch.caught_up && !self.config.batch_linger.is_zero() {
-                        let mut shutdown = shutdown.clone();
-                        tokio::select! {
-                            _ = shutdown.wait() => {}
-                            _ = tokio::time::sleep(self.config.batch_linger) => {}
+                    let caught_up = batch.caught_up;
+                    unconfirmed.push(batch);
+                    unconfirmed.confirm(confirmed, report, recorder);
+                    let settle = caught_up || target.is_some_and(|target| position >= target);
+                    match self
+                        .settle_if(settle, &mut unconfirmed, report, recorder)
+                        .await
+                    {
+                        Ok(()) if caught_up && !self.config.batch_linger.is_zero() => {
+                            let mut shutdown = shutdown.clone();
+                            tokio::select! {
+                                _ = shutdown.wait() => {}
+                                _ = tokio::time::sleep(self.config.batch_linger) => {}
+                            }
+                            continue;
                         }
+                        Ok(()) => continue,
+                        Err(error) => error,
                     }
-                    continue;
                 }
-                Ok(None) => {
-                    self.wait_for_commit(&mut signal, shutdown).await;
-                    continue;
-                }
+                Ok(None) => match self.settle(&mut unconfirmed, report, recorder).await {
+                    Ok(()) => {
+                        self.wait_for_commit(&mut signal, shutdown).await;
+                        continue;
+                    }
+                    Err(error) => error,
+                },
                 Err(error) => error,
             };
+            // Whatever was not confirmed is sent again after the restart below.
+            unconfirmed.abandon();
             match error {
                 RelayError::Publish(PublishError::Poison { position, source }) => {
                     metrics::record_send_error();
@@ -323,14 +340,44 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         }
     }
 
+    /// Awaits every batch handed to the publisher (when `settle`), and records what that
+    /// confirms.
+    async fn settle_if(
+        &mut self,
+        settle: bool,
+        unconfirmed: &mut Unconfirmed,
+        report: &mut RelayReport,
+        recorder: &PositionRecorder,
+    ) -> Result<(), RelayError> {
+        if settle {
+            self.settle(unconfirmed, report, recorder).await?;
+        }
+        Ok(())
+    }
+
+    async fn settle(
+        &mut self,
+        unconfirmed: &mut Unconfirmed,
+        report: &mut RelayReport,
+        recorder: &PositionRecorder,
+    ) -> Result<(), RelayError> {
+        if !unconfirmed.is_empty() {
+            let confirmed = self.publisher.settle().await?;
+            unconfirmed.confirm(confirmed, report, recorder);
+        }
+        Ok(())
+    }
+
     /// Publishes the events after `position` as one batch, filled page by page while there is
     /// a backlog (up to `batch_size` events or `max_batch_time`), each page read while the
-    /// previous one is on the wire. `None` if there was nothing to publish.
+    /// previous one is on the wire. Returns the batch and the last position the publisher
+    /// confirmed meanwhile (this batch's last, or an earlier one's, see
+    /// [`EventPublisher::commit_batch`]). `None` if there was nothing to publish.
     async fn publish_next_batch(
         &mut self,
         position: u64,
         target: Option<u64>,
-    ) -> Result<Option<PublishedBatch>, RelayError> {
+    ) -> Result<Option<(PublishedBatch, Option<u64>)>, RelayError> {
         let page_size = self.config.page_size.min(self.config.batch_size).max(1);
         let mut requested = page_size;
         let mut page = self.outbox.read_after(position, requested).await?;
@@ -367,12 +414,12 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     break;
                 }
             }
-            self.publisher.commit_batch().await?;
+            let confirmed = self.publisher.commit_batch().await?;
             tracing::Span::current()
                 .record("last", batch.last)
                 .record("events", batch.events);
-            debug!("batch published");
-            Ok(Some(batch))
+            debug!(?confirmed, "batch published");
+            Ok(Some((batch, confirmed)))
         }
         .instrument(span)
         .await
@@ -459,6 +506,46 @@ impl PublishedBatch {
         if let Some(last) = page.last() {
             self.last = last.position;
         }
+    }
+}
+
+/// Batches handed to the publisher and not yet confirmed durable, oldest first. They count as
+/// published (report, metrics, the store's copy of the position) only once confirmed.
+#[derive(Default)]
+struct Unconfirmed {
+    batches: VecDeque<PublishedBatch>,
+}
+
+impl Unconfirmed {
+    fn push(&mut self, batch: PublishedBatch) {
+        self.batches.push_back(batch);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.batches.is_empty()
+    }
+
+    /// Counts every batch up to `confirmed` as published.
+    fn confirm(
+        &mut self,
+        confirmed: Option<u64>,
+        report: &mut RelayReport,
+        recorder: &PositionRecorder,
+    ) {
+        let Some(confirmed) = confirmed else {
+            return;
+        };
+        while let Some(batch) = self.batches.pop_front_if(|batch| batch.last <= confirmed) {
+            report.published_events += batch.events;
+            report.batches += 1;
+            metrics::record_batch(batch.events, batch.facts, batch.last);
+        }
+        report.last_position = confirmed;
+        recorder.record(confirmed);
+    }
+
+    fn abandon(&mut self) {
+        self.batches.clear();
     }
 }
 
