@@ -8,12 +8,14 @@
 //!   database commit and the Kafka commit, a restored database or a `--rebuild` all resume
 //!   exactly where the rows are.
 //! * **No batch spans a rebalance.** Callbacks run only inside `poll`, on the thread that
-//!   polls; the projector applies a batch between polls. A revocation that arrives while a batch
-//!   is being collected drops that batch's records of the revoked partitions (unapplied, with
-//!   no offset stored: the next owner reads them from the stored offset). So when this member
-//!   acknowledges a revocation, everything it applied of that partition is committed, and the
-//!   next owner, which is only assigned the partition after that acknowledgement
-//!   (cooperative-sticky), reads the stored offset after it.
+//!   polls. The projector collects the next batch while it applies the previous one, and holds
+//!   the [revocation gate](Session::hold_revocations) while it applies: a revocation waits in
+//!   its callback until the batch being applied is committed with its offsets. A revocation
+//!   that arrives while a batch is being collected drops that batch's records of the revoked
+//!   partitions (unapplied, with no offset stored: the next owner reads them from the stored
+//!   offset). So when this member acknowledges a revocation, everything it applied of that
+//!   partition is committed, and the next owner, which is only assigned the partition after
+//!   that acknowledgement (cooperative-sticky), reads the stored offset after it.
 //! * **Blocking calls stay off the async workers.** `poll` (and with it the callback, which
 //!   waits for the database through the runtime handle) runs on the blocking pool; so does
 //!   closing the consumer, which serves the last revocation. This works on a current-thread
@@ -35,6 +37,8 @@ use rdkafka::message::OwnedMessage;
 use rdkafka::statistics::Statistics;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
+use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use super::fact::FactReader;
@@ -64,6 +68,8 @@ pub struct ProjectionContext<S> {
     topic: String,
     runtime: tokio::runtime::Handle,
     state: Mutex<AssignmentState>,
+    /// Held while a batch is applied; a revocation waits for it (see the module doc).
+    revocations: Arc<AsyncMutex<()>>,
 }
 
 #[derive(Debug, Default)]
@@ -148,6 +154,10 @@ impl<S: ReportStore> ProjectionContext<S> {
 
     fn revoke(&self, consumer: &BaseConsumer<Self>, tpl: &TopicPartitionList) {
         let partitions = self.partitions_of(tpl);
+        // Blocks the polling thread (never an async worker) until the batch being applied, if
+        // any, is committed with its offsets: only then may the partitions go to their next
+        // owner, which starts at the stored offsets.
+        let _applied = self.revocations.blocking_lock();
         {
             let mut state = self.state();
             for &partition in &partitions {
@@ -278,6 +288,11 @@ pub enum PolledRead {
     Unread(OwnedMessage),
 }
 
+/// A batch being collected on the blocking pool; [`Session::receive`] takes it.
+pub struct PendingBatch {
+    polling: JoinHandle<Result<(Batch, Vec<AssignmentChange>), ProjectionError>>,
+}
+
 /// One membership in the group: from joining to leaving.
 pub struct Session<S: ReportStore + Clone + 'static> {
     consumer: Option<Arc<ProjectionConsumer<S>>>,
@@ -299,6 +314,7 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             topic: topic.clone(),
             runtime: tokio::runtime::Handle::current(),
             state: Mutex::new(AssignmentState::default()),
+            revocations: Arc::new(AsyncMutex::new(())),
         };
         let mut config = kafka.consumer_config(group);
         config.set("enable.partition.eof", "true");
@@ -344,23 +360,46 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
         self.consumer().context().state().lag
     }
 
-    /// Polls for up to `max_records` records or `max_wait`, whichever comes first.
-    pub async fn next_batch(
-        &mut self,
+    /// Starts collecting the next batch on the blocking pool (up to `max_records` records or
+    /// `max_wait`), so that the previous one can be applied meanwhile. Hold the
+    /// [revocation gate](Self::hold_revocations) while applying; [`receive`](Self::receive)
+    /// the batch before starting another.
+    pub fn poll_batch(
+        &self,
         max_records: usize,
         max_wait: Duration,
         reader: &FactReader,
-    ) -> Result<Batch, ProjectionError> {
+    ) -> PendingBatch {
         let consumer = self.consumer().clone();
         let topic = self.topic.clone();
         // A clone shares the schemas learned so far; what only the registry can tell is left
         // to the projector's own reader, which learns it for the next batches.
         let reader = reader.clone();
-        let (batch, changes) = tokio::task::spawn_blocking(move || {
-            collect_batch(&consumer, &topic, &reader, max_records, max_wait)
-        })
-        .await
-        .expect("polling the consumer panicked")?;
+        PendingBatch {
+            polling: tokio::task::spawn_blocking(move || {
+                collect_batch(&consumer, &topic, &reader, max_records, max_wait)
+            }),
+        }
+    }
+
+    /// Makes revocations wait until the guard is dropped: hold it while applying a batch and
+    /// recording its offsets.
+    pub async fn hold_revocations(&self) -> OwnedMutexGuard<()> {
+        self.consumer()
+            .context()
+            .revocations
+            .clone()
+            .lock_owned()
+            .await
+    }
+
+    /// Waits for a batch started by [`poll_batch`](Self::poll_batch) and takes note of the
+    /// assignment changes that came with it.
+    pub async fn receive(&mut self, pending: PendingBatch) -> Result<Batch, ProjectionError> {
+        let (batch, changes) = pending
+            .polling
+            .await
+            .expect("polling the consumer panicked")?;
         for change in changes {
             match change {
                 AssignmentChange::Assigned {
