@@ -11,7 +11,8 @@
 //!   everything not confirmed is resent from its first event after a fresh `start`.
 //! * **No duplicates for `read_committed` readers** in exactly-once mode: batch and checkpoint
 //!   commit in one Kafka transaction, and a restart resumes from the committed checkpoint
-//!   (see [`checkpoint`]). In at-least-once mode a crash can resend the last batch.
+//!   (see [`checkpoint`]). In at-least-once mode a crash can resend the batches not yet fully
+//!   acknowledged: up to two (`AT_LEAST_ONCE_BATCHES_AHEAD` in the publisher).
 //! * **One active relay per store.** A lease in the database names the active instance; others
 //!   wait as standbys. The Kafka transactional id fences an instance that lost its lease but
 //!   still tries to publish (a paused process waking up).
