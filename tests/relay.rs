@@ -110,6 +110,18 @@ impl Fixture {
             .unwrap()
     }
 
+    /// A relay whose batches (and pages) hold at most `size` events.
+    async fn relay_in_batches_of(
+        &self,
+        delivery: DeliveryMode,
+        size: usize,
+    ) -> Relay<SqliteStore, KafkaPublisher> {
+        self.relay(delivery).await.tuned(|config| {
+            config.batch_size = size;
+            config.page_size = size;
+        })
+    }
+
     async fn relay_once(&self, delivery: DeliveryMode) -> RelayReport {
         self.relay(delivery)
             .await
@@ -308,12 +320,8 @@ async fn at_least_once_mode_publishes_every_event_in_order() {
     fixture.write_books(8, 3).await; // 64 events
     // Small batches, so later batches are sent while earlier ones await acknowledgements.
     let relay = fixture
-        .relay(DeliveryMode::AtLeastOnce)
-        .await
-        .tuned(|config| {
-            config.batch_size = 10;
-            config.page_size = 10;
-        });
+        .relay_in_batches_of(DeliveryMode::AtLeastOnce, 10)
+        .await;
     let report = relay.run(RunMode::Once, Shutdown::never()).await.unwrap();
     let events = fixture.all_events().await;
     assert_eq!(events.len(), 64);
@@ -448,12 +456,8 @@ async fn a_following_at_least_once_relay_confirms_everything_once_caught_up() {
     let fixture = Fixture::new().await;
     fixture.write_books(10, 2).await; // 60 events
     let relay = fixture
-        .relay(DeliveryMode::AtLeastOnce)
-        .await
-        .tuned(|config| {
-            config.batch_size = 8;
-            config.page_size = 8;
-        });
+        .relay_in_batches_of(DeliveryMode::AtLeastOnce, 8)
+        .await;
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
     let events = fixture.all_events().await;

@@ -170,10 +170,17 @@ fn read_datum(
     reader: &GenericDatumReader<'_>,
     datum: &[u8],
 ) -> Result<Value, CodecError> {
+    read_whole(contract, datum, |input| reader.read_value(input))
+}
+
+/// Runs `read` on `datum`, which must consume it exactly.
+fn read_whole<T>(
+    contract: &Contract,
+    datum: &[u8],
+    read: impl FnOnce(&mut DatumInput<'_>) -> apache_avro::AvroResult<T>,
+) -> Result<T, CodecError> {
     let mut input = DatumInput { rest: datum };
-    let value = reader
-        .read_value(&mut input)
-        .map_err(|error| decode_error(contract, error.to_string()))?;
+    let value = read(&mut input).map_err(|error| decode_error(contract, error.to_string()))?;
     if !input.rest.is_empty() {
         return Err(decode_error(
             contract,
@@ -207,17 +214,7 @@ struct FactDatum {
 /// Reads a fact written with our own schema; same guarantees as [`read_datum`] +
 /// [`from_value`].
 fn read_fact(contract: &Contract, datum: &[u8]) -> Result<BookFactEvent, CodecError> {
-    let mut input = DatumInput { rest: datum };
-    let fields: FactDatum = contract
-        .reader
-        .read_deser(&mut input)
-        .map_err(|error| decode_error(contract, error.to_string()))?;
-    if !input.rest.is_empty() {
-        return Err(decode_error(
-            contract,
-            format!("{} bytes left after the record", input.rest.len()),
-        ));
-    }
+    let fields: FactDatum = read_whole(contract, datum, |input| contract.reader.read_deser(input))?;
     let invalid = |reason: String| decode_error(contract, reason);
     let book_id = fields
         .book_id

@@ -284,11 +284,12 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     let caught_up = batch.caught_up;
                     unconfirmed.push(batch);
                     unconfirmed.confirm(confirmed, report, recorder);
-                    let settle = caught_up || target.is_some_and(|target| position >= target);
-                    match self
-                        .settle_if(settle, &mut unconfirmed, report, recorder)
-                        .await
-                    {
+                    let settled = if caught_up || target.is_some_and(|target| position >= target) {
+                        self.settle(&mut unconfirmed, report, recorder).await
+                    } else {
+                        Ok(())
+                    };
+                    match settled {
                         Ok(()) if caught_up && !self.config.batch_linger.is_zero() => {
                             let mut shutdown = shutdown.clone();
                             tokio::select! {
@@ -341,21 +342,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         }
     }
 
-    /// Awaits every batch handed to the publisher (when `settle`), and records what that
-    /// confirms.
-    async fn settle_if(
-        &mut self,
-        settle: bool,
-        unconfirmed: &mut Unconfirmed,
-        report: &mut RelayReport,
-        recorder: &PositionRecorder,
-    ) -> Result<(), RelayError> {
-        if settle {
-            self.settle(unconfirmed, report, recorder).await?;
-        }
-        Ok(())
-    }
-
+    /// Awaits every batch handed to the publisher, and records what that confirms.
     async fn settle(
         &mut self,
         unconfirmed: &mut Unconfirmed,
