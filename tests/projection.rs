@@ -178,9 +178,10 @@ async fn versionless_tombstone_deletes_whatever_version_and_remembers_it(world: 
 }
 
 /// The adapters write a batch set-wise (a few statements for all its books): each book must
-/// still end up exactly as if its changes had been applied one by one.
+/// still end up exactly as if its changes had been applied one by one. 600 books: more than
+/// one multi-row statement's worth, with a partial one at the end.
 async fn a_batch_of_many_books_follows_the_version_rules_for_each(world: &World) {
-    let books: Vec<BookId> = (0..60).map(|_| BookId::generate()).collect();
+    let books: Vec<BookId> = (0..600).map(|_| BookId::generate()).collect();
     let title = |book: usize, version: u64| format!("book {book} v{version}");
     // Several versions of every book, out of order, in one batch; a third of the books end
     // deleted (at v4), one of them by a versionless tombstone applied in order.
