@@ -33,7 +33,7 @@ use std::time::{Duration, Instant};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, RebalanceProtocol};
 use rdkafka::error::{KafkaError, KafkaResult};
-use rdkafka::message::OwnedMessage;
+use rdkafka::message::{BorrowedMessage, OwnedMessage};
 use rdkafka::statistics::Statistics;
 use rdkafka::types::{RDKafkaErrorCode, RDKafkaRespErr};
 use rdkafka::{Message, Offset, TopicPartitionList};
@@ -41,9 +41,9 @@ use tokio::sync::{Mutex as AsyncMutex, OwnedMutexGuard};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use super::fact::FactReader;
+use super::fact::{FactReader, UntimedChange};
 use super::projector::ProjectionError;
-use super::{PartitionOffset, ReportChange, ReportStore};
+use super::{PartitionOffset, ReportChange, ReportStore, Versioned};
 use crate::config::KafkaConfig;
 use crate::store::StoreError;
 
@@ -283,6 +283,10 @@ pub struct PolledRecord {
 pub enum PolledRead {
     /// What the record asks of the read model.
     Change(ReportChange),
+    /// A readable record that another record of the batch supersedes (a newer version of the
+    /// same book): nothing to apply. Counted as applied, like the ones the version guard of
+    /// the read model ignores.
+    Superseded { deletion: bool },
     /// The record, copied, for [`FactReader::read`] to tell (asking the schema registry) or
     /// reject (with everything the dead-letter queue keeps of it).
     Unread(OwnedMessage),
@@ -535,10 +539,11 @@ fn collect_batch<S: ReportStore>(
 ) -> Result<(Batch, Vec<AssignmentChange>), ProjectionError> {
     let context = consumer.context();
     let deadline = Instant::now() + max_wait;
+    let mut polled = Vec::new();
     let mut batch = Batch::default();
     let mut changes = Vec::new();
-    while batch.records.len() < max_records {
-        let wait = if batch.records.is_empty() {
+    while polled.len() < max_records {
+        let wait = if polled.is_empty() {
             let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
                 break;
             };
@@ -546,34 +551,27 @@ fn collect_batch<S: ReportStore>(
         } else {
             Duration::ZERO
         };
-        let polled = consumer.poll(wait);
+        let message = consumer.poll(wait);
         for change in context.take_changes() {
             if let AssignmentChange::Revoked { partition } = change {
-                batch.records.retain(|record| record.partition != partition);
+                polled.retain(|record: &Polled<'_>| record.message.partition() != partition);
                 batch.ends_reached.retain(|&reached| reached != partition);
             }
             changes.push(change);
         }
-        match polled {
-            None if !batch.records.is_empty() => break,
+        match message {
+            None if !polled.is_empty() => break,
             None => {}
             Some(Ok(message)) if message.topic() == topic && context.owns(message.partition()) => {
-                let read = match reader.read_known(&message) {
-                    Some(change) => PolledRead::Change(change),
-                    None => PolledRead::Unread(message.detach()),
-                };
-                batch.records.push(PolledRecord {
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    read,
-                });
+                let known = reader.read_known(&message);
+                polled.push(Polled { message, known });
             }
             Some(Ok(_)) => {}
             Some(Err(KafkaError::PartitionEOF(partition))) => {
                 if context.owns(partition) {
                     batch.ends_reached.push(partition);
                 }
-                if !batch.records.is_empty() {
+                if !polled.is_empty() {
                     // The end is reached: apply what there is rather than wait for more.
                     break;
                 }
@@ -587,8 +585,42 @@ fn collect_batch<S: ReportStore>(
             }
         }
     }
+    batch.records = settle(polled);
     batch.positions = positions(consumer, topic);
     Ok((batch, changes))
+}
+
+/// A record as polled, with what it asks of the read model when that is known already.
+struct Polled<'c> {
+    message: BorrowedMessage<'c>,
+    known: Option<UntimedChange>,
+}
+
+/// The records of a batch as the projector takes them: the known changes that another known
+/// change supersedes are marked so and dropped, the others timed (their headers are parsed
+/// only now, for the changes that count), and the unread ones copied out. The changes of
+/// records read later (through the registry) are all versioned facts, so they never make a
+/// dropped change count again; the projector compacts the whole batch once more with them.
+fn settle(polled: Vec<Polled<'_>>) -> Vec<PolledRecord> {
+    let known: Vec<&UntimedChange> = polled.iter().filter_map(|p| p.known.as_ref()).collect();
+    let mut superseded = super::superseded(&known).into_iter();
+    polled
+        .into_iter()
+        .map(|Polled { message, known }| {
+            let read = match known {
+                Some(change) if superseded.next() == Some(true) => PolledRead::Superseded {
+                    deletion: change.is_deletion(),
+                },
+                Some(change) => PolledRead::Change(change.timed(&message)),
+                None => PolledRead::Unread(message.detach()),
+            };
+            PolledRecord {
+                partition: message.partition(),
+                offset: message.offset(),
+                read,
+            }
+        })
+        .collect()
 }
 
 /// The consumer position of every owned partition that has one.

@@ -16,10 +16,10 @@ use chrono::{DateTime, Utc};
 use rdkafka::Message;
 use rdkafka::message::Headers;
 
-use super::ReportChange;
+use super::{ReportChange, Versioned};
 use crate::codec::headers as h;
 use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError};
-use crate::domain::{BookId, EventPayload};
+use crate::domain::{BookFactEvent, BookId, EventPayload};
 
 /// Why a record cannot be applied; the text becomes its `bookstore_dlq_reason` header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,16 +70,16 @@ impl FactReader {
     /// tells (asking the registry, or rejecting the record with its reason). Needs no `&mut`,
     /// so that the records of a batch can be read on the thread that polls them, while they are
     /// still librdkafka's: copying a record out (with all its headers) costs more than reading it.
-    pub fn read_known(&self, message: &impl Message) -> Option<ReportChange> {
+    ///
+    /// The change comes without its time: reading any header makes librdkafka parse all of
+    /// them, so [`UntimedChange::timed`] reads it only for the changes a batch keeps.
+    pub fn read_known(&self, message: &impl Message) -> Option<UntimedChange> {
         let book_id = book_id_of(message.key()).ok()?;
         let Some(value) = message.payload() else {
             return Some(tombstone(book_id, message));
         };
         let payload = self.decoder.decode(value).ok()?;
-        match interpret(book_id, payload, changed_at(message)) {
-            FactOutcome::Apply(change) => Some(change),
-            FactOutcome::DeadLetter(_) => None,
-        }
+        interpret(book_id, payload).ok()
     }
 
     /// What `message` asks of the read model. Fails only when the schema registry cannot be
@@ -90,13 +90,18 @@ impl FactReader {
             Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
         };
         let Some(value) = message.payload() else {
-            return Ok(FactOutcome::Apply(tombstone(book_id, message)));
+            return Ok(FactOutcome::Apply(
+                tombstone(book_id, message).timed(message),
+            ));
         };
         let payload = match self.decode(value).await? {
             Ok(payload) => payload,
             Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
         };
-        Ok(interpret(book_id, payload, changed_at(message)))
+        Ok(match interpret(book_id, payload) {
+            Ok(change) => FactOutcome::Apply(change.timed(message)),
+            Err(rejection) => FactOutcome::DeadLetter(rejection),
+        })
     }
 
     /// The event in `value`: the outer error means "ask the registry again later", the inner
@@ -152,33 +157,77 @@ impl FactReader {
     }
 }
 
+/// What a readable record asks of the read model, before its time is read (see
+/// [`FactReader::read_known`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UntimedChange {
+    /// A fact of an existing book.
+    Upsert(BookFactEvent),
+    /// A tombstone, or a fact of a removed book.
+    Delete {
+        book_id: BookId,
+        version: Option<u64>,
+    },
+}
+
+impl UntimedChange {
+    /// The change, with the time of `message`, the record it was read from.
+    pub fn timed(self, message: &impl Message) -> ReportChange {
+        match self {
+            UntimedChange::Upsert(fact) => ReportChange::Upsert {
+                fact,
+                changed_at: changed_at(message),
+            },
+            UntimedChange::Delete { book_id, version } => ReportChange::Delete { book_id, version },
+        }
+    }
+}
+
+impl Versioned for UntimedChange {
+    fn book_id(&self) -> BookId {
+        match self {
+            UntimedChange::Upsert(fact) => fact.book_id,
+            UntimedChange::Delete { book_id, .. } => *book_id,
+        }
+    }
+
+    fn version(&self) -> Option<u64> {
+        match self {
+            UntimedChange::Upsert(fact) => Some(fact.version),
+            UntimedChange::Delete { version, .. } => *version,
+        }
+    }
+
+    fn is_deletion(&self) -> bool {
+        matches!(self, UntimedChange::Delete { .. })
+    }
+}
+
 /// The deletion a tombstone of `book_id` asks for, at the version its header states if any.
-fn tombstone(book_id: BookId, message: &impl Message) -> ReportChange {
+fn tombstone(book_id: BookId, message: &impl Message) -> UntimedChange {
     let version = header(message, h::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
-    ReportChange::Delete { book_id, version }
+    UntimedChange::Delete { book_id, version }
 }
 
 /// The change a decoded value of the record of `key` asks for.
-fn interpret(key: BookId, payload: EventPayload, changed_at: DateTime<Utc>) -> FactOutcome {
+fn interpret(key: BookId, payload: EventPayload) -> Result<UntimedChange, Rejection> {
     let fact = match payload {
         EventPayload::Fact(fact) => fact,
-        EventPayload::Delta(event) => {
-            return FactOutcome::DeadLetter(Rejection::NotAFact(event.event_type()));
-        }
+        EventPayload::Delta(event) => return Err(Rejection::NotAFact(event.event_type())),
     };
     if fact.book_id != key {
-        return FactOutcome::DeadLetter(Rejection::KeyMismatch {
+        return Err(Rejection::KeyMismatch {
             key,
             book_id: fact.book_id,
         });
     }
     if fact.removed {
-        return FactOutcome::Apply(ReportChange::Delete {
+        return Ok(UntimedChange::Delete {
             book_id: fact.book_id,
             version: Some(fact.version),
         });
     }
-    FactOutcome::Apply(ReportChange::Upsert { fact, changed_at })
+    Ok(UntimedChange::Upsert(fact))
 }
 
 fn book_id_of(key: Option<&[u8]>) -> Result<BookId, Rejection> {
@@ -286,8 +335,10 @@ mod tests {
             panic!("not an upsert");
         };
         assert_eq!(read, fact(book_id, 3, false));
+        let known = FactReader::new(None).read_known(&message);
+        assert_eq!(known, Some(UntimedChange::Upsert(read.clone())));
         assert_eq!(
-            FactReader::new(None).read_known(&message),
+            known.map(|change| change.timed(&message)),
             Some(ReportChange::Upsert {
                 fact: read.clone(),
                 changed_at
@@ -313,7 +364,8 @@ mod tests {
             let FactOutcome::Apply(change) = read(message).await else {
                 panic!("not applied: {message:?}");
             };
-            assert_eq!(FactReader::new(None).read_known(message), Some(change));
+            let known = FactReader::new(None).read_known(message);
+            assert_eq!(known.map(|known| known.timed(message)), Some(change));
         }
         assert_eq!(read(&tombstone).await, delete(Some(4)));
         assert_eq!(read(&bare_tombstone).await, delete(None));

@@ -54,7 +54,7 @@ mod report_postgres;
 mod report_sqlite;
 
 pub use dlq::{DeadLetter, DlqError, ReplayReport, list_dead_letters, replay_dead_letters};
-pub use fact::{FactReader, Rejection};
+pub use fact::{FactReader, Rejection, UntimedChange};
 pub use projector::{
     ProjectionConfig, ProjectionError, ProjectionMode, ProjectionReport, ProjectionStatus,
     Projector, default_group, kafka_projector,
@@ -95,6 +95,29 @@ pub enum ReportChange {
     },
 }
 
+/// What compacting a batch needs to know of a change: whose, at which version, and whether it
+/// deletes (a deletion wins a tie).
+pub trait Versioned {
+    fn book_id(&self) -> BookId;
+    /// The aggregate version the change is about, when it states one.
+    fn version(&self) -> Option<u64>;
+    fn is_deletion(&self) -> bool;
+}
+
+impl<T: Versioned> Versioned for &T {
+    fn book_id(&self) -> BookId {
+        (*self).book_id()
+    }
+
+    fn version(&self) -> Option<u64> {
+        (*self).version()
+    }
+
+    fn is_deletion(&self) -> bool {
+        (*self).is_deletion()
+    }
+}
+
 impl ReportChange {
     pub fn book_id(&self) -> BookId {
         match self {
@@ -109,6 +132,20 @@ impl ReportChange {
             ReportChange::Upsert { fact, .. } => Some(fact.version),
             ReportChange::Delete { version, .. } => *version,
         }
+    }
+}
+
+impl Versioned for ReportChange {
+    fn book_id(&self) -> BookId {
+        ReportChange::book_id(self)
+    }
+
+    fn version(&self) -> Option<u64> {
+        ReportChange::version(self)
+    }
+
+    fn is_deletion(&self) -> bool {
+        matches!(self, ReportChange::Delete { .. })
     }
 }
 
@@ -173,6 +210,17 @@ pub fn compact_changes(changes: Vec<ReportChange>) -> Vec<ReportChange> {
         .collect()
 }
 
+/// Per change of `changes`, whether another change of the batch supersedes it: what
+/// [`compact_changes`] would drop. Dropping them early is safe whatever else the batch holds,
+/// as long as every one of them is dropped for a change that stays (see
+/// [`consumer`](self::consumer)'s `collect_batch`).
+pub(crate) fn superseded(changes: &[impl Versioned]) -> Vec<bool> {
+    decisive_changes(changes)
+        .into_iter()
+        .map(|decisive| decisive == Decisive::No)
+        .collect()
+}
+
 /// Whether a change of a batch can affect the outcome, and how it must be applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Decisive {
@@ -186,7 +234,7 @@ enum Decisive {
 }
 
 /// Per change of `changes`, whether and how it counts (see [`compact_changes`]).
-fn decisive_changes(changes: &[ReportChange]) -> Vec<Decisive> {
+fn decisive_changes(changes: &[impl Versioned]) -> Vec<Decisive> {
     let mut order_dependent: HashMap<BookId, bool> = HashMap::with_capacity(changes.len());
     for change in changes {
         *order_dependent.entry(change.book_id()).or_default() |= change.version().is_none();
@@ -264,9 +312,9 @@ impl<'a> BatchPlan<'a> {
 }
 
 /// Whether `candidate` decides the outcome rather than `kept` (both of one book, with versions).
-fn supersedes(candidate: &ReportChange, kept: &ReportChange) -> bool {
+fn supersedes(candidate: &impl Versioned, kept: &impl Versioned) -> bool {
     let (new, old) = (candidate.version(), kept.version());
-    new > old || (new == old && matches!(candidate, ReportChange::Delete { .. }))
+    new > old || (new == old && candidate.is_deletion())
 }
 
 #[cfg(test)]
@@ -335,5 +383,43 @@ mod tests {
         let (a, b) = (BookId::generate(), BookId::generate());
         let changes = vec![upsert(a, 1), delete(a, None), upsert(a, 2), upsert(b, 1)];
         assert_eq!(compact_changes(changes.clone()), changes);
+    }
+
+    /// The polling thread drops what `superseded` marks before the records' times are read;
+    /// the changes it keeps must compact to the same as the whole batch.
+    #[test]
+    fn what_is_superseded_early_is_what_compaction_drops() {
+        let (a, b, c) = (BookId::generate(), BookId::generate(), BookId::generate());
+        let untimed = |change: &ReportChange| match change {
+            ReportChange::Upsert { fact, .. } => UntimedChange::Upsert(fact.clone()),
+            ReportChange::Delete { book_id, version } => UntimedChange::Delete {
+                book_id: *book_id,
+                version: *version,
+            },
+        };
+        let changes = vec![
+            upsert(a, 2),
+            upsert(b, 1),
+            delete(c, None),
+            upsert(a, 5),
+            delete(b, Some(3)),
+            upsert(b, 3),
+            upsert(c, 4),
+            upsert(a, 4),
+        ];
+        let early: Vec<UntimedChange> = changes.iter().map(untimed).collect();
+        let superseded = superseded(&early);
+        assert_eq!(
+            superseded,
+            [true, true, false, false, false, true, false, true]
+        );
+        let kept: Vec<ReportChange> = changes
+            .iter()
+            .zip(&superseded)
+            .filter(|(_, superseded)| !**superseded)
+            .map(|(change, _)| change.clone())
+            .collect();
+        assert_eq!(compact_changes(kept.clone()), kept);
+        assert_eq!(compact_changes(changes), kept);
     }
 }

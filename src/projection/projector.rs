@@ -225,6 +225,20 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
     })
 }
 
+/// The records of a batch dropped on the polling thread for a newer change of their book.
+#[derive(Default)]
+struct Superseded {
+    records: usize,
+    deletes: usize,
+}
+
+impl Superseded {
+    fn count(&mut self, deletion: bool) {
+        self.records += 1;
+        self.deletes += usize::from(deletion);
+    }
+}
+
 /// What a run carries from one membership to the next.
 #[derive(Default)]
 struct Progress {
@@ -442,12 +456,17 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         let records = std::mem::take(&mut batch.records);
         let polled = records.len();
         let mut changes = Vec::with_capacity(polled);
+        let mut superseded = Superseded::default();
         let mut rejected = Vec::new();
         // In batch order: the changes of a book with a versionless deletion depend on it.
         for record in records {
             let message = match record.read {
                 PolledRead::Change(change) => {
                     changes.push(change);
+                    continue;
+                }
+                PolledRead::Superseded { deletion } => {
+                    superseded.count(deletion);
                     continue;
                 }
                 PolledRead::Unread(message) => message,
@@ -478,11 +497,12 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         if changes.is_empty() && offsets.is_empty() {
             return Ok(());
         }
-        let deletes = changes
-            .iter()
-            .filter(|change| matches!(change, ReportChange::Delete { .. }))
-            .count();
-        let applied = changes.len();
+        let deletes = superseded.deletes
+            + changes
+                .iter()
+                .filter(|change| matches!(change, ReportChange::Delete { .. }))
+                .count();
+        let applied = superseded.records + changes.len();
         let changes = compact_changes(changes);
         self.store
             .apply_batch(&self.config.group_id, &self.topic, &changes, &offsets)
