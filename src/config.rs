@@ -40,15 +40,16 @@ pub struct KafkaConfig {
 
     /// Extra librdkafka client properties, `key=value`, comma separated or repeated
     /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`). Applied to every client last,
-    /// so they can override any default this program sets.
+    /// so they can override any default this program sets. A value may hold commas: text after
+    /// a comma without a `=` continues the value (`debug=broker,eos`), and `\,` is always a
+    /// comma of the value.
     #[arg(
         long = "kafka-option",
         env = "BOOKSTORE_KAFKA_OPTIONS",
-        value_delimiter = ',',
-        value_parser = parse_key_value,
+        value_parser = parse_client_options,
         global = true
     )]
-    pub client_options: Vec<(String, String)>,
+    pub client_options: Vec<ClientOptions>,
 
     /// Prefix of the topic names: `<prefix>.book`, `<prefix>.book-fact`, `<prefix>.book-fact.dlq`.
     /// The default gives the public topic names; change it only for tests or side-by-side runs.
@@ -193,13 +194,54 @@ pub enum ConfigError {
     UnknownVariable(String, String),
 }
 
-fn parse_key_value(text: &str) -> Result<(String, String), ConfigError> {
-    match text.split_once('=') {
-        Some((key, value)) if !key.trim().is_empty() => {
-            Ok((key.trim().to_owned(), value.trim().to_owned()))
-        }
-        _ => Err(ConfigError::NotKeyValue(text.to_owned())),
+/// The librdkafka properties of one `--kafka-option` (or of `BOOKSTORE_KAFKA_OPTIONS`), in
+/// the order given.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientOptions(pub Vec<(String, String)>);
+
+impl ClientOptions {
+    /// The options as one `--kafka-option` value that parses back to them.
+    pub fn to_argument(&self) -> String {
+        self.0
+            .iter()
+            .map(|(key, value)| format!("{key}={}", value.replace(',', "\\,")))
+            .collect::<Vec<_>>()
+            .join(",")
     }
+}
+
+/// Parses `key=value` pairs separated by commas. clap's `value_delimiter` cannot do this: it
+/// would split values that hold commas (`debug=broker,eos`, a list of bootstrap servers or
+/// cipher suites) into pieces that are not `key=value`. So a piece without `=` continues the
+/// value before it, and `\,` is a comma that never separates. Empty text (an empty
+/// `BOOKSTORE_KAFKA_OPTIONS`) is no options.
+fn parse_client_options(text: &str) -> Result<ClientOptions, ConfigError> {
+    let mut pieces = vec![String::new()];
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' if chars.peek() == Some(&',') => {
+                chars.next();
+                pieces.last_mut().expect("never empty").push(',');
+            }
+            ',' => pieces.push(String::new()),
+            c => pieces.last_mut().expect("never empty").push(c),
+        }
+    }
+    let mut options: Vec<(String, String)> = Vec::new();
+    for piece in pieces.into_iter().filter(|piece| !piece.trim().is_empty()) {
+        match (piece.split_once('='), options.last_mut()) {
+            (Some((key, value)), _) if !key.trim().is_empty() => {
+                options.push((key.trim().to_owned(), value.trim().to_owned()));
+            }
+            (None, Some((_, value))) => {
+                value.push(',');
+                value.push_str(piece.trim());
+            }
+            _ => return Err(ConfigError::NotKeyValue(piece)),
+        }
+    }
+    Ok(ClientOptions(options))
 }
 
 /// Fails on a `BOOKSTORE_*` variable in `environment` that is not in `known`.
@@ -221,14 +263,63 @@ pub fn reject_unknown_variables<'a>(
 mod tests {
     use super::*;
 
+    fn options(text: &str) -> Vec<(String, String)> {
+        parse_client_options(text).unwrap().0
+    }
+
+    fn pairs(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect()
+    }
+
     #[test]
     fn key_values_are_split_on_the_first_equals_sign() {
         assert_eq!(
-            parse_key_value("sasl.password=a=b").unwrap(),
-            ("sasl.password".into(), "a=b".into())
+            options("sasl.password=a=b"),
+            pairs(&[("sasl.password", "a=b")])
         );
-        assert!(parse_key_value("no-equals").is_err());
-        assert!(parse_key_value("=value").is_err());
+        assert!(parse_client_options("no-equals").is_err());
+        assert!(parse_client_options("=value").is_err());
+        assert!(parse_client_options("a=1,=value").is_err());
+    }
+
+    #[test]
+    fn commas_separate_pairs_but_values_may_hold_commas() {
+        assert_eq!(
+            options("security.protocol=SASL_SSL, sasl.mechanism=PLAIN"),
+            pairs(&[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.mechanism", "PLAIN")
+            ])
+        );
+        assert_eq!(
+            options("debug=broker,eos,client.id=x"),
+            pairs(&[("debug", "broker,eos"), ("client.id", "x")])
+        );
+        assert_eq!(
+            options(r"sasl.oauthbearer.config=scope=a\,b=c,linger.ms=1"),
+            pairs(&[
+                ("sasl.oauthbearer.config", "scope=a,b=c"),
+                ("linger.ms", "1")
+            ])
+        );
+        assert_eq!(options(""), pairs(&[]));
+        assert_eq!(options("linger.ms=1,"), pairs(&[("linger.ms", "1")]));
+    }
+
+    #[test]
+    fn options_written_as_an_argument_parse_back_to_themselves() {
+        let written = ClientOptions(pairs(&[
+            ("sasl.oauthbearer.config", "scope=a,b=c"),
+            ("debug", "broker,eos"),
+            ("linger.ms", "1"),
+        ]));
+        assert_eq!(
+            parse_client_options(&written.to_argument()).unwrap(),
+            written
+        );
     }
 
     #[test]

@@ -262,6 +262,43 @@ fn kafka_check_and_provision_talk_to_the_broker() {
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("deploy/kafka/kafka.sh start"));
 }
 
+/// librdkafka values may hold commas (a server list, `debug` contexts): such an option must
+/// reach the client whole, and an empty `BOOKSTORE_KAFKA_OPTIONS` means no options.
+#[test]
+fn kafka_options_keep_commas_inside_values() {
+    let cli = Cli::sqlite();
+    let servers = format!(
+        "bootstrap.servers=127.0.0.1:1,{}",
+        common::bootstrap_servers()
+    );
+    let checked = cli.ok(&[
+        "kafka",
+        "check",
+        "--kafka-option",
+        &servers,
+        "--kafka-option",
+        "debug=broker,metadata",
+    ]);
+    assert!(checked.contains("1 broker"), "{checked}");
+
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .args(["kafka", "check"])
+        .env("KAFKA_BOOTSTRAP_SERVERS", common::bootstrap_servers())
+        .env("BOOKSTORE_KAFKA_OPTIONS", "")
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+
+    let rejected = cli.run(&["kafka", "check", "--kafka-option", "linger.ms"]);
+    assert!(!rejected.status.success());
+    let error = String::from_utf8_lossy(&rejected.stderr);
+    assert!(error.contains("expected key=value"), "{error}");
+}
+
 #[test]
 fn every_command_has_help() {
     let cli = Cli::sqlite();

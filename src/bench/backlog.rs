@@ -253,9 +253,9 @@ fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
         "--kafka-timeout-ms".to_owned(),
         kafka.request_timeout_ms.to_string(),
     ];
-    for (key, value) in &kafka.client_options {
+    for options in &kafka.client_options {
         arguments.push("--kafka-option".to_owned());
-        arguments.push(format!("{key}={value}"));
+        arguments.push(options.to_argument());
     }
     if let Some(url) = &kafka.schema_registry_url {
         arguments.push("--schema-registry-url".to_owned());

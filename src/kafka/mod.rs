@@ -122,7 +122,7 @@ impl KafkaConfig {
 
     /// The user's passthrough options go last so they can override any default set here.
     fn with_client_options(&self, mut config: ClientConfig) -> ClientConfig {
-        for (key, value) in &self.client_options {
+        for (key, value) in self.client_options.iter().flat_map(|options| &options.0) {
             config.set(key, value);
         }
         config
