@@ -235,6 +235,9 @@ async fn run_measurements(
     ]
     .into_iter()
     .any(|measurement| config.runs(measurement));
+    if uses_kafka {
+        report.machine.broker_partitions = count_broker_partitions(&config.kafka).await;
+    }
     if uses_kafka && config.broker_warm_up_events > 0 {
         info!("warming up the broker (not measured)");
         relay_drain::warm_up_broker(config, kafka, config.broker_warm_up_events).await?;
@@ -369,6 +372,37 @@ impl KafkaRun {
         // Topics a measurement never created answer "unknown topic"; that is fine.
         if let Err(error) = admin.delete_topics(&names, &options).await {
             warn!(%error, "could not delete the bench topics");
+        }
+    }
+}
+
+/// Above this many partitions on the broker, the run warns: each costs the broker work on
+/// every replication and fetch round, and a local broker holding thousands (topics left behind
+/// by killed benchmark runs and by test runs) ran every baseline at about half speed.
+const CROWDED_BROKER_PARTITIONS: usize = 1_000;
+
+/// How many partitions the broker holds, all topics together; `None` if it cannot tell.
+async fn count_broker_partitions(kafka: &KafkaConfig) -> Option<usize> {
+    match kafka.fetch_metadata(None).await {
+        Ok(metadata) => {
+            let partitions = metadata
+                .topics()
+                .iter()
+                .map(|topic| topic.partitions().len())
+                .sum();
+            if partitions > CROWDED_BROKER_PARTITIONS {
+                warn!(
+                    partitions,
+                    "the broker holds many partitions, which slows every figure down; delete \
+                     the topics earlier runs left behind (`./dev clean-topics` on the local \
+                     broker)"
+                );
+            }
+            Some(partitions)
+        }
+        Err(error) => {
+            warn!(%error, "could not count the broker's partitions");
+            None
         }
     }
 }

@@ -191,6 +191,8 @@ pub struct Machine {
     pub cpus: usize,
     pub load_average_before: Option<f64>,
     pub load_average_after: Option<f64>,
+    /// Partitions on the broker at the start, every topic's together.
+    pub broker_partitions: Option<usize>,
 }
 
 impl BenchReport {
@@ -218,6 +220,7 @@ impl BenchReport {
                 cpus: std::thread::available_parallelism().map_or(1, usize::from),
                 load_average_before: load_average(),
                 load_average_after: None,
+                broker_partitions: None,
             },
             figures: vec![],
         }

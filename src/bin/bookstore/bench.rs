@@ -59,12 +59,15 @@ fn render(report: &BenchReport) -> String {
     let load = |value: Option<f64>| value.map_or("?".to_owned(), |load| format!("{load:.2}"));
     let mut out = format!(
         "bookstore bench: {} CPUs, load average {} before, {} after; \
-         broker warmed with {} events\n\
+         broker with {} partitions, warmed with {} events\n\
          relay backlog {} events, batch {}, median of {} rounds; {} writers; \
          latency at {} events/s ({} saves/s) for {} s; RSS backlog {} events ({})\n\n",
         machine.cpus,
         load(machine.load_average_before),
         load(machine.load_average_after),
+        machine
+            .broker_partitions
+            .map_or("?".to_owned(), |partitions| partitions.to_string()),
         settings.broker_warm_up_events,
         settings.relay_events,
         settings.batch_size,
