@@ -18,14 +18,15 @@ use std::time::Duration;
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::message::OwnedMessage;
 use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::consumer::{Batch, PendingBatch, PolledRead, Session};
 use super::dlq::{DeadLetterSender, DlqError, partition_ids};
-use super::fact::{FactOutcome, FactReader};
-use super::{ReportChange, ReportStore, compact_changes, metrics};
+use super::fact::{FactOutcome, FactReader, Rejection};
+use super::{PartitionOffset, ReportChange, ReportStore, compact_changes, metrics};
 use crate::codec::{RegistryClient, RegistryError};
 use crate::config::KafkaConfig;
 use crate::kafka::{KafkaSetupError, provision_topics};
@@ -225,6 +226,16 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
     })
 }
 
+/// A batch read: what to apply, what to dead-letter, and the offsets to store with it.
+struct ReadBatch {
+    offsets: Vec<PartitionOffset>,
+    /// Records polled.
+    polled: usize,
+    changes: Vec<ReportChange>,
+    superseded: Superseded,
+    rejected: Vec<(OwnedMessage, Rejection)>,
+}
+
 /// The records of a batch dropped on the polling thread for a newer change of their book.
 #[derive(Default)]
 struct Superseded {
@@ -396,9 +407,12 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 // The batch is dropped unapplied, nothing of it stored: the next run reads it.
                 return Ok(Stop::Shutdown);
             }
+            // Read before the next batch is polled: a schema id learned from the registry here
+            // lets the polling thread decode the next batch's records of it already.
+            let read = self.read(session, &mut batch).await?;
             let revocations = session.hold_revocations().await;
             pending = self.poll_batch(session);
-            let applied = self.apply(session, &mut batch, &mut progress.report).await;
+            let applied = self.apply(session, read, &mut progress.report).await;
             drop(revocations);
             let stop = match applied {
                 Ok(()) => self.account(session, &batch, ends, progress, backoff).await,
@@ -444,14 +458,13 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         Ok(None)
     }
 
-    /// Dead-letters what cannot be read, then applies the rest with the batch's offsets in one
-    /// transaction, then tells the group. Takes the batch's records.
-    async fn apply(
+    /// Reads what the polling thread could not (asking the schema registry), in batch order,
+    /// taking the batch's records. Needs no revocation gate: nothing is polled meanwhile.
+    async fn read(
         &mut self,
-        session: &mut Session<S>,
+        session: &Session<S>,
         batch: &mut Batch,
-        report: &mut ProjectionReport,
-    ) -> Result<(), ProjectionError> {
+    ) -> Result<ReadBatch, ProjectionError> {
         let offsets = session.offsets_to_store(batch);
         let records = std::mem::take(&mut batch.records);
         let polled = records.len();
@@ -484,6 +497,30 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 }
             }
         }
+        Ok(ReadBatch {
+            offsets,
+            polled,
+            changes,
+            superseded,
+            rejected,
+        })
+    }
+
+    /// Dead-letters what cannot be read, then applies the rest with the batch's offsets in one
+    /// transaction, then tells the group.
+    async fn apply(
+        &mut self,
+        session: &mut Session<S>,
+        read: ReadBatch,
+        report: &mut ProjectionReport,
+    ) -> Result<(), ProjectionError> {
+        let ReadBatch {
+            offsets,
+            polled,
+            changes,
+            superseded,
+            rejected,
+        } = read;
         let rejected: Vec<_> = rejected
             .iter()
             .map(|(message, rejection)| (message, rejection.clone()))
