@@ -21,6 +21,10 @@
 //!   closing the consumer, which serves the last revocation. This works on a current-thread
 //!   runtime too: the thread in `Runtime::block_on` drives the I/O the callback waits for.
 //!
+//! * **Less to carry.** The polling thread reads each record as it arrives (while it is still
+//!   librdkafka's) and drops the ones a newer fact of the same book in the batch supersedes,
+//!   before their headers are parsed (see `settle`).
+//!
 //! The position handed out with a batch is librdkafka's consumer position, which also moves
 //! past transaction markers and aborted records. Storing it (rather than last offset + 1) lets
 //! the stored offset reach the end of a partition written by transactions, which

@@ -16,9 +16,10 @@
 //!   beginning when there is none), and Kafka's group offsets are committed afterwards, for lag
 //!   tooling only. A crash between the two commits re-reads nothing that was not applied.
 //! * **Rebalance safety.** A batch never spans a rebalance: rebalance callbacks only run inside
-//!   `poll`, and the projector applies each batch between polls, so the previous owner of a
-//!   partition has committed its last batch before it acknowledges the revocation, and the next
-//!   owner reads the stored offset only after that. Records of a partition revoked while a batch
+//!   `poll`, and a revocation waits in its callback until the batch being applied (while the
+//!   next one is polled) is committed, so the previous owner of a partition has committed its
+//!   last batch before it acknowledges the revocation, and the next owner reads the stored
+//!   offset only after that. Records of a partition revoked while a batch
 //!   was being collected are dropped unapplied; their new owner reads them from the stored
 //!   offset (see [`consumer`]). A paused instance that wakes up after losing its partitions can
 //!   still apply a stale batch: the version guard makes that harmless.
