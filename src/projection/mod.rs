@@ -356,18 +356,25 @@ mod tests {
         assert_eq!(compact_changes(changes), vec![delete(a, Some(4))]);
     }
 
-    #[test]
-    fn plan_splits_decisive_changes_into_sets_and_keeps_order_dependent_books_in_order() {
-        let (a, b, c) = (BookId::generate(), BookId::generate(), BookId::generate());
-        let changes = vec![
+    /// Three books: `a` upserted out of order, `b` deleted at the version of its last upsert
+    /// (the deletion wins the tie), `c` with a versionless deletion (order-dependent).
+    fn mixed_batch(a: BookId, b: BookId, c: BookId) -> Vec<ReportChange> {
+        vec![
             upsert(a, 2),
             upsert(b, 1),
             delete(c, None),
             upsert(a, 5),
             delete(b, Some(3)),
+            upsert(b, 3),
             upsert(c, 4),
             upsert(a, 4),
-        ];
+        ]
+    }
+
+    #[test]
+    fn plan_splits_decisive_changes_into_sets_and_keeps_order_dependent_books_in_order() {
+        let (a, b, c) = (BookId::generate(), BookId::generate(), BookId::generate());
+        let changes = mixed_batch(a, b, c);
         let plan = BatchPlan::new(&changes);
         let upserts: Vec<(BookId, u64)> = plan
             .upserts
@@ -376,7 +383,7 @@ mod tests {
             .collect();
         assert_eq!(upserts, vec![(a, 5)]);
         assert_eq!(plan.deletes, vec![(b, 3)]);
-        assert_eq!(plan.in_order, vec![&changes[2], &changes[5]]);
+        assert_eq!(plan.in_order, vec![&changes[2], &changes[6]]);
     }
 
     #[test]
@@ -398,16 +405,7 @@ mod tests {
                 version: *version,
             },
         };
-        let changes = vec![
-            upsert(a, 2),
-            upsert(b, 1),
-            delete(c, None),
-            upsert(a, 5),
-            delete(b, Some(3)),
-            upsert(b, 3),
-            upsert(c, 4),
-            upsert(a, 4),
-        ];
+        let changes = mixed_batch(a, b, c);
         let early: Vec<UntimedChange> = changes.iter().map(untimed).collect();
         let superseded = superseded(&early);
         assert_eq!(
