@@ -216,18 +216,20 @@ impl ClientOptions {
 /// value before it, and `\,` is a comma that never separates. Empty text (an empty
 /// `BOOKSTORE_KAFKA_OPTIONS`) is no options.
 fn parse_client_options(text: &str) -> Result<ClientOptions, ConfigError> {
-    let mut pieces = vec![String::new()];
+    let mut pieces = Vec::new();
+    let mut piece = String::new();
     let mut chars = text.chars().peekable();
     while let Some(c) = chars.next() {
         match c {
             '\\' if chars.peek() == Some(&',') => {
                 chars.next();
-                pieces.last_mut().expect("never empty").push(',');
+                piece.push(',');
             }
-            ',' => pieces.push(String::new()),
-            c => pieces.last_mut().expect("never empty").push(c),
+            ',' => pieces.push(std::mem::take(&mut piece)),
+            c => piece.push(c),
         }
     }
+    pieces.push(piece);
     let mut options: Vec<(String, String)> = Vec::new();
     for piece in pieces.into_iter().filter(|piece| !piece.trim().is_empty()) {
         match (piece.split_once('='), options.last_mut()) {
