@@ -232,9 +232,10 @@ fn interpret(key: BookId, payload: EventPayload) -> Result<UntimedChange, Reject
 
 fn book_id_of(key: Option<&[u8]>) -> Result<BookId, Rejection> {
     let key = key.ok_or(Rejection::MissingKey)?;
-    let text = String::from_utf8_lossy(key);
-    text.parse()
-        .map_err(|_| Rejection::KeyNotABookId(text.into_owned()))
+    std::str::from_utf8(key)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or_else(|| Rejection::KeyNotABookId(String::from_utf8_lossy(key).into_owned()))
 }
 
 fn undecodable(error: CodecError) -> Rejection {
