@@ -69,6 +69,7 @@ projection_suite!(
     killed_projector_resumes_from_stored_offsets_and_matches_store,
     projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metrics,
     two_projectors_split_the_partitions_and_together_match_store,
+    catching_up_counts_what_another_member_applied,
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
     dlq_replay_sends_each_dead_letter_back_once,
     report_json_has_the_documented_shape,
@@ -586,6 +587,46 @@ async fn two_projectors_split_the_partitions_and_together_match_store(world: &Wo
     );
     let union: BTreeSet<i32> = partitions.iter().flatten().copied().collect();
     assert_eq!(union, BTreeSet::from([0, 1, 2]));
+    world.assert_report_equals_store().await;
+}
+
+/// A member run until caught up while another member of its group follows the topic: it
+/// finishes on the offsets the other member stored for the partitions it does not own (it
+/// asks the database only for those), and reads its own ones to their ends.
+async fn catching_up_counts_what_another_member_applied(world: &World) {
+    let group = common::unique("shared");
+    let follower = kafka_projector(
+        world.store.clone(),
+        &world.kafka,
+        World::projection_config(&group),
+    )
+    .await
+    .unwrap();
+    let status = follower.status();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let following = tokio::spawn(follower.run(ProjectionMode::Follow, shutdown));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while status.borrow().owned.len() < 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never owned the three partitions"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    world.write_random_history(20, 60, Rng::seed()).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+
+    // Joining makes the group split the partitions; either way every one is applied already.
+    let caught_up = world.project(&group).await;
+    assert_eq!(caught_up.dead_letters, 0);
+
+    // Written after the catch-up: the follower, still running, applies it.
+    world.add_book("After the catch-up", "3.50", None).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+    trigger.trigger();
+    following.await.unwrap().unwrap();
     world.assert_report_equals_store().await;
 }
 

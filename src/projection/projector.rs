@@ -574,17 +574,26 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         reached: &HashSet<i32>,
     ) -> Result<bool, ProjectionError> {
         let mut progress = session.stored_offsets().clone();
+        let is_done = |partition: &i32, progress: &HashMap<i32, i64>| {
+            let (low, high) = ends[partition];
+            high <= low
+                || reached.contains(partition)
+                || progress.get(partition).is_some_and(|next| *next >= high)
+        };
         let done = |progress: &HashMap<i32, i64>| {
-            ends.iter()
-                .filter(|(partition, (low, high))| {
-                    high <= low
-                        || reached.contains(partition)
-                        || progress.get(partition).is_some_and(|next| next >= high)
-                })
+            ends.keys()
+                .filter(|partition| is_done(partition, progress))
                 .count()
         };
         let mut caught_up = done(&progress);
-        if caught_up < ends.len() {
+        // Only a partition this member does not own can have been applied further by another
+        // member; one it owns it gets to itself, having started at the offset stored for it.
+        // So the database is asked only then, not after every batch of a catch-up.
+        let owned = session.owned();
+        let behind_elsewhere = ends
+            .keys()
+            .any(|partition| !owned.contains(partition) && !is_done(partition, &progress));
+        if behind_elsewhere {
             let stored = self
                 .store
                 .stored_offsets(&self.config.group_id, &self.topic)
