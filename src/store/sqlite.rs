@@ -68,7 +68,13 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let path = options.get_filename().to_owned();
-        let pool = SqlitePoolOptions::new().connect_with(options).await?;
+        // No ping before handing out a connection (sqlx's default): a connection to a local
+        // file does not go stale the way a network one does, and the ping is one more round trip
+        // to the connection's worker thread for every save and every projection batch.
+        let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
+            .connect_with(options)
+            .await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
         let reader = if path.is_file() {
             Some(OutboxReader::open(&path, BUSY_TIMEOUT)?)
