@@ -23,6 +23,7 @@ use bookstore::projection::{
     kafka_projector, list_dead_letters,
 };
 use bookstore::shutdown::ShutdownTrigger;
+use bookstore::store::AnyStore;
 use chrono::{DateTime, Utc};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -121,6 +122,25 @@ async fn row(world: &World, book_id: BookId) -> Option<(u64, String)> {
         .map(|report| (report.version, report.title))
 }
 
+/// The version of the deletion of `book_id` the read model remembers, straight from its table.
+async fn remembered_deletion(world: &World, book_id: BookId) -> Option<i64> {
+    match &world.store {
+        AnyStore::Sqlite(store) => {
+            sqlx::query_scalar("SELECT version FROM book_report_deleted WHERE book_id = ?")
+                .bind(book_id.as_uuid().hyphenated())
+                .fetch_optional(store.pool())
+                .await
+        }
+        AnyStore::Postgres(store) => {
+            sqlx::query_scalar("SELECT version FROM book_report_deleted WHERE book_id = $1")
+                .bind(book_id.as_uuid())
+                .fetch_optional(store.pool())
+                .await
+        }
+    }
+    .unwrap()
+}
+
 async fn older_fact_never_overwrites_newer_report(world: &World) {
     let book_id = BookId::generate();
     apply(world, &[upsert(book_id, 3, "v3")]).await;
@@ -154,10 +174,12 @@ async fn older_fact_cannot_bring_back_a_deleted_book(world: &World) {
     apply(world, &[upsert(book_id, 4, "v4 late")]).await;
     assert_eq!(row(world, book_id).await, None, "a deletion wins a tie");
     apply(world, &[delete(book_id, Some(2))]).await;
+    assert_eq!(remembered_deletion(world, book_id).await, Some(4));
 
     // A deletion older than the row leaves it alone; only a newer fact than the deletion
-    // makes the book exist again.
+    // makes the book exist again, and the deletion is forgotten.
     apply(world, &[upsert(book_id, 6, "v6")]).await;
+    assert_eq!(remembered_deletion(world, book_id).await, None);
     apply(world, &[delete(book_id, Some(5))]).await;
     assert_eq!(row(world, book_id).await, Some((6, "v6".into())));
     apply(world, &[upsert(book_id, 4, "v4 later still")]).await;
