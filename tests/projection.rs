@@ -19,8 +19,9 @@ use bookstore::codec::headers as h;
 use bookstore::codec::{AvroCodec, EventCodec, frame_single_object};
 use bookstore::domain::{BookFactEvent, BookId, EventPayload, Price};
 use bookstore::projection::{
-    BookReport, PartitionOffset, ProjectionMode, ReportChange, ReportStore, default_group, dlq,
-    kafka_projector, list_dead_letters,
+    BookReport, PartitionOffset, ProjectionError, ProjectionMode, ProjectionReport,
+    ProjectionStatus, ReportChange, ReportStore, default_group, dlq, kafka_projector,
+    list_dead_letters,
 };
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::AnyStore;
@@ -29,6 +30,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
 
 use world::{Rng, World};
 
@@ -549,43 +552,76 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// A projector of `group` following the topic until its trigger is pulled.
+struct Follower {
+    status: watch::Receiver<ProjectionStatus>,
+    trigger: ShutdownTrigger,
+    run: JoinHandle<Result<ProjectionReport, ProjectionError>>,
+}
+
+impl Follower {
+    async fn start(world: &World, group: &str) -> Self {
+        let projector = kafka_projector(
+            world.store.clone(),
+            &world.kafka,
+            World::projection_config(group),
+        )
+        .await
+        .unwrap();
+        let status = projector.status();
+        let (trigger, shutdown) = ShutdownTrigger::new();
+        let run = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
+        Self {
+            status,
+            trigger,
+            run,
+        }
+    }
+}
+
+/// Waits (a minute at most) until what each projector owns satisfies `done`.
+async fn wait_until_owned(
+    statuses: &[watch::Receiver<ProjectionStatus>],
+    what: &str,
+    done: impl Fn(&[Vec<i32>]) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let owned: Vec<Vec<i32>> = statuses.iter().map(|s| s.borrow().owned.clone()).collect();
+        if done(&owned) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never true in a minute: {what}; owned {owned:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 async fn two_projectors_split_the_partitions_and_together_match_store(world: &World) {
     let group = common::unique("pair");
     let mut runs = Vec::new();
     let mut statuses = Vec::new();
     let mut triggers = Vec::new();
     for _ in 0..2 {
-        let projector = kafka_projector(
-            world.store.clone(),
-            &world.kafka,
-            World::projection_config(&group),
-        )
-        .await
-        .unwrap();
-        statuses.push(projector.status());
-        let (trigger, shutdown) = ShutdownTrigger::new();
-        triggers.push(trigger);
-        runs.push(tokio::spawn(
-            projector.run(ProjectionMode::Follow, shutdown),
-        ));
+        let follower = Follower::start(world, &group).await;
+        statuses.push(follower.status);
+        triggers.push(follower.trigger);
+        runs.push(follower.run);
     }
     // Both members own partitions before anything is written.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let owned: Vec<Vec<i32>> = statuses.iter().map(|s| s.borrow().owned.clone()).collect();
-        let all: HashSet<i32> = owned.iter().flatten().copied().collect();
-        let split = owned.iter().all(|o| !o.is_empty())
-            && all.len() == 3
-            && owned.iter().map(Vec::len).sum::<usize>() == 3;
-        if split {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the two projectors never split the partitions: {owned:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until_owned(
+        &statuses,
+        "the two projectors split the partitions",
+        |owned| {
+            let all: HashSet<i32> = owned.iter().flatten().copied().collect();
+            owned.iter().all(|o| !o.is_empty())
+                && all.len() == 3
+                && owned.iter().map(Vec::len).sum::<usize>() == 3
+        },
+    )
+    .await;
 
     let history = world.write_random_history(40, 120, Rng::seed()).await;
     world.relay_once().await;
@@ -617,24 +653,14 @@ async fn two_projectors_split_the_partitions_and_together_match_store(world: &Wo
 /// asks the database only for those), and reads its own ones to their ends.
 async fn catching_up_counts_what_another_member_applied(world: &World) {
     let group = common::unique("shared");
-    let follower = kafka_projector(
-        world.store.clone(),
-        &world.kafka,
-        World::projection_config(&group),
+    let follower = Follower::start(world, &group).await;
+    let statuses = [follower.status];
+    wait_until_owned(
+        &statuses,
+        "the follower owns the three partitions",
+        |owned| owned[0].len() == 3,
     )
-    .await
-    .unwrap();
-    let status = follower.status();
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    let following = tokio::spawn(follower.run(ProjectionMode::Follow, shutdown));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while status.borrow().owned.len() < 3 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never owned the three partitions"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    .await;
     world.write_random_history(20, 60, Rng::seed()).await;
     world.relay_once().await;
     world.wait_until_report_equals_store().await;
@@ -647,8 +673,8 @@ async fn catching_up_counts_what_another_member_applied(world: &World) {
     world.add_book("After the catch-up", "3.50", None).await;
     world.relay_once().await;
     world.wait_until_report_equals_store().await;
-    trigger.trigger();
-    following.await.unwrap().unwrap();
+    follower.trigger.trigger();
+    follower.run.await.unwrap().unwrap();
     world.assert_report_equals_store().await;
 }
 
