@@ -7,6 +7,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::bench::{Measurement, StoreKind, defaults};
 use crate::config::{KafkaConfig, RelaySettings, StoreConfig};
+use crate::relay::DeliveryMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -163,6 +164,11 @@ pub struct BenchArgs {
     /// The store holding that backlog.
     #[arg(long = "backlog-store", value_enum, default_value_t = StoreKind::Sqlite)]
     pub backlog_store: StoreKind,
+
+    /// How the relay draining that backlog delivers; at-least-once is for profiling that mode
+    /// alone (with --relay-wrapper), the memory target is about exactly-once.
+    #[arg(long = "backlog-delivery", value_enum, default_value_t = DeliveryMode::ExactlyOnce)]
+    pub backlog_delivery: DeliveryMode,
 
     /// Run the backlog's child relay under this command, e.g.
     /// "perf record -e cpu-clock -g -o relay.perf --" (split at spaces).

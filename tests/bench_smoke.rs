@@ -23,34 +23,17 @@ fn positive_finite(value: &Value) -> bool {
         .is_some_and(|number| number.is_finite() && number > 0.0)
 }
 
-#[tokio::test]
-async fn bench_json_has_every_figure_and_positive_finite_ratios() {
+/// Runs `bookstore bench --json` against the test broker and PostgreSQL with `args` added,
+/// and returns its one JSON object.
+async fn bench_json(args: &[&str]) -> Value {
     let work_dir = tempfile::tempdir().unwrap();
     let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
         .arg("bench")
         .arg("--json")
-        .args(["--stores", "sqlite,postgres"])
         .args(["--postgres-url", &common::postgres_url()])
         .args(["--bootstrap-servers", &common::bootstrap_servers()])
         .args(["--work-dir", work_dir.path().to_str().unwrap()])
-        .args([
-            "--relay-events",
-            "200",
-            "--batch-size",
-            "50",
-            "--rounds",
-            "1",
-        ])
-        .args([
-            "--writers",
-            "2",
-            "--writer-seconds",
-            "0.5",
-            "--append-events",
-            "40",
-        ])
-        .args(["--latency-rate", "100", "--latency-seconds", "1"])
-        .args(["--backlog-events", "2000", "--broker-warm-up-events", "100"])
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -68,8 +51,37 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
         output.status,
         String::from_utf8_lossy(&output.stderr)
     );
-    let report: Value = serde_json::from_str(stdout.trim())
-        .unwrap_or_else(|error| panic!("stdout is not ONE JSON object ({error}): {stdout}"));
+    serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|error| panic!("stdout is not ONE JSON object ({error}): {stdout}"))
+}
+
+#[tokio::test]
+async fn bench_json_has_every_figure_and_positive_finite_ratios() {
+    let report = bench_json(&[
+        "--stores",
+        "sqlite,postgres",
+        "--relay-events",
+        "200",
+        "--batch-size",
+        "50",
+        "--rounds",
+        "1",
+        "--writers",
+        "2",
+        "--writer-seconds",
+        "0.5",
+        "--append-events",
+        "40",
+        "--latency-rate",
+        "100",
+        "--latency-seconds",
+        "1",
+        "--backlog-events",
+        "2000",
+        "--broker-warm-up-events",
+        "100",
+    ])
+    .await;
 
     for key in REQUIRED {
         let value = &report[key];
@@ -105,4 +117,29 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
             assert!(positive_finite(ratio), "{key} has ratio {ratio}");
         }
     }
+}
+
+/// The backlog's child relay can drain in at-least-once mode (to profile that mode alone), and
+/// says so in the figure and the settings.
+#[tokio::test]
+async fn backlog_can_be_drained_at_least_once() {
+    let report = bench_json(&[
+        "--only",
+        "backlog",
+        "--backlog-events",
+        "2000",
+        "--backlog-delivery",
+        "at-least-once",
+        "--broker-warm-up-events",
+        "0",
+    ])
+    .await;
+    assert_eq!(report["settings"]["backlog_delivery"], "at-least-once");
+    let figure = &report["figures"]["relay_backlog_rss"];
+    assert_eq!(
+        figure["measurement"],
+        "relay peak RSS draining the backlog (at-least-once)"
+    );
+    assert!(positive_finite(&figure["value"]), "{figure}");
+    assert_eq!(figure["extra"]["events"], 2000.0);
 }

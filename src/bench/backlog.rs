@@ -23,6 +23,7 @@ use super::stores::{BenchStore, StoreFactory};
 use super::workload::Workload;
 use super::{BenchConfig, BenchError, BenchReport, Figure, KafkaRun, Target, Unit};
 use crate::config::KafkaConfig;
+use crate::relay::DeliveryMode;
 use crate::store::{AnyStore, EventStore};
 
 const SQLITE_BULK: &str =
@@ -77,6 +78,7 @@ pub async fn measure(
         &bench.url,
         &kafka.fresh(),
         config.batch_size,
+        config.backlog_delivery,
     )
     .await?;
     if drained.published != events {
@@ -90,7 +92,10 @@ pub async fn measure(
     report.push(
         Figure::new(
             "relay_backlog_rss",
-            "relay peak RSS draining the backlog (exactly-once)",
+            format!(
+                "relay peak RSS draining the backlog ({})",
+                super::mode_label(config.backlog_delivery)
+            ),
             peak_mib,
             Unit::Mebibytes,
         )
@@ -164,14 +169,15 @@ pub struct ChildDrain {
     pub peak_kib: u64,
 }
 
-/// Runs `bookstore relay --once` (under `wrapper`, if any) over `database_url` and watches its
-/// peak resident set until it exits.
+/// Runs `bookstore relay --once --delivery <delivery>` (under `wrapper`, if any) over
+/// `database_url` and watches its peak resident set until it exits.
 pub async fn drain_in_child(
     program: &Path,
     wrapper: &[String],
     database_url: &str,
     kafka: &KafkaConfig,
     batch_size: usize,
+    delivery: DeliveryMode,
 ) -> Result<ChildDrain, BenchError> {
     let mut command = match wrapper.split_first() {
         Some((first, rest)) => {
@@ -182,7 +188,7 @@ pub async fn drain_in_child(
         None => tokio::process::Command::new(program),
     };
     command
-        .args(["relay", "--once", "--delivery", "exactly-once"])
+        .args(["relay", "--once", "--delivery", super::mode_label(delivery)])
         .args(["--batch-size", &batch_size.to_string()])
         .args(["--database-url", database_url])
         .args(kafka_arguments(kafka))

@@ -90,6 +90,9 @@ pub struct BenchConfig {
     pub backlog_events: u64,
     /// The store the large backlog lives in.
     pub backlog_store: StoreKind,
+    /// How the child relay draining it delivers: exactly-once (the default, which the memory
+    /// target is about) or at-least-once, to profile that mode alone under `relay_wrapper`.
+    pub backlog_delivery: DeliveryMode,
     /// The `bookstore` executable to run `relay --once` as a child (the binary passes itself).
     pub relay_program: Option<PathBuf>,
     /// A command the child relay runs under, e.g. `perf record -g -o relay.perf --`.
@@ -136,6 +139,7 @@ impl BenchConfig {
             latency_duration: Duration::from_secs_f64(defaults::LATENCY_SECONDS),
             backlog_events: defaults::BACKLOG_EVENTS,
             backlog_store: StoreKind::Sqlite,
+            backlog_delivery: DeliveryMode::ExactlyOnce,
             relay_program: None,
             relay_wrapper: vec![],
             only: vec![],

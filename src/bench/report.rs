@@ -182,6 +182,8 @@ pub struct Settings {
     pub latency_seconds: f64,
     pub backlog_events: u64,
     pub backlog_store: StoreKind,
+    /// "exactly-once" or "at-least-once".
+    pub backlog_delivery: &'static str,
     pub topic_partitions: i32,
 }
 
@@ -214,6 +216,7 @@ impl BenchReport {
                 latency_seconds: config.latency_duration.as_secs_f64(),
                 backlog_events: config.backlog_events,
                 backlog_store: config.backlog_store,
+                backlog_delivery: super::mode_label(config.backlog_delivery),
                 topic_partitions: config.kafka.partitions,
             },
             machine: Machine {

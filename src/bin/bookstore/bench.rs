@@ -43,6 +43,7 @@ fn config_from(kafka: &KafkaConfig, args: BenchArgs) -> Result<BenchConfig> {
     config.latency_duration = seconds(args.latency_seconds, "--latency-seconds")?;
     config.backlog_events = args.backlog_events;
     config.backlog_store = args.backlog_store;
+    config.backlog_delivery = args.backlog_delivery;
     config.relay_wrapper = args
         .relay_wrapper
         .map(|wrapper| wrapper.split_whitespace().map(str::to_owned).collect())
