@@ -52,7 +52,8 @@ pub struct Drain {
     /// the producers: rust-rdkafka joins each one's polling thread, which polls in 100 ms
     /// slices). Not part of `elapsed`, as the baseline's producer teardown is not either.
     pub teardown: Duration,
-    /// Relay only: time inside `read_after`, and in checkpoint/head/lease/retention calls.
+    /// Relay only: time inside `read_after` (on PostgreSQL mostly beside the sends, see
+    /// `Outbox::reads_ahead`), and in checkpoint/head/lease/retention calls.
     pub store_reads: Duration,
     pub store_bookkeeping: Duration,
     pub batches: u64,

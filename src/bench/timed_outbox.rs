@@ -312,4 +312,8 @@ impl<O: Outbox> Outbox for TimedOutbox<O> {
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
         self.inner.commit_signal().await
     }
+
+    fn reads_ahead(&self) -> bool {
+        self.inner.reads_ahead()
+    }
 }

@@ -164,10 +164,8 @@ pub trait Outbox: EventStore {
     /// Whether the relay should read the next page of events while it sends the current one.
     /// Worth it where a read waits on a database server (the query runs in another process);
     /// a local read costs little, and overlapping it measured slower (see the relay's
-    /// `ReadAhead`). Default: no.
-    fn reads_ahead(&self) -> bool {
-        false
-    }
+    /// `ReadAhead`). Required rather than defaulted, so a wrapper cannot silently say no.
+    fn reads_ahead(&self) -> bool;
 }
 
 /// Wakes the relay when events commit. See [`Outbox::commit_signal`].

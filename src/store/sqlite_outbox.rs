@@ -84,4 +84,9 @@ impl Outbox for SqliteStore {
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
         Ok(CommitSignal::Local(self.commits()))
     }
+
+    /// Pages are read in process by rusqlite; overlapping them with the sends measured slower.
+    fn reads_ahead(&self) -> bool {
+        false
+    }
 }
