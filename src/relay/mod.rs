@@ -374,9 +374,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         let page_size = self.config.page_size.min(self.config.batch_size).max(1);
         let mut requested = page_size;
         let mut page = match self.next_batch.take() {
-            Some(read) if read.after == position && read.limit == requested => {
-                read.finish().await?
-            }
+            Some(read) if read.after == position => read.finish().await?,
             _ => self.outbox.read_after(position, requested).await?,
         };
         if page.is_empty() {
@@ -625,7 +623,6 @@ async fn record_positions<O: Outbox>(
 /// unfinished (the send or the commit failed), the read is aborted.
 struct ReadAhead {
     after: u64,
-    limit: usize,
     read: tokio::task::JoinHandle<Result<Vec<StoredEvent>, StoreError>>,
 }
 
@@ -633,7 +630,7 @@ impl ReadAhead {
     fn start<O: Outbox + Clone + 'static>(outbox: &O, after: u64, limit: usize) -> Self {
         let outbox = outbox.clone();
         let read = tokio::spawn(async move { outbox.read_after(after, limit).await });
-        Self { after, limit, read }
+        Self { after, read }
     }
 
     async fn finish(mut self) -> Result<Vec<StoredEvent>, StoreError> {
