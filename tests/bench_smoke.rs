@@ -65,7 +65,7 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
         "--batch-size",
         "50",
         "--rounds",
-        "1",
+        "2",
         "--writers",
         "2",
         "--writer-seconds",
@@ -115,6 +115,21 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
         );
         if let Some(ratio) = figure.get("ratio") {
             assert!(positive_finite(ratio), "{key} has ratio {ratio}");
+        }
+    }
+    // Measured against their baselines round by round: the ratio is the median of the two
+    // rounds' ratios, so it lies within their range.
+    for store in ["sqlite", "postgres"] {
+        for suffix in ["relay_exactly_once", "relay_at_least_once", "projection"] {
+            let figure = &figures[&format!("{store}_{suffix}")];
+            let range = &figure["ratio_range"];
+            assert_eq!(range["rounds"], 2, "{store}_{suffix}: {figure}");
+            let (min, max) = (range["min"].as_f64(), range["max"].as_f64());
+            let ratio = figure["ratio"].as_f64();
+            assert!(
+                matches!((min, ratio, max), (Some(min), Some(ratio), Some(max)) if min <= ratio && ratio <= max),
+                "{store}_{suffix}: ratio outside its range: {figure}"
+            );
         }
     }
 }

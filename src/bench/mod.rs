@@ -108,7 +108,7 @@ pub mod defaults {
     pub const RELAY_EVENTS: u64 = 20_000;
     pub const BATCH_SIZE: usize = 5_000;
     pub const BATCH_LINGER_MS: u64 = 5;
-    pub const ROUNDS: usize = 5;
+    pub const ROUNDS: usize = 9;
     pub const BROKER_WARM_UP_EVENTS: u64 = 20_000;
     pub const WRITERS: usize = 4;
     pub const UPDATES_PER_BOOK: usize = 4;

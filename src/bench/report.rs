@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::{Value, json};
 
-use super::{BenchConfig, StoreKind};
+use super::{BenchConfig, StoreKind, median};
 
 /// The unit of a figure's value (and its baseline's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -46,6 +46,14 @@ pub struct Baseline {
     /// More about the baseline's value (e.g. its MB/s), for the table.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+}
+
+/// The spread of a ratio taken round by round.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RatioRange {
+    pub min: f64,
+    pub max: f64,
+    pub rounds: usize,
 }
 
 /// A goal a figure is held against.
@@ -90,9 +98,13 @@ pub struct Figure {
     pub detail: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub baseline: Option<Baseline>,
-    /// `value / baseline.value`.
+    /// `value / baseline.value`; or, for figures measured round by round against their
+    /// baseline ([`Figure::against_rounds`]), the median of the rounds' ratios.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ratio: Option<f64>,
+    /// The lowest and highest of the rounds' ratios, when the ratio was taken round by round.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ratio_range: Option<RatioRange>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub target: Option<Target>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -118,6 +130,7 @@ impl Figure {
             detail: None,
             baseline: None,
             ratio: None,
+            ratio_range: None,
             target: None,
             target_met: None,
             extra: BTreeMap::new(),
@@ -142,6 +155,40 @@ impl Figure {
             detail,
         });
         self
+    }
+
+    /// Compares round by round: each of `rounds` is this figure's value and its baseline's,
+    /// measured back to back. The baseline shown is the median of the baselines (the figure's
+    /// value should be the median of the values); the ratio is the median of the rounds'
+    /// ratios, with their range.
+    ///
+    /// Why not the ratio of the two medians: the machines this runs on drift. On the 2-core
+    /// virtual machine of `docs/benchmarks.md` the same CPU-bound loop took 0.99 to 1.70 s
+    /// within a minute, and a raw producer's rate varied 3× between rounds of one run; two
+    /// medians can then come from rounds of different speed, while a ratio within one round
+    /// compares like with like.
+    pub fn against_rounds(
+        self,
+        name: impl Into<String>,
+        rounds: &[(f64, f64)],
+        detail: Option<String>,
+    ) -> Self {
+        let baselines: Vec<f64> = rounds.iter().map(|(_, baseline)| *baseline).collect();
+        let mut figure = self.against(name, median(&baselines), detail);
+        let ratios: Vec<f64> = rounds
+            .iter()
+            .filter(|(_, baseline)| *baseline > 0.0)
+            .map(|(value, baseline)| value / baseline)
+            .collect();
+        if !ratios.is_empty() {
+            figure.ratio = Some(median(&ratios));
+            figure.ratio_range = Some(RatioRange {
+                min: ratios.iter().copied().fold(f64::INFINITY, f64::min),
+                max: ratios.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+                rounds: ratios.len(),
+            });
+        }
+        figure
     }
 
     pub fn target(mut self, target: Target) -> Self {
@@ -295,6 +342,38 @@ mod tests {
         let missed =
             Figure::new("y", "y", 30.0, Unit::Milliseconds).target(Target::ValueAtMost(25.0));
         assert_eq!(missed.target_met, Some(false));
+    }
+
+    #[test]
+    fn a_ratio_taken_round_by_round_is_the_median_of_the_rounds() {
+        // The machine slowed down during round 2, and during round 3's baseline only. The
+        // medians of values (80) and baselines (60) would say 1.33; the rounds say 0.8.
+        let rounds = [(80.0, 100.0), (40.0, 50.0), (90.0, 60.0)];
+        let figure = Figure::new("x", "x", 80.0, Unit::EventsPerSecond)
+            .against_rounds("raw", &rounds, None)
+            .target(Target::RatioAtLeast(0.8));
+        assert_eq!(figure.baseline.as_ref().map(|b| b.value), Some(60.0));
+        assert_eq!(figure.ratio, Some(0.8));
+        assert_eq!(
+            figure.ratio_range,
+            Some(RatioRange {
+                min: 0.8,
+                max: 1.5,
+                rounds: 3
+            })
+        );
+        assert_eq!(figure.target_met, Some(true));
+    }
+
+    #[test]
+    fn rounds_with_a_zero_baseline_are_left_out_of_the_ratio() {
+        let figure = Figure::new("x", "x", 1.0, Unit::EventsPerSecond).against_rounds(
+            "raw",
+            &[(1.0, 0.0)],
+            None,
+        );
+        assert_eq!(figure.ratio, None);
+        assert_eq!(figure.ratio_range, None);
     }
 
     #[test]

@@ -61,7 +61,8 @@ fn render(report: &BenchReport) -> String {
     let mut out = format!(
         "bookstore bench: {} CPUs, load average {} before, {} after; \
          broker with {} partitions, warmed with {} events\n\
-         relay backlog {} events, batch {}, median of {} rounds; {} writers; \
+         relay backlog {} events, batch {}, median of {} rounds (ratios: median of the \
+         rounds' ratios, their range in brackets); {} writers; \
          latency at {} events/s ({} saves/s) for {} s; RSS backlog {} events ({})\n\n",
         machine.cpus,
         load(machine.load_average_before),
@@ -128,10 +129,11 @@ fn row(figure: &Figure) -> [String; 7] {
         Some(baseline) => (baseline.name.clone(), amount(baseline.value, figure.unit)),
         None => (String::new(), String::new()),
     };
-    let ratio = figure
-        .ratio
-        .map(|ratio| format!("{ratio:.2}×"))
-        .unwrap_or_default();
+    let ratio = match (figure.ratio, figure.ratio_range) {
+        (Some(ratio), Some(range)) => format!("{ratio:.2}× ({:.2}-{:.2})", range.min, range.max),
+        (Some(ratio), None) => format!("{ratio:.2}×"),
+        (None, _) => String::new(),
+    };
     let target = match (figure.target, figure.target_met) {
         (Some(target), Some(met)) => {
             let verdict = if met { "met" } else { "MISSED" };
