@@ -124,7 +124,8 @@ pub struct BenchArgs {
     #[arg(long = "batch-linger-ms", default_value_t = defaults::BATCH_LINGER_MS)]
     pub batch_linger_ms: u64,
 
-    /// Repetitions of each drain and projection read; the median is reported.
+    /// Repetitions of each drain and projection read, each beside its baseline; the medians are
+    /// reported, and as ratio the median of the rounds' ratios.
     #[arg(long, default_value_t = defaults::ROUNDS)]
     pub rounds: usize,
 

@@ -69,7 +69,8 @@ pub struct BenchConfig {
     pub batch_size: usize,
     /// The exactly-once relay's pause after catching up (`--batch-linger-ms` of the relay).
     pub batch_linger_ms: u64,
-    /// Repetitions of each drain (relay and baseline alike); the median is reported.
+    /// Repetitions of each drain (relay and baseline alike, back to back); the median of each is
+    /// reported, and the median of the rounds' ratios as their ratio.
     pub rounds: usize,
     /// Events sent by the raw producers on throwaway topics before anything is measured, to
     /// warm the broker up; 0 skips it.
