@@ -42,7 +42,6 @@ use crate::shutdown::Shutdown;
 use crate::store::{AnyStore, EventStore};
 
 const MODES: [DeliveryMode; 2] = [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce];
-const AWAIT_ACKS: CommitFlush = CommitFlush::AwaitAcks;
 
 /// One timed drain of the backlog.
 #[derive(Debug, Clone, Copy, Default)]
@@ -110,11 +109,7 @@ pub async fn measure(
             // fresh from the other's load.
             let raw_first = round % 2 == 1;
             if measuring && raw_first {
-                let (drain, record_bytes) =
-                    producer_drain(kafka.fresh(), &events, mode, config.batch_size, AWAIT_ACKS)
-                        .await?;
-                bytes = record_bytes;
-                raw[index].push(drain);
+                bytes = baseline_drain(kafka, &events, mode, config, &mut raw[index]).await?;
             }
             let topics = kafka.fresh();
             let drain = relay_drain(topics.clone(), &bench.store, mode, config.batch_size).await?;
@@ -127,11 +122,7 @@ pub async fn measure(
             }
             relay[index].push(drain);
             if measuring && !raw_first {
-                let (drain, record_bytes) =
-                    producer_drain(kafka.fresh(), &events, mode, config.batch_size, AWAIT_ACKS)
-                        .await?;
-                bytes = record_bytes;
-                raw[index].push(drain);
+                bytes = baseline_drain(kafka, &events, mode, config, &mut raw[index]).await?;
             }
             info!(
                 %kind, round, mode = mode_label(mode),
@@ -178,6 +169,27 @@ pub async fn measure(
         super::projection::measure(config, factory, kind, &published, report).await?;
     }
     Ok(())
+}
+
+/// One round's baseline: the raw producer drains `events` in `mode` onto fresh topics; the
+/// drain goes to `drains`. Returns the bytes of the records sent.
+async fn baseline_drain(
+    kafka: &mut KafkaRun,
+    events: &[StoredEvent],
+    mode: DeliveryMode,
+    config: &BenchConfig,
+    drains: &mut Vec<Drain>,
+) -> Result<u64, BenchError> {
+    let (drain, bytes) = producer_drain(
+        kafka.fresh(),
+        events,
+        mode,
+        config.batch_size,
+        CommitFlush::AwaitAcks,
+    )
+    .await?;
+    drains.push(drain);
+    Ok(bytes)
 }
 
 /// Warms the broker (a JVM: its transaction and produce paths run interpreted until the JIT
