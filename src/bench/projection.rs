@@ -45,11 +45,10 @@ pub async fn measure(
     published: &PublishedFacts,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
-    let mut projection = vec![];
-    let mut raw = vec![];
+    // (projection, raw consumer) records/s, per round.
+    let mut rounds = vec![];
     let mut apply_share = vec![];
     let mut batches = 0;
-    let mut rounds = vec![];
     for round in 1..=config.rounds {
         let read_model = factory.fresh(kind).await?;
         let group = format!("{}.bench-projection-{round}", published.kafka.topic_prefix);
@@ -62,22 +61,15 @@ pub async fn measure(
         }
         let (window, first_batch, apply) = clock.window();
         let counted = published.facts.saturating_sub(first_batch);
-        projection.push(super::workload::per_second(counted, window));
+        let projection = super::workload::per_second(counted, window);
         apply_share.push(apply.as_secs_f64() / window.as_secs_f64().max(f64::EPSILON));
         batches = drain.batches;
         let group = format!("{}.bench-raw-reader-{round}", published.kafka.topic_prefix);
-        raw.push(raw_consume(&published.kafka, &group, published.facts).await?);
-        rounds.push((
-            projection.last().copied().unwrap_or_default(),
-            raw.last().copied().unwrap_or_default(),
-        ));
-        info!(
-            %kind, round,
-            projection = projection.last().copied().unwrap_or_default(),
-            raw = raw.last().copied().unwrap_or_default(),
-            "fact topic read (records/s)"
-        );
+        let raw = raw_consume(&published.kafka, &group, published.facts).await?;
+        info!(%kind, round, projection, raw, "fact topic read (records/s)");
+        rounds.push((projection, raw));
     }
+    let projection: Vec<f64> = rounds.iter().map(|(projection, _)| *projection).collect();
     report.push(
         Figure::new(
             format!("{kind}_projection"),
