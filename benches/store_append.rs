@@ -21,14 +21,10 @@ use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bookstore::codec::{AvroCodec, EventCodec};
-use bookstore::domain::{
-    AddBook, Book, BookCommand, BookId, Decision, EventMetadata, EventPayload, NewEvent, Price,
-    delta_stream, fact_stream,
-};
+use bookstore::bench::workload::Workload;
+use bookstore::codec::AvroCodec;
 use bookstore::service::{BookService, CommandContext};
 use bookstore::store::{BookChange, EventStore, PostgresStore, SqliteStore};
-use chrono::Utc;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::SqliteConnectOptions;
 use uuid::Uuid;
@@ -75,18 +71,18 @@ async fn main() -> Result<()> {
     let sqlite = |name: &str| {
         SqliteStore::connect_with(SqliteConnectOptions::new().filename(dir.path().join(name)))
     };
-    rows.push(bench_saves("sqlite", sqlite("serial.db").await?, &sizes, 1, codec).await?);
+    rows.push(bench_saves("sqlite", sqlite("serial.db").await?, &sizes, 1).await?);
     let store = sqlite("concurrent.db").await?;
-    rows.push(bench_saves("sqlite", store, &sizes, sizes.concurrency, codec).await?);
+    rows.push(bench_saves("sqlite", store, &sizes, sizes.concurrency).await?);
     rows.push(bench_service("sqlite", sqlite("service.db").await?, &sizes, codec).await?);
 
     match std::env::var("BOOKSTORE_TEST_DATABASE_URL") {
         Ok(url) => {
             let mut postgres = Postgres::connect(&url).await?;
             let store = postgres.fresh_store(sizes.concurrency).await?;
-            rows.push(bench_saves("postgres", store, &sizes, 1, codec).await?);
+            rows.push(bench_saves("postgres", store, &sizes, 1).await?);
             let store = postgres.fresh_store(sizes.concurrency).await?;
-            rows.push(bench_saves("postgres", store, &sizes, sizes.concurrency, codec).await?);
+            rows.push(bench_saves("postgres", store, &sizes, sizes.concurrency).await?);
             let store = postgres.fresh_store(sizes.concurrency).await?;
             rows.push(bench_service("postgres", store, &sizes, codec).await?);
             postgres.drop_schemas().await?;
@@ -108,12 +104,11 @@ async fn bench_saves<S>(
     store: S,
     sizes: &Sizes,
     tasks: usize,
-    codec: AvroCodec,
 ) -> Result<Row>
 where
     S: EventStore + Clone + 'static,
 {
-    let plans = plan(sizes, &codec)?;
+    let plans = Workload::new(sizes.updates).histories(sizes.books)?;
     let saves = plans.iter().map(Vec::len).sum();
     let mut per_task: Vec<Vec<Vec<BookChange>>> = (0..tasks).map(|_| vec![]).collect();
     for (n, book_changes) in plans.into_iter().enumerate() {
@@ -155,25 +150,19 @@ async fn bench_service<S: EventStore>(
     codec: AvroCodec,
 ) -> Result<Row> {
     let service = BookService::new(store, codec);
-    let books: Vec<BookId> = (0..sizes.books).map(|_| BookId::generate()).collect();
+    let workload = Workload::new(sizes.updates);
+    let mut plans = Vec::with_capacity(sizes.books);
+    for n in 0..sizes.books {
+        plans.push(workload.commands(n)?);
+    }
     let started = Instant::now();
     let mut events = 0;
     let mut saves = 0;
-    for (n, book_id) in books.iter().enumerate() {
-        let outcome = service
-            .execute(add_command(*book_id, n), CommandContext::default())
-            .await?;
-        events += outcome.events.len();
-        saves += 1;
-    }
-    for update in 1..=sizes.updates {
-        for book_id in &books {
-            let command = BookCommand::UpdatePrice {
-                book_id: *book_id,
-                price: price_of(update)?,
-            };
+    // Every book's addition first, then the first price change of every book, and so on.
+    for step in 0..=sizes.updates {
+        for commands in &plans {
             events += service
-                .execute(command, CommandContext::default())
+                .execute(commands[step].clone(), CommandContext::default())
                 .await?
                 .events
                 .len();
@@ -187,83 +176,6 @@ async fn bench_service<S: EventStore>(
         saves,
         elapsed: started.elapsed(),
     })
-}
-
-/// Every book's changes (add, then the price updates), decided by the domain and encoded.
-fn plan(sizes: &Sizes, codec: &AvroCodec) -> Result<Vec<Vec<BookChange>>> {
-    (0..sizes.books)
-        .map(|n| {
-            let book_id = BookId::generate();
-            let mut commands = vec![add_command(book_id, n)];
-            for update in 1..=sizes.updates {
-                let price = price_of(update)?;
-                commands.push(BookCommand::UpdatePrice { book_id, price });
-            }
-            let mut state: Option<Book> = None;
-            let mut changes = vec![];
-            for command in commands {
-                let decision = Book::execute(state.as_ref(), &command)?
-                    .context("every planned command changes the book")?;
-                changes.push(BookChange {
-                    expected_version: state.as_ref().map(|book| book.version),
-                    state: decision.state.clone(),
-                    events: envelope(&decision, codec)?,
-                });
-                state = Some(decision.state);
-            }
-            Ok(changes)
-        })
-        .collect()
-}
-
-/// The delta event and the fact of a one-event decision, as the service envelopes them.
-fn envelope(decision: &Decision, codec: &AvroCodec) -> Result<Vec<NewEvent>> {
-    let book_id = decision.state.book_id;
-    let version = decision.state.version;
-    let payloads = decision
-        .events
-        .iter()
-        .cloned()
-        .map(EventPayload::Delta)
-        .map(|payload| (delta_stream(book_id), payload))
-        .chain([(
-            fact_stream(book_id),
-            EventPayload::Fact(decision.fact.clone()),
-        )]);
-    payloads
-        .map(|(stream, payload)| {
-            let id = Uuid::now_v7();
-            Ok(NewEvent {
-                metadata: EventMetadata {
-                    event_id: id,
-                    event_type: payload.event_type().to_owned(),
-                    stream,
-                    aggregate_id: book_id,
-                    aggregate_version: version,
-                    occurred_at: Utc::now(),
-                    correlation_id: id,
-                    causation_id: id,
-                    traceparent: None,
-                },
-                payload: codec.encode(&payload)?,
-            })
-        })
-        .collect()
-}
-
-fn add_command(book_id: BookId, n: usize) -> BookCommand {
-    BookCommand::Add(AddBook {
-        book_id,
-        title: format!("Benchmark book {n}"),
-        author: "Bench Author".to_owned(),
-        isbn: Some("9780000000000".to_owned()),
-        price: Price::ZERO,
-        description: Some("A book written only to be appended.".to_owned()),
-    })
-}
-
-fn price_of(update: usize) -> Result<Price> {
-    Ok(Price::from_cents(i64::try_from(update)? * 100 + 99)?)
 }
 
 /// Fresh schemas in the PostgreSQL test database, one per run.

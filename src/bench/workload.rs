@@ -1,5 +1,5 @@
 //! The writes every measurement makes: books added and then repriced, each change decided by the
-//! domain and Avro-encoded like the service does it, saved with `EventStore::save` (one
+//! domain and enveloped and Avro-encoded by the service's own code, saved with `EventStore::save` (one
 //! transaction, two events: the delta and the fact).
 //!
 //! Three ways to drive the writes: a fixed set of changes as fast as possible ([`save_all`]),
@@ -9,16 +9,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use tokio::task::JoinSet;
 use uuid::Uuid;
 
 use super::BenchError;
-use crate::codec::{AvroCodec, EventCodec};
-use crate::domain::{
-    AddBook, Book, BookCommand, BookId, Decision, EventMetadata, EventPayload, NewEvent, Price,
-    StoredEvent, delta_stream, fact_stream,
-};
+use crate::codec::AvroCodec;
+use crate::domain::{AddBook, Book, BookCommand, BookId, Decision, NewEvent, Price, StoredEvent};
+use crate::service::{CommandContext, envelope};
 use crate::store::{BookChange, EventStore};
 
 /// Builds the changes: a book's addition, then `updates` price changes.
@@ -55,8 +52,8 @@ impl Workload {
         (0..books).map(|n| self.history(n)).collect()
     }
 
-    /// Book number `n`: added, then repriced `updates` times.
-    pub fn history(&self, n: usize) -> Result<Vec<BookChange>, BenchError> {
+    /// The commands of book number `n` (a new id): its addition, then `updates` price changes.
+    pub fn commands(&self, n: usize) -> Result<Vec<BookCommand>, BenchError> {
         let book_id = BookId::generate();
         let mut commands = vec![add_command(book_id, n)];
         for update in 1..=self.updates {
@@ -64,6 +61,13 @@ impl Workload {
             let price = Price::from_cents(cents).map_err(crate::domain::DomainError::from)?;
             commands.push(BookCommand::UpdatePrice { book_id, price });
         }
+        Ok(commands)
+    }
+
+    /// Book number `n`: added, then repriced `updates` times, each change decided and
+    /// enveloped before anything is saved.
+    pub fn history(&self, n: usize) -> Result<Vec<BookChange>, BenchError> {
+        let commands = self.commands(n)?;
         let mut state: Option<Book> = None;
         let mut changes = Vec::with_capacity(commands.len());
         for command in commands {
@@ -95,42 +99,14 @@ impl Workload {
         })
     }
 
-    /// The delta event(s) and the fact of a decision, enveloped as the service does it.
+    /// The delta event(s) and the fact of a decision, enveloped by the service's own code.
     fn envelope(&self, decision: &Decision) -> Result<Vec<NewEvent>, BenchError> {
-        let book_id = decision.state.book_id;
-        let version = decision.state.version;
-        let occurred_at = Utc::now();
-        let correlation_id = Uuid::now_v7();
-        let payloads = decision
-            .events
-            .iter()
-            .cloned()
-            .map(|event| (delta_stream(book_id), EventPayload::Delta(event)))
-            .chain([(
-                fact_stream(book_id),
-                EventPayload::Fact(decision.fact.clone()),
-            )]);
-        let mut causation_id = correlation_id;
-        let mut events = Vec::with_capacity(decision.events.len() + 1);
-        for (stream, payload) in payloads {
-            let metadata = EventMetadata {
-                event_id: Uuid::now_v7(),
-                event_type: payload.event_type().to_owned(),
-                stream,
-                aggregate_id: book_id,
-                aggregate_version: version,
-                occurred_at,
-                correlation_id,
-                causation_id,
-                traceparent: None,
-            };
-            causation_id = metadata.event_id;
-            events.push(NewEvent {
-                payload: self.codec.encode(&payload)?,
-                metadata,
-            });
-        }
-        Ok(events)
+        Ok(envelope(
+            &self.codec,
+            decision,
+            Uuid::now_v7(),
+            &CommandContext::default(),
+        )?)
     }
 }
 
