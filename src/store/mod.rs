@@ -20,6 +20,7 @@
 use std::future::Future;
 use std::time::Duration;
 
+use chrono::SubsecRound;
 use thiserror::Error;
 
 use crate::domain::{Book, BookId, NewEvent, StoredEvent};
@@ -203,4 +204,33 @@ pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
 /// A stored BIGINT as a position or version; a negative one means the row is corrupt.
 pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
+}
+
+/// Gives `events` the positions `last - n + 1 ..= last`, in order: what a save that reserved
+/// up to `last` in `outbox_head` writes.
+///
+/// `occurred_at` is cut to microseconds, the precision PostgreSQL keeps (SQLite's text has the
+/// same), so that on every store `save` returns exactly what a later read returns.
+pub(crate) fn with_positions(
+    events: Vec<NewEvent>,
+    last: u64,
+) -> Result<Vec<StoredEvent>, StoreError> {
+    let count = events.len() as u64;
+    let first = (last + 1)
+        .checked_sub(count)
+        .filter(|first| *first >= 1)
+        .ok_or_else(|| StoreError::Corrupt(format!("outbox_head {last} is below {count}")))?;
+    Ok(events
+        .into_iter()
+        .zip(first..)
+        .map(|(event, position)| {
+            let mut metadata = event.metadata;
+            metadata.occurred_at = metadata.occurred_at.trunc_subsecs(6);
+            StoredEvent {
+                position,
+                metadata,
+                payload: event.payload,
+            }
+        })
+        .collect())
 }

@@ -17,14 +17,14 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
 use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::{BookChange, EventStore, OUTBOX_CHANNEL, StoreError, to_i64, to_u64};
-use crate::domain::{Book, BookId, EventMetadata, NewEvent, Price, StoredEvent};
+use super::{BookChange, EventStore, OUTBOX_CHANNEL, StoreError, to_i64, to_u64, with_positions};
+use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
 /// The store in a PostgreSQL database (in the schema first on the connection's `search_path`).
 #[derive(Debug, Clone)]
@@ -268,31 +268,6 @@ fn is_stream_version_clash(error: &StoreError) -> bool {
         }
         _ => false,
     }
-}
-
-/// Gives `events` the positions `last - n + 1 ..= last`, in order.
-///
-/// `occurred_at` is cut to microseconds, the precision of `timestamptz`, so that `save` returns
-/// exactly what a later read returns.
-fn with_positions(events: Vec<NewEvent>, last: u64) -> Result<Vec<StoredEvent>, StoreError> {
-    let count = events.len() as u64;
-    let first = (last + 1)
-        .checked_sub(count)
-        .filter(|first| *first >= 1)
-        .ok_or_else(|| StoreError::Corrupt(format!("outbox_head {last} is below {count}")))?;
-    Ok(events
-        .into_iter()
-        .zip(first..)
-        .map(|(event, position)| {
-            let mut metadata = event.metadata;
-            metadata.occurred_at = metadata.occurred_at.trunc_subsecs(6);
-            StoredEvent {
-                position,
-                metadata,
-                payload: event.payload,
-            }
-        })
-        .collect())
 }
 
 #[derive(sqlx::FromRow)]

@@ -19,7 +19,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::{DateTime, SubsecRound, Utc};
+use chrono::{DateTime, Utc};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -28,8 +28,8 @@ use tokio::sync::Notify;
 use uuid::fmt::Hyphenated;
 
 use super::sqlite_reader::OutboxReader;
-use super::{BookChange, EventStore, StoreError, to_i64, to_u64};
-use crate::domain::{Book, BookId, EventMetadata, NewEvent, Price, StoredEvent};
+use super::{BookChange, EventStore, StoreError, to_i64, to_u64, with_positions};
+use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
 /// How long a writer waits for the write lock before failing with `SQLITE_BUSY`. Saves are
 /// short, so only a long queue of concurrent writers gets near it.
@@ -318,31 +318,6 @@ fn is_stream_version_clash(error: &StoreError) -> bool {
         }
         _ => false,
     }
-}
-
-/// Gives `events` the positions `last - n + 1 ..= last`, in order.
-///
-/// `occurred_at` is cut to microseconds, the precision PostgreSQL keeps, so that on every store
-/// `save` returns exactly what a later read returns.
-fn with_positions(events: Vec<NewEvent>, last: u64) -> Result<Vec<StoredEvent>, StoreError> {
-    let count = events.len() as u64;
-    let first = (last + 1)
-        .checked_sub(count)
-        .filter(|first| *first >= 1)
-        .ok_or_else(|| StoreError::Corrupt(format!("outbox_head {last} is below {count}")))?;
-    Ok(events
-        .into_iter()
-        .zip(first..)
-        .map(|(event, position)| {
-            let mut metadata = event.metadata;
-            metadata.occurred_at = metadata.occurred_at.trunc_subsecs(6);
-            StoredEvent {
-                position,
-                metadata,
-                payload: event.payload,
-            }
-        })
-        .collect())
 }
 
 #[derive(sqlx::FromRow)]
