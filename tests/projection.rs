@@ -75,6 +75,7 @@ projection_suite!(
     two_projectors_split_the_partitions_and_together_match_store,
     catching_up_counts_what_another_member_applied,
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
+    records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     dlq_replay_sends_each_dead_letter_back_once,
     report_json_has_the_documented_shape,
     rebuild_restores_rows_deleted_by_hand,
@@ -771,6 +772,81 @@ async fn undecodable_records_go_to_the_dlq_and_projection_goes_on(world: &World)
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text.lines().count(), 4, "{text}");
     assert!(text.contains("not a book id"), "{text}");
+}
+
+/// Records that decode, but that the database would refuse on every attempt (a version
+/// outside 1..=i64::MAX, NUL in text), or that would delete a book whatever its version (a
+/// tombstone whose version header is no number): each goes to the dead-letter queue, and the
+/// facts after them are applied.
+async fn records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on(world: &World) {
+    let target = world.add_book("Target", "3.00", None).await;
+    world.relay_once().await;
+    let codec = AvroCodec::new();
+    let fingerprint = codec.fingerprint(BookFactEvent::TYPE).unwrap();
+    let framed = |fact: BookFactEvent| {
+        let datum = codec.encode(&EventPayload::Fact(fact)).unwrap();
+        Some(frame_single_object(fingerprint, &datum))
+    };
+    let mut nul_title = fact(target, 99, "Tar\0get");
+    nul_title.author = "Someone Else".into();
+    let records = [
+        (framed(fact(target, 0, "Version zero")), None),
+        (framed(nul_title), None),
+        (None, Some("0")),
+        (None, Some("four")),
+        (None, Some("9223372036854775808")),
+    ];
+    let producer = world.kafka.producer().unwrap();
+    let topic = world.kafka.topics().book_fact;
+    let key = target.to_string();
+    for (value, version) in &records {
+        let mut record = FutureRecord::<str, [u8]>::to(&topic).key(&key);
+        if let Some(value) = value {
+            record = record.payload(value.as_slice());
+        }
+        if let Some(version) = version {
+            record = record.headers(OwnedHeaders::new().insert(Header {
+                key: h::AGGREGATE_VERSION,
+                value: Some(*version),
+            }));
+        }
+        producer
+            .send(record, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+    // Good facts after the bad ones, on every partition.
+    let history = world.write_random_history(8, 16, Rng::seed()).await;
+    world.relay_once().await;
+
+    let report = world.project(&common::unique("refused")).await;
+    assert_eq!(report.dead_letters, 5);
+    assert!(report.applied_facts >= history.fact_records());
+    world.assert_report_equals_store().await;
+    let reports = world.reports().await;
+    let row = reports
+        .iter()
+        .find(|r| r.book_id == target)
+        .expect("the target's row");
+    assert_eq!((row.title.as_str(), row.version), ("Target", 1));
+
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 5, "{letters:#?}");
+    let reasons: Vec<&str> = letters.iter().map(|l| l.reason.as_str()).collect();
+    assert_eq!(
+        reasons
+            .iter()
+            .filter(|r| r.contains("is not a version from 1 to"))
+            .count(),
+        4,
+        "{reasons:#?}"
+    );
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.contains("title contains a NUL character")),
+        "{reasons:#?}"
+    );
 }
 
 async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {

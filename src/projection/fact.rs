@@ -34,7 +34,14 @@ pub enum Rejection {
     NotAFact(&'static str),
     #[error("the key {key} is not the fact's book id {book_id}")]
     KeyMismatch { key: BookId, book_id: BookId },
+    #[error("the version {0:?} is not a version from 1 to {MAX_VERSION}")]
+    InvalidVersion(String),
+    #[error("the {0} contains a NUL character, which the read model cannot store")]
+    NulInText(&'static str),
 }
+
+/// The highest version the read model stores (its columns are 64-bit signed integers).
+pub const MAX_VERSION: u64 = i64::MAX as u64;
 
 /// What the projector does with a record.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,7 +83,7 @@ impl FactReader {
     pub fn read_known(&self, message: &impl Message) -> Option<UntimedChange> {
         let book_id = book_id_of(message.key()).ok()?;
         let Some(value) = message.payload() else {
-            return Some(tombstone(book_id, message));
+            return tombstone(book_id, message).ok();
         };
         let payload = self.decoder.decode(value).ok()?;
         interpret(book_id, payload).ok()
@@ -90,9 +97,10 @@ impl FactReader {
             Err(rejection) => return Ok(FactOutcome::DeadLetter(rejection)),
         };
         let Some(value) = message.payload() else {
-            return Ok(FactOutcome::Apply(
-                tombstone(book_id, message).timed(message),
-            ));
+            return Ok(match tombstone(book_id, message) {
+                Ok(change) => FactOutcome::Apply(change.timed(message)),
+                Err(rejection) => FactOutcome::DeadLetter(rejection),
+            });
         };
         let payload = match self.decode(value).await? {
             Ok(payload) => payload,
@@ -204,9 +212,26 @@ impl Versioned for UntimedChange {
 }
 
 /// The deletion a tombstone of `book_id` asks for, at the version its header states if any.
-fn tombstone(book_id: BookId, message: &impl Message) -> UntimedChange {
-    let version = header(message, h::AGGREGATE_VERSION).and_then(|v| v.parse().ok());
-    UntimedChange::Delete { book_id, version }
+/// A header that states no usable version is a rejection: read as "no version", it would
+/// delete the book whatever its version.
+fn tombstone(book_id: BookId, message: &impl Message) -> Result<UntimedChange, Rejection> {
+    let version = match header(message, h::AGGREGATE_VERSION) {
+        None => None,
+        Some(text) => Some(
+            text.parse()
+                .ok()
+                .filter(is_storable_version)
+                .ok_or_else(|| Rejection::InvalidVersion(text.to_owned()))?,
+        ),
+    };
+    Ok(UntimedChange::Delete { book_id, version })
+}
+
+/// Whether the read model can hold `version`. The contract's versions start at 1; a record
+/// outside the range would fail the database's checks on every attempt and stall its
+/// partitions, so it is rejected instead.
+fn is_storable_version(version: &u64) -> bool {
+    (1..=MAX_VERSION).contains(version)
 }
 
 /// The change a decoded value of the record of `key` asks for.
@@ -221,11 +246,25 @@ fn interpret(key: BookId, payload: EventPayload) -> Result<UntimedChange, Reject
             book_id: fact.book_id,
         });
     }
+    if !is_storable_version(&fact.version) {
+        return Err(Rejection::InvalidVersion(fact.version.to_string()));
+    }
     if fact.removed {
         return Ok(UntimedChange::Delete {
             book_id: fact.book_id,
             version: Some(fact.version),
         });
+    }
+    // PostgreSQL text cannot hold NUL; SQLite could, but both stores reject the same records.
+    let stored_text = [
+        ("title", Some(&fact.title)),
+        ("author", Some(&fact.author)),
+        ("isbn", fact.isbn.as_ref()),
+    ];
+    for (field, text) in stored_text {
+        if text.is_some_and(|text| text.contains('\0')) {
+            return Err(Rejection::NulInText(field));
+        }
     }
     Ok(UntimedChange::Upsert(fact))
 }
@@ -421,5 +460,84 @@ mod tests {
             reasons[7].contains("is not the fact's book id"),
             "{reasons:?}"
         );
+    }
+
+    /// Records that decode but that the database would refuse on every attempt, stalling the
+    /// projection: they go to the dead-letter queue instead.
+    #[tokio::test]
+    async fn records_the_read_model_cannot_hold_are_rejected() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let fact_record =
+            |fact: BookFactEvent| record(Some(&key), Some(framed(&EventPayload::Fact(fact))), &[]);
+        let with_nul = |field: &str| {
+            let mut fact = fact(book_id, 2, false);
+            match field {
+                "title" => fact.title = "Du\0ne".into(),
+                "author" => fact.author = "Frank\0Herbert".into(),
+                _ => fact.isbn = Some("97804\0".into()),
+            }
+            fact
+        };
+        let tombstone =
+            |version: &str| record(Some(&key), None, &[(h::AGGREGATE_VERSION, version)]);
+        let cases = [
+            (
+                fact_record(fact(book_id, 0, false)),
+                Rejection::InvalidVersion("0".into()),
+            ),
+            (
+                fact_record(fact(book_id, 0, true)),
+                Rejection::InvalidVersion("0".into()),
+            ),
+            (
+                fact_record(with_nul("title")),
+                Rejection::NulInText("title"),
+            ),
+            (
+                fact_record(with_nul("author")),
+                Rejection::NulInText("author"),
+            ),
+            (fact_record(with_nul("isbn")), Rejection::NulInText("isbn")),
+            (tombstone("0"), Rejection::InvalidVersion("0".into())),
+            (tombstone("-1"), Rejection::InvalidVersion("-1".into())),
+            (tombstone("four"), Rejection::InvalidVersion("four".into())),
+            (
+                tombstone("9223372036854775808"),
+                Rejection::InvalidVersion("9223372036854775808".into()),
+            ),
+        ];
+        for (message, rejection) in &cases {
+            assert_eq!(
+                FactReader::new(None).read_known(message),
+                None,
+                "{message:?}"
+            );
+            assert_eq!(
+                read(message).await,
+                FactOutcome::DeadLetter(rejection.clone())
+            );
+        }
+        assert_eq!(
+            cases[5].1.to_string(),
+            "the version \"0\" is not a version from 1 to 9223372036854775807"
+        );
+
+        // The bounds themselves are fine, and a NUL in the description, which the read model
+        // does not keep, is no reason to reject the fact.
+        let highest = tombstone("9223372036854775807");
+        assert_eq!(
+            read(&highest).await,
+            FactOutcome::Apply(ReportChange::Delete {
+                book_id,
+                version: Some(MAX_VERSION)
+            })
+        );
+        let mut described = fact(book_id, 1, false);
+        described.description = Some("a\0b".into());
+        assert!(matches!(
+            read(&fact_record(described)).await,
+            FactOutcome::Apply(ReportChange::Upsert { .. })
+        ));
     }
 }
