@@ -388,6 +388,53 @@ async fn a_second_relay_stands_by_until_the_active_one_stops() {
     );
 }
 
+/// When another instance holds the lease (here: taken by hand while the relay runs), the relay
+/// notices at its next renewal, stops publishing and stands by; once the lease is free again it
+/// takes it back and goes on from where it stopped.
+#[tokio::test]
+async fn a_relay_whose_lease_is_taken_stands_by_until_it_is_free() {
+    for delivery in [DeliveryMode::AtLeastOnce, DeliveryMode::ExactlyOnce] {
+        let fixture = Fixture::new().await;
+        let lease_ttl = Duration::from_secs(3);
+        let relay = fixture.relay(delivery).await.tuned(|config| {
+            config.instance_id = "active".into();
+            config.lease_ttl = lease_ttl;
+        });
+        let (stop, shutdown) = ShutdownTrigger::new();
+        let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+        fixture.write_books(2, 1).await;
+        let published_first = fixture.all_events().await;
+        fixture.read_topics(published_first.len()).await;
+
+        let store = fixture.store();
+        let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+        store.release_lease(&relay_id, "active").await.unwrap();
+        assert!(
+            store
+                .try_acquire_lease(&relay_id, "thief", Duration::from_secs(60))
+                .await
+                .unwrap()
+        );
+        // The next renewal (within a third of the lease) finds the thief.
+        tokio::time::sleep(lease_ttl).await;
+        fixture.write_books(2, 1).await;
+        tokio::time::sleep(lease_ttl).await;
+        assert_eq!(
+            store.published_position(&relay_id).await.unwrap(),
+            published_first.last().unwrap().position,
+            "{delivery:?}: published without the lease"
+        );
+
+        store.release_lease(&relay_id, "thief").await.unwrap();
+        let events = fixture.all_events().await;
+        let records = fixture.read_topics(events.len()).await;
+        assert_exactly_the_events_in_order(&events, &records);
+        stop.trigger();
+        let report = running.await.unwrap().unwrap();
+        assert_eq!(report.published_events, events.len() as u64, "{delivery:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_publisher_that_lost_its_transactional_id_is_fenced() {
     let fixture = Fixture::new().await;

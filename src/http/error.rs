@@ -83,9 +83,10 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         let status = match &error {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
-            StoreError::Database(_) | StoreError::Sqlite { .. } | StoreError::Cancelled => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            StoreError::Database(_)
+            | StoreError::Sqlite { .. }
+            | StoreError::Cancelled
+            | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_) | StoreError::Migration(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

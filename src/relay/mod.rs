@@ -14,8 +14,10 @@
 //!   (see [`checkpoint`]). In at-least-once mode a crash can resend the batches not yet fully
 //!   acknowledged: up to two (`AT_LEAST_ONCE_BATCHES_AHEAD` in the publisher).
 //! * **One active relay per store.** A lease in the database names the active instance; others
-//!   wait as standbys. The Kafka transactional id fences an instance that lost its lease but
-//!   still tries to publish (a paused process waking up).
+//!   wait as standbys. It is renewed by a task of its own, so waiting on Kafka does not let it
+//!   lapse, and an instance that loses it discards what it has queued before it could expire
+//!   (see the `lease` module). The Kafka transactional id fences an instance that lost its
+//!   lease but still tries to publish (a paused process waking up).
 //! * **Outages.** Any publish error leads to a pause with exponential backoff, a fresh producer
 //!   and a resume from the recovered position, until the broker answers again.
 
@@ -28,8 +30,10 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::domain::{EventKind, StoredEvent};
 use crate::shutdown::Shutdown;
 use crate::store::{CommitSignal, Outbox, StoreError};
+use lease::Lease;
 
 pub mod checkpoint;
+mod lease;
 pub mod metrics;
 mod publisher;
 pub mod record;
@@ -162,17 +166,14 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             RunMode::Follow => None,
         };
         loop {
-            if !self.wait_for_lease(&mut shutdown).await {
+            let Some(acquired_at) = self.wait_for_lease(&mut shutdown).await else {
                 break;
-            }
+            };
             let outcome = self
-                .publish_while_leased(target, &mut report, &mut shutdown)
+                .publish_while_leased(acquired_at, target, &mut report, &mut shutdown)
                 .await;
             // Hand the lease over at once rather than making a standby wait for it to expire.
-            let _ = self
-                .outbox
-                .release_lease(&self.config.relay_id, &self.config.instance_id)
-                .await;
+            let _ = self.lease().release().await;
             match outcome? {
                 Stop::Shutdown | Stop::Done => break,
                 Stop::LeaseLost => warn!("lost the relay lease; standing by"),
@@ -186,17 +187,30 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         Ok(report)
     }
 
-    /// Waits until this instance holds the lease. False if shutdown came first.
-    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> bool {
+    /// This instance's hold on the relay's lease, as configured now.
+    fn lease(&self) -> Lease<O> {
+        Lease::new(
+            self.outbox.clone(),
+            self.config.relay_id.clone(),
+            self.config.instance_id.clone(),
+            self.config.lease_ttl,
+        )
+    }
+
+    /// Waits until this instance holds the lease; returns when the successful request was
+    /// sent, or `None` if shutdown came first.
+    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> Option<Instant> {
+        let lease = self.lease();
         let mut announced = false;
         loop {
             if shutdown.is_triggered() {
-                return false;
+                return None;
             }
-            match self.renew_lease().await {
+            let asked_at = Instant::now();
+            match lease.acquire().await {
                 Ok(true) => {
                     info!(relay_id = %self.config.relay_id, instance = %self.config.instance_id, "relay is active");
-                    return true;
+                    return Some(asked_at);
                 }
                 Ok(false) if !announced => {
                     info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
@@ -206,32 +220,37 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 Err(error) => warn!(%error, "cannot take the relay lease; retrying"),
             }
             tokio::select! {
-                _ = shutdown.wait() => return false,
-                _ = tokio::time::sleep(self.config.lease_ttl / 3) => {}
+                _ = shutdown.wait() => return None,
+                _ = tokio::time::sleep(lease.retry_interval()) => {}
             }
         }
     }
 
-    async fn renew_lease(&self) -> Result<bool, StoreError> {
-        self.outbox
-            .try_acquire_lease(
-                &self.config.relay_id,
-                &self.config.instance_id,
-                self.config.lease_ttl,
-            )
-            .await
-    }
-
+    /// Publishes while the lease, taken at `acquired_at`, is kept (see the `lease` module).
+    /// When it is lost, whatever is in flight is abandoned and the publisher's queue discarded
+    /// before the lease can expire, so that a successor's records are never overtaken by this
+    /// one's.
     async fn publish_while_leased(
         &mut self,
+        acquired_at: Instant,
         target: Option<u64>,
         report: &mut RelayReport,
         shutdown: &mut Shutdown,
     ) -> Result<Stop, RelayError> {
+        let mut lease = self.lease().keep(acquired_at);
         let recorder = PositionRecorder::spawn(self.outbox.clone(), self.config.relay_id.clone());
-        let stop = self
-            .publish_batches(&recorder, target, report, shutdown)
-            .await;
+        let stop = tokio::select! {
+            stop = self.publish_batches(&recorder, target, report, shutdown) => Some(stop),
+            () = lease.lost() => None,
+        };
+        let stop = match stop {
+            Some(stop) => stop,
+            None => {
+                self.publisher.stop().await;
+                self.next_batch = None;
+                Ok(Stop::LeaseLost)
+            }
+        };
         recorder.finish().await;
         stop
     }
@@ -247,7 +266,6 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         let mut signal = self.outbox.commit_signal().await?;
         let mut unconfirmed = Unconfirmed::default();
         let mut backoff = self.config.min_backoff;
-        let mut lease_renewed_at = Instant::now();
         let mut pruned_at: Option<Instant> = None;
         let Some(mut position) = self
             .start_publisher(recorder, shutdown, &mut backoff)
@@ -262,17 +280,6 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     warn!(%error, "could not confirm the last batches before stopping; they will be sent again");
                 }
                 return Ok(Stop::Shutdown);
-            }
-            if lease_renewed_at.elapsed() >= self.config.lease_ttl / 3 {
-                match self.renew_lease().await {
-                    Ok(true) => lease_renewed_at = Instant::now(),
-                    Ok(false) => return Ok(Stop::LeaseLost),
-                    Err(error) => {
-                        // Publishing on without a renewed lease could overlap a successor.
-                        warn!(%error, "cannot renew the relay lease");
-                        return Ok(Stop::LeaseLost);
-                    }
-                }
             }
             if pruned_at.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
                 self.prune().await;

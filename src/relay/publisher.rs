@@ -21,7 +21,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer, PurgeConfig};
 use tracing::{debug, info};
 
 use super::checkpoint::{self, CheckpointError};
@@ -102,6 +102,11 @@ pub trait EventPublisher: Send {
     /// Returns once every batch committed so far is durably stored, with the last position
     /// that confirms (`None` if none was outstanding). Errors as for `commit_batch`.
     fn settle(&mut self) -> impl Future<Output = Result<Option<u64>, PublishError>> + Send;
+
+    /// Stops publishing at once: disconnects and discards whatever is queued and not yet
+    /// sent, so that nothing more of this instance's reaches its destination. Unconfirmed
+    /// batches are as after an error; `start` connects again.
+    fn stop(&mut self) -> impl Future<Output = ()> + Send;
 
     /// One batch of `events`, durably stored when this returns: begin, send, commit, settle.
     fn publish_batch(
@@ -435,6 +440,27 @@ impl EventPublisher for KafkaPublisher {
         // leaves any outstanding.
         let outcome = self.confirm_while(|unconfirmed| unconfirmed > 0).await;
         outcome.map_err(|error| self.fenced_if_fatal(error))
+    }
+
+    async fn stop(&mut self) {
+        let producers = std::mem::take(&mut self.producers);
+        self.turn = 0;
+        self.deliveries.clear();
+        self.batch_last = None;
+        self.unconfirmed.clear();
+        if producers.is_empty() {
+            return;
+        }
+        // Purging first: dropping a producer joins its polling thread (up to 100 ms) before it
+        // purges, and records could still go out meanwhile. Both block, so off the runtime.
+        let _ = tokio::task::spawn_blocking(move || {
+            for producer in &producers {
+                producer.purge(PurgeConfig::default().queue().inflight());
+            }
+            drop(producers);
+        })
+        .await;
+        info!(relay_id = %self.relay_id, "stopped publishing; queued records discarded");
     }
 }
 

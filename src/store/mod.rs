@@ -73,6 +73,9 @@ pub enum StoreError {
     /// A read on the blocking pool did not finish (the runtime is shutting down).
     #[error("the database read was cancelled")]
     Cancelled,
+    /// A request the caller gave a deadline did not complete by then.
+    #[error("the database did not answer within {0:?}")]
+    Timeout(std::time::Duration),
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }
