@@ -22,6 +22,7 @@ use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use bookstore::store::{EventStore, Outbox, SqliteStore};
 use common::Received;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tempfile::TempDir;
 
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
@@ -432,6 +433,88 @@ async fn a_relay_whose_lease_is_taken_stands_by_until_it_is_free() {
         stop.trigger();
         let report = running.await.unwrap().unwrap();
         assert_eq!(report.published_events, events.len() as u64, "{delivery:?}");
+    }
+}
+
+/// Relays of several stores may share the topics, and so the checkpoint partition. One that
+/// dies mid-transaction leaves its transaction open until the broker aborts it, and until then
+/// a `read_committed` reader sees nothing past its first record, this relay's later checkpoints
+/// included. A relay starting meanwhile must wait for it rather than resume from an older
+/// checkpoint, which would send committed batches again.
+#[tokio::test]
+async fn a_checkpoint_behind_another_producers_open_transaction_is_still_found() {
+    let fixture = Fixture::new().await;
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let relay = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    fixture.write_books(2, 1).await;
+    let first = fixture.all_events().await.last().unwrap().position;
+    wait_until_published(&fixture, &relay_id, first).await;
+
+    // Another store's relay, dead with a transaction open on the checkpoint partition.
+    let topics = fixture.kafka.topics();
+    let other: FutureProducer = fixture
+        .kafka
+        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
+        .create()
+        .unwrap();
+    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
+        .await
+        .unwrap()
+        .unwrap();
+    other.begin_transaction().unwrap();
+    other
+        .send(
+            FutureRecord::to(&topics.relay_checkpoint)
+                .key("another-store")
+                .payload("1"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    // This store's relay commits more checkpoints after it, then stops.
+    fixture.write_books(2, 1).await;
+    let last = fixture.all_events().await.last().unwrap().position;
+    wait_until_published(&fixture, &relay_id, last).await;
+    stop.trigger();
+    running.await.unwrap().unwrap();
+
+    let store_id = fixture.store().store_id().await.unwrap();
+    let mut publisher = KafkaPublisher::new(
+        fixture.kafka.clone(),
+        RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
+        DeliveryMode::ExactlyOnce,
+        format!("{relay_id}.{store_id}"),
+        topics.relay_checkpoint.clone(),
+    );
+    let starting = tokio::spawn(async move { publisher.start().await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    if starting.is_finished() {
+        panic!(
+            "started without waiting for another producer's open transaction, resuming after \
+             {:?} (its last checkpoint: {last})",
+            starting.await.unwrap()
+        );
+    }
+    let aborter = other.clone();
+    tokio::task::spawn_blocking(move || aborter.abort_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(starting.await.unwrap().unwrap(), Some(last));
+}
+
+async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) {
+    let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
+    while fixture.store().published_position(relay_id).await.unwrap() < position {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not published in time"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

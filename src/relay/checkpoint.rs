@@ -38,9 +38,14 @@ pub enum CheckpointError {
 /// The position of the last committed checkpoint record of `relay_id`, `None` if there is none.
 ///
 /// Call it only after `init_transactions` of the relay's producer: that completes or aborts
-/// any transaction a previous instance left open, so the last stable offset is final. Reads
-/// backwards from the end in growing windows, since compaction and aborted transactions leave
-/// no fixed distance between the end and the last committed record.
+/// any transaction a previous instance left open. Transactions of other producers can still be
+/// open: relays of other stores sharing the topics write to the same partition, and one that
+/// died mid-transaction leaves it open until the broker aborts it (its `transaction.timeout.ms`).
+/// A `read_committed` reader sees nothing past the first offset of an open transaction, this
+/// relay's later checkpoints included, so the reader first waits until every transaction open
+/// when it started has ended (see [`wait_for_open_transactions`]). Then it reads backwards from
+/// the end in growing windows, since compaction and aborted transactions leave no fixed
+/// distance between the end and the last committed record.
 pub async fn read_checkpoint(
     config: &KafkaConfig,
     topic: &str,
@@ -55,13 +60,67 @@ pub async fn read_checkpoint(
     let consumer: BaseConsumer<QuietEof> = consumer_config
         .create_with_context(QuietEof)
         .map_err(kafka_error)?;
+    let everything: BaseConsumer = consumer_config
+        .set("isolation.level", "read_uncommitted")
+        .create()
+        .map_err(kafka_error)?;
     let timeout = config.request_timeout();
     let topic = topic.to_owned();
     let relay_id = relay_id.to_owned();
-    // The consumer's calls block; keep them off the async worker threads.
-    tokio::task::spawn_blocking(move || read_last(&consumer, &topic, &relay_id, timeout))
-        .await
-        .expect("the checkpoint reader panicked")
+    // The consumers' calls block; keep them off the async worker threads.
+    tokio::task::spawn_blocking(move || {
+        wait_for_open_transactions(&consumer, &everything, &topic, timeout)?;
+        read_last(&consumer, &topic, &relay_id, timeout)
+    })
+    .await
+    .expect("the checkpoint reader panicked")
+}
+
+/// Waits until the checkpoint partition's last stable offset (where `read_committed` reading
+/// ends) has reached its high watermark as of now: then every transaction open now has ended,
+/// and whatever this relay committed is readable. Asking each end uses the isolation level of
+/// the client that asks.
+fn wait_for_open_transactions(
+    committed: &BaseConsumer<QuietEof>,
+    everything: &BaseConsumer,
+    topic: &str,
+    timeout: Duration,
+) -> Result<(), CheckpointError> {
+    let kafka_error = |source| CheckpointError::Kafka {
+        topic: topic.to_owned(),
+        source,
+    };
+    let deadline = Instant::now() + timeout;
+    let (_, high_watermark) = everything
+        .fetch_watermarks(topic, 0, timeout)
+        .map_err(kafka_error)?;
+    let mut announced = false;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (_, last_stable) = committed
+            .fetch_watermarks(topic, 0, left)
+            .map_err(kafka_error)?;
+        if last_stable >= high_watermark {
+            return Ok(());
+        }
+        if !announced {
+            tracing::info!(
+                topic,
+                last_stable,
+                high_watermark,
+                "waiting for a transaction another producer holds open on the checkpoint \
+                 topic (it ends by its producer's transaction timeout)"
+            );
+            announced = true;
+        }
+        if Instant::now() >= deadline {
+            return Err(CheckpointError::Timeout {
+                topic: topic.to_owned(),
+                timeout,
+            });
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 /// The end of the partition is how the reader knows it has seen the last record; librdkafka
