@@ -77,6 +77,7 @@ projection_suite!(
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     dlq_replay_sends_each_dead_letter_back_once,
+    a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_whole,
     report_json_has_the_documented_shape,
     rebuild_restores_rows_deleted_by_hand,
     confluent_framed_facts_are_decoded_through_the_schema_registry,
@@ -846,6 +847,57 @@ async fn records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on(
             .iter()
             .any(|r| r.contains("title contains a NUL character")),
         "{reasons:#?}"
+    );
+}
+
+/// An unreadable record so close to the producer's size limit (`message.max.bytes`, 1,000,000)
+/// that the dead-letter headers would push it over: the dead letter carries only its key,
+/// where it is and its size, the projection goes on, and a replay sends the original back
+/// whole, read from where it was.
+async fn a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_whole(
+    world: &World,
+) {
+    world.add_book("Fine", "1.00", None).await;
+    world.relay_once().await;
+    let book_id = BookId::generate();
+    let huge = vec![b'x'; 999_900];
+    produce_raw(world, &[(Some(book_id.to_string()), huge.clone())]).await;
+    let history = world.write_random_history(4, 8, Rng::seed()).await;
+    world.relay_once().await;
+
+    let group = common::unique("huge");
+    let report = world.project(&group).await;
+    assert_eq!(report.dead_letters, 1);
+    assert!(report.applied_facts >= history.fact_records());
+    world.assert_report_equals_store().await;
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 1, "{letters:#?}");
+    let letter = &letters[0];
+    assert!(letter.left_out, "{letter:?}");
+    assert_eq!(letter.value_bytes, Some(huge.len()));
+    assert_eq!(letter.key, Some(book_id.to_string()));
+    assert!(letter.reason.contains("unknown magic"), "{letter:?}");
+    assert_eq!(
+        letter.topic.as_deref(),
+        Some(world.kafka.topics().book_fact.as_str())
+    );
+    let output = world.run_bookstore(&["dlq", "list"]).await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("999900 bytes left out"), "{text}");
+
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 1 dead letter(s)"), "{stdout}");
+    // The original went back whole: the projector dead-letters it again, at its new offset,
+    // with the same size.
+    assert_eq!(world.project(&group).await.dead_letters, 1);
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 2, "{letters:#?}");
+    assert_eq!(letters[1].value_bytes, Some(huge.len()));
+    assert_eq!(letters[1].key, letters[0].key);
+    assert_ne!(
+        letters[1].offset, letters[0].offset,
+        "not re-read from the topic"
     );
 }
 

@@ -6,6 +6,12 @@
 //! acknowledgement before it stores an offset past the record, so a record is never both
 //! skipped and missing from the queue; after a crash in between it can be there twice.
 //!
+//! A record too large to be sent again with those headers (one near the size limit of the
+//! producer or of the queue) is dead-lettered without its value and headers: its key, why,
+//! where it is, and its size ([`LEFT_OUT`]). Dropping it, or retrying what can never fit,
+//! would leave it skipped or the projection stuck. A replay reads such an original back from
+//! where it was.
+//!
 //! [`list_dead_letters`] reads the queue from the beginning without joining a group.
 //! [`replay_dead_letters`] sends every dead letter not replayed yet back to its original topic,
 //! once the cause is fixed (a schema registered, a projector upgraded): it resumes from the
@@ -17,13 +23,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
 use tokio::time::Instant;
+use tracing::warn;
 
 use super::fact::{Rejection, header};
 use crate::config::KafkaConfig;
@@ -37,6 +44,10 @@ pub const ORIGIN_TOPIC: &str = "bookstore_dlq_topic";
 pub const ORIGIN_PARTITION: &str = "bookstore_dlq_partition";
 /// Its offset there, as decimal text.
 pub const ORIGIN_OFFSET: &str = "bookstore_dlq_offset";
+
+/// Set when the original value and headers were too large to send along: the value's size
+/// in bytes, as decimal text. The original is where the origin headers say.
+pub const LEFT_OUT: &str = "bookstore_dlq_left_out";
 
 /// The prefix of every header the dead-letter queue adds; a replay strips them.
 const DLQ_HEADER_PREFIX: &str = "bookstore_dlq_";
@@ -56,6 +67,15 @@ pub enum DlqError {
     NoQueue { topic: String },
     #[error("reading {topic} did not reach its end within {timeout:?}")]
     Timeout { topic: String, timeout: Duration },
+    #[error(
+        "dead letter {dlq_partition}@{dlq_offset} holds only where its original is, and the \
+         original at {origin} is gone (retention or compaction): nothing to replay"
+    )]
+    OriginalGone {
+        dlq_partition: i32,
+        dlq_offset: i64,
+        origin: String,
+    },
 }
 
 impl From<KafkaSetupError> for DlqError {
@@ -85,35 +105,90 @@ impl DeadLetterSender {
     }
 
     /// Sends every `(record, rejection)` and returns once all are acknowledged (`acks=all`).
+    /// A letter too large to send whole is sent again without the original's value and
+    /// headers (see the module documentation).
     pub async fn send_all(&self, letters: &[(&OwnedMessage, Rejection)]) -> Result<(), DlqError> {
-        let mut deliveries = Vec::with_capacity(letters.len());
-        for (message, rejection) in letters {
-            let headers = dead_letter_headers(message, rejection);
-            let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-            if let Some(key) = message.key() {
-                record = record.key(key);
+        let deliveries: Vec<_> = letters
+            .iter()
+            .map(|(message, rejection)| self.send(message, rejection, Original::Whole))
+            .collect();
+        for (delivery, (message, rejection)) in deliveries.into_iter().zip(letters) {
+            match delivery.await {
+                Ok(()) => {}
+                Err(cause)
+                    if cause.rdkafka_error_code()
+                        == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
+                {
+                    warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        value_bytes = message.payload().map_or(0, <[u8]>::len),
+                        "record too large for the dead-letter queue; sending where it is instead"
+                    );
+                    self.send(message, rejection, Original::LeftOut)
+                        .await
+                        .map_err(|cause| self.error(cause))?;
+                }
+                Err(cause) => return Err(self.error(cause)),
             }
-            if let Some(value) = message.payload() {
-                record = record.payload(value);
-            }
-            deliveries.push(self.producer.send(record, self.timeout));
-        }
-        for delivery in deliveries {
-            delivery.await.map_err(|(cause, _)| DlqError::Kafka {
-                topic: self.topic.clone(),
-                cause,
-            })?;
         }
         Ok(())
     }
+
+    async fn send(
+        &self,
+        message: &OwnedMessage,
+        rejection: &Rejection,
+        original: Original,
+    ) -> Result<(), KafkaError> {
+        let headers = dead_letter_headers(message, rejection, original);
+        let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
+        if let Some(key) = message.key() {
+            record = record.key(key);
+        }
+        if let (Original::Whole, Some(value)) = (original, message.payload()) {
+            record = record.payload(value);
+        }
+        self.producer
+            .send(record, self.timeout)
+            .await
+            .map(drop)
+            .map_err(|(cause, _)| cause)
+    }
+
+    fn error(&self, cause: KafkaError) -> DlqError {
+        kafka_error(&self.topic, cause)
+    }
 }
 
-/// The original headers, then where the record came from and why it is here.
-fn dead_letter_headers(message: &OwnedMessage, rejection: &Rejection) -> OwnedHeaders {
+/// How much of the original record a dead letter carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Original {
+    /// Key, value and headers.
+    Whole,
+    /// The key only, and the value's size in [`LEFT_OUT`].
+    LeftOut,
+}
+
+/// The original headers (none if left out), then where the record came from and why it is
+/// here.
+fn dead_letter_headers(
+    message: &OwnedMessage,
+    rejection: &Rejection,
+    original: Original,
+) -> OwnedHeaders {
     let reason = rejection.to_string();
     let partition = message.partition().to_string();
     let offset = message.offset().to_string();
-    original_headers(message)
+    let headers = match original {
+        Original::Whole => original_headers(message),
+        Original::LeftOut => OwnedHeaders::new().insert(text_header(
+            LEFT_OUT,
+            &message.payload().map_or(0, <[u8]>::len).to_string(),
+        )),
+    };
+    headers
         .insert(text_header(REASON, &reason))
         .insert(text_header(ORIGIN_TOPIC, message.topic()))
         .insert(text_header(ORIGIN_PARTITION, &partition))
@@ -154,8 +229,10 @@ pub struct DeadLetter {
     pub offset: Option<i64>,
     /// The key as text (lossy), if any.
     pub key: Option<String>,
-    /// The size of the value; `None` for a tombstone.
+    /// The size of the original value; `None` for a tombstone.
     pub value_bytes: Option<usize>,
+    /// True when the original was too large to carry: only its key and where it is are here.
+    pub left_out: bool,
 }
 
 impl DeadLetter {
@@ -172,7 +249,11 @@ impl DeadLetter {
             key: message
                 .key()
                 .map(|key| String::from_utf8_lossy(key).into_owned()),
-            value_bytes: message.payload().map(<[u8]>::len),
+            value_bytes: match header(message, LEFT_OUT) {
+                Some(size) => size.parse().ok(),
+                None => message.payload().map(<[u8]>::len),
+            },
+            left_out: header(message, LEFT_OUT).is_some(),
         }
     }
 }
@@ -214,12 +295,19 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
     let mut reader = QueueReader::open(kafka, &group, StartAt::Committed).await?;
     let producer = kafka.producer()?;
     let mut report = ReplayReport::default();
-    while let Some(message) = reader.next().await? {
-        let target = header(&message, ORIGIN_TOPIC)
+    while let Some(letter) = reader.next().await? {
+        let target = header(&letter, ORIGIN_TOPIC)
             .unwrap_or(&topics.book_fact)
             .to_owned();
-        let mut record =
-            FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(&message));
+        let original;
+        let message = match header(&letter, LEFT_OUT) {
+            Some(_) => {
+                original = read_original(kafka, &letter, &target).await?;
+                &original
+            }
+            None => &letter,
+        };
+        let mut record = FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(message));
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -233,10 +321,64 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
                 topic: target.clone(),
                 cause,
             })?;
-        reader.commit_past(&message).await?;
+        reader.commit_past(&letter).await?;
         *report.replayed.entry(target).or_default() += 1;
     }
     Ok(report)
+}
+
+/// The original of a dead letter that left it out, read back from `topic` where the letter
+/// says it was.
+async fn read_original(
+    kafka: &KafkaConfig,
+    letter: &OwnedMessage,
+    topic: &str,
+) -> Result<OwnedMessage, DlqError> {
+    let partition = header(letter, ORIGIN_PARTITION).and_then(|p| p.parse::<i32>().ok());
+    let offset = header(letter, ORIGIN_OFFSET).and_then(|o| o.parse::<i64>().ok());
+    let gone = |origin: String| DlqError::OriginalGone {
+        dlq_partition: letter.partition(),
+        dlq_offset: letter.offset(),
+        origin,
+    };
+    let (Some(partition), Some(offset)) = (partition, offset) else {
+        return Err(gone(format!("{topic} (no partition or offset given)")));
+    };
+    let origin = format!("{topic}[{partition}]@{offset}");
+    let mut config = kafka.consumer_config(&format!("{}.dlq-original", kafka.topic_prefix));
+    config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, partition, Offset::Offset(offset))
+        .map_err(|cause| kafka_error(topic, cause))?;
+    consumer
+        .assign(&assignment)
+        .map_err(|cause| kafka_error(topic, cause))?;
+    let timeout = kafka.request_timeout();
+    let topic = topic.to_owned();
+    // The consumer's calls block.
+    let polled = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Ok(message)) => return Ok(Some(message.detach())),
+                Some(Err(KafkaError::PartitionEOF(_))) => return Ok(None),
+                Some(Err(cause)) => return Err(kafka_error(&topic, cause)),
+            }
+        }
+        Err(DlqError::Timeout { topic, timeout })
+    })
+    .await
+    .expect("reading a dead letter's original panicked")?;
+    // Compaction or retention may have removed it: then the next record comes instead.
+    match polled {
+        Some(original) if original.offset() == offset && original.key() == letter.key() => {
+            Ok(original)
+        }
+        _ => Err(gone(origin)),
+    }
 }
 
 /// Where a [`QueueReader`] starts.

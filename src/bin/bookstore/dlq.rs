@@ -20,8 +20,13 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     }
                     _ => "unknown origin".to_owned(),
                 };
+                let left_out = match (letter.left_out, letter.value_bytes) {
+                    (true, Some(bytes)) => format!(" (too large to carry: {bytes} bytes left out)"),
+                    (true, None) => " (too large to carry: left out)".to_owned(),
+                    (false, _) => String::new(),
+                };
                 println!(
-                    "{:>6}  {origin}  key {}: {}",
+                    "{:>6}  {origin}  key {}: {}{left_out}",
                     letter.dlq_offset,
                     letter.key.as_deref().unwrap_or("-"),
                     letter.reason
