@@ -5,6 +5,8 @@
 //! and only a body that is not JSON at all gets 400. Unknown fields are refused rather than
 //! ignored, so a typo (`"prize"`) never silently leaves a value unchanged.
 
+use std::collections::BTreeMap;
+
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -12,7 +14,8 @@ use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, StatusCode};
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use super::error::ApiError;
@@ -199,8 +202,13 @@ fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
     })
 }
 
-/// A request body that is a JSON object, read field by field.
-struct JsonObject(Map<String, Value>);
+/// A request body that is a JSON object, read field by field from each field's JSON text.
+///
+/// Why the text and not a parsed `Value`: serde_json (without its `arbitrary_precision`
+/// feature) reads every non-integer number as an `f64`, so a price of `12.990000000000000001`
+/// arrived as 12.99 and `1e-400` as 0, silently accepted instead of refused, and `1e400` failed
+/// the whole body. Each field is parsed only when it is read, and a price's number as written.
+struct JsonObject(BTreeMap<String, Box<RawValue>>);
 
 impl JsonObject {
     /// Requires `Content-Type: application/json` (which also keeps plain HTML forms of other
@@ -212,13 +220,19 @@ impl JsonObject {
                 "the body must be JSON, sent with Content-Type: application/json",
             ));
         }
-        let value: Value = serde_json::from_slice(body).map_err(|error| {
+        let invalid = |error: serde_json::Error| {
             ApiError::bad_request(format!("the body is not valid JSON: {error}"))
-        })?;
-        match value {
-            Value::Object(fields) => Ok(Self(fields)),
-            _ => Err(ApiError::bad_request("the body must be a JSON object")),
+        };
+        let value: Box<RawValue> = serde_json::from_slice(body).map_err(invalid)?;
+        if !value.get().starts_with('{') {
+            return Err(ApiError::bad_request("the body must be a JSON object"));
         }
+        serde_json::from_str(value.get()).map(Self).map_err(invalid)
+    }
+
+    /// The JSON text of `field`, if the body has it.
+    fn raw(&self, field: &str) -> Option<&str> {
+        self.0.get(field).map(|value| value.get())
     }
 
     fn refuse_unknown(&self, known: &[&str]) -> Result<(), ApiError> {
@@ -249,27 +263,29 @@ impl JsonObject {
         &self,
         field: &'static str,
     ) -> Result<Option<Option<String>>, ValidationError> {
-        match self.0.get(field) {
+        match self.raw(field) {
             None => Ok(None),
-            Some(Value::Null) => Ok(Some(None)),
-            Some(Value::String(text)) => Ok(Some(Some(text.clone()))),
-            Some(_) => Err(ValidationError::new(field, "must be a string")),
+            Some("null") => Ok(Some(None)),
+            Some(raw) => match serde_json::from_str(raw) {
+                Ok(Value::String(text)) => Ok(Some(Some(text))),
+                _ => Err(ValidationError::new(field, "must be a string")),
+            },
         }
     }
 
-    /// A price, given as a string (`"12.99"`) or a JSON number (`12.99`, read by its decimal
-    /// text, never through a float); absent or `null` is `None`.
+    /// A price, given as a string (`"12.99"`) or a JSON number (`12.99`, read as written,
+    /// never through a float); absent or `null` is `None`.
     fn price(&self, field: &'static str) -> Result<Option<Price>, ValidationError> {
-        let text = match self.0.get(field) {
-            None | Some(Value::Null) => return Ok(None),
-            Some(Value::String(text)) => text.clone(),
-            Some(Value::Number(number)) => number.to_string(),
-            Some(_) => {
-                return Err(ValidationError::new(
-                    field,
-                    "must be a decimal number like \"12.99\"",
-                ));
+        let not_a_price = || ValidationError::new(field, "must be a decimal number like \"12.99\"");
+        let text = match self.raw(field) {
+            None | Some("null") => return Ok(None),
+            Some(raw) if raw.starts_with('"') => {
+                serde_json::from_str::<String>(raw).map_err(|_| not_a_price())?
             }
+            Some(raw) if raw.starts_with(|c: char| c == '-' || c.is_ascii_digit()) => {
+                raw.to_owned()
+            }
+            Some(_) => return Err(not_a_price()),
         };
         // `Price` names its own field; the request may call it otherwise.
         text.parse()
@@ -346,6 +362,26 @@ mod tests {
         assert_eq!(body.price("b").unwrap().unwrap().cents(), 1599);
         assert_eq!(body.price("c").unwrap().unwrap().cents(), 10);
         assert_eq!(body.price("d").unwrap_err().field, "d");
+    }
+
+    /// Numbers a float would have rounded into valid prices, or failed the whole body with.
+    #[test]
+    fn price_numbers_are_read_as_written_not_as_floats() {
+        let body = body(
+            r#"{"a": 12.990000000000000001, "b": 12.999999999999999999, "c": 1e-400,
+                "d": 1e400, "e": 100000000000000000000, "f": 12.50, "g": -0, "h": [1]}"#,
+        );
+        let rule = |field| body.price(field).unwrap_err().rule;
+        assert_eq!(rule("a"), "must have at most 2 decimal places");
+        assert_eq!(rule("b"), "must have at most 2 decimal places");
+        assert_eq!(rule("c"), "must be a decimal number like 12.99");
+        assert_eq!(rule("d"), "must be a decimal number like 12.99");
+        assert_eq!(rule("e"), "must be below 10,000,000,000.00");
+        assert_eq!(rule("h"), "must be a decimal number like \"12.99\"");
+        assert_eq!(body.price("f").unwrap().unwrap().cents(), 1250);
+        assert_eq!(body.price("g").unwrap().unwrap(), Price::ZERO);
+        // The other fields still parse when read.
+        assert_eq!(body.clearable_text("a").unwrap_err().field, "a");
     }
 
     #[test]
