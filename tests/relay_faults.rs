@@ -97,6 +97,22 @@ async fn published(store: &SqliteStore, relay_id: &str) -> u64 {
     store.published_position(relay_id).await.unwrap()
 }
 
+/// Waits until the relay has recorded `position` as published; fails with `what` after
+/// `within`.
+async fn wait_until_published(
+    store: &SqliteStore,
+    relay_id: &str,
+    position: u64,
+    within: Duration,
+    what: &str,
+) {
+    let deadline = Instant::now() + within;
+    while published(store, relay_id).await < position {
+        assert!(Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A SQLite outbox in a fresh folder with `books` books written, each updated `updates` times.
 async fn written_outbox(
     books: usize,
@@ -208,11 +224,14 @@ async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
 
     write_books(&service, 20, 2).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while published(&store, &relay_id).await == 0 {
-        assert!(Instant::now() < deadline, "relay made no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_published(
+        &store,
+        &relay_id,
+        1,
+        Duration::from_secs(60),
+        "relay made no progress",
+    )
+    .await;
 
     broker.run("stop").await;
     write_books(&service, 20, 2).await; // committed while the broker is down
@@ -221,14 +240,14 @@ async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
     write_books(&service, 10, 1).await;
 
     let head = store.head_position().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while published(&store, &relay_id).await < head {
-        assert!(
-            Instant::now() < deadline,
-            "relay did not catch up after the broker returned"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_published(
+        &store,
+        &relay_id,
+        head,
+        Duration::from_secs(180),
+        "relay did not catch up after the broker returned",
+    )
+    .await;
     stop.trigger();
     running.await.unwrap().unwrap();
 
@@ -330,11 +349,14 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
     };
     let (stop_active, active) = start("active").await;
     write_books(&service, 10, 1).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while published(&store, &relay_id).await == 0 {
-        assert!(Instant::now() < deadline, "relay made no progress");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_published(
+        &store,
+        &relay_id,
+        1,
+        Duration::from_secs(60),
+        "relay made no progress",
+    )
+    .await;
     let (stop_standby, standby) = start("standby").await;
 
     broker.run("stop").await;
@@ -350,14 +372,14 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
     broker.run("start").await;
 
     let head = store.head_position().await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while published(&store, &relay_id).await < head {
-        assert!(
-            Instant::now() < deadline,
-            "relay did not catch up after the broker returned"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_until_published(
+        &store,
+        &relay_id,
+        head,
+        Duration::from_secs(180),
+        "relay did not catch up after the broker returned",
+    )
+    .await;
     stop_standby.trigger();
     stop_active.trigger();
     let standby_report = standby.await.unwrap().unwrap();
