@@ -348,7 +348,7 @@ async fn invalid_input_is_refused_with_its_field_and_writes_nothing() {
     }
     let form = send(
         "POST",
-        url,
+        url.clone(),
         Some((
             "application/x-www-form-urlencoded",
             "title=T&author=A".into(),
@@ -356,6 +356,22 @@ async fn invalid_input_is_refused_with_its_field_and_writes_nothing() {
     )
     .await;
     form.assert_error(415, None);
+    // A price number that a float would round into a valid one; a body over axum's 2 MiB
+    // limit. Both answered in the API's JSON shape.
+    let rounded = r#"{"title": "T", "author": "A", "price": 12.990000000000000001}"#;
+    let reply = send(
+        "POST",
+        url.clone(),
+        Some(("application/json", rounded.into())),
+    )
+    .await;
+    reply.assert_error(422, Some("price"));
+    let huge = format!(
+        r#"{{"title": "T", "author": "A", "description": "{}"}}"#,
+        "x".repeat(2 << 20)
+    );
+    let reply = send("POST", url.clone(), Some(("application/json", huge))).await;
+    reply.assert_error(413, None);
     assert_eq!(server.store.head_position().await.unwrap(), 0);
 
     let book_id = server.add_book("Priced", "1.00").await;
@@ -374,6 +390,12 @@ async fn invalid_input_is_refused_with_its_field_and_writes_nothing() {
         .patch(&format!("/api/books/{book_id}"), json!({"title": ""}))
         .await;
     reply.assert_error(422, Some("title"));
+    // A path that is not percent-encoded UTF-8.
+    server.get("/api/books/%FF").await.assert_error(400, None);
+    server
+        .put("/api/books/%FF/price", json!({"price": "1.00"}))
+        .await
+        .assert_error(400, None);
     assert_eq!(server.store.head_position().await.unwrap(), 2);
 }
 

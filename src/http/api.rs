@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, State};
 use axum::http::header::{CONTENT_TYPE, LOCATION};
 use axum::http::{HeaderMap, StatusCode};
@@ -79,8 +80,9 @@ pub(super) async fn list_books<S: HttpStore>(
 
 pub(super) async fn show_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
 ) -> Result<Json<BookRow>, ApiError> {
+    let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     match state.store().report(book_id).await? {
         Some(report) => Ok(Json(report.into())),
@@ -93,7 +95,7 @@ pub(super) async fn show_book<S: HttpStore>(
 pub(super) async fn add_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<
     (
         StatusCode,
@@ -103,7 +105,7 @@ pub(super) async fn add_book<S: HttpStore>(
     ApiError,
 > {
     let context = command_context(&headers)?;
-    let body = JsonObject::parse(&headers, &body)?;
+    let body = JsonObject::parse(&headers, &body?)?;
     body.refuse_unknown(&["title", "author", "isbn", "price", "description"])?;
     let command = BookCommand::Add(AddBook {
         book_id: BookId::generate(),
@@ -120,13 +122,14 @@ pub(super) async fn add_book<S: HttpStore>(
 
 pub(super) async fn update_price<S: HttpStore>(
     State(state): State<HttpState<S>>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CommandReply>, ApiError> {
+    let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
-    let body = JsonObject::parse(&headers, &body)?;
+    let body = JsonObject::parse(&headers, &body?)?;
     body.refuse_unknown(&["price"])?;
     let price = body
         .price("price")?
@@ -139,13 +142,14 @@ pub(super) async fn update_price<S: HttpStore>(
 
 pub(super) async fn update_details<S: HttpStore>(
     State(state): State<HttpState<S>>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<CommandReply>, ApiError> {
+    let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
-    let body = JsonObject::parse(&headers, &body)?;
+    let body = JsonObject::parse(&headers, &body?)?;
     body.refuse_unknown(&["title", "author", "isbn", "description"])?;
     let mut update = UpdateDetails::new(book_id);
     update.title = body.text("title")?;
@@ -160,9 +164,10 @@ pub(super) async fn update_details<S: HttpStore>(
 
 pub(super) async fn remove_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
-    Path(id): Path<String>,
+    path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
 ) -> Result<Json<CommandReply>, ApiError> {
+    let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
     let command = BookCommand::Remove { book_id };

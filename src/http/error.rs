@@ -2,7 +2,8 @@
 //!
 //! | failure | status |
 //! | --- | --- |
-//! | body is not JSON, or not an object | 400 |
+//! | body is not JSON, or not an object; a path that is not valid percent-encoded UTF-8 | 400 |
+//! | body over axum's limit (2 MiB) | 413 |
 //! | body without `Content-Type: application/json` | 415 |
 //! | a field breaks a rule ([`ValidationError`]) | 422, with `field` |
 //! | no such book (or an id that cannot name one) | 404 |
@@ -14,6 +15,7 @@
 //! answered with their message too, since the API serves the operators' own dashboard.
 
 use axum::Json;
+use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -55,6 +57,20 @@ impl ApiError {
 
     pub fn not_found(message: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, message)
+    }
+}
+
+/// axum's own refusals (a body over its size limit, a path that does not decode) in the same
+/// JSON shape as every other error, rather than axum's plain text.
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        Self::new(rejection.status(), rejection.body_text())
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(rejection.status(), rejection.body_text())
     }
 }
 
