@@ -51,7 +51,9 @@ pub struct BookChange {
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error(
-        "book {book_id} was changed concurrently: expected version {expected:?}, found {actual:?}"
+        "book {book_id} was changed concurrently: expected {}, found {}",
+        version_text(*.expected),
+        version_text(*.actual)
     )]
     Conflict {
         book_id: BookId,
@@ -199,6 +201,14 @@ impl CommitSignal {
     }
 }
 
+/// A book version in a message: "version 3", or "no book" for none.
+fn version_text(version: Option<u64>) -> String {
+    match version {
+        Some(version) => format!("version {version}"),
+        None => "no book".to_owned(),
+    }
+}
+
 /// A position or version as the databases store it (BIGINT).
 pub(crate) fn to_i64(value: u64, what: &str) -> Result<i64, StoreError> {
     i64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} {value} exceeds BIGINT")))
@@ -236,4 +246,30 @@ pub(crate) fn with_positions(
             }
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_conflict_names_the_versions_in_words() {
+        let book_id = BookId::generate();
+        let conflict = |expected, actual| {
+            StoreError::Conflict {
+                book_id,
+                expected,
+                actual,
+            }
+            .to_string()
+        };
+        assert_eq!(
+            conflict(Some(3), Some(5)),
+            format!("book {book_id} was changed concurrently: expected version 3, found version 5")
+        );
+        assert_eq!(
+            conflict(None, Some(1)),
+            format!("book {book_id} was changed concurrently: expected no book, found version 1")
+        );
+    }
 }
