@@ -74,6 +74,7 @@ projection_suite!(
     projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metrics,
     two_projectors_split_the_partitions_and_together_match_store,
     catching_up_counts_what_another_member_applied,
+    until_caught_up_says_whether_it_caught_up_or_was_stopped,
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     dlq_replay_sends_each_dead_letter_back_once,
@@ -721,6 +722,32 @@ fn bad_records() -> Vec<(Option<String>, Vec<u8>)> {
         (key, frame_single_object(0x0bad_f00d_dead_beef, &datum)),
         (Some("not-a-book-id".into()), framed),
     ]
+}
+
+/// `--until-caught-up` is a job: a run stopped by shutdown must not look like one that
+/// caught up (the command then fails instead of printing "caught up").
+async fn until_caught_up_says_whether_it_caught_up_or_was_stopped(world: &World) {
+    world.write_random_history(4, 8, Rng::seed()).await;
+    world.relay_once().await;
+    let (stop, shutdown) = ShutdownTrigger::new();
+    stop.trigger();
+    let group = common::unique("stopped");
+    let projector = kafka_projector(
+        world.store.clone(),
+        &world.kafka,
+        World::projection_config(&group),
+    )
+    .await
+    .unwrap();
+    let stopped = projector
+        .run(ProjectionMode::UntilCaughtUp, shutdown)
+        .await
+        .unwrap();
+    assert!(!stopped.caught_up, "{stopped:?}");
+
+    let finished = world.project(&group).await;
+    assert!(finished.caught_up, "{finished:?}");
+    world.assert_report_equals_store().await;
 }
 
 async fn undecodable_records_go_to_the_dlq_and_projection_goes_on(world: &World) {

@@ -166,6 +166,9 @@ pub struct ProjectionReport {
     pub dead_letters: u64,
     /// Every partition this instance owned at some point.
     pub partitions: BTreeSet<i32>,
+    /// With [`ProjectionMode::UntilCaughtUp`]: whether it stopped because it caught up, rather
+    /// than for shutdown.
+    pub caught_up: bool,
 }
 
 /// How a running projector is doing, for progress output and dashboards.
@@ -368,7 +371,11 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             session.leave().await;
             self.status.send_modify(|status| status.owned.clear());
             match outcome {
-                Ok(Stop::Shutdown | Stop::CaughtUp) => break,
+                Ok(Stop::Shutdown) => break,
+                Ok(Stop::CaughtUp) => {
+                    progress.report.caught_up = true;
+                    break;
+                }
                 Err(error) if error.is_retryable() => {
                     metrics::record_error(error.kind());
                     warn!(%error, ?backoff, "projection interrupted; joining again after a pause");

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bookstore::cli::ProjectArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::projection::{
@@ -53,6 +53,15 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
         progress.abort();
     }
     let report = outcome?;
+    if args.until_caught_up && !report.caught_up {
+        bail!(
+            "stopped before catching up (applied {} facts in {} batches, {} sent to the \
+             dead-letter queue); run it again to go on from there",
+            report.applied_facts,
+            report.batches,
+            report.dead_letters
+        );
+    }
     if args.until_caught_up {
         println!(
             "caught up: applied {} facts in {} batches; {} sent to the dead-letter queue",
