@@ -593,3 +593,27 @@ async fn serving_stops_when_shutdown_fires() {
         .unwrap()
         .unwrap();
 }
+
+/// A client that opened a connection and never finished its request does not keep the server
+/// from stopping: requests in flight get `SHUTDOWN_GRACE`, then the connections are closed.
+#[tokio::test]
+async fn a_stalled_client_does_not_keep_the_server_from_stopping() {
+    use tokio::io::AsyncWriteExt;
+
+    let mut server = Server::sqlite().await;
+    let address = server.base.trim_start_matches("http://").to_owned();
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stalled
+        .write_all(b"GET /healthz HTTP/1.1\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    server.trigger.trigger();
+    let task = server.task.take().unwrap();
+    tokio::time::timeout(http::SHUTDOWN_GRACE + Duration::from_secs(10), task)
+        .await
+        .expect("the server did not stop with a stalled client connected")
+        .unwrap()
+        .unwrap();
+    drop(stalled);
+}

@@ -29,10 +29,13 @@
 //! | `ops` | `/healthz`, `/readyz`, `/metrics` and the request counter |
 //! | `error` | how failures become status codes and `{"error", "field"}` bodies |
 
+use std::time::Duration;
+
 use axum::Router;
 use axum::middleware;
 use axum::routing::get;
 use tokio::net::TcpListener;
+use tracing::warn;
 
 use crate::shutdown::Shutdown;
 
@@ -81,15 +84,27 @@ pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
         .with_state(state)
 }
 
+/// How long requests in flight get to finish once shutdown fires.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting connections and
-/// waits for the requests in flight.
+/// waits for the requests in flight, for [`SHUTDOWN_GRACE`] at most: a client that opened a
+/// connection and never finished its request would otherwise keep the process from exiting.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
-    mut shutdown: Shutdown,
+    shutdown: Shutdown,
 ) -> Result<(), HttpError> {
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move { shutdown.wait().await })
-        .await?;
+    let mut graceful = shutdown.clone();
+    let serving =
+        axum::serve(listener, router).with_graceful_shutdown(async move { graceful.wait().await });
+    let mut deadline = shutdown;
+    tokio::select! {
+        served = serving => served?,
+        () = async {
+            deadline.wait().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them"),
+    }
     Ok(())
 }
