@@ -81,6 +81,18 @@ fn assert_exactly_once_in_order(events: &[StoredEvent], records: &[Received]) {
     }
 }
 
+/// Each record's first copy, in the order read: at-least-once may send a batch again after an
+/// error, and what counts then is that nothing is missing and each book's first copies come in
+/// order.
+fn first_copies(records: &[Received]) -> Vec<Received> {
+    let mut seen = HashSet::new();
+    records
+        .iter()
+        .filter(|record| seen.insert(record.position()))
+        .cloned()
+        .collect()
+}
+
 async fn read_all(kafka: &KafkaConfig, expected: usize) -> Vec<Received> {
     let topics = kafka.topics();
     common::consume_committed(
@@ -387,16 +399,74 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
     assert_eq!(standby_report.published_events, 0, "the standby published");
     assert!(active_report.published_events >= head);
 
-    // At-least-once may send a batch again after an error; what counts is that nothing is
-    // missing and each book's first copies come in order.
     let events = store.read_after(0, 1_000_000).await.unwrap();
     let records = read_all(&kafka, events.len()).await;
-    let mut first_copies = vec![];
-    let mut seen = HashSet::new();
-    for record in &records {
-        if seen.insert(record.position()) {
-            first_copies.push(record.clone());
-        }
-    }
-    assert_exactly_once_in_order(&events, &first_copies);
+    assert_exactly_once_in_order(&events, &first_copies(&records));
+}
+
+/// Ctrl-C or SIGTERM while the broker is down: the relay gives its batches in flight the
+/// grace period, then abandons them and stops, instead of waiting out the message timeout
+/// (300 s). Nothing is lost: a restart sends them again.
+#[tokio::test]
+async fn a_relay_asked_to_stop_during_a_broker_outage_stops_after_its_grace_period() {
+    let broker = PrivateBroker::start().await;
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("t");
+    kafka.request_timeout_ms = 10_000;
+    let (_dir, _database, store, service) = written_outbox(0, 0).await;
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let settings = RelaySettings {
+        delivery: DeliveryMode::AtLeastOnce,
+        batch_size: 20,
+        poll_interval_ms: 100,
+        ..RelaySettings::default()
+    };
+    let grace = Duration::from_secs(2);
+    let relay = kafka_relay(store.clone(), &kafka, &settings)
+        .await
+        .unwrap()
+        .tuned(|config| config.shutdown_grace = grace);
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    write_books(&service, 5, 1).await;
+    wait_until_published(
+        &store,
+        &relay_id,
+        1,
+        Duration::from_secs(60),
+        "relay made no progress",
+    )
+    .await;
+
+    broker.run("stop").await;
+    write_books(&service, 5, 1).await; // sent, never acknowledged
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let asked = Instant::now();
+    stop.trigger();
+    tokio::time::timeout(grace + Duration::from_secs(8), running)
+        .await
+        .expect("the relay did not stop after its grace period")
+        .unwrap()
+        .unwrap();
+    assert!(
+        asked.elapsed() >= grace,
+        "stopped before the grace period: {:?}",
+        asked.elapsed()
+    );
+    let head = store.head_position().await.unwrap();
+    assert!(
+        published(&store, &relay_id).await < head,
+        "the outage did not hold anything back"
+    );
+
+    broker.run("start").await;
+    kafka_relay(store.clone(), &kafka, &settings)
+        .await
+        .unwrap()
+        .run(RunMode::Once, bookstore::shutdown::Shutdown::never())
+        .await
+        .unwrap();
+    let events = store.read_after(0, 1_000_000).await.unwrap();
+    let records = read_all(&kafka, events.len()).await;
+    assert_exactly_once_in_order(&events, &first_copies(&records));
 }

@@ -68,6 +68,10 @@ pub struct RelayConfig {
     pub poll_interval: Duration,
     /// How long a lease lasts without renewal; renewed at a third of it.
     pub lease_ttl: Duration,
+    /// After shutdown is requested, how long batches in flight get to be confirmed before they
+    /// are abandoned (and sent again after a restart). Default 10 s: a broker outage would
+    /// otherwise hold a stop for up to the message timeout (300 s).
+    pub shutdown_grace: Duration,
     /// Published events older than this are deleted from the outbox.
     pub retention: Duration,
     /// How often retention runs.
@@ -88,6 +92,7 @@ impl RelayConfig {
             batch_linger: Duration::ZERO,
             poll_interval: Duration::from_millis(250),
             lease_ttl: Duration::from_secs(15),
+            shutdown_grace: Duration::from_secs(10),
             retention: Duration::from_secs(7 * 24 * 3600),
             prune_interval: Duration::from_secs(600),
             min_backoff: Duration::from_millis(200),
@@ -127,6 +132,16 @@ pub struct Relay<O, P> {
     config: RelayConfig,
     /// The first page of the next batch, read while a backlog's batch commits.
     next_batch: Option<ReadAhead>,
+}
+
+/// How publishing under a lease ended.
+enum Ended {
+    /// By itself: see the [`Stop`].
+    Stopped(Result<Stop, RelayError>),
+    /// The lease was lost meanwhile.
+    LeaseLost,
+    /// Shutdown was requested and the grace period passed.
+    GraceOver,
 }
 
 /// Why an active period ended.
@@ -239,20 +254,38 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     ) -> Result<Stop, RelayError> {
         let mut lease = self.lease().keep(acquired_at);
         let recorder = PositionRecorder::spawn(self.outbox.clone(), self.config.relay_id.clone());
-        let stop = tokio::select! {
-            stop = self.publish_batches(&recorder, target, report, shutdown) => Some(stop),
-            () = lease.lost() => None,
+        let (mut stopping, grace) = (shutdown.clone(), self.config.shutdown_grace);
+        let ended = tokio::select! {
+            stop = self.publish_batches(&recorder, target, report, shutdown) => Ended::Stopped(stop),
+            () = lease.lost() => Ended::LeaseLost,
+            () = async {
+                stopping.wait().await;
+                tokio::time::sleep(grace).await;
+            } => Ended::GraceOver,
         };
-        let stop = match stop {
-            Some(stop) => stop,
-            None => {
-                self.publisher.stop().await;
-                self.next_batch = None;
+        let stop = match ended {
+            Ended::Stopped(stop) => stop,
+            Ended::LeaseLost => {
+                self.abandon_in_flight().await;
                 Ok(Stop::LeaseLost)
+            }
+            Ended::GraceOver => {
+                warn!(
+                    ?grace,
+                    "batches in flight not confirmed in time; abandoning them (a restart sends them again)"
+                );
+                self.abandon_in_flight().await;
+                Ok(Stop::Shutdown)
             }
         };
         recorder.finish().await;
         stop
+    }
+
+    /// Drops what is in flight: the publisher's queue and the next batch read ahead.
+    async fn abandon_in_flight(&mut self) {
+        self.publisher.stop().await;
+        self.next_batch = None;
     }
 
     async fn publish_batches(

@@ -330,6 +330,29 @@ impl KafkaPublisher {
         Ok(confirmed)
     }
 
+    /// Drops the producers and whatever they still queue, and forgets the open and unconfirmed
+    /// batches; false if there were none. Purging first: dropping a producer joins its polling
+    /// thread (up to 100 ms) before it purges, and records could still go out meanwhile. Both
+    /// block (the drop flushes for up to 500 ms), so they run off the async runtime.
+    async fn discard_producers(&mut self) -> bool {
+        self.turn = 0;
+        self.deliveries.clear();
+        self.batch_last = None;
+        self.unconfirmed.clear();
+        let producers = std::mem::take(&mut self.producers);
+        if producers.is_empty() {
+            return false;
+        }
+        let _ = tokio::task::spawn_blocking(move || {
+            for producer in &producers {
+                producer.purge(PurgeConfig::default().queue().inflight());
+            }
+            drop(producers);
+        })
+        .await;
+        true
+    }
+
     /// Best effort after a failed batch: the next `start` fences and aborts whatever is left
     /// open anyway.
     async fn abort_transaction(&self) {
@@ -357,11 +380,7 @@ impl KafkaPublisher {
 impl EventPublisher for KafkaPublisher {
     async fn start(&mut self) -> Result<Option<u64>, PublishError> {
         // Fresh producers each time: after an error the old ones' state is unknown.
-        self.producers.clear();
-        self.turn = 0;
-        self.deliveries.clear();
-        self.batch_last = None;
-        self.unconfirmed.clear();
+        self.discard_producers().await;
         if self.mode == DeliveryMode::AtLeastOnce {
             let producer = self.create_producer(None)?;
             self.ready_idempotent(&producer).await?;
@@ -443,24 +462,9 @@ impl EventPublisher for KafkaPublisher {
     }
 
     async fn stop(&mut self) {
-        let producers = std::mem::take(&mut self.producers);
-        self.turn = 0;
-        self.deliveries.clear();
-        self.batch_last = None;
-        self.unconfirmed.clear();
-        if producers.is_empty() {
-            return;
+        if self.discard_producers().await {
+            info!(relay_id = %self.relay_id, "stopped publishing; queued records discarded");
         }
-        // Purging first: dropping a producer joins its polling thread (up to 100 ms) before it
-        // purges, and records could still go out meanwhile. Both block, so off the runtime.
-        let _ = tokio::task::spawn_blocking(move || {
-            for producer in &producers {
-                producer.purge(PurgeConfig::default().queue().inflight());
-            }
-            drop(producers);
-        })
-        .await;
-        info!(relay_id = %self.relay_id, "stopped publishing; queued records discarded");
     }
 }
 
