@@ -19,7 +19,7 @@ use crate::domain::{AddBook, BookCommand, BookEvent, BookId, EventPayload, Price
 use crate::projection::{ProjectionConfig, ProjectionMode, ReportStore, kafka_projector};
 use crate::relay::{RunMode, kafka_relay};
 use crate::service::{BookService, CommandContext, ServiceError};
-use crate::shutdown::ShutdownTrigger;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::{Outbox, StoreError};
 
 /// One verified claim of the scenario.
@@ -64,6 +64,8 @@ pub enum DemoError {
     Projection(String),
     #[error("Kafka: {0}")]
     Kafka(String),
+    #[error("interrupted (Ctrl-C or SIGTERM) while {0}")]
+    Interrupted(&'static str),
 }
 
 /// How long each stage may take before the scenario gives up on it.
@@ -101,6 +103,7 @@ pub async fn publish_through<S: Outbox + Clone + 'static>(
     store: &S,
     kafka: &KafkaConfig,
     position: u64,
+    interrupt: &Shutdown,
 ) -> Result<(), DemoError> {
     let settings = RelaySettings::default();
     let relay_id = settings
@@ -116,6 +119,9 @@ pub async fn publish_through<S: Outbox + Clone + 'static>(
     let outcome = loop {
         if store.published_position(&relay_id).await? >= position {
             break Ok(());
+        }
+        if interrupt.is_triggered() {
+            break Err(DemoError::Interrupted("publishing"));
         }
         if running.is_finished() || tokio::time::Instant::now() > deadline {
             break Err(DemoError::Relay(format!(
@@ -140,6 +146,7 @@ pub async fn project_through<S: Outbox + ReportStore + Clone + 'static>(
     group: &str,
     book_id: BookId,
     version: u64,
+    interrupt: &Shutdown,
 ) -> Result<(), DemoError> {
     let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group))
         .await
@@ -151,6 +158,9 @@ pub async fn project_through<S: Outbox + ReportStore + Clone + 'static>(
         let row = store.report(book_id).await?;
         if row.is_some_and(|row| row.version >= version) {
             break Ok(());
+        }
+        if interrupt.is_triggered() {
+            break Err(DemoError::Interrupted("projecting"));
         }
         if running.is_finished() || tokio::time::Instant::now() > deadline {
             break Err(DemoError::Projection(format!(
@@ -187,11 +197,13 @@ pub async fn check_report<S: ReportStore>(
 }
 
 /// Runs the whole seed scenario against `store` and the cluster of `kafka`, calling
-/// `progress` before each stage, and returns every check.
+/// `progress` before each stage, and returns every check. When `interrupt` fires, the stage
+/// running stops its relay or projector gracefully and the scenario fails as interrupted.
 pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
     store: S,
     kafka: &KafkaConfig,
     group: &str,
+    interrupt: &Shutdown,
     mut progress: impl FnMut(&str),
 ) -> Result<ScenarioReport, DemoError> {
     let service = BookService::new(store.clone(), AvroCodec::new());
@@ -204,10 +216,10 @@ pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
     check_store(&service, book_id, &mut report).await?;
     progress("publishing the outbox to Kafka");
     let head = store.head_position().await?;
-    publish_through(&store, kafka, head).await?;
+    publish_through(&store, kafka, head, interrupt).await?;
     check_topics(kafka, book_id, &mut report).await?;
     progress("projecting the facts into the BookReport");
-    project_through(&store, kafka, group, book_id, 2).await?;
+    project_through(&store, kafka, group, book_id, 2, interrupt).await?;
     check_report(&store, book_id, &mut report).await?;
     Ok(report)
 }
@@ -371,7 +383,7 @@ const DEMO_BOOKS: &[(&str, &str, &str)] = &[
 /// so a dashboard visibly fills and moves. Stops at shutdown.
 pub async fn feed_demo_data<S: Outbox>(
     service: &BookService<S, AvroCodec>,
-    mut shutdown: crate::shutdown::Shutdown,
+    mut shutdown: Shutdown,
 ) -> Result<(), DemoError> {
     let mut ids = Vec::new();
     for (title, author, list_price) in DEMO_BOOKS {

@@ -5,6 +5,7 @@ use bookstore::cli::DemoArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::demo::run_scenario;
 use bookstore::projection::default_group;
+use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::AnyStore;
 
 pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: DemoArgs) -> Result<()> {
@@ -14,7 +15,12 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: DemoArgs) -> Re
     let group = args
         .group
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
-    let report = run_scenario(store, kafka, &group, |stage| eprintln!("… {stage}")).await?;
+    let (trigger, interrupt) = ShutdownTrigger::new();
+    trigger.on_signals();
+    let report = run_scenario(store, kafka, &group, &interrupt, |stage| {
+        eprintln!("… {stage}")
+    })
+    .await?;
     println!("book {}", report.book_id);
     for check in &report.checks {
         let mark = if check.passed { "PASS" } else { "FAIL" };
