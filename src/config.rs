@@ -2,8 +2,8 @@
 //!
 //! Every setting has a flag and an environment variable, and a default that works on a laptop
 //! with the local broker (`deploy/kafka/kafka.sh start`). Environment variables starting with
-//! `BOOKSTORE_` that no setting knows are rejected, so a typo never silently falls back to a
-//! default.
+//! `BOOKSTORE_` that no setting knows are reported as likely typos (every one of them, at
+//! start), so a typo does not silently fall back to a default unnoticed.
 
 use std::time::Duration;
 
@@ -118,6 +118,15 @@ impl KafkaConfig {
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
     }
+
+    /// The schema registry's URL, if one is configured. An empty value (`SCHEMA_REGISTRY_URL=`,
+    /// as deployment templates often leave it) means none, as it does for the test suite.
+    pub fn schema_registry(&self) -> Option<&str> {
+        self.schema_registry_url
+            .as_deref()
+            .map(str::trim)
+            .filter(|url| !url.is_empty())
+    }
 }
 
 /// How the relay runs (`bookstore relay`).
@@ -190,8 +199,8 @@ impl Default for RelaySettings {
 pub enum ConfigError {
     #[error("expected key=value, got {0:?}")]
     NotKeyValue(String),
-    #[error("unknown environment variable {0} (known: {1})")]
-    UnknownVariable(String, String),
+    #[error("unknown environment variable(s) {0} (known: {1})")]
+    UnknownVariables(String, String),
 }
 
 /// The librdkafka properties of one `--kafka-option` (or of `BOOKSTORE_KAFKA_OPTIONS`), in
@@ -246,19 +255,27 @@ fn parse_client_options(text: &str) -> Result<ClientOptions, ConfigError> {
     Ok(ClientOptions(options))
 }
 
-/// Fails on a `BOOKSTORE_*` variable in `environment` that is not in `known`.
+/// Fails on the `BOOKSTORE_*` variables in `environment` that are not in `known`, naming
+/// every one.
 pub fn reject_unknown_variables<'a>(
     environment: impl IntoIterator<Item = String>,
     known: impl IntoIterator<Item = &'a str> + Clone,
 ) -> Result<(), ConfigError> {
-    for name in environment {
-        if name.starts_with("BOOKSTORE_") && !known.clone().into_iter().any(|k| k == name) {
-            let mut listed: Vec<&str> = known.into_iter().collect();
-            listed.sort_unstable();
-            return Err(ConfigError::UnknownVariable(name, listed.join(", ")));
-        }
+    let mut unknown: Vec<String> = environment
+        .into_iter()
+        .filter(|name| name.starts_with("BOOKSTORE_"))
+        .filter(|name| !known.clone().into_iter().any(|known| known == name))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
     }
-    Ok(())
+    unknown.sort_unstable();
+    let mut listed: Vec<&str> = known.into_iter().collect();
+    listed.sort_unstable();
+    Err(ConfigError::UnknownVariables(
+        unknown.join(", "),
+        listed.join(", "),
+    ))
 }
 
 #[cfg(test)]
@@ -325,11 +342,35 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_schema_registry_url_means_none() {
+        let mut kafka = KafkaConfig::new("localhost:9092");
+        for (url, expected) in [
+            (None, None),
+            (Some(""), None),
+            (Some("  "), None),
+            (Some(" http://registry:8081 "), Some("http://registry:8081")),
+        ] {
+            kafka.schema_registry_url = url.map(str::to_owned);
+            assert_eq!(kafka.schema_registry(), expected, "{url:?}");
+        }
+    }
+
+    #[test]
     fn unknown_bookstore_variables_are_rejected_and_others_ignored() {
         let known = ["BOOKSTORE_DATABASE_URL"];
         let env = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<Vec<_>>();
         assert!(reject_unknown_variables(env(&["BOOKSTORE_DATABASE_URL", "PATH"]), known).is_ok());
-        let error = reject_unknown_variables(env(&["BOOKSTORE_DATABSE_URL"]), known).unwrap_err();
-        assert!(error.to_string().contains("BOOKSTORE_DATABSE_URL"));
+        let error = reject_unknown_variables(
+            env(&["BOOKSTORE_DATABSE_URL", "PATH", "BOOKSTORE_RELAY_BACH_SIZE"]),
+            known,
+        )
+        .unwrap_err();
+        assert_eq!(
+            error,
+            ConfigError::UnknownVariables(
+                "BOOKSTORE_DATABSE_URL, BOOKSTORE_RELAY_BACH_SIZE".into(),
+                "BOOKSTORE_DATABASE_URL".into()
+            )
+        );
     }
 }

@@ -263,9 +263,9 @@ fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
         arguments.push("--kafka-option".to_owned());
         arguments.push(options.to_argument());
     }
-    if let Some(url) = &kafka.schema_registry_url {
+    if let Some(url) = kafka.schema_registry() {
         arguments.push("--schema-registry-url".to_owned());
-        arguments.push(url.clone());
+        arguments.push(url.to_owned());
     }
     arguments
 }

@@ -211,8 +211,7 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
     )
     .await?;
     let registry = kafka
-        .schema_registry_url
-        .as_deref()
+        .schema_registry()
         .map(RegistryClient::new)
         .transpose()?;
     Ok(Projector {

@@ -61,7 +61,7 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
 
 /// Confluent framing with registered ids when a registry is configured, else single-object.
 pub async fn wire_format(kafka: &KafkaConfig) -> Result<WireFormat, RelaySetupError> {
-    let Some(url) = kafka.schema_registry_url.clone() else {
+    let Some(url) = kafka.schema_registry().map(str::to_owned) else {
         return Ok(WireFormat::SingleObject);
     };
     let topics = kafka.topics();

@@ -57,7 +57,7 @@ fn warn_about_unknown_variables() {
     let names = std::env::vars_os().filter_map(|(name, _)| name.into_string().ok());
     let known = known.iter().map(String::as_str).chain(tooling);
     if let Err(error) = bookstore::config::reject_unknown_variables(names, known) {
-        tracing::warn!("{error}; it is ignored");
+        tracing::warn!("{error}; ignored");
     }
 }
 
