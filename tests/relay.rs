@@ -518,6 +518,26 @@ async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) 
     }
 }
 
+/// `relay --once` is a job: a run stopped by shutdown must not look like one that published
+/// everything (the command then fails instead of printing what it published).
+#[tokio::test]
+async fn a_run_once_says_whether_it_finished_or_was_stopped() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(2, 1).await;
+    let (stop, shutdown) = ShutdownTrigger::new();
+    stop.trigger();
+    let stopped = fixture
+        .relay(DeliveryMode::ExactlyOnce)
+        .await
+        .run(RunMode::Once, shutdown)
+        .await
+        .unwrap();
+    assert!(!stopped.finished, "{stopped:?}");
+    let finished = fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    assert!(finished.finished, "{finished:?}");
+    assert_eq!(finished.published_events, 8);
+}
+
 #[tokio::test]
 async fn a_publisher_that_lost_its_transactional_id_is_fenced() {
     let fixture = Fixture::new().await;

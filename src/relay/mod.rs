@@ -115,6 +115,9 @@ pub struct RelayReport {
     pub published_events: u64,
     pub batches: u64,
     pub last_position: u64,
+    /// With [`RunMode::Once`]: whether everything committed at the start was published, rather
+    /// than the run stopping for shutdown first.
+    pub finished: bool,
 }
 
 /// Until when `run` goes on.
@@ -190,7 +193,11 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             // Hand the lease over at once rather than making a standby wait for it to expire.
             let _ = self.lease().release().await;
             match outcome? {
-                Stop::Shutdown | Stop::Done => break,
+                Stop::Shutdown => break,
+                Stop::Done => {
+                    report.finished = true;
+                    break;
+                }
                 Stop::LeaseLost => warn!("lost the relay lease; standing by"),
             }
         }

@@ -1,6 +1,6 @@
 //! `bookstore relay`: the outbox relay until Ctrl-C/SIGTERM, or `--once`.
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use bookstore::cli::RelayArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::relay::{RunMode, kafka_relay};
@@ -28,6 +28,14 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
     }
     let relay = kafka_relay(outbox, kafka, &args.settings).await?;
     let report = relay.run(mode, shutdown).await?;
+    if args.once && !report.finished {
+        bail!(
+            "stopped before publishing everything (published {} events, last position {}); \
+             run it again to go on from there",
+            report.published_events,
+            report.last_position
+        );
+    }
     if args.once {
         println!(
             "published {} events in {} batches; last position {}",
