@@ -109,6 +109,22 @@ async fn published(store: &SqliteStore, relay_id: &str) -> u64 {
     store.published_position(relay_id).await.unwrap()
 }
 
+/// For the broker-outage tests: a broker of the test's own (to stop and start), a
+/// configuration for it with short request timeouts, and relay settings with small batches.
+async fn outage_setup(delivery: DeliveryMode) -> (PrivateBroker, KafkaConfig, RelaySettings) {
+    let broker = PrivateBroker::start().await;
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("t");
+    kafka.request_timeout_ms = 10_000;
+    let settings = RelaySettings {
+        delivery,
+        batch_size: 20,
+        poll_interval_ms: 100,
+        ..RelaySettings::default()
+    };
+    (broker, kafka, settings)
+}
+
 /// Waits until the relay has recorded `position` as published; fails with `what` after
 /// `within`.
 async fn wait_until_published(
@@ -220,17 +236,9 @@ async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once(
 
 #[tokio::test]
 async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
-    let broker = PrivateBroker::start().await;
-    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
-    kafka.topic_prefix = common::unique("t");
-    kafka.request_timeout_ms = 10_000;
+    let (broker, kafka, settings) = outage_setup(DeliveryMode::ExactlyOnce).await;
     let (_dir, _database, store, service) = written_outbox(0, 0).await;
     let relay_id = format!("{}.relay", kafka.topic_prefix);
-    let settings = RelaySettings {
-        batch_size: 20,
-        poll_interval_ms: 100,
-        ..RelaySettings::default()
-    };
     let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
@@ -332,19 +340,10 @@ async fn relay_and_projection_started_before_the_broker_wait_for_it() {
 /// land out of order.
 #[tokio::test]
 async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
-    let broker = PrivateBroker::start().await;
-    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
-    kafka.topic_prefix = common::unique("t");
-    kafka.request_timeout_ms = 10_000;
+    let (broker, kafka, settings) = outage_setup(DeliveryMode::AtLeastOnce).await;
     let (_dir, _database, store, service) = written_outbox(0, 0).await;
     let relay_id = format!("{}.relay", kafka.topic_prefix);
     let lease_ttl = Duration::from_secs(3);
-    let settings = RelaySettings {
-        delivery: DeliveryMode::AtLeastOnce,
-        batch_size: 20,
-        poll_interval_ms: 100,
-        ..RelaySettings::default()
-    };
     let start = |instance: &'static str| {
         let (store, kafka, settings) = (store.clone(), kafka.clone(), settings.clone());
         async move {
@@ -409,18 +408,9 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
 /// (300 s). Nothing is lost: a restart sends them again.
 #[tokio::test]
 async fn a_relay_asked_to_stop_during_a_broker_outage_stops_after_its_grace_period() {
-    let broker = PrivateBroker::start().await;
-    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
-    kafka.topic_prefix = common::unique("t");
-    kafka.request_timeout_ms = 10_000;
+    let (broker, kafka, settings) = outage_setup(DeliveryMode::AtLeastOnce).await;
     let (_dir, _database, store, service) = written_outbox(0, 0).await;
     let relay_id = format!("{}.relay", kafka.topic_prefix);
-    let settings = RelaySettings {
-        delivery: DeliveryMode::AtLeastOnce,
-        batch_size: 20,
-        poll_interval_ms: 100,
-        ..RelaySettings::default()
-    };
     let grace = Duration::from_secs(2);
     let relay = kafka_relay(store.clone(), &kafka, &settings)
         .await
