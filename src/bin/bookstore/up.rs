@@ -32,11 +32,24 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
     if !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
     }
-    let relay = kafka_relay(store.clone(), kafka, &args.relay).await?;
     let group = args
         .group
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
-    let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group)).await?;
+    // Provisioning topics and registering schemas can take up to the request timeout each; a
+    // signal meanwhile stops at once (nothing has started that would need finishing).
+    let set_up = async {
+        let relay = kafka_relay(store.clone(), kafka, &args.relay).await?;
+        let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group)).await?;
+        anyhow::Ok((relay, projector))
+    };
+    let mut interrupted = shutdown.clone();
+    let (relay, projector) = tokio::select! {
+        ready = set_up => ready?,
+        () = interrupted.wait() => {
+            info!("stopped while setting up");
+            return Ok(());
+        }
+    };
     let state = HttpState::new(store.clone(), metrics)
         .with_relay_id(relay_id)
         .with_kafka_readiness(kafka.clone());
