@@ -109,20 +109,55 @@ async fn published(store: &SqliteStore, relay_id: &str) -> u64 {
     store.published_position(relay_id).await.unwrap()
 }
 
-/// For the broker-outage tests: a broker of the test's own (to stop and start), a
-/// configuration for it with short request timeouts, and relay settings with small batches.
-async fn outage_setup(delivery: DeliveryMode) -> (PrivateBroker, KafkaConfig, RelaySettings) {
-    let broker = PrivateBroker::start().await;
-    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
-    kafka.topic_prefix = common::unique("t");
-    kafka.request_timeout_ms = 10_000;
-    let settings = RelaySettings {
-        delivery,
-        batch_size: 20,
-        poll_interval_ms: 100,
-        ..RelaySettings::default()
-    };
-    (broker, kafka, settings)
+/// What the broker-outage tests start from: a broker of the test's own (to stop and start), a
+/// configuration for it with short request timeouts, relay settings with small batches, and an
+/// empty SQLite outbox.
+struct Outage {
+    broker: PrivateBroker,
+    kafka: KafkaConfig,
+    settings: RelaySettings,
+    store: SqliteStore,
+    service: BookService<SqliteStore, AvroCodec>,
+    relay_id: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Outage {
+    async fn start(delivery: DeliveryMode) -> Self {
+        let broker = PrivateBroker::start().await;
+        let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+        kafka.topic_prefix = common::unique("t");
+        kafka.request_timeout_ms = 10_000;
+        let settings = RelaySettings {
+            delivery,
+            batch_size: 20,
+            poll_interval_ms: 100,
+            ..RelaySettings::default()
+        };
+        let (_dir, _database, store, service) = written_outbox(0, 0).await;
+        let relay_id = format!("{}.relay", kafka.topic_prefix);
+        Self {
+            broker,
+            kafka,
+            settings,
+            store,
+            service,
+            relay_id,
+            _dir,
+        }
+    }
+}
+
+/// Waits until the relay has published something (a minute at most).
+async fn wait_for_progress(store: &SqliteStore, relay_id: &str) {
+    wait_until_published(
+        store,
+        relay_id,
+        1,
+        Duration::from_secs(60),
+        "relay made no progress",
+    )
+    .await;
 }
 
 /// Waits until the relay has recorded `position` as published; fails with `what` after
@@ -236,22 +271,21 @@ async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once(
 
 #[tokio::test]
 async fn relay_survives_a_broker_stop_and_start_without_loss_or_duplicates() {
-    let (broker, kafka, settings) = outage_setup(DeliveryMode::ExactlyOnce).await;
-    let (_dir, _database, store, service) = written_outbox(0, 0).await;
-    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let Outage {
+        broker,
+        kafka,
+        settings,
+        store,
+        service,
+        relay_id,
+        _dir,
+    } = Outage::start(DeliveryMode::ExactlyOnce).await;
     let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
 
     write_books(&service, 20, 2).await;
-    wait_until_published(
-        &store,
-        &relay_id,
-        1,
-        Duration::from_secs(60),
-        "relay made no progress",
-    )
-    .await;
+    wait_for_progress(&store, &relay_id).await;
 
     broker.run("stop").await;
     write_books(&service, 20, 2).await; // committed while the broker is down
@@ -340,9 +374,15 @@ async fn relay_and_projection_started_before_the_broker_wait_for_it() {
 /// land out of order.
 #[tokio::test]
 async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
-    let (broker, kafka, settings) = outage_setup(DeliveryMode::AtLeastOnce).await;
-    let (_dir, _database, store, service) = written_outbox(0, 0).await;
-    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let Outage {
+        broker,
+        kafka,
+        settings,
+        store,
+        service,
+        relay_id,
+        _dir,
+    } = Outage::start(DeliveryMode::AtLeastOnce).await;
     let lease_ttl = Duration::from_secs(3);
     let start = |instance: &'static str| {
         let (store, kafka, settings) = (store.clone(), kafka.clone(), settings.clone());
@@ -360,14 +400,7 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
     };
     let (stop_active, active) = start("active").await;
     write_books(&service, 10, 1).await;
-    wait_until_published(
-        &store,
-        &relay_id,
-        1,
-        Duration::from_secs(60),
-        "relay made no progress",
-    )
-    .await;
+    wait_for_progress(&store, &relay_id).await;
     let (stop_standby, standby) = start("standby").await;
 
     broker.run("stop").await;
@@ -408,9 +441,15 @@ async fn an_at_least_once_relay_keeps_its_lease_through_a_broker_outage() {
 /// (300 s). Nothing is lost: a restart sends them again.
 #[tokio::test]
 async fn a_relay_asked_to_stop_during_a_broker_outage_stops_after_its_grace_period() {
-    let (broker, kafka, settings) = outage_setup(DeliveryMode::AtLeastOnce).await;
-    let (_dir, _database, store, service) = written_outbox(0, 0).await;
-    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let Outage {
+        broker,
+        kafka,
+        settings,
+        store,
+        service,
+        relay_id,
+        _dir,
+    } = Outage::start(DeliveryMode::AtLeastOnce).await;
     let grace = Duration::from_secs(2);
     let relay = kafka_relay(store.clone(), &kafka, &settings)
         .await
@@ -419,14 +458,7 @@ async fn a_relay_asked_to_stop_during_a_broker_outage_stops_after_its_grace_peri
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
     write_books(&service, 5, 1).await;
-    wait_until_published(
-        &store,
-        &relay_id,
-        1,
-        Duration::from_secs(60),
-        "relay made no progress",
-    )
-    .await;
+    wait_for_progress(&store, &relay_id).await;
 
     broker.run("stop").await;
     write_books(&service, 5, 1).await; // sent, never acknowledged
