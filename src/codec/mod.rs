@@ -11,6 +11,7 @@
 //! | [`fingerprint`] | Parsing Canonical Form and CRC-64-AVRO, as the Avro specification defines them |
 //! | [`avro`] | [`AvroCodec`]: events to Avro datums (no framing) and back |
 //! | [`wire`] | the Kafka value framings (single-object, Confluent) and [`FramedDecoder`] |
+//! | [`writer_schema`] | what a writer schema from the registry must pass before it decodes anything |
 //! | [`registry`] | a Confluent-compatible schema registry client and the subject names |
 //! | [`headers`] | the Kafka header names the relay writes and the projection reads |
 //!
@@ -23,6 +24,7 @@ pub mod fingerprint;
 pub mod headers;
 pub mod registry;
 pub mod wire;
+pub mod writer_schema;
 
 use thiserror::Error;
 

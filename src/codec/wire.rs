@@ -216,7 +216,9 @@ impl FramedDecoder {
     }
 
     /// Teaches the decoder the writer schema a registry has under `schema_id`. It must be a
-    /// version of one of our records (same full name); returns that record's event type.
+    /// version of one of our records (same full name) that passes
+    /// [`writer_schema::refusal`](super::writer_schema::refusal); returns that record's event
+    /// type.
     pub fn add_writer_schema(
         &mut self,
         schema_id: u32,
@@ -224,6 +226,9 @@ impl FramedDecoder {
     ) -> Result<&'static str, CodecError> {
         let schema = Schema::parse_str(schema_json)
             .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
+        if let Some(reason) = super::writer_schema::refusal(&schema) {
+            return Err(CodecError::WriterSchema(reason));
+        }
         let full_name = match &schema {
             Schema::Record(record) => record.name.fullname(None),
             _ => return Err(CodecError::WriterSchema("not a record schema".into())),
@@ -312,5 +317,22 @@ mod tests {
         );
         let error = parse_frame(&[0xC3, 0x02, 0, 0, 0, 0, 0, 0, 0, 0]).unwrap_err();
         assert!(error.to_string().contains("0xc3 0x02"), "{error}");
+    }
+
+    #[test]
+    fn a_recursive_version_of_a_contract_is_refused_before_it_can_decode() {
+        // Decoding under this schema recursed once per nesting level: a datum nesting 200,000
+        // facts overflowed the stack and aborted the process.
+        let recursive = r#"{"type": "record", "name": "BookFactEvent",
+            "namespace": "bookstore.events", "fields": [
+                {"name": "book_id", "type": {"type": "string", "logicalType": "uuid"}},
+                {"name": "next", "type": ["null", "BookFactEvent"], "default": null}]}"#;
+        let mut decoder = FramedDecoder::new(AvroCodec::new());
+        let error = decoder.add_writer_schema(7, recursive).unwrap_err();
+        assert!(error.to_string().contains("contains itself"), "{error}");
+        assert!(matches!(
+            decoder.decode(&[0, 0, 0, 0, 7, 0]),
+            Err(CodecError::UnknownSchemaId(7))
+        ));
     }
 }

@@ -1,0 +1,151 @@
+//! The checks a writer schema from the registry passes before anything is decoded with it.
+//!
+//! A registry hands back whatever was registered under an id, and apache-avro 0.22 trusts the
+//! schema it decodes with in two ways that a record can turn into a crash of the whole
+//! process, not an error:
+//! * it decodes recursively, one stack frame per level of nesting, with no bound: under a
+//!   recursive schema (a record holding a union of `null` and itself) a record of a few
+//!   hundred kilobytes nests deep enough to overflow the thread's stack, which aborts;
+//! * it allocates a `fixed` value's declared size before reading it (`vec![0; size]`), without
+//!   the allocation limit it applies to strings and arrays, so a `fixed` of 2^60 bytes aborts on
+//!   the allocation.
+//!
+//! None of our contracts recurses or holds a `fixed`, and neither a version of them nor
+//! another producer's event needs to, so such a schema is refused up front and every record
+//! written under it is a bad record (the projection dead-letters it). apache-avro has no
+//! option for either, which is why this walk is written here.
+
+use apache_avro::Schema;
+use apache_avro::schema::{InnerDecimalSchema, UuidSchema};
+
+use super::avro::MAX_DECODE_ALLOCATION_BYTES;
+
+/// Why a writer schema is refused.
+pub fn refusal(schema: &Schema) -> Option<String> {
+    let mut enclosing = Vec::new();
+    walk(schema, &mut enclosing).err()
+}
+
+/// Walks `schema` depth first; `enclosing` holds the full names of the records around it.
+fn walk(schema: &Schema, enclosing: &mut Vec<String>) -> Result<(), String> {
+    match schema {
+        Schema::Record(record) => {
+            enclosing.push(record.name.fullname(None));
+            let fields = record
+                .fields
+                .iter()
+                .try_for_each(|field| walk(&field.schema, enclosing));
+            enclosing.pop();
+            fields
+        }
+        Schema::Ref { name } => {
+            let full_name = name.fullname(None);
+            if enclosing.contains(&full_name) {
+                return Err(format!(
+                    "{full_name} contains itself; recursive schemas are not accepted"
+                ));
+            }
+            Ok(())
+        }
+        Schema::Array(array) => walk(&array.items, enclosing),
+        Schema::Map(map) => walk(&map.types, enclosing),
+        Schema::Union(union) => union
+            .variants()
+            .iter()
+            .try_for_each(|variant| walk(variant, enclosing)),
+        Schema::Fixed(fixed) | Schema::Duration(fixed) => fixed_size(&fixed.name, fixed.size),
+        Schema::Decimal(decimal) => match &decimal.inner {
+            InnerDecimalSchema::Fixed(fixed) => fixed_size(&fixed.name, fixed.size),
+            InnerDecimalSchema::Bytes => Ok(()),
+        },
+        Schema::Uuid(UuidSchema::Fixed(fixed)) => fixed_size(&fixed.name, fixed.size),
+        _ => Ok(()),
+    }
+}
+
+fn fixed_size(name: &apache_avro::schema::Name, size: usize) -> Result<(), String> {
+    if size > MAX_DECODE_ALLOCATION_BYTES {
+        return Err(format!(
+            "fixed {} declares {size} bytes, more than the {MAX_DECODE_ALLOCATION_BYTES} \
+             a decoded value may take",
+            name.fullname(None)
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Schema {
+        Schema::parse_str(json).unwrap()
+    }
+
+    #[test]
+    fn our_contracts_pass() {
+        for contract in crate::codec::contract::contracts() {
+            assert_eq!(
+                refusal(contract.schema()),
+                None,
+                "{}",
+                contract.event_type()
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_holding_itself_is_refused() {
+        let schema = parse(
+            r#"{"type": "record", "name": "Node", "namespace": "n",
+                "fields": [{"name": "next", "type": ["null", "Node"]}]}"#,
+        );
+        let reason = refusal(&schema).unwrap();
+        assert!(reason.contains("n.Node contains itself"), "{reason}");
+    }
+
+    #[test]
+    fn mutual_recursion_through_a_nested_record_is_refused() {
+        let schema = parse(
+            r#"{"type": "record", "name": "A", "fields": [
+                {"name": "b", "type": {"type": "record", "name": "B", "fields": [
+                    {"name": "back", "type": {"type": "array", "items": "A"}}]}}]}"#,
+        );
+        assert!(refusal(&schema).unwrap().contains("A contains itself"));
+    }
+
+    #[test]
+    fn a_named_type_used_twice_side_by_side_is_not_recursion() {
+        let schema = parse(
+            r#"{"type": "record", "name": "R", "fields": [
+                {"name": "first", "type": {"type": "record", "name": "Part", "fields": [
+                    {"name": "x", "type": "int"}]}},
+                {"name": "second", "type": "Part"},
+                {"name": "colour", "type": {"type": "enum", "name": "C", "symbols": ["A"]}},
+                {"name": "again", "type": ["null", "C"]},
+                {"name": "digest", "type": {"type": "fixed", "name": "D", "size": 32}},
+                {"name": "old_digest", "type": "D"}]}"#,
+        );
+        assert_eq!(refusal(&schema), None);
+    }
+
+    #[test]
+    fn a_fixed_larger_than_any_decoded_value_is_refused() {
+        for fixed in [
+            r#"{"type": "fixed", "name": "Huge", "size": 1152921504606846976}"#,
+            r#"{"type": "fixed", "name": "Huge", "size": 1152921504606846976,
+                "logicalType": "decimal", "precision": 4, "scale": 2}"#,
+        ] {
+            let schema = parse(&format!(
+                r#"{{"type": "record", "name": "R", "fields": [{{"name": "f", "type": {fixed}}}]}}"#
+            ));
+            let reason = refusal(&schema).unwrap();
+            assert!(reason.contains("fixed Huge declares"), "{reason}");
+        }
+        let just_fits = parse(&format!(
+            r#"{{"type": "record", "name": "R", "fields": [{{"name": "f",
+                "type": {{"type": "fixed", "name": "F", "size": {MAX_DECODE_ALLOCATION_BYTES}}}}}]}}"#
+        ));
+        assert_eq!(refusal(&just_fits), None);
+    }
+}
