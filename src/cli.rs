@@ -380,6 +380,11 @@ pub struct DemoArgs {
     /// Consumer group of the projection; default `<topic prefix>.book-report`.
     #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
     pub group: Option<String>,
+
+    /// The relay's settings, as `relay` and `up` take them: with the same relay id as a
+    /// running relay, the demo waits for that one instead of publishing the outbox again.
+    #[command(flatten)]
+    pub relay: RelaySettings,
 }
 
 /// The environment variables the command line reads.

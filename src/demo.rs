@@ -102,15 +102,15 @@ fn price(text: &str) -> Price {
 pub async fn publish_through<S: Outbox + Clone + 'static>(
     store: &S,
     kafka: &KafkaConfig,
+    settings: &RelaySettings,
     position: u64,
     interrupt: &Shutdown,
 ) -> Result<(), DemoError> {
-    let settings = RelaySettings::default();
     let relay_id = settings
         .relay_id
         .clone()
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
-    let relay = kafka_relay(store.clone(), kafka, &settings)
+    let relay = kafka_relay(store.clone(), kafka, settings)
         .await
         .map_err(|error| DemoError::Relay(error.to_string()))?;
     let (stop, shutdown) = ShutdownTrigger::new();
@@ -202,6 +202,7 @@ pub async fn check_report<S: ReportStore>(
 pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
     store: S,
     kafka: &KafkaConfig,
+    relay: &RelaySettings,
     group: &str,
     interrupt: &Shutdown,
     mut progress: impl FnMut(&str),
@@ -216,7 +217,7 @@ pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
     check_store(&service, book_id, &mut report).await?;
     progress("publishing the outbox to Kafka");
     let head = store.head_position().await?;
-    publish_through(&store, kafka, head, interrupt).await?;
+    publish_through(&store, kafka, relay, head, interrupt).await?;
     check_topics(kafka, book_id, &mut report).await?;
     progress("projecting the facts into the BookReport");
     project_through(&store, kafka, group, book_id, 2, interrupt).await?;

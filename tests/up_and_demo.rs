@@ -51,6 +51,81 @@ async fn demo_on_postgres() {
     demo_passes_every_check_and_can_run_again(&url).await;
 }
 
+/// Beside a running relay with a relay id of its own, the demo, told that id, leaves the
+/// publishing to it: before, it took a lease of its own under the default id and published the
+/// store's whole outbox a second time.
+#[tokio::test]
+async fn demo_beside_a_running_relay_publishes_nothing_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("shop.db").display());
+    let prefix = common::unique("demo-beside");
+    let mut kafka = bookstore::config::KafkaConfig::new(common::bootstrap_servers());
+    kafka.topic_prefix = prefix.clone();
+    let topics = kafka.topics();
+    let provisioned = bookstore(&url, &prefix)
+        .args(["kafka", "provision"])
+        .output()
+        .await
+        .unwrap();
+    assert!(provisioned.status.success(), "{provisioned:?}");
+    // A book first, so that the relay is known to be active (it published it) before the demo.
+    let added = bookstore(&url, &prefix)
+        .args([
+            "books",
+            "add",
+            "--title",
+            "Emma",
+            "--author",
+            "Jane Austen",
+            "--price",
+            "3.50",
+        ])
+        .output()
+        .await
+        .unwrap();
+    assert!(added.status.success(), "{added:?}");
+    let mut relay = bookstore(&url, &prefix)
+        .args(["relay", "--relay-id", "shop-relay"])
+        .spawn()
+        .unwrap();
+    common::consume_committed(
+        &kafka,
+        &[&topics.book, &topics.book_fact],
+        2,
+        Duration::from_secs(60),
+        Duration::ZERO,
+    )
+    .await;
+
+    let output = bookstore(&url, &prefix)
+        .env("BOOKSTORE_RELAY_ID", "shop-relay")
+        .arg("demo")
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    common::terminate_gracefully(&mut relay, "bookstore relay").await;
+
+    let records = common::consume_committed(
+        &kafka,
+        &[&topics.book, &topics.book_fact],
+        6,
+        Duration::from_secs(30),
+        Duration::from_secs(3),
+    )
+    .await;
+    let mut positions: Vec<u64> = records.iter().map(common::Received::position).collect();
+    positions.sort_unstable();
+    let published = positions.len();
+    positions.dedup();
+    assert_eq!(published, positions.len(), "published twice: {records:?}");
+}
+
 #[tokio::test]
 async fn up_on_sqlite_fills_its_dashboard_and_stops_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();

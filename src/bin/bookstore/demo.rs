@@ -17,7 +17,7 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: DemoArgs) -> Re
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
     let (trigger, interrupt) = ShutdownTrigger::new();
     trigger.on_signals();
-    let report = run_scenario(store, kafka, &group, &interrupt, |stage| {
+    let report = run_scenario(store, kafka, &args.relay, &group, &interrupt, |stage| {
         eprintln!("… {stage}")
     })
     .await?;
