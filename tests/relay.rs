@@ -15,8 +15,8 @@ use bookstore::domain::{
     AddBook, BookCommand, BookId, EventKind, EventPayload, Price, StoredEvent,
 };
 use bookstore::relay::{
-    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayReport, RunMode,
-    kafka_relay, record::RecordMapper,
+    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayError, RelayReport,
+    RunMode, kafka_relay, record::RecordMapper,
 };
 use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
@@ -890,4 +890,83 @@ async fn two_stores_relaying_to_the_same_topics_never_take_each_others_checkpoin
     let expected = first.all_events().await.len() + second.all_events().await.len();
     let records = first.read_topics(expected).await;
     assert_eq!(records.len(), expected);
+}
+
+/// A database restored to an older copy (or failed over to a replica that lost commits) holds
+/// less than Kafka's checkpoint records as published. Events saved afterwards reuse those
+/// positions, so a relay resuming after the checkpoint would never publish them: it must stop.
+#[tokio::test]
+async fn a_relay_stops_when_kafka_records_more_as_published_than_the_store_holds() {
+    let fixture = Fixture::new().await;
+    let kept = fixture.write_books(2, 0).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+    let restored_head = fixture.all_events().await.last().unwrap().position;
+    fixture.write_books(2, 0).await;
+    fixture.relay_once(DeliveryMode::ExactlyOnce).await;
+
+    // The "restore": the store goes back to how it was after the first relay run.
+    let pool = fixture.store().pool().clone();
+    let kept: Vec<String> = kept.iter().map(ToString::to_string).collect();
+    for statement in [
+        format!("DELETE FROM events WHERE position > {restored_head}"),
+        format!(
+            "DELETE FROM books WHERE book_id NOT IN ('{}')",
+            kept.join("', '")
+        ),
+        format!("UPDATE outbox_head SET last_position = {restored_head}"),
+        format!("UPDATE relay_checkpoint SET position = {restored_head}"),
+    ] {
+        sqlx::query(sqlx::AssertSqlSafe(statement))
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    fixture.add_book("Saved after the restore", "2.00").await;
+
+    let error = fixture
+        .relay(DeliveryMode::ExactlyOnce)
+        .await
+        .run(RunMode::Once, Shutdown::never())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            error,
+            RelayError::AheadOfStore { published, head }
+                if published == restored_head + 4 && head == restored_head + 2
+        ),
+        "{error}"
+    );
+    assert!(error.to_string().contains("restored"), "{error}");
+}
+
+/// Positions are gapless, so a missing one was deleted before this relay published it (by the
+/// pruning of another relay id of the same store, say): the relay stops instead of skipping it.
+#[tokio::test]
+async fn a_relay_stops_at_a_hole_in_the_outbox_instead_of_skipping_it() {
+    for delivery in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+        let fixture = Fixture::new().await;
+        fixture.write_books(4, 0).await;
+        sqlx::query("DELETE FROM events WHERE position IN (4, 5)")
+            .execute(fixture.store().pool())
+            .await
+            .unwrap();
+
+        let error = fixture
+            .relay_in_batches_of(delivery, 3)
+            .await
+            .run(RunMode::Once, Shutdown::never())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(error, RelayError::Gap { first: 4, last: 5 }),
+            "{delivery:?}: {error}"
+        );
+        let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+        assert_eq!(
+            fixture.store().published_position(&relay_id).await.unwrap(),
+            3,
+            "{delivery:?}: what came before the hole is published"
+        );
+    }
 }

@@ -5,7 +5,10 @@
 //! * **No loss, no skip.** Positions are gapless and assigned in commit order (see
 //!   [`crate::store`]), so reading `position > resume point` in order sees every committed
 //!   event. The resume point only moves after the publisher confirmed the batch durable
-//!   (transaction committed, or every record acknowledged with `acks=all`).
+//!   (transaction committed, or every record acknowledged with `acks=all`). Where the store no
+//!   longer matches that (a hole in the positions read, or a resume point beyond the store's
+//!   head after a database restore), the relay stops with [`RelayError::Gap`] or
+//!   [`RelayError::AheadOfStore`] rather than skip events.
 //! * **Per-book order.** Events are read in position order, a book's records share a key and
 //!   so a partition, the producer is idempotent (no reordering on retry), and after a failure
 //!   everything not confirmed is resent from its first event after a fresh `start`.
@@ -107,6 +110,46 @@ pub enum RelayError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Publish(#[from] PublishError),
+    /// Kafka or the store records more as published than the store holds. Fatal: events saved
+    /// from now on take positions at or below `published`, which the relay would never read.
+    #[error(
+        "events up to position {published} are recorded as published, but the store's outbox \
+         ends at position {head}: the database was restored, or failed over to a copy that lost \
+         committed events; publishing on would skip the next {} events saved (see the README, \
+         \"Restoring the database\")",
+        published - head
+    )]
+    AheadOfStore { published: u64, head: u64 },
+    /// Positions are gapless (see the `store` module), so a missing one was deleted before this
+    /// relay published it. Fatal: going on would skip it for good.
+    #[error(
+        "the outbox has no events at positions {first}..={last}, which this relay has not \
+         published: deleted by another relay id's pruning, or lost by the database; publishing \
+         on would skip them"
+    )]
+    Gap { first: u64, last: u64 },
+}
+
+impl RelayError {
+    /// Whether retrying cannot help: the store no longer matches what was published.
+    fn is_fatal(&self) -> bool {
+        matches!(self, Self::AheadOfStore { .. } | Self::Gap { .. })
+    }
+}
+
+/// Checks that `page` continues right after position `after` without a hole.
+fn check_contiguous(after: u64, page: &[StoredEvent]) -> Result<(), RelayError> {
+    let mut expected = after + 1;
+    for event in page {
+        if event.position != expected {
+            return Err(RelayError::Gap {
+                first: expected,
+                last: event.position.saturating_sub(1),
+            });
+        }
+        expected += 1;
+    }
+    Ok(())
 }
 
 /// What a run did, for `--once` and tests.
@@ -362,6 +405,14 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 },
                 Err(error) => error,
             };
+            if error.is_fatal() {
+                // Record what was acknowledged before the hole, so that it is not sent again.
+                if let Err(settling) = self.settle(&mut unconfirmed, report, recorder).await {
+                    warn!(error = %settling, "could not confirm the last batches before stopping");
+                }
+                error!(%error, "relay stops");
+                return Err(error);
+            }
             // Whatever was not confirmed is sent again after the restart below.
             unconfirmed.abandon();
             self.next_batch = None;
@@ -427,6 +478,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         if page.is_empty() {
             return Ok(None);
         }
+        check_contiguous(position, &page)?;
         let span = info_span!(
             "publish_batch",
             first = position + 1,
@@ -462,6 +514,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     batch.caught_up = true;
                     break;
                 }
+                check_contiguous(batch.last, &page)?;
             }
             // A backlog goes on: the next batch's first page is read while this one commits.
             if self.outbox.reads_ahead()
@@ -481,6 +534,16 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         .await
     }
 
+    /// The store's copy of the published position, and its head.
+    async fn published_and_head(&self) -> Result<(u64, u64), StoreError> {
+        let recorded = self
+            .outbox
+            .published_position(&self.config.relay_id)
+            .await?;
+        let head = self.outbox.head_position().await?;
+        Ok((recorded, head))
+    }
+
     /// Starts the publisher, retrying with backoff while Kafka (or the store) is unavailable,
     /// and returns the position to resume after: the furthest of what Kafka and the store know
     /// to be published. `None` if shutdown came first.
@@ -493,9 +556,17 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         loop {
             let error = match self.publisher.start().await {
                 Ok(known_by_publisher) => {
-                    match self.outbox.published_position(&self.config.relay_id).await {
-                        Ok(recorded) => {
+                    match self.published_and_head().await {
+                        Ok((recorded, head)) => {
                             let position = known_by_publisher.unwrap_or(0).max(recorded);
+                            if position > head {
+                                let error = RelayError::AheadOfStore {
+                                    published: position,
+                                    head,
+                                };
+                                error!(%error, "relay stops");
+                                return Err(error);
+                            }
                             info!(position, "resuming after position");
                             metrics::record_position(position);
                             if known_by_publisher.is_some_and(|known| known > recorded) {
