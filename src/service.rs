@@ -1,8 +1,9 @@
 //! The application service: runs a command against the stored book and saves the outcome.
 //!
 //! It is the only place that reads the clock and draws ids for events, so the domain stays pure.
-//! A save that loses an optimistic-concurrency race is retried against the fresh state: the
-//! command is decided again, never blindly re-applied.
+//! A save that loses an optimistic-concurrency race, or that the database aborted because of
+//! concurrent transactions (a serialization failure or deadlock), is retried against the fresh
+//! state: the command is decided again, never blindly re-applied.
 
 use chrono::Utc;
 use thiserror::Error;
@@ -16,7 +17,8 @@ use crate::domain::{
 };
 use crate::store::{BookChange, EventStore, StoreError};
 
-/// How often a command is decided again after losing a concurrent-write race.
+/// How often a command is decided again after losing a concurrent-write race (or after the
+/// database aborted its save to resolve contention).
 const MAX_CONFLICT_RETRIES: usize = 5;
 
 /// Who asked, for the correlation trail. Empty by default: the command starts a new trail.
@@ -110,6 +112,10 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
                 Err(StoreError::Conflict { .. }) if attempt < MAX_CONFLICT_RETRIES => {
                     attempt += 1;
                     debug!(attempt, "concurrent change, deciding again");
+                }
+                Err(StoreError::Contention(error)) if attempt < MAX_CONFLICT_RETRIES => {
+                    attempt += 1;
+                    debug!(attempt, %error, "save aborted by the database, deciding again");
                 }
                 Err(error) => return Err(error.into()),
             }

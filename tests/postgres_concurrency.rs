@@ -1,8 +1,10 @@
 //! Concurrent writers on PostgreSQL, and a follower that reads the outbox with nothing but
 //! `position > last_seen`: it must see every committed event exactly once, in gapless order.
 //!
-//! That only holds because positions come from the `outbox_head` row (see `store/mod.rs`). The
-//! last two tests show the mechanism, and what a plain sequence would get wrong.
+//! That only holds because positions come from the `outbox_head` row (see `store/mod.rs`). Two
+//! tests show the mechanism, and what a plain sequence would get wrong; the last ones show that
+//! saves do not depend on the database's default isolation level, and that a save the database
+//! aborts to break a deadlock is retried.
 
 mod common;
 #[path = "store_suite/fixtures.rs"]
@@ -13,10 +15,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use bookstore::domain::{BookId, StoredEvent};
+use bookstore::codec::AvroCodec;
+use bookstore::domain::{AddBook, BookCommand, BookId, StoredEvent};
+use bookstore::service::{BookService, CommandContext};
 use bookstore::store::{EventStore, PostgresStore, StoreError};
 use chrono::Utc;
 use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
 use uuid::Uuid;
 
 use fixtures::{PgSchema, added, new_book, repriced};
@@ -286,5 +291,137 @@ async fn with_a_sequence_instead_a_follower_would_skip_a_late_commit() {
     assert_eq!(first_poll, [2], "the follower saw 2 before 1 was committed");
     assert!(second_poll.is_empty(), "and never sees 1");
     pool.close().await;
+    schema.drop().await;
+}
+
+/// A database whose default isolation is REPEATABLE READ (`ALTER DATABASE … SET
+/// default_transaction_isolation = 'repeatable read'`; here set for the store's sessions) must
+/// still take concurrent saves of different books. A save that queued for the head row would
+/// otherwise fail with a serialization failure once the save before it committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_saves_of_different_books_succeed_when_the_default_isolation_is_repeatable_read()
+{
+    const SAVERS: usize = 8;
+    const SAVES: usize = 20;
+    let schema = PgSchema::create().await;
+    let options = schema
+        .options()
+        .options([("default_transaction_isolation", "repeatable read")]);
+    let pool = PgPoolOptions::new()
+        .max_connections(SAVERS as u32)
+        .connect_with(options)
+        .await
+        .unwrap();
+    let store = PostgresStore::with_pool(pool).await.unwrap();
+    let isolation: String = sqlx::query_scalar("SHOW default_transaction_isolation")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(isolation, "repeatable read");
+
+    let savers: Vec<_> = (0..SAVERS)
+        .map(|saver| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let mut book = new_book(&format!("Book {saver}"), "1.00");
+                store.save(added(&book)).await?;
+                for save in 1..SAVES {
+                    let (next, change) = repriced(&book, &format!("{saver}.{save:02}"));
+                    store.save(change).await?;
+                    book = next;
+                }
+                Ok::<_, StoreError>(())
+            })
+        })
+        .collect();
+    for (saver, task) in savers.into_iter().enumerate() {
+        if let Err(error) = task.await.unwrap() {
+            panic!("saver {saver}: {error}");
+        }
+    }
+
+    let expected = (2 * SAVERS * SAVES) as u64;
+    assert_eq!(store.head_position().await.unwrap(), expected);
+    let positions: Vec<u64> = store
+        .read_after(0, usize::MAX)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(positions, (1..=expected).collect::<Vec<_>>());
+    store.pool().close().await;
+    schema.drop().await;
+}
+
+/// Transaction T holds the head row and then asks for the row of the book a save has locked:
+/// a deadlock, which PostgreSQL breaks by aborting the save (it waited first, so its deadlock
+/// check runs first). The service decides the command again and saves it once T is gone,
+/// instead of failing the request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_aborted_to_break_a_deadlock_is_retried_by_the_service() {
+    let schema = PgSchema::create().await;
+    let store = schema.store().await;
+    let service = Arc::new(BookService::new(store.clone(), AvroCodec::new()));
+    let book_id = BookId::generate();
+    let add = BookCommand::Add(AddBook {
+        book_id,
+        title: "Deadlocked".to_owned(),
+        author: "Test Author".to_owned(),
+        isbn: None,
+        price: "1.00".parse().unwrap(),
+        description: None,
+    });
+    service
+        .execute(add, CommandContext::default())
+        .await
+        .unwrap();
+    let mut t = store.pool().begin().await.unwrap();
+    let t_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *t)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE outbox_head SET last_position = last_position WHERE id = 1")
+        .execute(&mut *t)
+        .await
+        .unwrap();
+
+    let update = tokio::spawn({
+        let service = service.clone();
+        async move {
+            let reprice = BookCommand::UpdatePrice {
+                book_id,
+                price: "2.00".parse().unwrap(),
+            };
+            service.execute(reprice, CommandContext::default()).await
+        }
+    });
+    // The save has locked the book row and queues for the head row.
+    wait_until_blocked_by(store.pool(), t_pid).await;
+    sqlx::query("UPDATE books SET title = title WHERE book_id = $1")
+        .bind(book_id.as_uuid())
+        .execute(&mut *t)
+        .await
+        .expect("T goes on once the save is aborted");
+    t.rollback().await.unwrap();
+
+    let outcome = update
+        .await
+        .unwrap()
+        .expect("the service retries a save aborted by a deadlock");
+    let book = outcome.state.unwrap();
+    assert_eq!(
+        (book.version, book.price.to_string()),
+        (2, "2.00".to_owned())
+    );
+    assert_eq!(
+        outcome
+            .events
+            .iter()
+            .map(|e| e.position)
+            .collect::<Vec<_>>(),
+        [3, 4]
+    );
+    store.pool().close().await;
     schema.drop().await;
 }

@@ -8,7 +8,7 @@
 //! | a field breaks a rule ([`ValidationError`]) | 422, with `field` |
 //! | no such book (or an id that cannot name one) | 404 |
 //! | the book exists already, was removed, or keeps changing concurrently | 409 |
-//! | the database does not answer | 503 |
+//! | the database does not answer, or keeps aborting the save because of concurrent ones | 503 |
 //! | anything else (corrupt data, an event that cannot be encoded) | 500 |
 //!
 //! Messages of user errors are shown as they are; system errors are logged in full and
@@ -100,6 +100,7 @@ impl From<StoreError> for ApiError {
         let status = match &error {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
             StoreError::Database(_)
+            | StoreError::Contention(_)
             | StoreError::Sqlite { .. }
             | StoreError::Cancelled
             | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,

@@ -47,7 +47,8 @@ pub struct BookChange {
     pub events: Vec<NewEvent>,
 }
 
-/// Failures of a store. `Conflict` is the caller's to retry; the rest are the system's.
+/// Failures of a store. `Conflict` and `Contention` are the caller's to retry (the service
+/// does); the rest are the system's.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error(
@@ -60,6 +61,11 @@ pub enum StoreError {
         expected: Option<u64>,
         actual: Option<u64>,
     },
+    /// The database aborted a save to resolve contention with concurrent transactions
+    /// (PostgreSQL's serialization failure or deadlock, SQLSTATE 40001 or 40P01). Nothing was
+    /// written, and the same save is likely to succeed when tried again.
+    #[error("the database aborted the save because of concurrent transactions: {0}")]
+    Contention(sqlx::Error),
     #[error("unsupported database URL {0:?}: expected sqlite:… , a file path, or postgres://…")]
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]

@@ -1,6 +1,13 @@
 //! `PostgresStore`: the [`EventStore`] on PostgreSQL, for production.
 //!
-//! Transactions run at READ COMMITTED. What keeps the outbox gapless is the `outbox_head` row:
+//! Saves run at READ COMMITTED, stated in their `BEGIN` whatever the database's
+//! `default_transaction_isolation` says: at REPEATABLE READ or SERIALIZABLE, a save that waited
+//! for the `outbox_head` row would fail with a serialization failure (40001) instead of reading
+//! the head its predecessor committed, so concurrent saves of different books would fail.
+//! Should the database still abort a save to resolve contention (40001, or a deadlock, 40P01),
+//! the save fails with [`StoreError::Contention`], which the service retries.
+//!
+//! What keeps the outbox gapless is the `outbox_head` row:
 //! every save increments it as its last step before inserting its events, and the row lock that
 //! takes is held until COMMIT, so a second save waits there and reads the head only once the
 //! first one is committed (and visible). Positions are therefore handed out in commit order,
@@ -58,6 +65,36 @@ impl PostgresStore {
     async fn stored_version(&self, book_id: BookId) -> Result<Option<u64>, StoreError> {
         stored_version(&mut *self.pool.acquire().await?, book_id).await
     }
+
+    /// The body of [`EventStore::save`]; its errors are classified by the caller.
+    async fn save_in_transaction(
+        &self,
+        change: BookChange,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let book_id = change.state.book_id;
+        let expected = change.expected_version;
+        let mut tx = self.pool.begin_with(BEGIN_SAVE).await?;
+        if let Written::No { actual } = write_book(&mut tx, &change).await? {
+            return Err(conflict(book_id, expected, actual));
+        }
+        if change.events.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![]);
+        }
+        let last = reserve_positions(&mut tx, change.events.len()).await?;
+        let events = with_positions(change.events, last)?;
+        if let Err(error) = insert_events(&mut tx, &events).await {
+            // The failed statement aborted the transaction: the version is read outside it.
+            tx.rollback().await?;
+            if !is_stream_version_clash(&error) {
+                return Err(error);
+            }
+            let actual = self.stored_version(book_id).await?;
+            return Err(conflict(book_id, expected, actual));
+        }
+        tx.commit().await?;
+        Ok(events)
+    }
 }
 
 impl EventStore for PostgresStore {
@@ -85,29 +122,9 @@ impl EventStore for PostgresStore {
     }
 
     async fn save(&self, change: BookChange) -> Result<Vec<StoredEvent>, StoreError> {
-        let book_id = change.state.book_id;
-        let expected = change.expected_version;
-        let mut tx = self.pool.begin().await?;
-        if let Written::No { actual } = write_book(&mut tx, &change).await? {
-            return Err(conflict(book_id, expected, actual));
-        }
-        if change.events.is_empty() {
-            tx.commit().await?;
-            return Ok(vec![]);
-        }
-        let last = reserve_positions(&mut tx, change.events.len()).await?;
-        let events = with_positions(change.events, last)?;
-        if let Err(error) = insert_events(&mut tx, &events).await {
-            // The failed statement aborted the transaction: the version is read outside it.
-            tx.rollback().await?;
-            if !is_stream_version_clash(&error) {
-                return Err(error);
-            }
-            let actual = self.stored_version(book_id).await?;
-            return Err(conflict(book_id, expected, actual));
-        }
-        tx.commit().await?;
-        Ok(events)
+        self.save_in_transaction(change)
+            .await
+            .map_err(classify_save_error)
     }
 
     async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
@@ -147,6 +164,23 @@ impl EventStore for PostgresStore {
             .map_err(read_failed)?
             .ok_or_else(missing_head)?;
         to_u64(last, "outbox_head.last_position")
+    }
+}
+
+/// How a save begins its transaction: at READ COMMITTED whatever the database's default (see
+/// the module doc).
+const BEGIN_SAVE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
+/// A serialization failure or a deadlock is [`StoreError::Contention`], which the service
+/// retries; other errors stay as they are.
+fn classify_save_error(error: StoreError) -> StoreError {
+    match error {
+        StoreError::Database(sqlx::Error::Database(db))
+            if matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
+        {
+            StoreError::Contention(sqlx::Error::Database(db))
+        }
+        other => other,
     }
 }
 
