@@ -139,15 +139,13 @@ impl RelayError {
 
 /// Checks that `page` continues right after position `after` without a hole.
 fn check_contiguous(after: u64, page: &[StoredEvent]) -> Result<(), RelayError> {
-    let mut expected = after + 1;
-    for event in page {
+    for (expected, event) in (after + 1..).zip(page) {
         if event.position != expected {
             return Err(RelayError::Gap {
                 first: expected,
                 last: event.position.saturating_sub(1),
             });
         }
-        expected += 1;
     }
     Ok(())
 }
