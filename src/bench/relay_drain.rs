@@ -5,9 +5,12 @@
 //!
 //! * **raw producer**: `RecordMapper` turns the stored events into records before the clock
 //!   starts; a `FutureProducer` with the relay's client settings
-//!   (`KafkaConfig::relay_producer_config`) sends them. Exactly-once: a transactional
-//!   producer (initialised before the clock) that begins a transaction, sends `batch_size`
-//!   events' records and commits, until done. At-least-once: an idempotent `acks=all` producer
+//!   (`KafkaConfig::relay_producer_config`) sends them. Exactly-once: transactional producers
+//!   (initialised before the clock), as many as the relay takes turns with
+//!   ([`TRANSACTIONAL_PRODUCERS`], which spares the next transaction the coordinator's
+//!   `CONCURRENT_TRANSACTIONS` refusal), each in turn beginning a transaction, sending
+//!   `batch_size` events' records and committing, until done. The relay may cut batches
+//!   earlier (after `RelayConfig::max_batch_time`) and adds a checkpoint record to each. At-least-once: an idempotent `acks=all` producer
 //!   (readied by one acknowledged record before the clock) that sends everything and awaits
 //!   every acknowledgement.
 //! * **relay**: `Relay::run(RunMode::Once)` over the same store, timed from its first outbox
@@ -37,7 +40,7 @@ use crate::config::{KafkaConfig, RelaySettings};
 use crate::domain::{EventKind, StoredEvent};
 use crate::kafka::provision_topics;
 use crate::relay::record::{OutboundRecord, RecordMapper};
-use crate::relay::{DeliveryMode, RunMode, kafka_relay, wire_format};
+use crate::relay::{DeliveryMode, RunMode, TRANSACTIONAL_PRODUCERS, kafka_relay, wire_format};
 use crate::shutdown::Shutdown;
 use crate::store::{AnyStore, EventStore};
 
@@ -404,13 +407,13 @@ pub async fn producer_drain(
         batches.push(records);
     }
     let bytes = batches.iter().flatten().map(record_bytes).sum();
-    let producer = raw_producer(&kafka, mode).await?;
+    let producers = raw_producers(&kafka, mode).await?;
     let started = Instant::now();
     match mode {
         DeliveryMode::ExactlyOnce => {
-            send_in_transactions(&producer, batches, &kafka, flush).await?;
+            send_in_transactions(&producers, batches, &kafka, flush).await?;
         }
-        DeliveryMode::AtLeastOnce => send_acknowledged(&producer, batches).await?,
+        DeliveryMode::AtLeastOnce => send_acknowledged(&producers[0], batches).await?,
     }
     let drain = Drain {
         events: events.len() as u64,
@@ -428,15 +431,30 @@ fn record_bytes(record: &OutboundRecord<'_>) -> u64 {
     (record.key.len() + record.value.as_ref().map_or(0, Vec::len) + headers) as u64
 }
 
+/// Producers with the relay's settings: as many transactional ones (initialised) as the relay
+/// takes turns with for exactly-once, one idempotent producer for at-least-once.
+async fn raw_producers(
+    kafka: &KafkaConfig,
+    mode: DeliveryMode,
+) -> Result<Vec<FutureProducer>, BenchError> {
+    if mode == DeliveryMode::AtLeastOnce {
+        return Ok(vec![raw_producer(kafka, mode, None).await?]);
+    }
+    let mut producers = Vec::with_capacity(TRANSACTIONAL_PRODUCERS);
+    for turn in 0..TRANSACTIONAL_PRODUCERS {
+        let transactional_id = format!("{}.raw.{turn}", kafka.topic_prefix);
+        producers.push(raw_producer(kafka, mode, Some(&transactional_id)).await?);
+    }
+    Ok(producers)
+}
+
 /// A producer with the relay's settings, transactional (and initialised) for exactly-once.
 async fn raw_producer(
     kafka: &KafkaConfig,
     mode: DeliveryMode,
+    transactional_id: Option<&str>,
 ) -> Result<FutureProducer, BenchError> {
-    let transactional_id = format!("{}.raw", kafka.topic_prefix);
-    let settings = kafka.relay_producer_config(
-        (mode == DeliveryMode::ExactlyOnce).then_some(transactional_id.as_str()),
-    );
+    let settings = kafka.relay_producer_config(transactional_id);
     let producer: FutureProducer = settings.create()?;
     match mode {
         DeliveryMode::ExactlyOnce => {
@@ -460,17 +478,17 @@ async fn raw_producer(
     Ok(producer)
 }
 
-/// One transaction per batch: send, await every acknowledgement, commit, as the relay does
-/// ([`crate::kafka::commit_transaction`]). Awaiting first matters: left to flush in-flight
-/// records itself, rust-rdkafka's `commit_transaction` polls for 100 ms per flush
-/// ([`CommitFlush::Implicit`] measures it).
+/// One transaction per batch, the producers taking turns: send, await every acknowledgement,
+/// commit, as the relay does ([`crate::kafka::commit_transaction`]). Awaiting first matters:
+/// left to flush in-flight records itself, rust-rdkafka's `commit_transaction` polls for 100 ms
+/// per flush ([`CommitFlush::Implicit`] measures it).
 async fn send_in_transactions(
-    producer: &FutureProducer,
+    producers: &[FutureProducer],
     batches: Vec<Vec<OutboundRecord<'_>>>,
     kafka: &KafkaConfig,
     flush: CommitFlush,
 ) -> Result<(), BenchError> {
-    for batch in batches {
+    for (batch, producer) in batches.into_iter().zip(producers.iter().cycle()) {
         producer.begin_transaction()?;
         let mut deliveries = Vec::with_capacity(batch.len());
         for record in batch {

@@ -42,7 +42,9 @@ mod publisher;
 pub mod record;
 mod setup;
 
-pub use publisher::{DeliveryMode, EventPublisher, KafkaPublisher, PublishError};
+pub use publisher::{
+    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, TRANSACTIONAL_PRODUCERS,
+};
 pub use setup::{RelaySetupError, kafka_relay, wire_format};
 
 /// How the relay runs. Defaults suit a laptop and a production service alike.
