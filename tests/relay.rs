@@ -16,7 +16,8 @@ use bookstore::domain::{
 };
 use bookstore::relay::{
     DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayError, RelayReport,
-    RunMode, kafka_relay, record::RecordMapper,
+    RunMode, kafka_relay,
+    record::{RecordMapper, tombstone_id},
 };
 use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
@@ -292,6 +293,20 @@ async fn removed_book_gets_a_removed_fact_then_a_tombstone_on_the_fact_topic() {
     assert_eq!(tombstone.value, None);
     assert_eq!(tombstone.key, book_id.to_string());
     assert_eq!(tombstone.partition, facts[1].partition);
+    // A consumer deduplicating by ce_id must not take the tombstone for the fact again, and a
+    // null value has no content type.
+    let fact_id = facts[1].header(h::CE_ID);
+    assert_eq!(
+        tombstone.header(h::CE_ID),
+        tombstone_id(fact_id.parse().unwrap()).to_string()
+    );
+    assert_ne!(tombstone.header(h::CE_ID), fact_id);
+    assert!(!tombstone.headers.contains_key(h::CONTENT_TYPE));
+    assert_eq!(
+        tombstone.header(h::AGGREGATE_VERSION),
+        facts[1].header(h::AGGREGATE_VERSION)
+    );
+    assert_eq!(tombstone.header(h::CE_TYPE), facts[1].header(h::CE_TYPE));
 }
 
 #[tokio::test]

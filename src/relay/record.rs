@@ -1,5 +1,6 @@
 //! How one committed event becomes Kafka records: topic by kind, key = book id, value = the
-//! framed Avro datum, CloudEvents headers. A removed book's fact is followed by a tombstone.
+//! framed Avro datum, CloudEvents headers. A removed book's fact is followed by a tombstone,
+//! whose headers are the fact's but for an id of its own and no `content-type`.
 
 use std::borrow::Cow;
 use std::fmt::Write;
@@ -67,29 +68,50 @@ impl RecordMapper {
             topic,
             key: key.to_owned(),
             value: Some(value),
-            headers: headers(event),
+            headers: headers(event, Carries::Event),
         });
         if removal {
             records.push(OutboundRecord {
                 topic,
                 key: key.to_owned(),
                 value: None,
-                headers: headers(event),
+                headers: headers(event, Carries::Tombstone),
             });
         }
         Ok(records)
     }
 }
 
+/// What a record holds: the event, or the tombstone that follows a removed book's fact.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carries {
+    Event,
+    Tombstone,
+}
+
+/// The `ce_id` of the tombstone that follows the fact `fact_id`: the same bits as version 8.
+///
+/// A tombstone is a record of its own: with the fact's id, a consumer deduplicating by `ce_id`
+/// (as `docs/contracts.md` advises) would drop it as a redelivery of the fact. Event ids are
+/// version 7, so this id is no event's, and it is derived, so it is the same on every
+/// redelivery.
+pub fn tombstone_id(fact_id: uuid::Uuid) -> uuid::Uuid {
+    uuid::Builder::from_custom_bytes(fact_id.into_bytes()).into_uuid()
+}
+
 /// CloudEvents binary-mode headers plus position, version, stream and causality.
 ///
 /// Built for every record the relay sends, so the values are written into stack buffers and
 /// one scratch string rather than a `String` each (librdkafka copies every header anyway).
-pub fn headers(event: &StoredEvent) -> OwnedHeaders {
+fn headers(event: &StoredEvent, carries: Carries) -> OwnedHeaders {
     let metadata = &event.metadata;
     let mut uuids = [[0; Hyphenated::LENGTH]; 4];
     let [id, subject, correlation, causation] = &mut uuids;
-    let event_id: &str = metadata.event_id.hyphenated().encode_lower(id);
+    let record_id = match carries {
+        Carries::Event => metadata.event_id,
+        Carries::Tombstone => tombstone_id(metadata.event_id),
+    };
+    let event_id: &str = record_id.hyphenated().encode_lower(id);
     let subject: &str = metadata
         .aggregate_id
         .as_uuid()
@@ -126,8 +148,12 @@ pub fn headers(event: &StoredEvent) -> OwnedHeaders {
         .insert(header(h::CE_TYPE, &ce_type))
         .insert(header(h::CE_SOURCE, h::SOURCE))
         .insert(header(h::CE_TIME, time))
-        .insert(header(h::CE_SUBJECT, subject))
-        .insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_AVRO))
+        .insert(header(h::CE_SUBJECT, subject));
+    if carries == Carries::Event {
+        // A tombstone has no content, so no content type.
+        headers = headers.insert(header(h::CONTENT_TYPE, h::CONTENT_TYPE_AVRO));
+    }
+    headers = headers
         .insert(header(h::POSITION, position))
         .insert(header(h::AGGREGATE_VERSION, version))
         .insert(header(h::STREAM, &metadata.stream))
@@ -169,6 +195,18 @@ mod tests {
     use chrono::{SecondsFormat, TimeZone, Utc};
 
     use super::*;
+
+    #[test]
+    fn a_tombstone_id_is_no_event_id_and_the_same_every_time() {
+        let fact_id = uuid::Uuid::now_v7();
+        let tombstone = tombstone_id(fact_id);
+        assert_ne!(tombstone, fact_id);
+        assert_eq!(tombstone.get_version_num(), 8);
+        assert_eq!(tombstone_id(fact_id), tombstone);
+        // Only the version differs: distinct facts keep distinct tombstone ids.
+        assert_eq!(tombstone.as_bytes()[..6], fact_id.as_bytes()[..6]);
+        assert_eq!(tombstone.as_bytes()[7..], fact_id.as_bytes()[7..]);
+    }
 
     #[test]
     fn ce_time_is_rfc3339_utc_with_microseconds() {
