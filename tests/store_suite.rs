@@ -93,6 +93,7 @@ store_suite!(
     command_that_changes_nothing_writes_no_events,
     published_position_starts_at_zero_and_never_moves_backwards,
     prune_deletes_only_published_events_past_retention,
+    prune_keeps_what_a_lagging_relay_has_not_published,
     lease_is_held_by_one_holder_until_released_or_expired,
     commit_signal_fires_after_a_save,
 );
@@ -485,6 +486,49 @@ async fn prune_deletes_only_published_events_past_retention<S: Backdoor>(store: 
     assert_eq!(store.head_position().await.unwrap(), 6);
     let next = store.save(added(&new_book("After", "1.00"))).await.unwrap();
     assert_eq!(next[0].position, 7);
+}
+
+/// Two relays on one store (two topic prefixes, or `--relay-id`): the one ahead must not prune
+/// what the other has still to publish, or that one would silently skip it.
+async fn prune_keeps_what_a_lagging_relay_has_not_published<S: Backdoor>(store: S) {
+    for n in 0..3 {
+        store
+            .save(added(&new_book(&format!("Book {n}"), "1.00")))
+            .await
+            .unwrap();
+    }
+    store.record_published("ahead", 6).await.unwrap();
+    store.record_published("behind", 2).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let left = || async {
+        let events = store.read_after(0, 100).await.unwrap();
+        events.iter().map(|e| e.position).collect::<Vec<u64>>()
+    };
+
+    assert_eq!(
+        store
+            .prune_published("ahead", Duration::ZERO)
+            .await
+            .unwrap(),
+        2
+    );
+    assert_eq!(left().await, [3, 4, 5, 6]);
+    assert_eq!(
+        store
+            .prune_published("behind", Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+    store.record_published("behind", 5).await.unwrap();
+    assert_eq!(
+        store
+            .prune_published("behind", Duration::ZERO)
+            .await
+            .unwrap(),
+        3
+    );
+    assert_eq!(left().await, [6]);
 }
 
 async fn lease_is_held_by_one_holder_until_released_or_expired<S: Backdoor>(store: S) {

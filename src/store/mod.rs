@@ -144,8 +144,14 @@ pub trait Outbox: EventStore {
         position: u64,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Deletes events that relay `relay` has published and that committed more than
-    /// `older_than` ago. Returns how many were deleted.
+    /// Deletes events that every relay of this store has published and that committed more
+    /// than `older_than` ago; returns how many were deleted.
+    ///
+    /// "Every relay" means every checkpoint row: two relay ids on one store (two topic
+    /// prefixes, say) each keep what they have still to publish, so pruning goes only as far
+    /// as the one furthest behind. Nothing is deleted while `relay` has no checkpoint itself.
+    /// A relay id that is no longer used keeps its row, and so holds pruning back for good,
+    /// until the row is deleted (`DELETE FROM relay_checkpoint WHERE name = '<relay id>'`).
     fn prune_published(
         &self,
         relay: &str,

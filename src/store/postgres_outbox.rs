@@ -46,9 +46,11 @@ impl Outbox for PostgresStore {
     }
 
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
+        // The lowest checkpoint of all relays, and none unless `relay` has one.
         let deleted = sqlx::query(
             "DELETE FROM events \
-             WHERE position <= (SELECT position FROM relay_checkpoint WHERE name = $1) \
+             WHERE position <= (SELECT min(position) FROM relay_checkpoint) \
+               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = $1) \
                AND committed_at < now() - make_interval(secs => $2)",
         )
         .bind(relay)

@@ -44,10 +44,12 @@ impl Outbox for SqliteStore {
     }
 
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
-        // committed_at is ISO-8601 text in UTC, so text order is time order.
+        // The lowest checkpoint of all relays, and none unless `relay` has one. committed_at
+        // is ISO-8601 text in UTC, so text order is time order.
         let deleted = sqlx::query(
             "DELETE FROM events \
-             WHERE position <= (SELECT position FROM relay_checkpoint WHERE name = ?1) \
+             WHERE position <= (SELECT min(position) FROM relay_checkpoint) \
+               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = ?1) \
                AND committed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)",
         )
         .bind(relay)
