@@ -5,7 +5,9 @@
 //! Every test registers under its own topic names, so runs never share subjects.
 
 use bookstore::codec::fingerprint::parsing_canonical_form;
-use bookstore::codec::registry::{Compatibility, SCHEMA_REGISTRY_URL_ENV, subject_for};
+use bookstore::codec::registry::{
+    CONTRACT_COMPATIBILITY, Compatibility, SCHEMA_REGISTRY_URL_ENV, subject_for,
+};
 use bookstore::codec::{
     AvroCodec, CodecError, EVENT_TYPES, EventCodec, FramedDecoder, RegistryClient, RegistryError,
     WireFormat, frame_confluent,
@@ -172,6 +174,52 @@ fn an_incompatible_schema_is_refused_and_not_worth_retrying() {
         "expected 409 Conflict, got {error}"
     );
     assert!(!error.is_retryable());
+}
+
+/// The contract's level refuses what BACKWARD alone lets through: a removed required field,
+/// which every consumer still on the old schema would fail to read. An optional field added
+/// with a default passes.
+#[test]
+fn the_contracts_compatibility_refuses_removing_a_required_field() {
+    let client = registry();
+    let (_, fact_topic) = topics();
+    let subject = format!("{fact_topic}-value");
+    let fact_schema = AvroCodec::new()
+        .contract(BookFactEvent::TYPE)
+        .unwrap()
+        .schema_json();
+    client.register(&subject, fact_schema).unwrap();
+    client
+        .set_compatibility(&subject, CONTRACT_COMPATIBILITY)
+        .unwrap();
+    let fields = |schema: &serde_json::Value| -> Vec<serde_json::Value> {
+        schema["fields"].as_array().unwrap().clone()
+    };
+
+    let mut without_author: serde_json::Value = serde_json::from_str(fact_schema).unwrap();
+    let kept: Vec<_> = fields(&without_author)
+        .into_iter()
+        .filter(|field| field["name"] != "author")
+        .collect();
+    without_author["fields"] = serde_json::Value::Array(kept);
+    let error = client
+        .register(&subject, &without_author.to_string())
+        .unwrap_err();
+    assert!(
+        matches!(error, RegistryError::Status { status: 409, .. }),
+        "expected 409 Conflict, got {error}"
+    );
+
+    let mut with_publisher: serde_json::Value = serde_json::from_str(fact_schema).unwrap();
+    let mut extended = fields(&with_publisher);
+    extended.insert(
+        extended.len() - 1,
+        serde_json::json!({"name": "publisher", "type": ["null", "string"], "default": null}),
+    );
+    with_publisher["fields"] = serde_json::Value::Array(extended);
+    client
+        .register(&subject, &with_publisher.to_string())
+        .unwrap();
 }
 
 #[test]

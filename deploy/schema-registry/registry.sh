@@ -130,10 +130,10 @@ start() {
       die "registry exited during startup (log: $LOG)"
     fi
     if answers; then
-      # Apicurio defaults to no compatibility checks; the contract evolves BACKWARD compatibly
-      # (docs/contracts.md), as a Confluent registry would enforce by default.
+      # Apicurio defaults to no compatibility checks; the contract evolves FULL_TRANSITIVE
+      # compatibly (docs/contracts.md, "Evolution rules").
       curl -s -o /dev/null --max-time 5 -X PUT -H 'Content-Type: application/vnd.schemaregistry.v1+json' \
-        --data '{"compatibility":"BACKWARD"}' "$URL/config" || say "could not set BACKWARD compatibility"
+        --data '{"compatibility":"FULL_TRANSITIVE"}' "$URL/config" || say "could not set FULL_TRANSITIVE compatibility"
       say "ready in $((SECONDS - t0)) s (pid $pid, log $LOG)"
       say "SCHEMA_REGISTRY_URL=$URL"
       return 0

@@ -120,6 +120,10 @@ impl Compatibility {
     }
 }
 
+/// The compatibility the contract keeps (`docs/contracts.md`, "Evolution rules"): any version
+/// of a schema reads data of any other, since consumers upgrade on their own schedule.
+pub const CONTRACT_COMPATIBILITY: Compatibility = Compatibility::FullTransitive;
+
 /// Which registry id each of our event types has, both ways.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RegisteredSchemas {
