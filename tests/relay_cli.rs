@@ -91,3 +91,76 @@ async fn following_relay_serves_metrics_and_stops_gracefully_on_sigterm() {
 
     common::terminate_gracefully(&mut child, "the relay").await;
 }
+
+/// While the relay cannot publish (here: another instance holds the lease), no batch ends, so
+/// the relay never sets its gauges itself; the process still reads its progress back from the
+/// store, and the backlog shows what waits.
+#[tokio::test]
+async fn the_backlog_gauge_grows_while_the_relay_cannot_publish() {
+    use bookstore::store::Outbox;
+
+    let dir = tempfile::tempdir().unwrap();
+    let database = dir.path().join("outbox.db");
+    let store = SqliteStore::connect(database.to_str().unwrap())
+        .await
+        .unwrap();
+    let kafka = common::kafka_config();
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    assert!(
+        store
+            .try_acquire_lease(&relay_id, "another instance", Duration::from_secs(600))
+            .await
+            .unwrap()
+    );
+    let service = BookService::new(store, AvroCodec::new());
+    let addr = format!("127.0.0.1:{}", common::free_local_port());
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("relay")
+        .args(["--metrics-addr", &addr])
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", database.display()),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+
+    for index in 0..3 {
+        let command = BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title: format!("Waiting {index}"),
+            author: "Nobody Publishes".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+        });
+        service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+    }
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let text = scrape(&addr).unwrap_or_default();
+        if text.contains("bookstore_relay_backlog_events 6") {
+            assert_eq!(
+                metric(&text, "bookstore_relay_published_events_total"),
+                0.0,
+                "published without the lease:\n{text}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the backlog gauge never showed the 6 waiting events:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
+    common::terminate_gracefully(&mut child, "the relay").await;
+}

@@ -25,7 +25,6 @@ use tracing::warn;
 use super::HTTP_REQUESTS;
 use super::state::{HttpState, HttpStore};
 use crate::relay::metrics as relay_metrics;
-use crate::store::StoreError;
 use crate::telemetry::{PROMETHEUS_CONTENT_TYPE, render_metrics};
 
 #[derive(Debug, Serialize)]
@@ -106,17 +105,9 @@ pub(super) async fn metrics<S: HttpStore>(State(state): State<HttpState<S>>) -> 
 /// Sets the relay gauges from the store: what is committed but not yet published, and how far
 /// the relay got. A store that does not answer leaves them as they were.
 async fn record_relay_progress<S: HttpStore>(state: &HttpState<S>) {
-    let store = state.store();
-    let progress = async {
-        let head = store.head_position().await?;
-        let published = store.published_position(&state.relay_id).await?;
-        Ok::<_, StoreError>((head, published))
-    };
+    let progress = relay_metrics::refresh_progress(state.store(), &state.relay_id);
     match tokio::time::timeout(state.probe_timeout, progress).await {
-        Ok(Ok((head, published))) => {
-            relay_metrics::record_backlog(head.saturating_sub(published));
-            relay_metrics::record_position(published);
-        }
+        Ok(Ok(())) => {}
         Ok(Err(error)) => warn!(%error, "could not read the relay's progress for /metrics"),
         Err(_) => warn!("the store did not say the relay's progress in time for /metrics"),
     }

@@ -3,6 +3,11 @@
 //! Recorded through the `metrics` facade; whoever runs the relay installs an exporter
 //! (see [`crate::telemetry::install_metrics`]). Without one they cost next to nothing.
 
+use crate::store::{Outbox, StoreError};
+
+/// How often a relay process serving metrics reads its progress back from the store.
+pub const PROGRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub const PUBLISHED_EVENTS: &str = "bookstore_relay_published_events_total";
 pub const BATCHES: &str = "bookstore_relay_batches_total";
 pub const SEND_ERRORS: &str = "bookstore_relay_send_errors_total";
@@ -26,4 +31,18 @@ pub(crate) fn record_backlog(events: u64) {
 
 pub(crate) fn record_send_error() {
     metrics::counter!(SEND_ERRORS).increment(1);
+}
+
+/// Sets the backlog and last-position gauges from the store: what is committed but not yet
+/// published by `relay_id`, and how far it got.
+///
+/// The relay sets them itself after each batch, which is not enough: while it cannot publish
+/// (broker down, standing by, retrying) no batch ends, and the gauges would show the last
+/// good state, usually an empty backlog, exactly when it is growing.
+pub async fn refresh_progress<O: Outbox>(outbox: &O, relay_id: &str) -> Result<(), StoreError> {
+    let head = outbox.head_position().await?;
+    let published = outbox.published_position(relay_id).await?;
+    record_backlog(head.saturating_sub(published));
+    record_position(published);
+    Ok(())
 }

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use bookstore::cli::RelayArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
-use bookstore::relay::{RunMode, kafka_relay};
+use bookstore::relay::{RunMode, kafka_relay, metrics};
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::AnyStore;
 
@@ -14,6 +14,14 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
     let outbox = AnyStore::connect(&store.database_url)
         .await
         .with_context(|| format!("opening the store {}", store.database_url))?;
+    if args.metrics_addr.is_some() {
+        let relay_id = args
+            .settings
+            .relay_id
+            .clone()
+            .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+        tokio::spawn(refresh_progress_gauges(outbox.clone(), relay_id));
+    }
     let (trigger, mut shutdown) = ShutdownTrigger::new();
     trigger.on_signals();
     let mode = if args.once {
@@ -43,4 +51,22 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
         );
     }
     Ok(())
+}
+
+/// Keeps the backlog gauge true while the relay cannot publish (see
+/// [`metrics::refresh_progress`]), for as long as the process runs.
+async fn refresh_progress_gauges(outbox: AnyStore, relay_id: String) {
+    loop {
+        let refreshed = tokio::time::timeout(
+            metrics::PROGRESS_REFRESH,
+            metrics::refresh_progress(&outbox, &relay_id),
+        )
+        .await;
+        match refreshed {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "could not read the relay's progress"),
+            Err(_) => tracing::warn!("the store did not say the relay's progress in time"),
+        }
+        tokio::time::sleep(metrics::PROGRESS_REFRESH).await;
+    }
 }
