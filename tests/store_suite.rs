@@ -22,7 +22,7 @@ use bookstore::store::{
 };
 use sqlx::postgres::PgListener;
 
-use fixtures::{PgSchema, added, event, new_book, removed, repriced, sqlite_store};
+use fixtures::{PgDatabase, PgSchema, added, event, new_book, removed, repriced, sqlite_store};
 
 /// What a behaviour needs beyond the ports: a way to damage data behind the store's back.
 trait Backdoor: Outbox {
@@ -660,6 +660,131 @@ async fn postgres_save_notifies_its_last_position_on_commit_only() {
         }
     }
     assert_eq!(payloads, ["2", "4"]);
+    store.pool().close().await;
+    schema.drop().await;
+}
+
+/// The relay may not wait for commits for a long while (it retries a Kafka outage, say). The
+/// listening session must still hand every notification over at once; otherwise it stalls
+/// writing them to its client, and PostgreSQL's notification queue grows with every save until
+/// commits fail. In a database of its own, so the burst wakes no other test's listener.
+#[tokio::test]
+async fn postgres_commit_signal_takes_notifications_while_nobody_waits_for_it() {
+    let database = PgDatabase::create("").await;
+    let application = common::unique("listener");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(database.options().application_name(&application))
+        .await
+        .unwrap();
+    let store = PostgresStore::with_pool(pool).await.unwrap();
+    let signal = store.commit_signal().await.unwrap();
+    let session = |query: &'static str| {
+        let application = application.clone();
+        let admin = database.admin().clone();
+        async move {
+            sqlx::query_as::<_, (String, Option<String>)>(query)
+                .bind(application)
+                .fetch_one(&admin)
+                .await
+                .unwrap()
+        }
+    };
+    let (listening, _) = session(
+        "SELECT query, wait_event FROM pg_stat_activity
+         WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+    )
+    .await;
+    assert_eq!(listening, format!("LISTEN \"{OUTBOX_CHANNEL}\""));
+    let listener_state = "SELECT query, wait_event FROM pg_stat_activity
+                          WHERE application_name = $1 AND query LIKE '%LISTEN%'";
+
+    // About 40 MB, far more than the socket buffers between the session and its client hold.
+    sqlx::query(
+        "SELECT count(pg_notify($1, i::text || repeat('x', 7000)))
+         FROM generate_series(1, 6000) AS i",
+    )
+    .bind(OUTBOX_CHANNEL)
+    .execute(store.pool())
+    .await
+    .unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, wait_event) = session(listener_state).await;
+        if wait_event.as_deref() == Some("ClientRead") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the listening session is stuck in {wait_event:?}, not idle waiting for its client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Dropping the signal ends the listening: its session stops listening.
+    drop(signal);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while session(listener_state).await.0 != "UNLISTEN *" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still listening after the signal was dropped"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.pool().close().await;
+    database.drop().await;
+}
+
+/// A listening session that dies (a restart, a network cut, here terminated by hand) is
+/// replaced: the signal wakes the relay at once, so it polls over the gap, and commits after the
+/// new session listens wake it again.
+#[tokio::test]
+async fn postgres_commit_signal_listens_again_after_its_session_died() {
+    let schema = PgSchema::create().await;
+    let application = common::unique("listener");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(schema.options().application_name(&application))
+        .await
+        .unwrap();
+    let store = PostgresStore::with_pool(pool).await.unwrap();
+    let mut signal = store.commit_signal().await.unwrap();
+    let listening = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(&application)
+        .fetch_optional(store.pool())
+        .await
+        .unwrap()
+    };
+    let first = listening().await.expect("a listening session");
+
+    let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(first)
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert!(terminated);
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("the broken listener wakes the relay, so that it polls");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if listening().await.is_some_and(|pid| pid != first) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "nobody listens again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The wake-up for listening again, then one for the save.
+    let _ = tokio::time::timeout(Duration::from_millis(200), signal.committed()).await;
+    store.save(added(&new_book("After", "1.00"))).await.unwrap();
+
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("a commit after listening again wakes the relay");
+    drop(signal);
     store.pool().close().await;
     schema.drop().await;
 }

@@ -29,11 +29,13 @@ mod any;
 mod postgres;
 mod postgres_outbox;
 mod sqlite;
+mod sqlite_migrations;
 mod sqlite_outbox;
 mod sqlite_reader;
 
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
+pub use postgres_outbox::PgCommitSignal;
 pub use sqlite::SqliteStore;
 
 /// One change of one book: its new state and the events that led there, saved atomically.
@@ -190,25 +192,21 @@ pub trait Outbox: EventStore {
 pub enum CommitSignal {
     /// Saves made through this process notify it directly.
     Local(std::sync::Arc<tokio::sync::Notify>),
-    /// A PostgreSQL connection listening on the outbox channel.
-    Postgres(Box<sqlx::postgres::PgListener>),
+    /// A PostgreSQL connection listening on the outbox channel, read by a task of its own.
+    Postgres(PgCommitSignal),
 }
 
 /// The PostgreSQL channel a save notifies (inside its transaction, so delivered on commit).
 pub const OUTBOX_CHANNEL: &str = "bookstore_outbox";
 
 impl CommitSignal {
-    /// Completes when a commit was signalled. A broken listener completes at once (the caller's
-    /// polling covers the gap; sqlx reconnects the listener on the next call).
+    /// Completes when a commit was signalled since the last call (signals in between coalesce
+    /// into one). A PostgreSQL listener that breaks signals too, and again once it listens
+    /// anew: the caller's polling covers the gap.
     pub async fn committed(&mut self) {
         match self {
             CommitSignal::Local(notify) => notify.notified().await,
-            CommitSignal::Postgres(listener) => {
-                if let Err(error) = listener.recv().await {
-                    tracing::warn!(%error, "outbox listener failed; polling until it reconnects");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-            }
+            CommitSignal::Postgres(signal) => signal.committed().await,
         }
     }
 }

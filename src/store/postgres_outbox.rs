@@ -1,8 +1,11 @@
 //! What the relay needs of PostgreSQL: checkpoint, lease, retention and LISTEN for commits.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgListener, PgPool};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
 
 use super::{CommitSignal, OUTBOX_CHANNEL, Outbox, PostgresStore, StoreError, to_i64, to_u64};
 
@@ -91,8 +94,99 @@ impl Outbox for PostgresStore {
     }
 
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
-        let mut listener = PgListener::connect_with(self.pool()).await?;
-        listener.listen(OUTBOX_CHANNEL).await?;
-        Ok(CommitSignal::Postgres(Box::new(listener)))
+        let listener = listen(self.pool()).await?;
+        Ok(CommitSignal::Postgres(PgCommitSignal::spawn(
+            self.pool().clone(),
+            listener,
+        )))
+    }
+}
+
+/// The outbox channel's notifications, read on a task of its own as they arrive and turned
+/// into one coalescing wake-up.
+///
+/// Reading all the time matters: PostgreSQL keeps a notification in its queue (one for the
+/// whole server) until every session listening has taken it, and a session can only hand over
+/// as many as its connection's buffers hold. A listener read only while the relay waits for
+/// commits (not while it retries a Kafka outage, say) would stall its session and make the
+/// queue grow with every save, until every COMMIT that notifies fails with "too many
+/// notifications in the NOTIFY queue".
+///
+/// Dropping it ends the task and with it the listening session (its connection goes back to
+/// the pool); closing the pool ends the task too.
+pub struct PgCommitSignal {
+    commits: Arc<Notify>,
+    task: JoinHandle<()>,
+}
+
+/// First pause before listening again after the listener broke; doubles up to the maximum.
+const RELISTEN_MIN_PAUSE: Duration = Duration::from_millis(500);
+const RELISTEN_MAX_PAUSE: Duration = Duration::from_secs(5);
+
+impl PgCommitSignal {
+    fn spawn(pool: PgPool, listener: PgListener) -> Self {
+        let commits = Arc::new(Notify::new());
+        let task = tokio::spawn(drain(pool, listener, commits.clone()));
+        Self { commits, task }
+    }
+
+    /// Completes when a notification arrived since the last call, or the listener broke or
+    /// listens again.
+    pub async fn committed(&self) {
+        self.commits.notified().await;
+    }
+}
+
+impl Drop for PgCommitSignal {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl std::fmt::Debug for PgCommitSignal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgCommitSignal").finish_non_exhaustive()
+    }
+}
+
+/// A session of `pool` that listens on the outbox channel.
+async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
+    let mut listener = PgListener::connect_with(pool).await?;
+    listener.listen(OUTBOX_CHANNEL).await?;
+    Ok(listener)
+}
+
+/// Reads every notification as it arrives and signals `commits` (`notify_one`, so a wake-up
+/// that finds the relay busy is kept for its next wait). When the listener fails, it signals
+/// as well (the relay polls, covering the gap) and listens anew on a fresh session, pausing
+/// between attempts while the database is out of reach. Ends when the pool is closed.
+async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>) {
+    loop {
+        let error = match listener.recv().await {
+            Ok(_) => {
+                commits.notify_one();
+                continue;
+            }
+            Err(_) if pool.is_closed() => return,
+            Err(error) => error,
+        };
+        tracing::warn!(%error, "outbox listener failed; polling until it listens again");
+        commits.notify_one();
+        drop(listener);
+        let mut pause = RELISTEN_MIN_PAUSE;
+        listener = loop {
+            tokio::time::sleep(pause).await;
+            match listen(&pool).await {
+                Ok(listener) => break listener,
+                Err(_) if pool.is_closed() => return,
+                Err(error) => {
+                    tracing::debug!(%error, "outbox listener cannot listen yet");
+                    pause = (pause * 2).min(RELISTEN_MAX_PAUSE);
+                }
+            }
+        };
+        tracing::info!("outbox listener listens again");
+        // What committed while nobody listened is found by the poll this triggers.
+        commits.notify_one();
     }
 }

@@ -97,6 +97,56 @@ impl PgSchema {
     }
 }
 
+/// A PostgreSQL database of one test's own, on the server of `BOOKSTORE_TEST_DATABASE_URL`, for
+/// what a schema cannot give: NOTIFY channels of its own (they are per database), or another
+/// encoding. Dropped by [`PgDatabase::drop`].
+pub struct PgDatabase {
+    pub name: String,
+    admin: PgPool,
+}
+
+impl PgDatabase {
+    /// `settings` go after `CREATE DATABASE <name>`, e.g. `ENCODING 'LATIN1' …`.
+    pub async fn create(settings: &str) -> Self {
+        let admin = PgPoolOptions::new()
+            .max_connections(1)
+            .connect(&common::postgres_url())
+            .await
+            .expect("connect to BOOKSTORE_TEST_DATABASE_URL");
+        let name = format!("t_{}", Uuid::new_v4().simple());
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} {settings}"
+        )))
+        .execute(&admin)
+        .await
+        .expect("create test database (the test role needs CREATEDB)");
+        Self { name, admin }
+    }
+
+    /// Connection options for this database.
+    pub fn options(&self) -> PgConnectOptions {
+        PgConnectOptions::from_str(&common::postgres_url())
+            .expect("BOOKSTORE_TEST_DATABASE_URL is a postgres:// URL")
+            .database(&self.name)
+    }
+
+    /// A connection to the test database it was created from, to watch this one's sessions.
+    pub fn admin(&self) -> &PgPool {
+        &self.admin
+    }
+
+    pub async fn drop(self) {
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE {} WITH (FORCE)",
+            self.name
+        )))
+        .execute(&self.admin)
+        .await
+        .expect("drop test database");
+        self.admin.close().await;
+    }
+}
+
 /// Runs `body` against a store in a fresh schema, then drops the schema. A failing test keeps
 /// its schema for a look afterwards.
 pub async fn with_postgres_store<F, Fut>(body: F)
