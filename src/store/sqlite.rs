@@ -75,7 +75,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        super::sqlite_migrations::run(&pool, &path).await?;
         let reader = if path.is_file() {
             Some(OutboxReader::open(&path, BUSY_TIMEOUT)?)
         } else {

@@ -1,0 +1,77 @@
+//! Brings a SQLite database's schema up to date, one process at a time.
+//!
+//! sqlx's SQLite migrator takes no lock (its PostgreSQL one takes an advisory lock), so two
+//! processes opening a new database at once, such as `serve` and `relay` started together,
+//! both applied the same migration and one failed with "table book_report already exists".
+//! SQLite offers nothing to hold across sqlx's per-migration transactions, so an exclusive
+//! lock on a file beside the database (`<database>-migrations.lock`) serialises them: the
+//! second process waits, then finds every migration applied. The file stays, as deleting a
+//! lock file would race with the next process opening it.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+
+use sqlx::SqlitePool;
+
+use super::StoreError;
+
+/// Runs the migrations of `migrations/sqlite` on `pool`, whose database is the file at
+/// `database` (for an in-memory database, no other process can see it, so no lock is taken).
+pub async fn run(pool: &SqlitePool, database: &Path) -> Result<(), StoreError> {
+    let _lock = if database.is_file() {
+        Some(lock_exclusively(lock_path(database)).await?)
+    } else {
+        None
+    };
+    sqlx::migrate!("migrations/sqlite").run(pool).await?;
+    Ok(())
+}
+
+fn lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push("-migrations.lock");
+    PathBuf::from(name)
+}
+
+/// Opens (creating) `path` and waits for an exclusive lock on it, on the blocking pool. The
+/// lock is released when the file is dropped.
+async fn lock_exclusively(path: PathBuf) -> Result<File, StoreError> {
+    let locked = tokio::task::spawn_blocking(move || {
+        let file = OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)?;
+        file.lock()?;
+        Ok::<_, std::io::Error>(file)
+    })
+    .await
+    .map_err(|_| StoreError::Cancelled)?;
+    locked.map_err(|error| {
+        StoreError::Database(sqlx::Error::Io(std::io::Error::new(
+            error.kind(),
+            format!("locking the database for its migrations: {error}"),
+        )))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::SqliteStore;
+
+    /// Several stores opening one new database at once: before the lock, the losers of the
+    /// race failed with "table … already exists".
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn stores_opening_a_new_database_at_once_all_succeed() {
+        for attempt in 0..5 {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join(format!("new-{attempt}.db"));
+            let path = path.to_str().unwrap();
+            let opened =
+                futures::future::join_all((0..4).map(|_| SqliteStore::connect(path))).await;
+            for store in opened {
+                store.unwrap_or_else(|error| panic!("attempt {attempt}: {error}"));
+            }
+        }
+    }
+}
