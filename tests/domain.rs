@@ -183,6 +183,41 @@ fn every_validation_rule_names_its_field() {
         invalid_field(with(|add| add.title = "a\u{0}b".into())),
         "title"
     );
+    // Text that shows nothing is empty, though `trim` keeps it: zero-width space, word joiner,
+    // byte-order mark, Hangul filler.
+    assert_eq!(
+        invalid_field(with(|add| add.title = "\u{200B}".into())),
+        "title"
+    );
+    assert_eq!(
+        invalid_field(with(|add| add.author = " \u{2060}\u{FEFF} ".into())),
+        "author"
+    );
+    assert_eq!(
+        invalid_field(with(|add| add.title = "\u{3164}".into())),
+        "title"
+    );
+    let invisible_isbn = added({
+        let mut add = gatsby(book_id);
+        add.isbn = Some("\u{200B}".into());
+        add
+    });
+    assert_eq!(
+        invisible_isbn.isbn,
+        None,
+        "an invisible optional value is absent"
+    );
+    // Inside visible text they stay: they shape emoji and scripts.
+    let heart = "I \u{2764}\u{FE0F} Books";
+    assert_eq!(
+        added({
+            let mut add = gatsby(book_id);
+            add.title = heart.into();
+            add
+        })
+        .title,
+        heart
+    );
 
     let error = with(|add| add.title = "x".repeat(201)).unwrap_err();
     assert_eq!(

@@ -279,7 +279,10 @@ fn optional(
     value: Option<&str>,
     max_chars: usize,
 ) -> Result<Option<String>, ValidationError> {
-    let Some(value) = value.map(str::trim).filter(|value| !value.is_empty()) else {
+    let Some(value) = value
+        .map(str::trim)
+        .filter(|value| !value.chars().all(is_invisible))
+    else {
         return Ok(None);
     };
     if value.chars().count() > max_chars {
@@ -298,4 +301,32 @@ fn optional(
         ));
     }
     Ok(Some(value.to_owned()))
+}
+
+/// Characters that show nothing on their own and that `str::trim` keeps (it strips only
+/// Unicode white space): format characters such as U+200B ZERO WIDTH SPACE and U+FEFF, fillers
+/// such as U+3164 HANGUL FILLER, variation selectors and tags. A value made only of them looks
+/// empty wherever it is shown, so it counts as empty; inside visible text they stay, since
+/// joiners and variation selectors shape emoji and scripts.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
+            | '\u{17B4}'
+            | '\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
 }
