@@ -438,6 +438,32 @@ async fn unknown_books_are_404_and_removed_books_409() {
     );
 }
 
+/// A client that names the new book can retry an add whose answer it lost: the retry is a
+/// 409 and the book exists once.
+#[tokio::test]
+async fn an_add_with_the_clients_book_id_can_be_retried_without_adding_twice() {
+    let server = Server::sqlite().await;
+    let book_id = BookId::generate();
+    let body = json!({"book_id": book_id.to_string(), "title": "Once", "author": "A"});
+    let created = server.post("/api/books", body.clone()).await;
+    assert_eq!(created.status, 201, "{created:?}");
+    assert_eq!(created.json()["book_id"], json!(book_id.to_string()));
+    server
+        .post("/api/books", body)
+        .await
+        .assert_error(409, None);
+    let stored = server.store.load_book(book_id).await.unwrap().unwrap();
+    assert_eq!((stored.version, stored.title.as_str()), (1, "Once"));
+
+    server
+        .post(
+            "/api/books",
+            json!({"book_id": "not-a-uuid", "title": "T", "author": "A"}),
+        )
+        .await
+        .assert_error(422, Some("book_id"));
+}
+
 #[tokio::test]
 async fn liveness_and_readiness_follow_the_database() {
     let server = Server::sqlite().await;

@@ -106,9 +106,16 @@ pub(super) async fn add_book<S: HttpStore>(
 > {
     let context = command_context(&headers)?;
     let body = JsonObject::parse(&headers, &body?)?;
-    body.refuse_unknown(&["title", "author", "isbn", "price", "description"])?;
+    body.refuse_unknown(&["book_id", "title", "author", "isbn", "price", "description"])?;
+    // A client may name the new book itself, so that it can retry a request whose answer it
+    // lost (a timeout, or a 503 after a commit that did happen): the retry is refused with 409
+    // instead of adding the book twice.
+    let book_id = match body.text("book_id")? {
+        Some(text) => text.parse()?,
+        None => BookId::generate(),
+    };
     let command = BookCommand::Add(AddBook {
-        book_id: BookId::generate(),
+        book_id,
         title: body.required_text("title")?,
         author: body.required_text("author")?,
         isbn: body.text("isbn")?,
