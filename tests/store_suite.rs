@@ -817,6 +817,101 @@ async fn sqlite_outbox_read_reports_a_corrupt_event_row_as_corrupt() {
     );
 }
 
+/// Retention on SQLite deletes in chunks, each its own transaction, until nothing it may delete
+/// is left.
+#[tokio::test]
+async fn sqlite_prune_deletes_everything_it_may_over_several_chunks() {
+    let (store, _dir) = sqlite_store().await;
+    let store = store.with_prune_chunk(3);
+    for n in 0..5 {
+        store
+            .save(added(&new_book(&format!("Book {n}"), "1.00")))
+            .await
+            .unwrap();
+    }
+    store.record_published("relay", 9).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+
+    assert_eq!(
+        store
+            .prune_published("relay", Duration::ZERO)
+            .await
+            .unwrap(),
+        9
+    );
+
+    let left: Vec<u64> = store
+        .read_after(0, 100)
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.position)
+        .collect();
+    assert_eq!(left, [10]);
+    assert_eq!(
+        store
+            .prune_published("relay", Duration::ZERO)
+            .await
+            .unwrap(),
+        0
+    );
+}
+
+/// SQLite has one writer: a retention run over a large backlog must not hold the write lock
+/// from start to end, or every save waits for it (and fails after the 10 s busy timeout). A
+/// save from another connection, as from another process, commits while the run goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_save_commits_while_a_large_prune_runs() {
+    const EVENTS: i64 = 100_000;
+    let (store, dir) = sqlite_store().await;
+    sqlx::query(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
+         INSERT INTO events (position, event_id, event_type, stream, stream_version,
+                             aggregate_id, occurred_at, correlation_id, causation_id, payload,
+                             committed_at)
+         SELECT i, printf('00000000-0000-4000-8000-%012d', i), 'BookAdded',
+                printf('bookstore::book-%d', i), 1, '00000000-0000-4000-8000-000000000000',
+                '2020-01-01T00:00:00.000Z', '00000000-0000-4000-8000-000000000000',
+                '00000000-0000-4000-8000-000000000000', x'00', '2020-01-01T00:00:00.000Z'
+         FROM n",
+    )
+    .bind(EVENTS)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    sqlx::query("UPDATE outbox_head SET last_position = ?1")
+        .bind(EVENTS)
+        .execute(store.pool())
+        .await
+        .unwrap();
+    store
+        .record_published("relay", EVENTS as u64)
+        .await
+        .unwrap();
+    let other_process = SqliteStore::connect(dir.path().join("bookstore.db").to_str().unwrap())
+        .await
+        .unwrap();
+
+    let prune = tokio::spawn({
+        let store = store.clone().with_prune_chunk(5_000);
+        async move { store.prune_published("relay", Duration::ZERO).await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let saved = other_process
+        .save(added(&new_book("Meanwhile", "1.00")))
+        .await
+        .unwrap();
+
+    assert!(
+        !prune.is_finished(),
+        "the save waited for the whole retention run"
+    );
+    assert_eq!(prune.await.unwrap().unwrap(), EVENTS as u64);
+    let positions: Vec<u64> = saved.iter().map(|e| e.position).collect();
+    assert_eq!(positions, [EVENTS as u64 + 1, EVENTS as u64 + 2]);
+    assert_eq!(store.read_after(0, 10).await.unwrap(), saved);
+}
+
 /// A database that is not a file is read through the pool instead of the reader of its own.
 #[tokio::test]
 async fn an_in_memory_sqlite_store_reads_its_outbox_too() {

@@ -36,7 +36,7 @@ mod sqlite_reader;
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
 pub use postgres_outbox::PgCommitSignal;
-pub use sqlite::SqliteStore;
+pub use sqlite::{PRUNE_CHUNK, SqliteStore};
 
 /// One change of one book: its new state and the events that led there, saved atomically.
 #[derive(Debug, Clone)]

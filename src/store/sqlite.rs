@@ -35,10 +35,15 @@ use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 /// short, so only a long queue of concurrent writers gets near it.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Most events one retention transaction deletes (see [`SqliteStore::with_prune_chunk`]).
+pub const PRUNE_CHUNK: usize = 10_000;
+
 /// The store in a SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Most events one retention transaction deletes.
+    prune_chunk: usize,
     /// The outbox's hot read path; `None` for a database that is not a file (in memory), which
     /// is read through the pool instead.
     reader: Option<OutboxReader>,
@@ -83,6 +88,7 @@ impl SqliteStore {
         };
         Ok(Self {
             pool,
+            prune_chunk: PRUNE_CHUNK,
             reader,
             commits: Arc::new(Notify::new()),
         })
@@ -91,6 +97,19 @@ impl SqliteStore {
     /// The connection pool, for modules that keep their own tables in the same file.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
+    }
+
+    /// Sets how many events one retention transaction deletes at most ([`PRUNE_CHUNK`] unless
+    /// set; at least 1). SQLite has one writer at a time, so a retention transaction holds off
+    /// every save: one DELETE of 4 million events held the write lock for 20 s, longer than a
+    /// save waits for it (10 s). In chunks, each its own transaction, saves go on in between.
+    pub fn with_prune_chunk(mut self, events: usize) -> Self {
+        self.prune_chunk = events.max(1);
+        self
+    }
+
+    pub(crate) fn prune_chunk(&self) -> usize {
+        self.prune_chunk
     }
 
     /// Notified after every commit that appended events (`notify_one`, so a wake-up that

@@ -12,6 +12,11 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      WHERE relay_lease.holder = excluded.holder OR relay_lease.expires_at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) \
      RETURNING holder";
 
+/// The pause between two chunks of retention. A save waiting for the write lock retries after
+/// sleeps growing to 100 ms (SQLite's busy handler); chunks back to back would leave it a
+/// window of microseconds, this one it cannot miss for long.
+const PRUNE_PAUSE: Duration = Duration::from_millis(20);
+
 impl Outbox for SqliteStore {
     async fn store_id(&self) -> Result<String, StoreError> {
         let id = sqlx::query_scalar("SELECT store_id FROM store_identity WHERE id = 1")
@@ -43,20 +48,44 @@ impl Outbox for SqliteStore {
         Ok(())
     }
 
+    /// Deletes in chunks of [`SqliteStore::with_prune_chunk`] events, each its own short
+    /// transaction, pausing between them so that waiting saves take the write lock.
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
-        // The lowest checkpoint of all relays, and none unless `relay` has one. committed_at
-        // is ISO-8601 text in UTC, so text order is time order.
-        let deleted = sqlx::query(
-            "DELETE FROM events \
-             WHERE position <= (SELECT min(position) FROM relay_checkpoint) \
-               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = ?1) \
-               AND committed_at < strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?2)",
-        )
-        .bind(relay)
-        .bind(format!("-{} seconds", older_than.as_secs_f64()))
-        .execute(self.pool())
-        .await?;
-        Ok(deleted.rows_affected())
+        // The lowest checkpoint of all relays, and none unless `relay` has one.
+        let (lowest, own): (Option<i64>, Option<bool>) =
+            sqlx::query_as("SELECT min(position), max(name = ?1) FROM relay_checkpoint")
+                .bind(relay)
+                .fetch_one(self.pool())
+                .await?;
+        let (Some(lowest), Some(true)) = (lowest, own) else {
+            return Ok(0);
+        };
+        // committed_at is ISO-8601 text in UTC, so text order is time order.
+        let cutoff: String = sqlx::query_scalar("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now', ?1)")
+            .bind(format!("-{} seconds", older_than.as_secs_f64()))
+            .fetch_one(self.pool())
+            .await?;
+        let chunk = self.prune_chunk();
+        let mut deleted = 0;
+        loop {
+            let chunk_deleted = sqlx::query(
+                "DELETE FROM events WHERE position IN ( \
+                     SELECT position FROM events \
+                     WHERE position <= ?1 AND committed_at < ?2 \
+                     ORDER BY position LIMIT ?3)",
+            )
+            .bind(lowest)
+            .bind(&cutoff)
+            .bind(i64::try_from(chunk).unwrap_or(i64::MAX))
+            .execute(self.pool())
+            .await?
+            .rows_affected();
+            deleted += chunk_deleted;
+            if chunk_deleted < chunk as u64 {
+                return Ok(deleted);
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
     }
 
     async fn try_acquire_lease(
