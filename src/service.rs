@@ -55,7 +55,10 @@ pub enum ServiceError {
 impl ServiceError {
     /// True when the user's input was at fault (as opposed to the system).
     pub fn is_user_error(&self) -> bool {
-        matches!(self, ServiceError::Domain(_))
+        matches!(
+            self,
+            ServiceError::Domain(_) | ServiceError::Store(StoreError::Rejected(_))
+        )
     }
 }
 

@@ -88,6 +88,7 @@ store_suite!(
     positions_are_gapless_and_increase_across_saves,
     read_after_pages_through_all_events_in_order,
     failed_save_rolls_back_completely_and_gives_its_positions_back,
+    change_the_database_refuses_is_rejected_and_writes_nothing,
     corrupt_row_is_reported_as_corrupt,
     seed_book_through_the_service_writes_its_fact_and_delta_streams,
     command_that_changes_nothing_writes_no_events,
@@ -326,6 +327,24 @@ async fn failed_save_rolls_back_completely_and_gives_its_positions_back<S: Backd
     assert_eq!(store.load_book(broken.book_id).await.unwrap(), None);
     let next = store.save(added(&new_book("After", "1.00"))).await.unwrap();
     assert_eq!(next.iter().map(|e| e.position).collect::<Vec<_>>(), [3, 4]);
+}
+
+/// A change that breaks a constraint (two events with one id) is the change's fault: `Rejected`,
+/// which the API answers with 422, not an outage of the database.
+async fn change_the_database_refuses_is_rejected_and_writes_nothing<S: Backdoor>(store: S) {
+    store
+        .save(added(&new_book("Before", "1.00")))
+        .await
+        .unwrap();
+    let before = snapshot(&store).await;
+    let twice = new_book("Twice", "1.00");
+    let mut change = added(&twice);
+    change.events[1].metadata.event_id = change.events[0].metadata.event_id;
+
+    let error = store.save(change).await.unwrap_err();
+
+    assert!(matches!(error, StoreError::Rejected(_)), "{error:?}");
+    assert_eq!(snapshot(&store).await, before);
 }
 
 async fn corrupt_row_is_reported_as_corrupt<S: Backdoor>(store: S) {
@@ -787,6 +806,74 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
     drop(signal);
     store.pool().close().await;
     schema.drop().await;
+}
+
+/// A database in LATIN1 cannot hold every character a title may have. Saving one fails with
+/// PostgreSQL's 22P05, which is the request's fault: `Rejected`, answered with 422 and what the
+/// database said, not 503 "the database does not answer".
+#[tokio::test]
+async fn postgres_a_character_the_database_encoding_lacks_is_refused_as_the_clients_fault() {
+    let database =
+        PgDatabase::create("ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+            .await;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(database.options())
+        .await
+        .unwrap();
+    let store = PostgresStore::with_pool(pool).await.unwrap();
+    let mut greek = new_book("Ἰλιάς", "1.00");
+
+    let error = store.save(added(&greek)).await.unwrap_err();
+
+    assert!(
+        matches!(&error, StoreError::Rejected(sqlx::Error::Database(db))
+            if db.code().as_deref() == Some("22P05")),
+        "{error:?}"
+    );
+    assert!(error.to_string().contains("LATIN1"), "{error}");
+    assert_eq!(store.head_position().await.unwrap(), 0);
+    greek.title = "Iliad, épopée".to_owned();
+    store.save(added(&greek)).await.unwrap();
+
+    let (status, body) = post_book(
+        store.clone(),
+        serde_json::json!({"title": "Ἰλιάς", "author": "Homer", "price": "9.99"}),
+    )
+    .await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body.contains("LATIN1"), "{body}");
+    store.pool().close().await;
+    database.drop().await;
+}
+
+/// POSTs `book` to `/api/books` of `bookstore serve`'s router over `store`; the status and body.
+async fn post_book(store: PostgresStore, book: serde_json::Value) -> (u16, String) {
+    use bookstore::http::{self, HttpState};
+    let metrics = bookstore::telemetry::prometheus_handle().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/api/books", listener.local_addr().unwrap());
+    let (trigger, shutdown) = bookstore::shutdown::ShutdownTrigger::new();
+    let router = http::router(HttpState::new(store, metrics));
+    let server = tokio::spawn(http::serve(listener, router, shutdown));
+    let reply = tokio::task::spawn_blocking(move || {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut response = agent
+            .post(&url)
+            .header("content-type", "application/json")
+            .send(book.to_string())
+            .unwrap();
+        let status = response.status().as_u16();
+        (status, response.body_mut().read_to_string().unwrap())
+    })
+    .await
+    .unwrap();
+    trigger.trigger();
+    server.await.unwrap().unwrap();
+    reply
 }
 
 /// SQLite's outbox read has a path of its own (`sqlite_reader`); a row it cannot read is

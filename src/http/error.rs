@@ -6,6 +6,7 @@
 //! | body over axum's limit (2 MiB) | 413 |
 //! | body without `Content-Type: application/json` | 415 |
 //! | a field breaks a rule ([`ValidationError`]) | 422, with `field` |
+//! | the database refuses a value of the change (e.g. a character its encoding lacks) | 422 |
 //! | no such book (or an id that cannot name one) | 404 |
 //! | the book exists already, was removed, or keeps changing concurrently | 409 |
 //! | the database does not answer, or keeps aborting the save because of concurrent ones | 503 |
@@ -99,6 +100,7 @@ impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
         let status = match &error {
             StoreError::Conflict { .. } => StatusCode::CONFLICT,
+            StoreError::Rejected(_) => StatusCode::UNPROCESSABLE_ENTITY,
             StoreError::Database(_)
             | StoreError::Contention(_)
             | StoreError::Sqlite { .. }
@@ -140,4 +142,30 @@ impl IntoResponse for ApiError {
 /// Answers paths that name no route.
 pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("no such page")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status_of(error: StoreError) -> StatusCode {
+        ApiError::from(ServiceError::Store(error)).status
+    }
+
+    #[test]
+    fn a_change_the_database_refuses_is_the_clients_and_contention_the_servers() {
+        let error = || sqlx::Error::Protocol("from the database".to_owned());
+        assert_eq!(
+            status_of(StoreError::Rejected(error())),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert_eq!(
+            status_of(StoreError::Contention(error())),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            status_of(StoreError::Database(error())),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+    }
 }

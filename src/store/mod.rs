@@ -50,7 +50,7 @@ pub struct BookChange {
 }
 
 /// Failures of a store. `Conflict` and `Contention` are the caller's to retry (the service
-/// does); the rest are the system's.
+/// does); `Rejected` is the change's own fault; the rest are the system's.
 #[derive(Debug, Error)]
 pub enum StoreError {
     #[error(
@@ -68,6 +68,13 @@ pub enum StoreError {
     /// written, and the same save is likely to succeed when tried again.
     #[error("the database aborted the save because of concurrent transactions: {0}")]
     Contention(sqlx::Error),
+    /// The database refused the change itself: a value it cannot hold (PostgreSQL's data
+    /// exceptions, SQLSTATE class 22, e.g. a character the database's encoding lacks) or one
+    /// that breaks a constraint (class 23, SQLite's constraint errors), other than two saves of
+    /// one book clashing, which is `Conflict`. Nothing was written, and saving the same change
+    /// again fails the same way.
+    #[error("the database refused the change: {}", database_message(.0))]
+    Rejected(sqlx::Error),
     #[error("unsupported database URL {0:?}: expected sqlite:… , a file path, or postgres://…")]
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]
@@ -208,6 +215,14 @@ impl CommitSignal {
             CommitSignal::Local(notify) => notify.notified().await,
             CommitSignal::Postgres(signal) => signal.committed().await,
         }
+    }
+}
+
+/// What the database said, without sqlx's "error returned from database" in front.
+fn database_message(error: &sqlx::Error) -> String {
+    match error {
+        sqlx::Error::Database(db) => db.message().to_owned(),
+        other => other.to_string(),
     }
 }
 

@@ -172,15 +172,19 @@ impl EventStore for PostgresStore {
 const BEGIN_SAVE: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
 
 /// A serialization failure or a deadlock is [`StoreError::Contention`], which the service
-/// retries; other errors stay as they are.
+/// retries; a data exception (SQLSTATE class 22) or an integrity violation (class 23; the one
+/// that means a concurrent save of the same book is a `Conflict` by now) is
+/// [`StoreError::Rejected`]; other errors stay as they are.
 fn classify_save_error(error: StoreError) -> StoreError {
-    match error {
-        StoreError::Database(sqlx::Error::Database(db))
-            if matches!(db.code().as_deref(), Some("40001" | "40P01")) =>
-        {
-            StoreError::Contention(sqlx::Error::Database(db))
-        }
-        other => other,
+    let StoreError::Database(sqlx::Error::Database(db)) = error else {
+        return error;
+    };
+    let code = db.code().map(|code| code.into_owned()).unwrap_or_default();
+    let error = sqlx::Error::Database(db);
+    match code.as_str() {
+        "40001" | "40P01" => StoreError::Contention(error),
+        code if code.starts_with("22") || code.starts_with("23") => StoreError::Rejected(error),
+        _ => StoreError::Database(error),
     }
 }
 

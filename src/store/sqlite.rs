@@ -121,6 +121,36 @@ impl SqliteStore {
     async fn stored_version(&self, book_id: BookId) -> Result<Option<u64>, StoreError> {
         stored_version(&mut *self.pool.acquire().await?, book_id).await
     }
+
+    /// The body of [`EventStore::save`]; its errors are classified by the caller.
+    async fn save_in_transaction(
+        &self,
+        change: BookChange,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let book_id = change.state.book_id;
+        let expected = change.expected_version;
+        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
+        if let Written::No { actual } = write_book(&mut tx, &change).await? {
+            return Err(conflict(book_id, expected, actual));
+        }
+        if change.events.is_empty() {
+            tx.commit().await?;
+            return Ok(vec![]);
+        }
+        let last = reserve_positions(&mut tx, change.events.len()).await?;
+        let events = with_positions(change.events, last)?;
+        if let Err(error) = insert_events(&mut tx, &events).await {
+            tx.rollback().await?;
+            if !is_stream_version_clash(&error) {
+                return Err(error);
+            }
+            let actual = self.stored_version(book_id).await?;
+            return Err(conflict(book_id, expected, actual));
+        }
+        tx.commit().await?;
+        self.commits.notify_one();
+        Ok(events)
+    }
 }
 
 impl EventStore for SqliteStore {
@@ -148,29 +178,9 @@ impl EventStore for SqliteStore {
     }
 
     async fn save(&self, change: BookChange) -> Result<Vec<StoredEvent>, StoreError> {
-        let book_id = change.state.book_id;
-        let expected = change.expected_version;
-        let mut tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
-        if let Written::No { actual } = write_book(&mut tx, &change).await? {
-            return Err(conflict(book_id, expected, actual));
-        }
-        if change.events.is_empty() {
-            tx.commit().await?;
-            return Ok(vec![]);
-        }
-        let last = reserve_positions(&mut tx, change.events.len()).await?;
-        let events = with_positions(change.events, last)?;
-        if let Err(error) = insert_events(&mut tx, &events).await {
-            tx.rollback().await?;
-            if !is_stream_version_clash(&error) {
-                return Err(error);
-            }
-            let actual = self.stored_version(book_id).await?;
-            return Err(conflict(book_id, expected, actual));
-        }
-        tx.commit().await?;
-        self.commits.notify_one();
-        Ok(events)
+        self.save_in_transaction(change)
+            .await
+            .map_err(classify_save_error)
     }
 
     async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
@@ -326,6 +336,26 @@ async fn insert_events(
     });
     insert.build().execute(conn).await?;
     Ok(())
+}
+
+/// A constraint the change breaks (other than the one that means a concurrent save of the same
+/// book, a `Conflict` by now) is [`StoreError::Rejected`]; other errors stay as they are.
+fn classify_save_error(error: StoreError) -> StoreError {
+    use sqlx::error::ErrorKind;
+    match error {
+        StoreError::Database(sqlx::Error::Database(db))
+            if matches!(
+                db.kind(),
+                ErrorKind::UniqueViolation
+                    | ErrorKind::ForeignKeyViolation
+                    | ErrorKind::NotNullViolation
+                    | ErrorKind::CheckViolation
+            ) =>
+        {
+            StoreError::Rejected(sqlx::Error::Database(db))
+        }
+        other => other,
+    }
 }
 
 /// SQLite names the columns of the violated constraint in its message; `events.stream` only
