@@ -203,8 +203,7 @@ fn every_validation_rule_names_its_field() {
         add
     });
     assert_eq!(
-        invisible_isbn.isbn,
-        None,
+        invisible_isbn.isbn, None,
         "an invisible optional value is absent"
     );
     // Inside visible text they stay: they shape emoji and scripts.
