@@ -876,6 +876,33 @@ async fn post_book(store: PostgresStore, book: serde_json::Value) -> (u16, Strin
     reply
 }
 
+/// A session that stops inside a transaction (a client frozen after taking the head row's lock)
+/// must not hold up every save for good: the store's sessions end such a transaction after
+/// 60 s, unless the URL, the role or the database chose a timeout of their own.
+#[tokio::test]
+async fn postgres_store_sessions_end_a_transaction_left_idle() {
+    let schema = PgSchema::create().await;
+    let timeout = |pool: sqlx::PgPool| async move {
+        let value: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        value
+    };
+
+    let AnyStore::Postgres(store) = AnyStore::connect(&schema.url()).await.unwrap() else {
+        panic!("a postgres:// URL opens PostgreSQL");
+    };
+    assert_eq!(timeout(store.pool().clone()).await, "1min");
+    let chosen = schema
+        .options()
+        .options([("idle_in_transaction_session_timeout", "5s")]);
+    let store = PostgresStore::connect_with_options(chosen).await.unwrap();
+    assert_eq!(timeout(store.pool().clone()).await, "5s");
+    schema.drop().await;
+}
+
 /// SQLite's outbox read has a path of its own (`sqlite_reader`); a row it cannot read is
 /// corrupt data, reported as such, and the rows before it still read.
 #[tokio::test]

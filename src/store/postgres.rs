@@ -7,14 +7,21 @@
 //! Should the database still abort a save to resolve contention (40001, or a deadlock, 40P01),
 //! the save fails with [`StoreError::Contention`], which the service retries.
 //!
-//! What keeps the outbox gapless is the `outbox_head` row:
-//! every save increments it as its last step before inserting its events, and the row lock that
-//! takes is held until COMMIT, so a second save waits there and reads the head only once the
-//! first one is committed (and visible). Positions are therefore handed out in commit order,
-//! and a rolled back save releases its reservation before anyone else could build on it.
-//! The lock is released only once the commit is flushed, so what appends serialise on is the
-//! reservation, the event insert and one WAL flush; both statements are therefore single round
-//! trips (the notification rides along with the reservation).
+//! What keeps the outbox gapless is the `outbox_head` row: every save increments it as its
+//! last step before inserting its events, and the row lock that takes is held until COMMIT, so
+//! a second save waits there and reads the head only once the first one is committed (and
+//! visible). Positions are therefore handed out in commit order, and a rolled back save
+//! releases its reservation before anyone else could build on it. The lock is released only
+//! once the commit is flushed, so what appends serialise on is the reservation, the event
+//! insert and one WAL flush; both statements are therefore single round trips (the
+//! notification rides along with the reservation).
+//!
+//! A session that holds the `outbox_head` row lock and then stops (a client frozen mid-save, a
+//! network cut) would hold up every save until it ends. So where neither the URL, the role nor
+//! the database sets `idle_in_transaction_session_timeout`, [`PostgresStore::connect`] sets it
+//! to 60 s ([`IDLE_IN_TRANSACTION_TIMEOUT`]) for its sessions. Nothing of the store, the relay
+//! or the projection idles inside a transaction: their statements follow each other without
+//! waiting for anything else.
 //!
 //! Each save also sends `NOTIFY bookstore_outbox, '<last position>'` ([`OUTBOX_CHANNEL`]).
 //! PostgreSQL delivers it only if and when the transaction commits, so a listening relay wakes
@@ -46,12 +53,19 @@ impl PostgresStore {
     }
 
     /// Connects with explicit options, e.g. a `search_path` that puts the tables in a schema of
-    /// their own: `options.options([("search_path", "my_schema")])`.
+    /// their own: `options.options([("search_path", "my_schema")])`. Sessions where nothing
+    /// sets `idle_in_transaction_session_timeout` get 60 s (see the module doc).
     pub async fn connect_with_options(options: PgConnectOptions) -> Result<Self, StoreError> {
-        Self::with_pool(PgPoolOptions::new().connect_with(options).await?).await
+        let pool = PgPoolOptions::new()
+            .after_connect(|conn, _| Box::pin(limit_idle_in_transaction(conn)))
+            .connect_with(options)
+            .await?;
+        Self::with_pool(pool).await
     }
 
     /// Uses an existing pool (to choose its size or timeouts) and brings the schema up to date.
+    /// The pool's sessions are left as they are: set `idle_in_transaction_session_timeout`
+    /// yourself (see the module doc).
     pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
         Ok(Self { pool })
@@ -165,6 +179,23 @@ impl EventStore for PostgresStore {
             .ok_or_else(missing_head)?;
         to_u64(last, "outbox_head.last_position")
     }
+}
+
+/// How long a session of the store may sit idle inside a transaction before PostgreSQL ends
+/// it, releasing its locks, where nothing else sets `idle_in_transaction_session_timeout`.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "60s";
+
+/// Sets [`IDLE_IN_TRANSACTION_TIMEOUT`] for the session unless the timeout is set already (by
+/// the URL's options, the role or the database): `0` means it is not.
+async fn limit_idle_in_transaction(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "SELECT set_config('idle_in_transaction_session_timeout', $1, false) \
+         WHERE current_setting('idle_in_transaction_session_timeout') = '0'",
+    )
+    .bind(IDLE_IN_TRANSACTION_TIMEOUT)
+    .execute(conn)
+    .await?;
+    Ok(())
 }
 
 /// How a save begins its transaction: at READ COMMITTED whatever the database's default (see
