@@ -985,3 +985,35 @@ async fn a_relay_stops_at_a_hole_in_the_outbox_instead_of_skipping_it() {
         );
     }
 }
+
+/// A following relay applies retention by itself (on a task of its own, beside the publishing):
+/// once published and older than the retention, events leave the outbox.
+#[tokio::test]
+async fn a_following_relay_prunes_what_it_published_past_retention() {
+    let fixture = Fixture::new().await;
+    let relay = fixture
+        .relay(DeliveryMode::ExactlyOnce)
+        .await
+        .tuned(|config| {
+            config.retention = Duration::from_millis(1);
+            config.prune_interval = Duration::from_millis(100);
+        });
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    fixture.write_books(3, 1).await;
+    let written = 3 * 2 * 2;
+    let records = fixture.read_topics(written).await;
+    assert_eq!(records.len(), written);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !fixture.all_events().await.is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "published events were never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop.trigger();
+    let report = running.await.unwrap().unwrap();
+    assert_eq!(report.published_events, written as u64);
+}

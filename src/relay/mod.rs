@@ -350,6 +350,9 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         let mut unconfirmed = Unconfirmed::default();
         let mut backoff = self.config.min_backoff;
         let mut pruned_at: Option<Instant> = None;
+        // Retention runs beside the publishing: a large one (after an outage longer than the
+        // retention) takes seconds, in chunks on SQLite, and must not hold the batches up.
+        let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
         let Some(mut position) = self
             .start_publisher(recorder, shutdown, &mut backoff)
             .await?
@@ -364,8 +367,16 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 }
                 return Ok(Stop::Shutdown);
             }
-            if pruned_at.is_none_or(|at| at.elapsed() >= self.config.prune_interval) {
-                self.prune().await;
+            if pruned_at.is_none_or(|at| at.elapsed() >= self.config.prune_interval)
+                && pruning
+                    .as_ref()
+                    .is_none_or(tokio::task::JoinHandle::is_finished)
+            {
+                pruning = Some(tokio::spawn(prune(
+                    self.outbox.clone(),
+                    self.config.relay_id.clone(),
+                    self.config.retention,
+                )));
                 pruned_at = Some(Instant::now());
             }
             if target.is_some_and(|target| position >= target) {
@@ -591,18 +602,6 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         }
     }
 
-    async fn prune(&self) {
-        match self
-            .outbox
-            .prune_published(&self.config.relay_id, self.config.retention)
-            .await
-        {
-            Ok(0) => {}
-            Ok(deleted) => info!(deleted, "pruned published events past retention"),
-            Err(error) => warn!(%error, "outbox retention failed"),
-        }
-    }
-
     async fn wait_for_commit(&self, signal: &mut CommitSignal, shutdown: &mut Shutdown) {
         let mut shutdown = shutdown.clone();
         tokio::select! {
@@ -610,6 +609,15 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             _ = tokio::time::sleep(self.config.poll_interval) => {}
             _ = shutdown.wait() => {}
         }
+    }
+}
+
+/// Deletes the events every relay of the store has published that are older than `retention`.
+async fn prune<O: Outbox>(outbox: O, relay_id: String, retention: Duration) {
+    match outbox.prune_published(&relay_id, retention).await {
+        Ok(0) => {}
+        Ok(deleted) => info!(deleted, "pruned published events past retention"),
+        Err(error) => warn!(%error, "outbox retention failed"),
     }
 }
 
