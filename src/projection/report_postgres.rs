@@ -20,6 +20,11 @@ use super::{BatchPlan, BookReport, PartitionOffset, ReportChange, ReportStore};
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
 
+/// The batch's locks (`lock_books`) and version guards are written for READ COMMITTED; a
+/// database or role whose default is stricter would abort concurrent batches with
+/// serialization failures, so the level is stated, as the store's saves state it.
+const BEGIN_BATCH: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 impl ReportStore for PostgresStore {
     async fn apply_batch(
         &self,
@@ -28,7 +33,7 @@ impl ReportStore for PostgresStore {
         changes: &[ReportChange],
         offsets: &[PartitionOffset],
     ) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
         lock_books(&mut tx, changes).await?;
         let now = Utc::now().trunc_subsecs(6);
         let plan = BatchPlan::new(changes);
@@ -101,7 +106,7 @@ impl ReportStore for PostgresStore {
     }
 
     async fn reset(&self, group: &str) -> Result<(), StoreError> {
-        let mut tx = self.pool().begin().await?;
+        let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
         sqlx::query("DELETE FROM book_report")
             .execute(&mut *tx)
             .await?;
