@@ -180,6 +180,18 @@ pub struct RelaySettings {
         default_value_t = 168
     )]
     pub retention_hours: u64,
+
+    /// How long the relay lease lasts without renewal, in milliseconds; renewed every third of
+    /// it. A relay that dies without releasing it (a crash, SIGKILL) keeps its standbys waiting
+    /// this long, so a shorter lease means faster failover, but the database must answer a
+    /// renewal within a third of it or the relay stands down.
+    #[arg(
+        long = "lease-ttl-ms",
+        env = "BOOKSTORE_RELAY_LEASE_TTL_MS",
+        default_value_t = 15_000,
+        value_parser = clap::value_parser!(u64).range(1..)
+    )]
+    pub lease_ttl_ms: u64,
 }
 
 impl Default for RelaySettings {
@@ -191,6 +203,7 @@ impl Default for RelaySettings {
             relay_id: None,
             poll_interval_ms: 250,
             retention_hours: 168,
+            lease_ttl_ms: 15_000,
         }
     }
 }
@@ -338,6 +351,42 @@ mod tests {
         assert_eq!(
             parse_client_options(&written.to_argument()).unwrap(),
             written
+        );
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct RelayCommand {
+        #[command(flatten)]
+        settings: RelaySettings,
+    }
+
+    fn relay_settings(args: &[&str]) -> Result<RelaySettings, clap::Error> {
+        use clap::Parser;
+        let args = std::iter::once("relay").chain(args.iter().copied());
+        RelayCommand::try_parse_from(args).map(|command| command.settings)
+    }
+
+    #[test]
+    fn the_lease_ttl_defaults_to_15_s_and_must_be_positive() {
+        use clap::CommandFactory;
+        assert_eq!(relay_settings(&[]).unwrap().lease_ttl_ms, 15_000);
+        assert_eq!(RelaySettings::default().lease_ttl_ms, 15_000);
+        assert_eq!(
+            relay_settings(&["--lease-ttl-ms", "2500"])
+                .unwrap()
+                .lease_ttl_ms,
+            2_500
+        );
+        assert!(relay_settings(&["--lease-ttl-ms", "0"]).is_err());
+        assert!(relay_settings(&["--lease-ttl-ms", "-1"]).is_err());
+        let command = RelayCommand::command();
+        let argument = command
+            .get_arguments()
+            .find(|argument| argument.get_long() == Some("lease-ttl-ms"))
+            .unwrap();
+        assert_eq!(
+            argument.get_env(),
+            Some(std::ffi::OsStr::new("BOOKSTORE_RELAY_LEASE_TTL_MS"))
         );
     }
 

@@ -42,6 +42,7 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
     config.batch_size = settings.batch_size.max(1);
     config.poll_interval = Duration::from_millis(settings.poll_interval_ms.max(1));
     config.retention = Duration::from_secs(settings.retention_hours.saturating_mul(3600));
+    config.lease_ttl = Duration::from_millis(settings.lease_ttl_ms.max(1));
     if settings.delivery == DeliveryMode::ExactlyOnce {
         config.batch_linger = Duration::from_millis(settings.batch_linger_ms);
     }
