@@ -23,6 +23,46 @@ fn metric(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// `bookstore relay --metrics-addr addr` on the SQLite file `database` and the topics of `kafka`.
+fn spawn_relay(
+    database: &std::path::Path,
+    kafka: &bookstore::config::KafkaConfig,
+    addr: &str,
+) -> tokio::process::Child {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("relay")
+        .args(["--metrics-addr", addr])
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", database.display()),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
+        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// Adds `count` books titled `<title> <n>`: two events each.
+async fn add_books(service: &BookService<SqliteStore, AvroCodec>, count: usize, title: &str) {
+    for index in 0..count {
+        let command = BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title: format!("{title} {index}"),
+            author: "Prometheus".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+        });
+        service
+            .execute(command, CommandContext::default())
+            .await
+            .unwrap();
+    }
+}
+
 #[tokio::test]
 async fn following_relay_serves_metrics_and_stops_gracefully_on_sigterm() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,35 +74,8 @@ async fn following_relay_serves_metrics_and_stops_gracefully_on_sigterm() {
     let kafka = common::kafka_config();
     let addr = format!("127.0.0.1:{}", common::free_local_port());
 
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
-        .arg("relay")
-        .args(["--metrics-addr", &addr])
-        .env(
-            "BOOKSTORE_DATABASE_URL",
-            format!("sqlite:{}", database.display()),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
-        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    for index in 0..7 {
-        let command = BookCommand::Add(AddBook {
-            book_id: BookId::generate(),
-            title: format!("Metered {index}"),
-            author: "Prometheus".into(),
-            isbn: None,
-            price: Price::ZERO,
-            description: None,
-        });
-        service
-            .execute(command, CommandContext::default())
-            .await
-            .unwrap();
-    }
+    let mut child = spawn_relay(&database, &kafka, &addr);
+    add_books(&service, 7, "Metered").await;
 
     // The backlog gauge is set when the store's copy of the position is written, just after
     // the batch: wait for both.
@@ -114,35 +127,8 @@ async fn the_backlog_gauge_grows_while_the_relay_cannot_publish() {
     );
     let service = BookService::new(store, AvroCodec::new());
     let addr = format!("127.0.0.1:{}", common::free_local_port());
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
-        .arg("relay")
-        .args(["--metrics-addr", &addr])
-        .env(
-            "BOOKSTORE_DATABASE_URL",
-            format!("sqlite:{}", database.display()),
-        )
-        .env("KAFKA_BOOTSTRAP_SERVERS", &kafka.bootstrap_servers)
-        .env("BOOKSTORE_TOPIC_PREFIX", &kafka.topic_prefix)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-
-    for index in 0..3 {
-        let command = BookCommand::Add(AddBook {
-            book_id: BookId::generate(),
-            title: format!("Waiting {index}"),
-            author: "Nobody Publishes".into(),
-            isbn: None,
-            price: Price::ZERO,
-            description: None,
-        });
-        service
-            .execute(command, CommandContext::default())
-            .await
-            .unwrap();
-    }
+    let mut child = spawn_relay(&database, &kafka, &addr);
+    add_books(&service, 3, "Waiting").await;
 
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
