@@ -109,7 +109,8 @@ fn wait_for_open_transactions(
                 last_stable,
                 high_watermark,
                 "waiting for a transaction another producer holds open on the checkpoint \
-                 topic (it ends by its producer's transaction timeout)"
+                 topic (it ends by its producer's transaction timeout; one that never ends \
+                 is a hanging transaction, see the README)"
             );
             announced = true;
         }
