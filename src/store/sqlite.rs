@@ -73,6 +73,7 @@ impl SqliteStore {
             .busy_timeout(BUSY_TIMEOUT)
             .foreign_keys(true);
         let path = options.get_filename().to_owned();
+        let lock = super::sqlite_migrations::lock(&path).await?;
         // No ping before handing out a connection (sqlx's default): a connection to a local
         // file does not go stale the way a network one does, and the ping is one more round trip
         // to the connection's worker thread for every save and every projection batch.
@@ -80,7 +81,8 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await?;
-        super::sqlite_migrations::run(&pool, &path).await?;
+        super::sqlite_migrations::run(&pool).await?;
+        drop(lock);
         let reader = if path.is_file() {
             Some(OutboxReader::open(&path, BUSY_TIMEOUT)?)
         } else {

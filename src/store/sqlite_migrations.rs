@@ -15,14 +15,19 @@ use sqlx::SqlitePool;
 
 use super::StoreError;
 
-/// Runs the migrations of `migrations/sqlite` on `pool`, whose database is the file at
-/// `database` (for an in-memory database, no other process can see it, so no lock is taken).
-pub async fn run(pool: &SqlitePool, database: &Path) -> Result<(), StoreError> {
-    let _lock = if database.is_file() {
-        Some(lock_exclusively(lock_path(database)).await?)
-    } else {
-        None
-    };
+/// Holds the lock of the database file `database` until dropped; `None` for an in-memory
+/// database, which no other process can see. Taken before the first connection, since a new
+/// file's switch to WAL can fail at once with "database is locked" when another process
+/// makes it at the same moment.
+pub async fn lock(database: &Path) -> Result<Option<File>, StoreError> {
+    if database.as_os_str().is_empty() || database == Path::new(":memory:") {
+        return Ok(None);
+    }
+    lock_exclusively(lock_path(database)).await.map(Some)
+}
+
+/// Runs the migrations of `migrations/sqlite` on `pool` (under [`lock`]).
+pub async fn run(pool: &SqlitePool) -> Result<(), StoreError> {
     sqlx::migrate!("migrations/sqlite").run(pool).await?;
     Ok(())
 }
@@ -60,7 +65,7 @@ mod tests {
     use super::super::SqliteStore;
 
     /// Several stores opening one new database at once: before the lock, the losers of the
-    /// race failed with "table … already exists".
+    /// race failed with "table … already exists" or "database is locked".
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn stores_opening_a_new_database_at_once_all_succeed() {
         for attempt in 0..5 {
