@@ -175,6 +175,35 @@ pub struct Received {
 }
 
 impl Received {
+    /// A copy of `message`: header values as (lossy) UTF-8 text, the key as text.
+    pub fn of(message: &impl rdkafka::Message) -> Self {
+        use rdkafka::message::Headers;
+
+        let headers = message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|header| {
+                        let value = header
+                            .value
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default();
+                        (header.key.to_owned(), value.into_owned())
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        Received {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
     pub fn header(&self, name: &str) -> &str {
         self.headers
             .get(name)
@@ -200,9 +229,7 @@ pub async fn consume_committed(
     timeout: Duration,
     quiet: Duration,
 ) -> Vec<Received> {
-    use rdkafka::Message;
     use rdkafka::consumer::Consumer;
-    use rdkafka::message::Headers;
 
     let consumer = config.consumer(&unique("reader")).unwrap();
     consumer.subscribe(topics).unwrap();
@@ -222,29 +249,7 @@ pub async fn consume_committed(
                 received.len()
             ),
         };
-        let headers = message
-            .headers()
-            .map(|headers| {
-                headers
-                    .iter()
-                    .map(|header| {
-                        let value = header
-                            .value
-                            .map(String::from_utf8_lossy)
-                            .unwrap_or_default();
-                        (header.key.to_owned(), value.into_owned())
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        received.push(Received {
-            topic: message.topic().to_owned(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: String::from_utf8_lossy(message.key().unwrap_or_default()).into_owned(),
-            value: message.payload().map(<[u8]>::to_vec),
-            headers,
-        });
+        received.push(Received::of(&message));
     }
 }
 
