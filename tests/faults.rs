@@ -807,6 +807,23 @@ impl Chaos {
         }
     }
 
+    /// Waits until the running relay has published up to `position`.
+    async fn wait_until_published(&mut self, position: u64) {
+        let started = Instant::now();
+        while self.published().await < position {
+            self.assert_services_running();
+            if started.elapsed() >= PROGRESS_TIMEOUT {
+                let relay = &self.relay.as_ref().expect("a relay runs").process;
+                panic!(
+                    "{} did not publish up to {position} within {PROGRESS_TIMEOUT:?}; its log:\n{}",
+                    relay.name,
+                    log_tail(&relay.log)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
+    }
+
     /// Waits until the running projector has brought the report level with the store.
     async fn wait_for_report_to_match_store(&mut self) {
         let started = Instant::now();
@@ -886,6 +903,8 @@ async fn inject_faults(chaos: &mut Chaos, kills: u32) {
     for _ in 0..3 {
         chaos.outage(false).await;
     }
+    // What piled up during the outages is the relay's to publish, not the final relay's.
+    chaos.wait_until_published(chaos.head().await).await;
     let relay = chaos.relay.take().expect("a relay runs");
     relay.process.terminate().await;
 }
