@@ -258,6 +258,12 @@ async fn save_against_a_missing_book_conflicts<S: Backdoor>(store: S) {
     assert_eq!(store.head_position().await.unwrap(), 0);
 }
 
+/// The positions of the events the outbox still holds, in order.
+async fn positions_in_outbox<S: Backdoor>(store: &S) -> Vec<u64> {
+    let events = store.read_after(0, 100).await.unwrap();
+    events.iter().map(|e| e.position).collect()
+}
+
 async fn positions_are_gapless_and_increase_across_saves<S: Backdoor>(store: S) {
     assert_eq!(store.head_position().await.unwrap(), 0);
     let mut positions = vec![];
@@ -493,13 +499,7 @@ async fn prune_deletes_only_published_events_past_retention<S: Backdoor>(store: 
         4
     );
 
-    let left: Vec<u64> = store
-        .read_after(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let left = positions_in_outbox(&store).await;
     assert_eq!(left, [5, 6]);
     // Pruning frees no positions: the next save still continues after the head.
     assert_eq!(store.head_position().await.unwrap(), 6);
@@ -954,13 +954,7 @@ async fn sqlite_prune_deletes_everything_it_may_over_several_chunks() {
         9
     );
 
-    let left: Vec<u64> = store
-        .read_after(0, 100)
-        .await
-        .unwrap()
-        .iter()
-        .map(|e| e.position)
-        .collect();
+    let left = positions_in_outbox(&store).await;
     assert_eq!(left, [10]);
     assert_eq!(
         store
