@@ -84,6 +84,38 @@ projection_suite!(
     confluent_framed_facts_are_decoded_through_the_schema_registry,
 );
 
+/// Told to stop while the broker is down, the projector must not wait out the group's session
+/// (45 s) to leave it: orchestrators kill a process 30 s after SIGTERM. What it applied is in
+/// the database, so it exits within its leave deadline and a restart resumes from there.
+#[tokio::test]
+async fn projector_stops_promptly_on_sigterm_while_the_broker_is_down() {
+    let broker = common::broker::PrivateBroker::start().await;
+    let mut world = World::sqlite().await;
+    world.kafka.bootstrap_servers = broker.bootstrap_servers();
+    world.write_random_history(5, 10, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("stop-broker-down");
+    let mut child = world
+        .bookstore(&["project", "--group", &group])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    world.wait_until_report_equals_store().await;
+    broker.run("stop").await;
+    // Long enough for the consumer to notice; much shorter than a session.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let signalled = std::time::Instant::now();
+    common::terminate_gracefully(&mut child, "the projector").await;
+    let took = signalled.elapsed();
+    let bound = bookstore::projection::consumer::LEAVE_DEADLINE + Duration::from_secs(5);
+    assert!(
+        took < bound,
+        "the projector took {took:?} to stop with the broker down (bound {bound:?})"
+    );
+    world.finish().await;
+}
+
 // ---------------------------------------------------------------------------------------------
 // The ReportStore rules, straight against the adapter.
 

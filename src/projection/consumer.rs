@@ -17,9 +17,10 @@
 //!   partition is committed, and the next owner, which is only assigned the partition after
 //!   that acknowledgement (cooperative-sticky), reads the stored offset after it.
 //! * **Blocking calls stay off the async workers.** `poll` (and with it the callback, which
-//!   waits for the database through the runtime handle) runs on the blocking pool; so does
-//!   closing the consumer, which serves the last revocation. This works on a current-thread
-//!   runtime too: the thread in `Runtime::block_on` drives the I/O the callback waits for.
+//!   waits for the database through the runtime handle) runs on the blocking pool; closing the
+//!   consumer, which serves the last revocation, runs on a thread of its own and is waited for
+//!   a bounded time (see [`Session::leave`]). This works on a current-thread runtime too: the
+//!   thread in `Runtime::block_on` drives the I/O the callback waits for.
 //!
 //! * **Less to carry.** The polling thread reads each record as it arrives (while it is still
 //!   librdkafka's) and drops the ones a newer fact of the same book in the batch supersedes,
@@ -485,7 +486,16 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     }
 
     /// Commits the stored offsets to the group synchronously and leaves the group (which
-    /// revokes this member's partitions and lets the others take them over at once).
+    /// revokes this member's partitions and lets the others take them over at once), waiting
+    /// [`LEAVE_DEADLINE`] at most.
+    ///
+    /// Both normally take a few hundred milliseconds. With the broker unreachable, librdkafka
+    /// waits out the group's session timeout (45 s by default), longer than an orchestrator's
+    /// grace before it kills the process (Kubernetes: 30 s). Past the deadline the leave goes
+    /// on in the background and this returns: the offsets that decide where reading resumes are
+    /// in the database already, and the broker drops the member when its session times out.
+    /// The leave runs on a thread of its own rather than the blocking pool because the runtime
+    /// waits for its blocking tasks when it shuts down, so a stuck one would hold the process.
     pub async fn leave(mut self) {
         let offsets: Vec<PartitionOffset> = self
             .stored
@@ -499,30 +509,53 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
         let Some(consumer) = self.consumer.take() else {
             return;
         };
-        let left = tokio::task::spawn_blocking(move || {
-            if let Some(list) = list
-                && let Err(error) = consumer.commit(&list, CommitMode::Sync)
-            {
-                debug!(%error, "could not commit the group offsets on leaving");
-            }
-            // Dropping the last handle closes the consumer: it leaves the group.
-            drop(consumer);
-        })
-        .await;
-        if left.is_err() {
-            warn!("closing the consumer panicked");
+        let (left, on_left) = tokio::sync::oneshot::channel();
+        let spawned = std::thread::Builder::new()
+            .name("projection-leave".into())
+            .spawn(move || {
+                if let Some(list) = list
+                    && let Err(error) = consumer.commit(&list, CommitMode::Sync)
+                {
+                    debug!(%error, "could not commit the group offsets on leaving");
+                }
+                // Dropping the last handle closes the consumer: it leaves the group.
+                drop(consumer);
+                let _ = left.send(());
+            });
+        if let Err(error) = spawned {
+            warn!(
+                %error,
+                "could not start a thread to leave the group; the broker drops this member when \
+                 its session times out"
+            );
+            return;
         }
-        info!("left the group");
+        match tokio::time::timeout(LEAVE_DEADLINE, on_left).await {
+            Ok(Ok(())) => info!("left the group"),
+            Ok(Err(_)) => warn!("closing the consumer panicked"),
+            Err(_) => warn!(
+                deadline = ?LEAVE_DEADLINE,
+                "the group did not confirm the leave in time (is the broker down?); going on \
+                 without it: the broker drops this member when its session times out"
+            ),
+        }
     }
 }
 
+/// How long [`Session::leave`] waits for the group to confirm.
+pub const LEAVE_DEADLINE: Duration = Duration::from_secs(10);
+
 impl<S: ReportStore + Clone + 'static> Drop for Session<S> {
     fn drop(&mut self) {
-        // Closing serves the last rebalance callbacks: keep it off async workers.
-        if let Some(consumer) = self.consumer.take()
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-        {
-            runtime.spawn_blocking(move || drop(consumer));
+        // Closing serves the last rebalance callbacks and can wait long for an unreachable
+        // broker: keep it off async workers, and off the blocking pool (see `leave`).
+        if let Some(consumer) = self.consumer.take() {
+            let closed = std::thread::Builder::new()
+                .name("projection-close".into())
+                .spawn(move || drop(consumer));
+            if let Err(error) = closed {
+                warn!(%error, "could not start a thread to close the consumer");
+            }
         }
     }
 }
