@@ -20,10 +20,22 @@ use super::StoreError;
 /// file's switch to WAL can fail at once with "database is locked" when another process
 /// makes it at the same moment.
 pub async fn lock(database: &Path) -> Result<Option<File>, StoreError> {
-    if database.as_os_str().is_empty() || database == Path::new(":memory:") {
+    if is_in_memory(database) {
         return Ok(None);
     }
     lock_exclusively(lock_path(database)).await.map(Some)
+}
+
+/// sqlx names the database of `sqlite::memory:` `file:sqlx-in-memory-<n>` (and keeps its
+/// in-memory flag private), so that name must be recognised too, or every in-memory store
+/// leaves a lock file of that name in the working directory.
+fn is_in_memory(database: &Path) -> bool {
+    const SQLX_IN_MEMORY: &str = "file:sqlx-in-memory-";
+    database.as_os_str().is_empty()
+        || database == Path::new(":memory:")
+        || database
+            .to_str()
+            .is_some_and(|name| name.starts_with(SQLX_IN_MEMORY))
 }
 
 /// Runs the migrations of `migrations/sqlite` on `pool` (under [`lock`]).
@@ -62,7 +74,30 @@ async fn lock_exclusively(path: PathBuf) -> Result<File, StoreError> {
 
 #[cfg(test)]
 mod tests {
+    use std::str::FromStr;
+
+    use sqlx::sqlite::SqliteConnectOptions;
+
     use super::super::SqliteStore;
+
+    /// Guards the name sqlx gives in-memory databases: if it changes, in-memory stores would
+    /// start leaving lock files in the working directory again.
+    #[tokio::test]
+    async fn in_memory_databases_take_no_lock_file() {
+        for url in ["sqlite::memory:", "sqlite::memory:?cache=shared"] {
+            let options = SqliteConnectOptions::from_str(url).unwrap();
+            let lock = super::lock(options.get_filename()).await.unwrap();
+            assert!(
+                lock.is_none(),
+                "{url} ({}) took a lock file",
+                options.get_filename().display()
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("on-disk.db");
+        assert!(super::lock(&file).await.unwrap().is_some());
+        assert!(dir.path().join("on-disk.db-migrations.lock").exists());
+    }
 
     /// Several stores opening one new database at once: before the lock, the losers of the
     /// race failed with "table … already exists" or "database is locked".
