@@ -71,7 +71,8 @@ pub struct KafkaConfig {
     pub partitions: i32,
 
     /// Replication factor of the topics when this program creates them; -1 takes the broker's
-    /// `default.replication.factor`.
+    /// `default.replication.factor`. An existing topic with fewer replicas is refused at
+    /// startup (more are fine); -1 accepts any.
     #[arg(
         long = "topic-replication-factor",
         env = "BOOKSTORE_TOPIC_REPLICATION_FACTOR",

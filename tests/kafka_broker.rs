@@ -152,6 +152,74 @@ async fn existing_topic_with_other_partition_count_is_reported() {
     );
 }
 
+async fn replica_counts(config: &KafkaConfig, topic: &str) -> Vec<usize> {
+    let metadata = config.fetch_metadata(Some(topic)).await.unwrap();
+    metadata.topics()[0]
+        .partitions()
+        .iter()
+        .map(|partition| partition.replicas().len())
+        .collect()
+}
+
+/// An operator who asks for two copies must not run, unknowingly, on a topic someone created
+/// with one. (The test broker is a single node, so replication 1 is all it can create.)
+#[tokio::test]
+async fn existing_topic_with_fewer_replicas_than_required_is_reported_not_used() {
+    let config = common::kafka_config();
+    let topics = config.topics();
+    provision_topics(&config, &topics.specs(3, 1))
+        .await
+        .unwrap();
+
+    let error = provision_topics(&config, &topics.specs(3, 2))
+        .await
+        .unwrap_err();
+
+    match &error {
+        KafkaSetupError::TopicMismatch {
+            topic,
+            setting,
+            expected,
+            actual,
+        } => {
+            assert_eq!(topic, &topics.book);
+            assert_eq!(setting, "replication.factor");
+            assert_eq!(expected, "2");
+            assert_eq!(actual, "1");
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    assert!(error.to_string().contains("replication.factor"), "{error}");
+    // Nothing was changed on the existing topic.
+    assert_eq!(replica_counts(&config, &topics.book).await, [1, 1, 1]);
+}
+
+#[tokio::test]
+async fn existing_topic_with_as_many_replicas_or_the_broker_default_is_used() {
+    let config = common::kafka_config();
+    let topics = config.topics();
+    provision_topics(&config, &topics.specs(3, 1))
+        .await
+        .unwrap();
+
+    let exact = provision_topics(&config, &topics.specs(3, 1))
+        .await
+        .unwrap();
+    let broker_default = provision_topics(&config, &topics.specs(3, -1))
+        .await
+        .unwrap();
+
+    for statuses in [exact, broker_default] {
+        assert_eq!(statuses.len(), 4);
+        assert!(
+            statuses
+                .iter()
+                .all(|(_, status)| *status == TopicStatus::AlreadyPresent),
+            "{statuses:?}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn idempotent_producer_keeps_send_order_per_key_and_a_consumer_group_reads_it_back() {
     let config = common::kafka_config();

@@ -2,16 +2,26 @@
 //!
 //! Provisioning is idempotent: running it against topics that already have the required
 //! settings changes nothing. An existing topic whose partition count or cleanup policy differs
-//! from what is required is reported as an error and left alone; silently using a topic with
-//! the wrong policy (a non-compacted fact topic, say) would break the contract.
+//! from what is required, or that keeps fewer replicas of a partition than the configured
+//! replication factor, is reported as an error and left alone: silently using a topic with the
+//! wrong policy (a non-compacted fact topic, say) would break the contract, and one with fewer
+//! copies would give less durability than the operator asked for. With the replication factor
+//! left to the broker (-1), any replica count is accepted.
+//!
+//! When two or more replicas are asked for, a topic whose `min.insync.replicas` is 1 is accepted
+//! with a warning: `acks=all` then succeeds with a single copy in sync, so the extra replicas
+//! protect less than they seem to. That setting is usually made broker-wide, by whoever runs
+//! the cluster, so it is theirs to decide, not a reason to refuse to start.
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, ConfigResource, NewTopic, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
 use std::time::{Duration, Instant};
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::KafkaSetupError;
 use crate::config::KafkaConfig;
@@ -21,7 +31,8 @@ use crate::config::KafkaConfig;
 pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
-    /// -1: the broker's default replication factor.
+    /// -1: the broker's default replication factor. An existing topic must have at least this
+    /// many replicas of every partition (any count with -1).
     pub replication_factor: i32,
     /// Topic-level settings that must hold (checked on existing topics too).
     pub configs: Vec<(String, String)>,
@@ -96,41 +107,70 @@ fn new_topic(spec: &TopicSpec) -> NewTopic<'_> {
     topic
 }
 
-/// Compares an existing topic's partition count and configs with `spec`.
+/// Compares an existing (or just created) topic with `spec`.
 async fn verify_topic(
     config: &KafkaConfig,
     admin: &AdminClient<DefaultClientContext>,
     options: &AdminOptions,
     spec: &TopicSpec,
 ) -> Result<(), KafkaSetupError> {
-    let actual_partitions = partition_count(config, &spec.name).await?;
-    if actual_partitions != spec.partitions {
+    check_layout(spec, topic_layout(config, &spec.name).await?)?;
+    let settings = topic_settings(config, admin, options, &spec.name).await?;
+    check_configs(spec, &settings)?;
+    warn_if_min_insync_defeats_replication(spec, &settings);
+    Ok(())
+}
+
+/// The partition count must be the one asked for; replicas must be at least as many.
+fn check_layout(spec: &TopicSpec, layout: TopicLayout) -> Result<(), KafkaSetupError> {
+    if layout.partitions != spec.partitions {
         return Err(mismatch(
             spec,
             "partitions",
             spec.partitions.to_string(),
-            actual_partitions.to_string(),
+            layout.partitions.to_string(),
         ));
     }
+    // Only too few replicas is refused: more copies than asked for (a cluster-wide policy,
+    // say) is at least as durable. -1 asks for the broker's default, whatever it is.
+    if spec.replication_factor >= 1 && layout.fewest_replicas < spec.replication_factor {
+        return Err(mismatch(
+            spec,
+            "replication.factor",
+            spec.replication_factor.to_string(),
+            layout.fewest_replicas.to_string(),
+        ));
+    }
+    Ok(())
+}
+
+/// The topic's configs as the broker describes them: every setting with its effective value,
+/// whether set on the topic, on the broker or left at Kafka's default.
+async fn topic_settings(
+    config: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    options: &AdminOptions,
+    topic: &str,
+) -> Result<ConfigResource, KafkaSetupError> {
     let described = admin
-        .describe_configs([&ResourceSpecifier::Topic(&spec.name)], options)
+        .describe_configs([&ResourceSpecifier::Topic(topic)], options)
         .await
         .map_err(|source| unreachable(config, source))?;
-    let resource = described
+    described
         .into_iter()
         .next()
         .ok_or_else(|| KafkaSetupError::TopicMissing {
-            topic: spec.name.clone(),
+            topic: topic.to_owned(),
         })?
         .map_err(|code| KafkaSetupError::Topic {
-            topic: spec.name.clone(),
+            topic: topic.to_owned(),
             source: KafkaError::AdminOp(code),
-        })?;
+        })
+}
+
+fn check_configs(spec: &TopicSpec, settings: &ConfigResource) -> Result<(), KafkaSetupError> {
     for (key, expected) in &spec.configs {
-        let actual = resource
-            .get(key)
-            .and_then(|entry| entry.value.clone())
-            .unwrap_or_default();
+        let actual = setting(settings, key).unwrap_or_default();
         if &actual != expected {
             return Err(mismatch(spec, key, expected.clone(), actual));
         }
@@ -138,21 +178,67 @@ async fn verify_topic(
     Ok(())
 }
 
-/// The topic's partition count. A topic just created may take a moment to show up in the
-/// metadata of the broker that answers, so a missing topic is asked about again until the
-/// request timeout.
-async fn partition_count(config: &KafkaConfig, topic: &str) -> Result<i32, KafkaSetupError> {
+/// Not an error: `min.insync.replicas` is usually set broker-wide by whoever runs the cluster.
+fn warn_if_min_insync_defeats_replication(spec: &TopicSpec, settings: &ConfigResource) {
+    let Some(min_insync) =
+        setting(settings, "min.insync.replicas").and_then(|value| value.parse().ok())
+    else {
+        return;
+    };
+    if min_insync_defeats_replication(spec.replication_factor, min_insync) {
+        warn!(
+            topic = %spec.name,
+            replication_factor = spec.replication_factor,
+            min_insync_replicas = min_insync,
+            "acks=all is satisfied by a single in-sync copy on this topic; set \
+             min.insync.replicas to 2 or more for the durability the replication factor suggests"
+        );
+    }
+}
+
+fn setting(settings: &ConfigResource, key: &str) -> Option<String> {
+    settings.get(key).and_then(|entry| entry.value.clone())
+}
+
+/// True when a topic asked to keep `replication_factor` copies (2 or more) would still
+/// acknowledge `acks=all` writes held by one broker only, as `min.insync.replicas` of 1 allows:
+/// losing that broker loses them, whatever the replication factor.
+fn min_insync_defeats_replication(replication_factor: i32, min_insync_replicas: i32) -> bool {
+    replication_factor >= 2 && min_insync_replicas < 2
+}
+
+/// What the cluster metadata says of a topic's shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct TopicLayout {
+    partitions: i32,
+    /// The replica count of the partition with the fewest: the durability of the topic is
+    /// that of its weakest partition.
+    fewest_replicas: i32,
+}
+
+/// The topic's partitions and replicas, from one metadata request. A topic just created may
+/// take a moment to show up in the metadata of the broker that answers, so a missing topic is
+/// asked about again until the request timeout.
+async fn topic_layout(config: &KafkaConfig, topic: &str) -> Result<TopicLayout, KafkaSetupError> {
     let deadline = Instant::now() + config.request_timeout();
     loop {
         let metadata = config.fetch_metadata(Some(topic)).await?;
-        let partitions = metadata
+        let layout = metadata
             .topics()
             .iter()
             .find(|candidate| candidate.name() == topic)
             .filter(|candidate| candidate.error().is_none() && !candidate.partitions().is_empty())
-            .map(|found| found.partitions().len() as i32);
-        if let Some(partitions) = partitions {
-            return Ok(partitions);
+            .map(|found| TopicLayout {
+                partitions: found.partitions().len() as i32,
+                fewest_replicas: found
+                    .partitions()
+                    .iter()
+                    .map(|partition| partition.replicas().len() as i32)
+                    .min()
+                    .unwrap_or(0),
+            });
+        if let Some(layout) = layout {
+            return Ok(layout);
         }
         if Instant::now() >= deadline {
             return Err(KafkaSetupError::TopicMissing {
@@ -177,5 +263,63 @@ fn unreachable(config: &KafkaConfig, source: KafkaError) -> KafkaSetupError {
         bootstrap_servers: config.bootstrap_servers.clone(),
         timeout: config.request_timeout(),
         source,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn layout(partitions: i32, fewest_replicas: i32) -> TopicLayout {
+        TopicLayout {
+            partitions,
+            fewest_replicas,
+        }
+    }
+
+    #[test]
+    fn fewer_replicas_than_asked_for_is_a_mismatch() {
+        let spec = TopicSpec::new("t.book", 3, 3);
+
+        let error = check_layout(&spec, layout(3, 2)).unwrap_err();
+
+        assert!(
+            matches!(&error, KafkaSetupError::TopicMismatch { setting, expected, actual, .. }
+                if setting == "replication.factor" && expected == "3" && actual == "2"),
+            "{error:?}"
+        );
+    }
+
+    #[test]
+    fn as_many_or_more_replicas_than_asked_for_are_accepted() {
+        let spec = TopicSpec::new("t.book", 3, 2);
+
+        check_layout(&spec, layout(3, 2)).unwrap();
+        check_layout(&spec, layout(3, 3)).unwrap();
+    }
+
+    #[test]
+    fn broker_default_replication_accepts_any_replica_count() {
+        check_layout(&TopicSpec::new("t.book", 3, -1), layout(3, 1)).unwrap();
+    }
+
+    #[test]
+    fn one_in_sync_copy_defeats_a_replication_factor_of_two_or_more() {
+        assert!(min_insync_defeats_replication(2, 1));
+        assert!(min_insync_defeats_replication(3, 1));
+    }
+
+    #[test]
+    fn min_insync_of_two_or_more_keeps_the_replication_it_asks_for() {
+        assert!(!min_insync_defeats_replication(2, 2));
+        assert!(!min_insync_defeats_replication(3, 2));
+    }
+
+    /// A single copy was asked for (or the broker's default, which this program does not
+    /// know): nothing more is promised, so there is nothing to warn about.
+    #[test]
+    fn single_copy_or_broker_default_is_not_warned_about() {
+        assert!(!min_insync_defeats_replication(1, 1));
+        assert!(!min_insync_defeats_replication(-1, 1));
     }
 }
