@@ -351,7 +351,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         let mut backoff = self.config.min_backoff;
         let mut pruned_at: Option<Instant> = None;
         // Retention runs beside the publishing: a large one (after an outage longer than the
-        // retention) takes seconds, in chunks on SQLite, and must not hold the batches up.
+        // retention) takes seconds, in chunks, and must not hold the batches up.
         let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
         let Some(mut position) = self
             .start_publisher(recorder, shutdown, &mut backoff)

@@ -36,7 +36,17 @@ mod sqlite_reader;
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
 pub use postgres_outbox::PgCommitSignal;
-pub use sqlite::{PRUNE_CHUNK, SqliteStore};
+pub use sqlite::SqliteStore;
+
+/// Most events one retention transaction deletes, on either store (see
+/// [`SqliteStore::with_prune_chunk`] and [`PostgresStore::with_prune_chunk`] for why).
+pub const PRUNE_CHUNK: usize = 10_000;
+
+/// The pause between two chunks of retention. On SQLite, a save waiting for the write lock
+/// retries after sleeps growing to 100 ms (its busy handler); chunks back to back would leave
+/// it a window of microseconds, this one it cannot miss for long. On PostgreSQL saves do not
+/// wait for a prune, and the pause only spreads its WAL and I/O out a little.
+pub(crate) const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 
 /// One change of one book: its new state and the events that led there, saved atomically.
 #[derive(Debug, Clone)]
@@ -161,6 +171,9 @@ pub trait Outbox: EventStore {
     /// as the one furthest behind. Nothing is deleted while `relay` has no checkpoint itself.
     /// A relay id that is no longer used keeps its row, and so holds pruning back for good,
     /// until the row is deleted (`DELETE FROM relay_checkpoint WHERE name = '<relay id>'`).
+    ///
+    /// Adapters delete in chunks of at most [`PRUNE_CHUNK`] events (unless set otherwise),
+    /// each its own transaction, so a run that fails part way keeps what it deleted before.
     fn prune_published(
         &self,
         relay: &str,

@@ -37,13 +37,17 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
-use super::{BookChange, EventStore, OUTBOX_CHANNEL, StoreError, to_i64, to_u64, with_positions};
+use super::{
+    BookChange, EventStore, OUTBOX_CHANNEL, PRUNE_CHUNK, StoreError, to_i64, to_u64, with_positions,
+};
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
 /// The store in a PostgreSQL database (in the schema first on the connection's `search_path`).
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
     pool: PgPool,
+    /// Most events one retention transaction deletes.
+    prune_chunk: usize,
 }
 
 impl PostgresStore {
@@ -68,7 +72,26 @@ impl PostgresStore {
     /// yourself (see the module doc).
     pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
         sqlx::migrate!("migrations/postgres").run(&pool).await?;
-        Ok(Self { pool })
+        Ok(Self {
+            pool,
+            prune_chunk: PRUNE_CHUNK,
+        })
+    }
+
+    /// Sets how many events one retention transaction deletes at most ([`PRUNE_CHUNK`] unless
+    /// set; at least 1). Saves do not wait for a prune here (it deletes other rows), but one
+    /// DELETE of everything past retention, millions of events after a long outage or when
+    /// retention is first enabled, is one huge transaction: a burst of WAL that replicas fall
+    /// behind on, a snapshot held for minutes that keeps vacuum from cleaning up any table
+    /// (`outbox_head`, which every save updates, included), and a retention task stuck in it.
+    /// In chunks, each its own transaction, each of these stays small.
+    pub fn with_prune_chunk(mut self, events: usize) -> Self {
+        self.prune_chunk = events.max(1);
+        self
+    }
+
+    pub(crate) fn prune_chunk(&self) -> usize {
+        self.prune_chunk
     }
 
     /// The connection pool, for modules that keep their own tables in the same database.

@@ -7,7 +7,9 @@ use sqlx::postgres::{PgListener, PgPool};
 use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
-use super::{CommitSignal, OUTBOX_CHANNEL, Outbox, PostgresStore, StoreError, to_i64, to_u64};
+use super::{
+    CommitSignal, OUTBOX_CHANNEL, Outbox, PRUNE_PAUSE, PostgresStore, StoreError, to_i64, to_u64,
+};
 
 /// Takes the lease when it is free, expired or already the holder's. Times are the database's
 /// clock in epoch milliseconds.
@@ -16,6 +18,30 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      SET holder = EXCLUDED.holder, expires_at_ms = EXCLUDED.expires_at_ms \
      WHERE relay_lease.holder = EXCLUDED.holder OR relay_lease.expires_at_ms < (extract(epoch from clock_timestamp()) * 1000)::bigint \
      RETURNING holder";
+
+/// One chunk of retention: deletes the first `$4` events after position `$1` that may go, and
+/// returns how many it deleted and the last of their positions.
+///
+/// What may go is decided anew by each chunk, as one DELETE of everything would: events up to
+/// the lowest checkpoint of all relays that committed more than `$3` seconds ago, and none at
+/// all unless relay `$2` has a checkpoint itself. The next chunk starts after the last position
+/// deleted instead of at the start of the table: deleted rows stay in the primary key index,
+/// as dead entries, until vacuum, and every chunk would walk over all of them again.
+///
+/// `= ANY (ARRAY(…))`, not `IN (…)`: with `IN`, PostgreSQL 15 hash-joined the chunk's
+/// positions against a sequential scan of the whole table (380 ms per chunk of 10,000 on 2
+/// million events), so every chunk read all of it; with an array it looks each position up in
+/// the primary key (30 ms).
+const PRUNE_CHUNK_AFTER: &str = "WITH deleted AS ( \
+         DELETE FROM events WHERE position = ANY (ARRAY( \
+             SELECT position FROM events \
+             WHERE position > $1 \
+               AND position <= (SELECT min(position) FROM relay_checkpoint) \
+               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = $2) \
+               AND committed_at < now() - make_interval(secs => $3) \
+             ORDER BY position LIMIT $4)) \
+         RETURNING position) \
+     SELECT count(*), max(position) FROM deleted";
 
 impl Outbox for PostgresStore {
     async fn store_id(&self) -> Result<String, StoreError> {
@@ -48,19 +74,28 @@ impl Outbox for PostgresStore {
         Ok(())
     }
 
+    /// Deletes in chunks of [`PostgresStore::with_prune_chunk`] events, each its own statement
+    /// and so its own transaction, pausing between them.
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
-        // The lowest checkpoint of all relays, and none unless `relay` has one.
-        let deleted = sqlx::query(
-            "DELETE FROM events \
-             WHERE position <= (SELECT min(position) FROM relay_checkpoint) \
-               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = $1) \
-               AND committed_at < now() - make_interval(secs => $2)",
-        )
-        .bind(relay)
-        .bind(older_than.as_secs_f64())
-        .execute(self.pool())
-        .await?;
-        Ok(deleted.rows_affected())
+        let chunk = self.prune_chunk();
+        let mut after = 0;
+        let mut deleted = 0;
+        loop {
+            let (chunk_deleted, last): (i64, Option<i64>) = sqlx::query_as(PRUNE_CHUNK_AFTER)
+                .bind(after)
+                .bind(relay)
+                .bind(older_than.as_secs_f64())
+                .bind(i64::try_from(chunk).unwrap_or(i64::MAX))
+                .fetch_one(self.pool())
+                .await?;
+            let chunk_deleted = to_u64(chunk_deleted, "deleted events")?;
+            deleted += chunk_deleted;
+            match last {
+                Some(last) if chunk_deleted >= chunk as u64 => after = last,
+                _ => return Ok(deleted),
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
     }
 
     async fn try_acquire_lease(

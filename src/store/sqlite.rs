@@ -28,15 +28,12 @@ use tokio::sync::Notify;
 use uuid::fmt::Hyphenated;
 
 use super::sqlite_reader::OutboxReader;
-use super::{BookChange, EventStore, StoreError, to_i64, to_u64, with_positions};
+use super::{BookChange, EventStore, PRUNE_CHUNK, StoreError, to_i64, to_u64, with_positions};
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
 /// How long a writer waits for the write lock before failing with `SQLITE_BUSY`. Saves are
 /// short, so only a long queue of concurrent writers gets near it.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most events one retention transaction deletes (see [`SqliteStore::with_prune_chunk`]).
-pub const PRUNE_CHUNK: usize = 10_000;
 
 /// The store in a SQLite database file.
 #[derive(Debug, Clone)]

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use super::{CommitSignal, Outbox, SqliteStore, StoreError, to_i64, to_u64};
+use super::{CommitSignal, Outbox, PRUNE_PAUSE, SqliteStore, StoreError, to_i64, to_u64};
 
 /// Takes the lease when it is free, expired or already the holder's. Times are the database's
 /// clock in epoch milliseconds (julianday works on every SQLite version).
@@ -11,11 +11,6 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      SET holder = excluded.holder, expires_at_ms = excluded.expires_at_ms \
      WHERE relay_lease.holder = excluded.holder OR relay_lease.expires_at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) \
      RETURNING holder";
-
-/// The pause between two chunks of retention. A save waiting for the write lock retries after
-/// sleeps growing to 100 ms (SQLite's busy handler); chunks back to back would leave it a
-/// window of microseconds, this one it cannot miss for long.
-const PRUNE_PAUSE: Duration = Duration::from_millis(20);
 
 impl Outbox for SqliteStore {
     async fn store_id(&self) -> Result<String, StoreError> {
