@@ -33,6 +33,7 @@
 //! | [`consumer`] | the Kafka consumer: assignment at the stored offsets, batches, commits |
 //! | [`fact`] | what one fact-topic record asks of the read model, or why it cannot be applied |
 //! | [`dlq`] | the dead-letter queue: sending, listing and replaying |
+//! | [`lag`] | how far the read model is behind the topic, from the stored offsets |
 //! | `report_sqlite`, `report_postgres`, `report_any` | the [`ReportStore`] adapters |
 //! | [`metrics`] | the `bookstore_projection_*` metrics |
 
@@ -48,6 +49,7 @@ use crate::store::StoreError;
 pub mod consumer;
 pub mod dlq;
 pub mod fact;
+pub mod lag;
 pub mod metrics;
 pub mod projector;
 mod report_any;
@@ -56,6 +58,7 @@ mod report_sqlite;
 
 pub use dlq::{DeadLetter, DlqError, ReplayReport, list_dead_letters, replay_dead_letters};
 pub use fact::{FactReader, Rejection, UntimedChange};
+pub use lag::{LagError, LagMeter, PartitionLag, ProjectionLag};
 pub use projector::{
     ProjectionConfig, ProjectionError, ProjectionMode, ProjectionReport, ProjectionStatus,
     Projector, default_group, kafka_projector,

@@ -180,7 +180,8 @@ pub struct ProjectionStatus {
     pub batches: u64,
     pub dead_letters: u64,
     /// Records behind the end of the owned partitions, as librdkafka last reported (every
-    /// 5 s); `None` before the first report.
+    /// 5 s); `None` before the first report. This instance's view, for progress output; the
+    /// group's lag, whoever owns what, is [`super::LagMeter`]'s.
     pub lag: Option<i64>,
     /// With [`ProjectionMode::UntilCaughtUp`]: partitions caught up, of all.
     pub caught_up: Option<(usize, usize)>,
