@@ -17,9 +17,11 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bookstore::config::RelaySettings;
+use bookstore::projection::metrics::LAG;
 use bookstore::projection::{LagError, LagMeter, PartitionOffset, ProjectionLag, ReportStore};
 use bookstore::relay::{DeliveryMode, RunMode, kafka_relay};
 use bookstore::shutdown::Shutdown;
+use metrics_exporter_prometheus::PrometheusBuilder;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use world::{Rng, World};
@@ -249,6 +251,59 @@ async fn records_of_an_open_transaction_are_lag_only_once_committed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     world.finish().await;
+}
+
+/// `refresh` sets `bookstore_projection_lag_records{partition}` of every partition to what it
+/// measured. The recorder is local to this test's thread (a current-thread runtime runs the
+/// whole test there), so tests running alongside record elsewhere.
+#[tokio::test]
+async fn refreshing_sets_the_gauge_of_every_partition() {
+    let world = World::sqlite().await;
+    world.write_random_history(12, 20, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("gauged");
+    let topic = world.kafka.topics().book_fact;
+    // One partition partly applied, so the gauges differ from the partitions' sizes.
+    world
+        .store
+        .apply_batch(
+            &group,
+            &topic,
+            &[],
+            &[PartitionOffset {
+                partition: 1,
+                next_offset: 1,
+            }],
+        )
+        .await
+        .unwrap();
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
+    let lag = meter(&world, &group).refresh(&world.store).await.unwrap();
+
+    let gauges = lag_gauges(&handle.render());
+    let expected: BTreeMap<i32, f64> = lag
+        .partitions
+        .iter()
+        .map(|partition| (partition.partition, partition.records as f64))
+        .collect();
+    assert_eq!(gauges, expected);
+    assert!(lag.total() > 0, "{lag:?}");
+    world.finish().await;
+}
+
+/// The lag gauge's value per `partition` label, from the Prometheus text format.
+fn lag_gauges(text: &str) -> BTreeMap<i32, f64> {
+    let prefix = format!("{LAG}{{partition=\"");
+    text.lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .map(|rest| {
+            let (partition, value) = rest.split_once("\"} ").expect("a gauge line");
+            (partition.parse().unwrap(), value.parse().unwrap())
+        })
+        .collect()
 }
 
 /// No topic is no measurement: an error to warn about, never a lag of 0.

@@ -185,5 +185,28 @@ async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(u
         .unwrap();
     assert!(page.contains("Pride and Prejudice"), "{page}");
 
+    // `up` measures the projection lag too, for every partition of the fact topic.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let metrics = ureq::get(&format!("{dashboard}metrics"))
+            .call()
+            .unwrap()
+            .body_mut()
+            .read_to_string()
+            .unwrap();
+        let gauges = metrics
+            .lines()
+            .filter(|line| line.starts_with("bookstore_projection_lag_records{partition="))
+            .count();
+        if gauges == 3 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no lag gauge per partition in /metrics: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+
     common::terminate_gracefully(&mut child, "bookstore up").await;
 }

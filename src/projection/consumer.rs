@@ -168,8 +168,6 @@ impl<S: ReportStore> ProjectionContext<S> {
             for &partition in &partitions {
                 state.owned.remove(&partition);
                 state.changes.push(AssignmentChange::Revoked { partition });
-                // Its new owner reports its lag; this instance's figure would go stale.
-                super::metrics::record_lag(partition, 0);
             }
         }
         let outcome = match consumer.rebalance_protocol() {
@@ -204,8 +202,10 @@ fn assign_partitions<C: ConsumerContext>(
 }
 
 impl<S: ReportStore> ClientContext for ProjectionContext<S> {
-    /// The lag gauge, from librdkafka's periodic statistics: they cost no request, unlike
-    /// asking the broker for watermarks.
+    /// The lag of the owned partitions for [`Session::lag`] (the progress output), from
+    /// librdkafka's periodic statistics: they cost no request, unlike asking the broker for
+    /// watermarks. Not the lag gauge: a member that owns nothing has nothing to report, so the
+    /// gauge is measured from the stored offsets instead (see [`super::lag`]).
     fn stats(&self, statistics: Statistics) {
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
@@ -217,9 +217,7 @@ impl<S: ReportStore> ClientContext for ProjectionContext<S> {
                 continue;
             }
             // read_committed reads up to the last stable offset, not the high watermark.
-            let lag = (partition.ls_offset - partition.app_offset).max(0);
-            super::metrics::record_lag(partition.partition, lag);
-            total += lag;
+            total += (partition.ls_offset - partition.app_offset).max(0);
         }
         state.lag = Some(total);
     }
@@ -310,7 +308,7 @@ pub struct Session<S: ReportStore + Clone + 'static> {
     stored: HashMap<i32, i64>,
 }
 
-/// How often librdkafka reports statistics, and so how often the lag gauge moves.
+/// How often librdkafka reports statistics, and so how often [`Session::lag`] moves.
 const STATISTICS_INTERVAL_MS: &str = "5000";
 
 impl<S: ReportStore + Clone + 'static> Session<S> {

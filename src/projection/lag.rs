@@ -28,8 +28,9 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
+use tracing::debug;
 
-use super::ReportStore;
+use super::{ReportStore, metrics};
 use crate::config::KafkaConfig;
 use crate::store::StoreError;
 
@@ -160,6 +161,15 @@ impl LagMeter {
             })
             .collect();
         Ok(ProjectionLag { partitions })
+    }
+
+    /// Measures the lag and sets `bookstore_projection_lag_records` of every partition from it.
+    /// A failed measurement leaves the gauge as it was.
+    pub async fn refresh<S: ReportStore>(&self, store: &S) -> Result<ProjectionLag, LagError> {
+        let lag = self.measure(store).await?;
+        metrics::record_lag(&lag);
+        debug!(group = %self.group, total = lag.total(), "projection lag measured");
+        Ok(lag)
     }
 
     /// The (low watermark, end) of every partition of the topic.

@@ -5,12 +5,14 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use bookstore::cli::ProjectArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
+use bookstore::projection::metrics::LAG_REFRESH;
 use bookstore::projection::{
-    ProjectionConfig, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
+    LagMeter, ProjectionConfig, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
 };
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::AnyStore;
 use tokio::sync::watch;
+use tracing::warn;
 
 pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
@@ -32,7 +34,10 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
     if !args.until_caught_up && !args.rebuild && !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
     }
-    let projector = kafka_projector(read_model, kafka, config).await?;
+    let projector = kafka_projector(read_model.clone(), kafka, config).await?;
+    if args.metrics_addr.is_some() {
+        spawn_lag_gauge_refresh(read_model, kafka, projector.group())?;
+    }
     if args.rebuild {
         projector.rebuild().await?;
         eprintln!(
@@ -91,4 +96,36 @@ async fn print_progress(status: watch::Receiver<ProjectionStatus>) {
         );
         shown = now;
     }
+}
+
+/// Keeps `bookstore_projection_lag_records` true for as long as the process runs: measured from
+/// the offsets the read model stored, every [`LAG_REFRESH`], whether the projector is healthy
+/// or not (see [`LagMeter`]). Call it once the topics are provisioned (`kafka_projector` does
+/// that), or the first measurement warns that the fact topic is missing.
+pub fn spawn_lag_gauge_refresh(
+    read_model: AnyStore,
+    kafka: &KafkaConfig,
+    group: &str,
+) -> Result<()> {
+    let mut kafka = kafka.clone();
+    // A measurement that the timeout below gave up on must be over before the next one starts,
+    // or a broker that does not answer would pile up blocking threads.
+    kafka.request_timeout_ms = kafka
+        .request_timeout_ms
+        .min(u64::try_from(LAG_REFRESH.as_millis()).unwrap_or(u64::MAX));
+    let meter = LagMeter::new(&kafka, group)?;
+    let group = group.to_owned();
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(LAG_REFRESH, meter.refresh(&read_model)).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => warn!(%error, %group, "could not measure the projection lag"),
+                Err(_) => {
+                    warn!(%group, timeout = ?LAG_REFRESH, "measuring the projection lag timed out")
+                }
+            }
+            tokio::time::sleep(LAG_REFRESH).await;
+        }
+    });
+    Ok(())
 }

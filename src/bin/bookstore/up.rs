@@ -50,6 +50,8 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
             return Ok(());
         }
     };
+    // The lag gauge of `/metrics` is measured by a task of its own, as in `bookstore project`.
+    super::project::spawn_lag_gauge_refresh(store.clone(), kafka, projector.group())?;
     let state = HttpState::new(store.clone(), metrics)
         .with_relay_id(relay_id)
         .with_kafka_readiness(kafka.clone());
