@@ -169,6 +169,10 @@ pub struct KafkaPublisher {
     /// The open batch: deliveries still to await and the last position sent.
     deliveries: Vec<DeliveryFuture>,
     batch_last: Option<u64>,
+    /// An emptied deliveries list, kept for its capacity. Why: a batch of 5,000 events grew
+    /// a fresh list by reallocation every time, and the large reallocations made glibc
+    /// consolidate its free lists (about 4 % of the relay's thread in a profile).
+    spare_deliveries: Vec<DeliveryFuture>,
     /// At-least-once batches committed but not yet fully acknowledged, oldest first.
     unconfirmed: VecDeque<SentBatch>,
 }
@@ -191,6 +195,7 @@ impl KafkaPublisher {
             turn: 0,
             deliveries: Vec::new(),
             batch_last: None,
+            spare_deliveries: Vec::new(),
             unconfirmed: VecDeque::new(),
         }
     }
@@ -253,17 +258,17 @@ impl KafkaPublisher {
 
     /// Sends the checkpoint, awaits every record of the transaction, commits.
     async fn commit_transaction(&mut self) -> Result<(), PublishError> {
-        let mut deliveries = std::mem::take(&mut self.deliveries);
         let last = self.batch_last.take();
-        let producer = self.producer();
         if let Some(last) = last {
             let value = checkpoint::checkpoint_value(last);
             let checkpoint = FutureRecord::to(&self.checkpoint_topic)
                 .key(self.relay_id.as_str())
                 .payload(value.as_str());
-            deliveries.push(send_record(producer, checkpoint).await?);
+            let delivery = send_record(self.producer(), checkpoint).await?;
+            self.deliveries.push(delivery);
         }
-        await_deliveries(deliveries).await?;
+        await_deliveries(&mut self.deliveries).await?;
+        let producer = self.producer();
         kafka::commit_transaction(producer, self.transaction_timeout())
             .await
             .map_err(PublishError::from_kafka)?;
@@ -301,7 +306,10 @@ impl KafkaPublisher {
     /// Closes an at-least-once batch and awaits the acknowledgements of the batches more than
     /// [`AT_LEAST_ONCE_BATCHES_AHEAD`] behind it.
     async fn commit_acknowledged(&mut self) -> Result<Option<u64>, PublishError> {
-        let deliveries = std::mem::take(&mut self.deliveries);
+        let deliveries = std::mem::replace(
+            &mut self.deliveries,
+            std::mem::take(&mut self.spare_deliveries),
+        );
         if let Some(last) = self.batch_last.take() {
             self.unconfirmed.push_back(SentBatch { last, deliveries });
         }
@@ -318,14 +326,15 @@ impl KafkaPublisher {
     ) -> Result<Option<u64>, PublishError> {
         let mut confirmed = None;
         while more(self.unconfirmed.len()) {
-            let Some(batch) = self.unconfirmed.pop_front() else {
+            let Some(mut batch) = self.unconfirmed.pop_front() else {
                 break;
             };
-            if let Err(error) = await_deliveries(batch.deliveries).await {
+            if let Err(error) = await_deliveries(&mut batch.deliveries).await {
                 self.unconfirmed.clear();
                 return Err(error);
             }
             confirmed = Some(batch.last);
+            self.spare_deliveries = batch.deliveries;
         }
         Ok(confirmed)
     }
@@ -503,8 +512,10 @@ where
     }
 }
 
-async fn await_deliveries(deliveries: Vec<DeliveryFuture>) -> Result<(), PublishError> {
-    for delivery in deliveries {
+/// Awaits every delivery of `deliveries`, leaving the list empty (its capacity kept for the
+/// next batch). On an error the rest are dropped unawaited.
+async fn await_deliveries(deliveries: &mut Vec<DeliveryFuture>) -> Result<(), PublishError> {
+    for delivery in deliveries.drain(..) {
         match delivery.await {
             Ok(Ok(_)) => {}
             Ok(Err((error, _))) => return Err(PublishError::from_kafka(error)),
