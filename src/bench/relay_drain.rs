@@ -4,15 +4,16 @@
 //! and per delivery mode, on fresh topics each time:
 //!
 //! * **raw producer**: `RecordMapper` turns the stored events into records before the clock
-//!   starts; a `FutureProducer` with the relay's client settings
-//!   (`KafkaConfig::relay_producer_config`) sends them. Exactly-once: transactional producers
-//!   (initialised before the clock), as many as the relay takes turns with
-//!   ([`TRANSACTIONAL_PRODUCERS`], which spares the next transaction the coordinator's
+//!   starts (keys, values, header names and values: every byte; only librdkafka's header list
+//!   of each record is built as it is sent, see `PreparedRecord`); a `FutureProducer` with the
+//!   relay's client settings (`KafkaConfig::relay_producer_config`) sends them. Exactly-once:
+//!   transactional producers (initialised before the clock), as many as the relay takes turns
+//!   with ([`TRANSACTIONAL_PRODUCERS`], which spares the next transaction the coordinator's
 //!   `CONCURRENT_TRANSACTIONS` refusal), each in turn beginning a transaction, sending
 //!   `batch_size` events' records and committing, until done. The relay may cut batches
-//!   earlier (after `RelayConfig::max_batch_time`) and adds a checkpoint record to each. At-least-once: an idempotent `acks=all` producer
-//!   (readied by one acknowledged record before the clock) that sends everything and awaits
-//!   every acknowledgement.
+//!   earlier (after `RelayConfig::max_batch_time`) and adds a checkpoint record to each.
+//!   At-least-once: an idempotent `acks=all` producer (readied by one acknowledged record
+//!   before the clock) that sends everything and awaits every acknowledgement.
 //! * **relay**: `Relay::run(RunMode::Once)` over the same store, timed from its first outbox
 //!   read (its producer is ready by then; [`TimedOutbox`]) to the end of its last
 //!   `record_published` call. The store time inside that window is reported too, split into
@@ -25,7 +26,7 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Headers;
+use rdkafka::message::{Header, Headers, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use tracing::info;
 
@@ -402,11 +403,11 @@ pub async fn producer_drain(
     for chunk in events.chunks(batch_size.max(1)) {
         let mut records = Vec::with_capacity(chunk.len());
         for event in chunk {
-            records.extend(mapper.records(event)?);
+            records.extend(mapper.records(event)?.into_iter().map(PreparedRecord::from));
         }
         batches.push(records);
     }
-    let bytes = batches.iter().flatten().map(record_bytes).sum();
+    let bytes = batches.iter().flatten().map(PreparedRecord::bytes).sum();
     let producers = raw_producers(&kafka, mode).await?;
     let started = Instant::now();
     match mode {
@@ -423,12 +424,59 @@ pub async fn producer_drain(
     Ok((drain, bytes))
 }
 
-fn record_bytes(record: &OutboundRecord<'_>) -> u64 {
-    let headers: usize = (0..record.headers.count())
-        .filter_map(|index| record.headers.try_get(index))
-        .map(|header| header.key.len() + header.value.map_or(0, <[u8]>::len))
-        .sum();
-    (record.key.len() + record.value.as_ref().map_or(0, Vec::len) + headers) as u64
+/// A record of the relay's, every byte of it computed before the baseline's clock starts:
+/// key, value, and each header's name and value.
+///
+/// Only librdkafka's own header list is built inside the clock, as the record is sent: a
+/// producer sending these headers must do that for each record (librdkafka takes the list with
+/// the record), and the relay does it too. Until 2026-12-06 (fourth session) the baseline took
+/// records whose header lists were built before its clock, 13 `rd_kafka_header_add` calls (each
+/// an allocation) per record that only the relay paid inside its window.
+struct PreparedRecord<'a> {
+    topic: &'a str,
+    key: String,
+    value: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl<'a> From<OutboundRecord<'a>> for PreparedRecord<'a> {
+    fn from(record: OutboundRecord<'a>) -> Self {
+        let headers = record
+            .headers
+            .iter()
+            .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+            .collect();
+        Self {
+            topic: record.topic,
+            key: record.key,
+            value: record.value,
+            headers,
+        }
+    }
+}
+
+impl PreparedRecord<'_> {
+    fn bytes(&self) -> u64 {
+        let headers: usize = self
+            .headers
+            .iter()
+            .map(|(name, value)| name.len() + value.as_ref().map_or(0, Vec::len))
+            .sum();
+        (self.key.len() + self.value.as_ref().map_or(0, Vec::len) + headers) as u64
+    }
+
+    /// librdkafka's header list of the record.
+    fn native_headers(&self) -> OwnedHeaders {
+        self.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(self.headers.len()),
+            |headers, (name, value)| {
+                headers.insert(Header {
+                    key: name,
+                    value: value.as_deref(),
+                })
+            },
+        )
+    }
 }
 
 /// Producers with the relay's settings: as many transactional ones (initialised) as the relay
@@ -484,7 +532,7 @@ async fn raw_producer(
 /// per flush ([`CommitFlush::Implicit`] measures it).
 async fn send_in_transactions(
     producers: &[FutureProducer],
-    batches: Vec<Vec<OutboundRecord<'_>>>,
+    batches: Vec<Vec<PreparedRecord<'_>>>,
     kafka: &KafkaConfig,
     flush: CommitFlush,
 ) -> Result<(), BenchError> {
@@ -535,7 +583,7 @@ fn send_warm_up(
 /// Everything sent at once, then every acknowledgement awaited.
 async fn send_acknowledged(
     producer: &FutureProducer,
-    batches: Vec<Vec<OutboundRecord<'_>>>,
+    batches: Vec<Vec<PreparedRecord<'_>>>,
 ) -> Result<(), BenchError> {
     let mut deliveries = Vec::with_capacity(batches.iter().map(Vec::len).sum());
     for record in batches.into_iter().flatten() {
@@ -558,11 +606,11 @@ async fn await_all(deliveries: Vec<DeliveryFuture>) -> Result<(), BenchError> {
 /// Enqueues one record, waiting while the local queue is full (as the relay does).
 async fn send(
     producer: &FutureProducer,
-    record: OutboundRecord<'_>,
+    record: PreparedRecord<'_>,
 ) -> Result<DeliveryFuture, BenchError> {
     let mut future_record = FutureRecord::to(record.topic)
         .key(record.key.as_str())
-        .headers(record.headers);
+        .headers(record.native_headers());
     if let Some(value) = &record.value {
         future_record = future_record.payload(value.as_slice());
     }
@@ -575,5 +623,60 @@ async fn send(
             }
             Err((error, _)) => return Err(error.into()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rdkafka::message::{Header, Headers, OwnedHeaders};
+
+    use super::PreparedRecord;
+    use crate::relay::record::OutboundRecord;
+
+    fn pairs(headers: &OwnedHeaders) -> Vec<(String, Option<Vec<u8>>)> {
+        headers
+            .iter()
+            .map(|header| (header.key.to_owned(), header.value.map(<[u8]>::to_vec)))
+            .collect()
+    }
+
+    /// The baseline must send the very records the relay sends: every header, in order, with
+    /// the same bytes (a header without a value included).
+    #[test]
+    fn a_prepared_record_sends_the_same_headers_in_the_same_order() {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: "ce_id",
+                value: Some("0190a6e2-0000-7000-8000-000000000001"),
+            })
+            .insert(Header {
+                key: "ce_type",
+                value: Some("bookstore.BookAdded"),
+            })
+            .insert(Header::<&str> {
+                key: "empty",
+                value: None,
+            })
+            .insert(Header {
+                key: "ce_id",
+                value: Some("repeated names are kept"),
+            });
+        let expected = pairs(&headers);
+        let record = OutboundRecord {
+            topic: "bookstore.book",
+            key: "book".to_owned(),
+            value: Some(vec![1, 2, 3]),
+            headers,
+        };
+        let prepared = PreparedRecord::from(record);
+        assert_eq!(pairs(&prepared.native_headers()), expected);
+        let header_bytes: usize = expected
+            .iter()
+            .map(|(name, value)| name.len() + value.as_ref().map_or(0, Vec::len))
+            .sum();
+        assert_eq!(prepared.bytes(), (4 + 3 + header_bytes) as u64);
+        assert_eq!(prepared.topic, "bookstore.book");
+        assert_eq!(prepared.key, "book");
+        assert_eq!(prepared.value.as_deref(), Some(&[1u8, 2, 3][..]));
     }
 }
