@@ -100,6 +100,36 @@ async fn provisioning_twice_is_idempotent() {
     );
 }
 
+/// `error` says that `setting` of `topic` is `actual` where `expected` was required.
+fn assert_mismatch(
+    error: &KafkaSetupError,
+    topic: &str,
+    setting: &str,
+    expected: &str,
+    actual: &str,
+) {
+    match error {
+        KafkaSetupError::TopicMismatch {
+            topic: mismatched,
+            setting: which,
+            expected: wanted,
+            actual: found,
+        } => {
+            assert_eq!(
+                (
+                    mismatched.as_str(),
+                    which.as_str(),
+                    wanted.as_str(),
+                    found.as_str()
+                ),
+                (topic, setting, expected, actual)
+            );
+        }
+        other => panic!("expected a mismatch, got {other:?}"),
+    }
+    assert!(error.to_string().contains(setting), "{error}");
+}
+
 #[tokio::test]
 async fn existing_fact_topic_without_compaction_is_reported_not_used() {
     let config = common::kafka_config();
@@ -111,21 +141,13 @@ async fn existing_fact_topic_without_compaction_is_reported_not_used() {
         .await
         .unwrap_err();
 
-    match &error {
-        KafkaSetupError::TopicMismatch {
-            topic,
-            setting,
-            expected,
-            actual,
-        } => {
-            assert_eq!(topic, &topics.book_fact);
-            assert_eq!(setting, "cleanup.policy");
-            assert_eq!(expected, "compact");
-            assert_eq!(actual, "delete");
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
-    assert!(error.to_string().contains("cleanup.policy"));
+    assert_mismatch(
+        &error,
+        &topics.book_fact,
+        "cleanup.policy",
+        "compact",
+        "delete",
+    );
     // Nothing was changed on the existing topic.
     assert_eq!(
         topic_setting(&config, &topics.book_fact, "cleanup.policy").await,
@@ -175,21 +197,7 @@ async fn existing_topic_with_fewer_replicas_than_required_is_reported_not_used()
         .await
         .unwrap_err();
 
-    match &error {
-        KafkaSetupError::TopicMismatch {
-            topic,
-            setting,
-            expected,
-            actual,
-        } => {
-            assert_eq!(topic, &topics.book);
-            assert_eq!(setting, "replication.factor");
-            assert_eq!(expected, "2");
-            assert_eq!(actual, "1");
-        }
-        other => panic!("expected a mismatch, got {other:?}"),
-    }
-    assert!(error.to_string().contains("replication.factor"), "{error}");
+    assert_mismatch(&error, &topics.book, "replication.factor", "2", "1");
     // Nothing was changed on the existing topic.
     assert_eq!(replica_counts(&config, &topics.book).await, [1, 1, 1]);
 }

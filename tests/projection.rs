@@ -1,7 +1,7 @@
 //! The reporting projection, proved once per read-model adapter.
 //!
 //! Each behaviour is one async function over a [`World`] (a store that is outbox and read model
-//! at once, plus topics of its own on the real broker); `projection_suite!` turns it into a
+//! at once, plus topics of its own on the real broker); `per_read_model!` turns it into a
 //! `sqlite::<behaviour>` and a `postgres::<behaviour>` test. The broker comes from
 //! `KAFKA_BOOTSTRAP_SERVERS`, PostgreSQL from `BOOKSTORE_TEST_DATABASE_URL`, the schema registry
 //! from `SCHEMA_REGISTRY_URL` (see `tests/common`).
@@ -10,6 +10,7 @@ mod common;
 #[path = "store_suite/fixtures.rs"]
 mod fixtures;
 #[path = "projection/world.rs"]
+#[macro_use]
 mod world;
 
 use std::collections::{BTreeSet, HashSet};
@@ -35,33 +36,7 @@ use tokio::task::JoinHandle;
 
 use world::{Rng, World};
 
-macro_rules! projection_suite {
-    ($($behaviour:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $behaviour() {
-                    let world = crate::World::sqlite().await;
-                    crate::$behaviour(&world).await;
-                    world.finish().await;
-                }
-            )*
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $behaviour() {
-                    let world = crate::World::postgres().await;
-                    crate::$behaviour(&world).await;
-                    world.finish().await;
-                }
-            )*
-        }
-    };
-}
-
-projection_suite!(
+per_read_model!(
     older_fact_never_overwrites_newer_report,
     older_fact_cannot_bring_back_a_deleted_book,
     versionless_tombstone_deletes_whatever_version_and_remembers_it,

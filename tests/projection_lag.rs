@@ -11,6 +11,7 @@ mod common;
 #[path = "store_suite/fixtures.rs"]
 mod fixtures;
 #[path = "projection/world.rs"]
+#[macro_use]
 mod world;
 
 use std::collections::BTreeMap;
@@ -26,33 +27,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use world::{Rng, World};
 
-macro_rules! lag_suite {
-    ($($behaviour:ident),* $(,)?) => {
-        mod sqlite {
-            $(
-                #[tokio::test]
-                async fn $behaviour() {
-                    let world = crate::World::sqlite().await;
-                    crate::$behaviour(&world).await;
-                    world.finish().await;
-                }
-            )*
-        }
-
-        mod postgres {
-            $(
-                #[tokio::test]
-                async fn $behaviour() {
-                    let world = crate::World::postgres().await;
-                    crate::$behaviour(&world).await;
-                    world.finish().await;
-                }
-            )*
-        }
-    };
-}
-
-lag_suite!(
+per_read_model!(
     without_a_projector_the_lag_is_every_record_of_each_partition,
     a_projector_that_caught_up_leaves_no_lag_past_the_transaction_markers,
     the_lag_counts_from_the_offsets_the_read_model_stored,

@@ -3,6 +3,34 @@
 //! a test makes: write books, relay once, project, run the `bookstore` binary, compare.
 #![allow(dead_code)] // not every test uses every move
 
+/// Turns each behaviour, an async function over a [`World`], into a `sqlite::<behaviour>` and a
+/// `postgres::<behaviour>` test (the including crate has `World` at its root).
+macro_rules! per_read_model {
+    ($($behaviour:ident),* $(,)?) => {
+        mod sqlite {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let world = crate::World::sqlite().await;
+                    crate::$behaviour(&world).await;
+                    world.finish().await;
+                }
+            )*
+        }
+
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $behaviour() {
+                    let world = crate::World::postgres().await;
+                    crate::$behaviour(&world).await;
+                    world.finish().await;
+                }
+            )*
+        }
+    };
+}
+
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
