@@ -61,7 +61,8 @@ pub struct KafkaConfig {
     )]
     pub topic_prefix: String,
 
-    /// Partitions of the topics when this program creates them.
+    /// Partitions of the topics when this program creates them. An existing topic with another
+    /// count is refused at startup: a book's key would map to another partition than before.
     #[arg(
         long = "topic-partitions",
         env = "BOOKSTORE_TOPIC_PARTITIONS",
