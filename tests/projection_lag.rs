@@ -18,7 +18,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bookstore::config::RelaySettings;
-use bookstore::projection::metrics::LAG;
+use bookstore::projection::metrics::{LAG, LAG_MEASURED_AT};
 use bookstore::projection::{LagError, LagMeter, PartitionOffset, ProjectionLag, ReportStore};
 use bookstore::relay::{DeliveryMode, RunMode, kafka_relay};
 use bookstore::shutdown::Shutdown;
@@ -256,9 +256,17 @@ async fn refreshing_sets_the_gauge_of_every_partition() {
     let handle = recorder.handle();
     let _local = metrics::set_default_local_recorder(&recorder);
 
+    let before = unix_seconds();
     let lag = meter(&world, &group).refresh(&world.store).await.unwrap();
+    let after = unix_seconds();
 
-    let gauges = lag_gauges(&handle.render());
+    let text = handle.render();
+    let measured_at = metric(&text, LAG_MEASURED_AT).expect("the measurement's time");
+    assert!(
+        (before..=after).contains(&measured_at),
+        "measured at {measured_at}, between {before} and {after}"
+    );
+    let gauges = lag_gauges(&text);
     let expected: BTreeMap<i32, f64> = lag
         .partitions
         .iter()
@@ -267,6 +275,20 @@ async fn refreshing_sets_the_gauge_of_every_partition() {
     assert_eq!(gauges, expected);
     assert!(lag.total() > 0, "{lag:?}");
     world.finish().await;
+}
+
+fn unix_seconds() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// The value of the unlabelled metric `name`, from the Prometheus text format.
+fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
 }
 
 /// The lag gauge's value per `partition` label, from the Prometheus text format.
@@ -285,12 +307,21 @@ fn lag_gauges(text: &str) -> BTreeMap<i32, f64> {
 #[tokio::test]
 async fn a_missing_topic_is_an_error_not_zero_lag() {
     let world = World::sqlite().await;
+    let recorder = PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let _local = metrics::set_default_local_recorder(&recorder);
+
     let outcome = meter(&world, &common::unique("no-topic"))
-        .measure(&world.store)
+        .refresh(&world.store)
         .await;
+
     assert!(
         matches!(outcome, Err(LagError::TopicMissing { .. })),
         "{outcome:?}"
     );
+    // Neither a lag nor a time of measurement: the last good ones stay, and their age shows.
+    let text = handle.render();
+    assert!(lag_gauges(&text).is_empty(), "{text}");
+    assert_eq!(metric(&text, LAG_MEASURED_AT), None, "{text}");
     world.finish().await;
 }

@@ -21,6 +21,12 @@ pub const ERRORS: &str = "bookstore_projection_errors_total";
 /// that owns no partition cannot make it read 0.
 pub const LAG: &str = "bookstore_projection_lag_records";
 
+/// When [`LAG`] was last measured, in seconds since the Unix epoch. A measurement that fails
+/// (database or broker down) leaves the lag gauge as it was, so a lag that looks fine may be
+/// old: alert when `time() - bookstore_projection_lag_measured_timestamp_seconds` grows past a
+/// few refresh periods.
+pub const LAG_MEASURED_AT: &str = "bookstore_projection_lag_measured_timestamp_seconds";
+
 /// How often a process running a projector and serving metrics measures the lag.
 pub const LAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
 
@@ -43,4 +49,8 @@ pub(crate) fn record_lag(lag: &ProjectionLag) {
         metrics::gauge!(LAG, "partition" => partition.partition.to_string())
             .set(partition.records as f64);
     }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    metrics::gauge!(LAG_MEASURED_AT).set(now.as_secs_f64());
 }
