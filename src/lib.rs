@@ -48,7 +48,7 @@
 //! | [`cli`] | the shape of the `bookstore` command line (run by `src/bin/bookstore/`) |
 //! | [`http`] | `bookstore serve`: the dashboard, the JSON API, health and metrics endpoints |
 //! | [`telemetry`] | logging setup and the Prometheus recorder |
-//! | [`bench`] | `bookstore bench`: every figure measured next to a raw-client baseline |
+//! | [`bench`](mod@bench) | `bookstore bench`: every figure measured next to a raw-client baseline |
 
 pub mod bench;
 pub mod cli;

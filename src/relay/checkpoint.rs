@@ -43,7 +43,7 @@ pub enum CheckpointError {
 /// died mid-transaction leaves it open until the broker aborts it (its `transaction.timeout.ms`).
 /// A `read_committed` reader sees nothing past the first offset of an open transaction, this
 /// relay's later checkpoints included, so the reader first waits until every transaction open
-/// when it started has ended (see [`wait_for_open_transactions`]). Then it reads backwards from
+/// when it started has ended (see `wait_for_open_transactions`). Then it reads backwards from
 /// the end in growing windows, since compaction and aborted transactions leave no fixed
 /// distance between the end and the last committed record.
 pub async fn read_checkpoint(
