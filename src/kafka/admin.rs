@@ -223,20 +223,15 @@ async fn topic_layout(config: &KafkaConfig, topic: &str) -> Result<TopicLayout, 
     let deadline = Instant::now() + config.request_timeout();
     loop {
         let metadata = config.fetch_metadata(Some(topic)).await?;
-        let layout = metadata
-            .topics()
-            .iter()
-            .find(|candidate| candidate.name() == topic)
-            .filter(|candidate| candidate.error().is_none() && !candidate.partitions().is_empty())
-            .map(|found| TopicLayout {
-                partitions: found.partitions().len() as i32,
-                fewest_replicas: found
-                    .partitions()
-                    .iter()
-                    .map(|partition| partition.replicas().len() as i32)
-                    .min()
-                    .unwrap_or(0),
-            });
+        let layout = super::existing_topic(&metadata, topic).map(|found| TopicLayout {
+            partitions: found.partitions().len() as i32,
+            fewest_replicas: found
+                .partitions()
+                .iter()
+                .map(|partition| partition.replicas().len() as i32)
+                .min()
+                .unwrap_or(0),
+        });
         if let Some(layout) = layout {
             return Ok(layout);
         }

@@ -11,7 +11,7 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::metadata::Metadata;
+use rdkafka::metadata::{Metadata, MetadataTopic};
 use rdkafka::producer::{FutureProducer, Producer};
 use thiserror::Error;
 use tracing::warn;
@@ -257,6 +257,27 @@ impl KafkaConfig {
         .await
         .expect("the metadata request panicked")
     }
+}
+
+/// `topic` in `metadata`, when the cluster knows it and it has partitions (a topic just
+/// created can show up without them for a moment, or with an error).
+pub(crate) fn existing_topic<'a>(metadata: &'a Metadata, topic: &str) -> Option<&'a MetadataTopic> {
+    metadata
+        .topics()
+        .iter()
+        .find(|candidate| candidate.name() == topic)
+        .filter(|found| found.error().is_none() && !found.partitions().is_empty())
+}
+
+/// The ids of `topic`'s partitions, when it exists (see [`existing_topic`]).
+pub(crate) fn partition_ids_in(metadata: &Metadata, topic: &str) -> Option<Vec<i32>> {
+    existing_topic(metadata, topic).map(|found| {
+        found
+            .partitions()
+            .iter()
+            .map(|partition| partition.id())
+            .collect()
+    })
 }
 
 /// Commits `producer`'s open transaction once every record sent in it is acknowledged.

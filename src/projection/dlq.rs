@@ -34,7 +34,7 @@ use tracing::warn;
 
 use super::fact::{Rejection, header};
 use crate::config::KafkaConfig;
-use crate::kafka::KafkaSetupError;
+use crate::kafka::{KafkaSetupError, partition_ids_in};
 
 /// Why the record could not be applied (a sentence).
 pub const REASON: &str = "bookstore_dlq_reason";
@@ -508,16 +508,9 @@ pub(crate) async fn partition_ids(
     topic: &str,
 ) -> Result<Vec<i32>, KafkaSetupError> {
     let metadata = kafka.fetch_metadata(Some(topic)).await?;
-    let partitions = metadata
-        .topics()
-        .iter()
-        .find(|candidate| candidate.name() == topic)
-        .filter(|found| found.error().is_none() && !found.partitions().is_empty())
-        .map(|found| found.partitions().iter().map(|p| p.id()).collect())
-        .ok_or_else(|| KafkaSetupError::TopicMissing {
-            topic: topic.to_owned(),
-        })?;
-    Ok(partitions)
+    partition_ids_in(&metadata, topic).ok_or_else(|| KafkaSetupError::TopicMissing {
+        topic: topic.to_owned(),
+    })
 }
 
 type Placement = (HashMap<i32, i64>, Vec<(i32, Offset)>);

@@ -32,6 +32,7 @@ use tracing::debug;
 
 use super::{ReportStore, metrics};
 use crate::config::KafkaConfig;
+use crate::kafka::partition_ids_in;
 use crate::store::StoreError;
 
 /// Why the lag could not be measured. Each variant's text already names its cause, so none is
@@ -200,15 +201,9 @@ fn read_partition_ends(
     let metadata = client
         .fetch_metadata(Some(topic), left())
         .map_err(kafka_error)?;
-    let partitions: Vec<i32> = metadata
-        .topics()
-        .iter()
-        .find(|candidate| candidate.name() == topic)
-        .filter(|found| found.error().is_none() && !found.partitions().is_empty())
-        .map(|found| found.partitions().iter().map(|p| p.id()).collect())
-        .ok_or_else(|| LagError::TopicMissing {
-            topic: topic.to_owned(),
-        })?;
+    let partitions = partition_ids_in(&metadata, topic).ok_or_else(|| LagError::TopicMissing {
+        topic: topic.to_owned(),
+    })?;
     partitions
         .into_iter()
         .map(|partition| {
