@@ -180,6 +180,7 @@ pub fn envelope<C: EventCodec>(
         causation_id = metadata.event_id;
         envelopes.push(NewEvent {
             payload: codec.encode(&payload)?,
+            schema_fingerprint: codec.schema_fingerprint(&metadata.event_type)?,
             metadata,
         });
     }

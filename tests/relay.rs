@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bookstore::codec::headers as h;
 use bookstore::codec::wire::FramedDecoder;
-use bookstore::codec::{AvroCodec, EventCodec};
+use bookstore::codec::{AvroCodec, CodecError, EventCodec};
 use bookstore::config::{KafkaConfig, RelaySettings};
 use bookstore::domain::{
     AddBook, BookCommand, BookId, EventKind, EventPayload, Price, StoredEvent,
@@ -983,6 +983,72 @@ async fn a_relay_stops_at_a_hole_in_the_outbox_instead_of_skipping_it() {
             3,
             "{delivery:?}: what came before the hole is published"
         );
+    }
+}
+
+/// After a schema change with events of the old schema still unpublished, the relay would
+/// label their datums with the new schema. It refuses the first such event, with everything
+/// before it published (in the same batch too), and stops without skipping it.
+#[tokio::test]
+async fn a_relay_stops_at_an_event_written_with_another_schema_after_publishing_what_precedes_it() {
+    for delivery in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+        let fixture = Fixture::new().await;
+        fixture.write_books(4, 0).await;
+        // Position 5 saved by a version whose BookAdded schema had another fingerprint.
+        let older_schema: u64 = 0x0123_4567_89ab_cdef;
+        sqlx::query("UPDATE events SET schema_fingerprint = ?1 WHERE position = 5")
+            .bind(older_schema as i64)
+            .execute(fixture.store().pool())
+            .await
+            .unwrap();
+        let events = fixture.all_events().await;
+        assert_eq!(events[4].metadata.event_type, "BookAdded");
+
+        let error = fixture
+            .relay_in_batches_of(delivery, 50)
+            .await
+            .run(RunMode::Once, Shutdown::never())
+            .await
+            .unwrap_err();
+        match &error {
+            RelayError::Publish(PublishError::Poison {
+                position: 5,
+                source:
+                    CodecError::WrittenWithAnotherSchema {
+                        event_type,
+                        written,
+                        ..
+                    },
+            }) => {
+                assert_eq!(event_type, "BookAdded");
+                assert_eq!(*written, older_schema);
+            }
+            other => panic!("{delivery:?}: expected the refusal of position 5, got {other}"),
+        }
+        assert!(error.to_string().contains("docs/contracts.md"), "{error}");
+        let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+        assert_eq!(
+            fixture.store().published_position(&relay_id).await.unwrap(),
+            4,
+            "{delivery:?}: what came before it is published"
+        );
+        assert_exactly_the_events_in_order(&events[..4], &fixture.read_topics(4).await);
+
+        // Run again, it stops at the same event and sends nothing twice.
+        let again = fixture
+            .relay_in_batches_of(delivery, 50)
+            .await
+            .run(RunMode::Once, Shutdown::never())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                again,
+                RelayError::Publish(PublishError::Poison { position: 5, .. })
+            ),
+            "{delivery:?}: {again}"
+        );
+        assert_exactly_the_events_in_order(&events[..4], &fixture.read_topics(4).await);
     }
 }
 

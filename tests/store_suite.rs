@@ -36,6 +36,9 @@ trait Backdoor: Outbox {
 
     /// Makes the events at `positions` look committed in 2020.
     fn backdate_events(&self, positions: RangeInclusive<u64>) -> impl Future<Output = ()>;
+
+    /// Makes every event look saved by a version that did not record schema fingerprints.
+    fn forget_schema_fingerprints(&self) -> impl Future<Output = ()>;
 }
 
 impl Backdoor for SqliteStore {
@@ -61,6 +64,13 @@ impl Backdoor for SqliteStore {
         .execute(self.pool())
         .await
         .expect("backdate events");
+    }
+
+    async fn forget_schema_fingerprints(&self) {
+        sqlx::query("UPDATE events SET schema_fingerprint = NULL")
+            .execute(self.pool())
+            .await
+            .expect("forget the fingerprints");
     }
 }
 
@@ -92,6 +102,13 @@ impl Backdoor for PostgresStore {
         .execute(self.pool())
         .await
         .expect("backdate events");
+    }
+
+    async fn forget_schema_fingerprints(&self) {
+        sqlx::query("UPDATE events SET schema_fingerprint = NULL")
+            .execute(self.pool())
+            .await
+            .expect("forget the fingerprints");
     }
 }
 
@@ -127,6 +144,7 @@ store_suite!(
     save_against_a_missing_book_conflicts,
     positions_are_gapless_and_increase_across_saves,
     read_after_pages_through_all_events_in_order,
+    events_keep_the_fingerprint_of_the_schema_that_wrote_them,
     failed_save_rolls_back_completely_and_gives_its_positions_back,
     change_the_database_refuses_is_rejected_and_writes_nothing,
     corrupt_row_is_reported_as_corrupt,
@@ -354,6 +372,45 @@ async fn read_after_pages_through_all_events_in_order<S: Backdoor>(store: S) {
     assert!(store.read_after(u64::MAX, 10).await.unwrap().is_empty());
 }
 
+async fn events_keep_the_fingerprint_of_the_schema_that_wrote_them<S: Backdoor>(store: S) {
+    let book = new_book("Dune", "15.99");
+    let (_, change) = repriced(&book, "16.99");
+    let mut saved = store.save(added(&book)).await.unwrap();
+    saved.extend(store.save(change).await.unwrap());
+    let fingerprints = |events: &[StoredEvent]| {
+        events
+            .iter()
+            .map(|event| event.schema_fingerprint)
+            .collect::<Vec<_>>()
+    };
+    // The fixture's fingerprints have the high bit set, which a signed column must keep.
+    let expected = [1, 1, 2, 2].map(|version| Some(0xF00D_0000_0000_0000 | version));
+    assert_eq!(fingerprints(&saved), expected);
+    assert_eq!(store.read_after(0, 10).await.unwrap(), saved);
+    assert_eq!(
+        store.read_stream(&fact_stream(book.book_id)).await.unwrap(),
+        [saved[1].clone(), saved[3].clone()]
+    );
+
+    // Saved by a version that did not record them: read back as unknown, all else unchanged.
+    store.forget_schema_fingerprints().await;
+    let without: Vec<StoredEvent> = saved
+        .into_iter()
+        .map(|event| StoredEvent {
+            schema_fingerprint: None,
+            ..event
+        })
+        .collect();
+    assert_eq!(store.read_after(0, 10).await.unwrap(), without);
+    assert_eq!(
+        store
+            .read_stream(&delta_stream(book.book_id))
+            .await
+            .unwrap(),
+        [without[0].clone(), without[2].clone()]
+    );
+}
+
 async fn failed_save_rolls_back_completely_and_gives_its_positions_back<S: Backdoor>(store: S) {
     store
         .save(added(&new_book("Before", "1.00")))
@@ -476,6 +533,11 @@ async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Back
     };
     assert_eq!(positions(&deltas), [1, 3]);
     assert_eq!(positions(&facts), [2, 4]);
+    // Each keeps the fingerprint of the schema that wrote it.
+    for (event, _) in deltas.iter().chain(&facts) {
+        let contract = bookstore::codec::contract::contract(&event.metadata.event_type).unwrap();
+        assert_eq!(event.schema_fingerprint, Some(contract.fingerprint()));
+    }
 }
 
 async fn command_that_changes_nothing_writes_no_events<S: Backdoor>(store: S) {

@@ -91,7 +91,8 @@ const SQLITE_UPDATE_BOOK: &str = "UPDATE books
      WHERE book_id = ?1 AND version = ?9";
 const INSERT_EVENTS: &str =
     "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                         occurred_at, correlation_id, causation_id, traceparent, payload) ";
+                         occurred_at, correlation_id, causation_id, traceparent, payload,
+                         schema_fingerprint) ";
 
 async fn raw_save_sqlite(
     store: &SqliteStore,
@@ -132,7 +133,8 @@ async fn raw_save_sqlite(
                 .push_bind(meta.correlation_id.hyphenated())
                 .push_bind(meta.causation_id.hyphenated())
                 .push_bind(meta.traceparent.as_deref())
-                .push_bind(event.payload.as_slice());
+                .push_bind(event.payload.as_slice())
+                .push_bind(event.schema_fingerprint.cast_signed());
         },
     );
     insert.build().execute(&mut *tx).await?;
@@ -187,7 +189,8 @@ async fn raw_save_postgres(
                 .push_bind(meta.correlation_id)
                 .push_bind(meta.causation_id)
                 .push_bind(meta.traceparent.as_deref())
-                .push_bind(event.payload.as_slice());
+                .push_bind(event.payload.as_slice())
+                .push_bind(event.schema_fingerprint.cast_signed());
         },
     );
     insert.build().execute(&mut *tx).await?;

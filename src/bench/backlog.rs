@@ -29,7 +29,8 @@ use crate::store::{AnyStore, EventStore};
 const SQLITE_BULK: &str =
     "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < ?1)
 INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload)
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint)
 SELECT 2 * n.i + t.position,
        printf('%08x-%04x-7000-8000-000000000000', n.i, t.position),
        t.event_type,
@@ -37,13 +38,15 @@ SELECT 2 * n.i + t.position,
            || printf('%08x-0000-7000-9000-000000000000', n.i),
        1,
        printf('%08x-0000-7000-9000-000000000000', n.i),
-       t.occurred_at, t.correlation_id, t.causation_id, t.traceparent, t.payload
+       t.occurred_at, t.correlation_id, t.causation_id, t.traceparent, t.payload,
+       t.schema_fingerprint
 FROM n CROSS JOIN events AS t
 WHERE t.position IN (1, 2)";
 
 const POSTGRES_BULK: &str =
     "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload)
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint)
 SELECT 2 * n.i + t.position,
        (lpad(to_hex(n.i), 8, '0') || '-' || lpad(to_hex(t.position), 4, '0')
            || '-7000-8000-000000000000')::uuid,
@@ -52,7 +55,8 @@ SELECT 2 * n.i + t.position,
            || lpad(to_hex(n.i), 8, '0') || '-0000-7000-9000-000000000000',
        1,
        (lpad(to_hex(n.i), 8, '0') || '-0000-7000-9000-000000000000')::uuid,
-       t.occurred_at, t.correlation_id, t.causation_id, t.traceparent, t.payload
+       t.occurred_at, t.correlation_id, t.causation_id, t.traceparent, t.payload,
+       t.schema_fingerprint
 FROM generate_series(1, $1) AS n(i) CROSS JOIN events AS t
 WHERE t.position IN (1, 2)
 ORDER BY 1";

@@ -215,6 +215,7 @@ pub async fn warm_up_broker(
             position,
             metadata: event.metadata,
             payload: event.payload,
+            schema_fingerprint: Some(event.schema_fingerprint),
         })
         .collect();
     let started = Instant::now();

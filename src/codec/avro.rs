@@ -154,6 +154,10 @@ impl EventCodec for AvroCodec {
         Ok(datum)
     }
 
+    fn schema_fingerprint(&self, event_type: &str) -> Result<u64, CodecError> {
+        self.known(event_type).map(Contract::fingerprint)
+    }
+
     fn decode(&self, event_type: &str, datum: &[u8]) -> Result<EventPayload, CodecError> {
         let contract = self.known(event_type)?;
         if event_type == BookFactEvent::TYPE {

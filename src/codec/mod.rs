@@ -42,6 +42,10 @@ pub trait EventCodec: Send + Sync {
     /// The Avro binary datum of `event` under its record schema.
     fn encode(&self, event: &EventPayload) -> Result<Vec<u8>, CodecError>;
 
+    /// The CRC-64-AVRO fingerprint of the schema `encode` writes `event_type` with: the
+    /// outbox keeps it next to each datum (see [`crate::domain::NewEvent`]).
+    fn schema_fingerprint(&self, event_type: &str) -> Result<u64, CodecError>;
+
     /// Reads a datum written under the record schema named `event_type`.
     fn decode(&self, event_type: &str, datum: &[u8]) -> Result<EventPayload, CodecError>;
 }
@@ -65,6 +69,19 @@ pub enum CodecError {
     /// and decode again.
     #[error("schema id {0} is not known to this decoder")]
     UnknownSchemaId(u32),
+    /// A saved datum was written with another schema than the one this version sends its event
+    /// type under: a schema changed while events written with the old one were unpublished.
+    #[error(
+        "the {event_type} datum was written with the schema of fingerprint {written:#018x}, but \
+         this version sends {event_type} under the schema {current:#018x}: it would go out \
+         labelled with a schema that did not write it. Publish it with the version that saved \
+         it (see docs/contracts.md, \"Changing a schema\")"
+    )]
+    WrittenWithAnotherSchema {
+        event_type: String,
+        written: u64,
+        current: u64,
+    },
     /// A writer schema (from the registry) that cannot stand for any event type.
     #[error("unusable writer schema: {0}")]
     WriterSchema(String),

@@ -104,6 +104,9 @@ impl EventMetadata {
 pub struct NewEvent {
     pub metadata: EventMetadata,
     pub payload: Vec<u8>,
+    /// Which schema wrote `payload`: the CRC-64-AVRO fingerprint of its canonical form. The
+    /// outbox keeps it, so that a datum is never sent labelled with another version's schema.
+    pub schema_fingerprint: u64,
 }
 
 /// An event as committed: `position` is its place in the global commit order (starting at 1,
@@ -113,4 +116,7 @@ pub struct StoredEvent {
     pub position: u64,
     pub metadata: EventMetadata,
     pub payload: Vec<u8>,
+    /// The fingerprint of the schema that wrote `payload` (see [`NewEvent`]); `None` for an
+    /// event saved by a version that did not record it yet.
+    pub schema_fingerprint: Option<u64>,
 }

@@ -383,12 +383,22 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 return Ok(Stop::Done);
             }
             let error = match self.publish_next_batch(position, target).await {
-                Ok(Some((batch, confirmed))) => {
+                Ok(Some((mut batch, confirmed))) => {
                     position = batch.last;
                     backoff = self.config.min_backoff;
                     let caught_up = batch.caught_up;
-                    unconfirmed.push(batch);
+                    let refused = batch.refused.take();
+                    if batch.events > 0 {
+                        unconfirmed.push(batch);
+                    }
                     unconfirmed.confirm(confirmed, report, recorder);
+                    if let Some((position, source)) = refused {
+                        // Everything before the event is published; nothing after it may be.
+                        if let Err(error) = self.settle(&mut unconfirmed, report, recorder).await {
+                            warn!(%error, "could not confirm the events before the one that cannot be published; they will be sent again");
+                        }
+                        return Err(poisoned(position, source));
+                    }
                     let settled = if caught_up || target.is_some_and(|target| position >= target) {
                         self.settle(&mut unconfirmed, report, recorder).await
                     } else {
@@ -429,9 +439,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             self.next_batch = None;
             match error {
                 RelayError::Publish(PublishError::Poison { position, source }) => {
-                    metrics::record_send_error();
-                    error!(position, %source, "event cannot be published; relay stops");
-                    return Err(PublishError::Poison { position, source }.into());
+                    return Err(poisoned(position, source));
                 }
                 RelayError::Publish(PublishError::Fenced(error)) => {
                     metrics::record_send_error();
@@ -512,7 +520,17 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 let read_ahead = !full && self.outbox.reads_ahead();
                 let next =
                     read_ahead.then(|| ReadAhead::start(&self.outbox, batch.last, requested));
-                self.publisher.send(&page).await?;
+                match self.publisher.send(&page).await {
+                    Ok(()) => {}
+                    Err(PublishError::Poison { position, source }) => {
+                        // What precedes it is in the batch and is committed below; the
+                        // relay stops after that (see `publish_batches`).
+                        batch.cut_before(&page, position);
+                        batch.refused = Some((position, source));
+                        break;
+                    }
+                    Err(error) => return Err(error.into()),
+                }
                 if full {
                     break;
                 }
@@ -529,6 +547,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             }
             // A backlog goes on: the next batch's first page is read while this one commits.
             if self.outbox.reads_ahead()
+                && batch.refused.is_none()
                 && !batch.caught_up
                 && target.is_none_or(|target| batch.last < target)
             {
@@ -612,6 +631,13 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     }
 }
 
+/// The error that stops the relay at an event it cannot publish, logged and counted.
+fn poisoned(position: u64, source: crate::codec::CodecError) -> RelayError {
+    metrics::record_send_error();
+    error!(position, %source, "event cannot be published; relay stops");
+    PublishError::Poison { position, source }.into()
+}
+
 /// Deletes the events every relay of the store has published that are older than `retention`.
 async fn prune<O: Outbox>(outbox: O, relay_id: String, retention: Duration) {
     match outbox.prune_published(&relay_id, retention).await {
@@ -629,9 +655,24 @@ struct PublishedBatch {
     last: u64,
     /// The outbox had nothing more when the batch was committed.
     caught_up: bool,
+    /// The event the publisher refused (see [`PublishError::Poison`]); the batch ends before it.
+    refused: Option<(u64, crate::codec::CodecError)>,
 }
 
 impl PublishedBatch {
+    /// Takes the events of `page` from `position` on (added last) back out of the batch.
+    fn cut_before(&mut self, page: &[StoredEvent], position: u64) {
+        let cut = page.iter().filter(|event| event.position >= position);
+        for event in cut {
+            self.events -= 1;
+            if event.metadata.kind() == EventKind::Fact {
+                self.facts -= 1;
+            }
+        }
+        self.last = position - 1;
+        self.caught_up = false;
+    }
+
     fn add(&mut self, page: &[StoredEvent]) {
         self.events += page.len() as u64;
         self.facts += page

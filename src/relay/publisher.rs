@@ -85,7 +85,9 @@ pub trait EventPublisher: Send {
     fn begin_batch(&mut self) -> Result<(), PublishError>;
 
     /// Hands `events` (ascending positions, after those sent before in this batch) to the
-    /// batch without waiting for them to be stored.
+    /// batch without waiting for them to be stored. On [`PublishError::Poison`] the events
+    /// before the refused one stay in the batch, and `commit_batch` publishes them; after any
+    /// other error, as for `commit_batch`.
     fn send(
         &mut self,
         events: &[StoredEvent],
@@ -252,6 +254,7 @@ impl KafkaPublisher {
             for record in records {
                 self.deliveries.push(send(producer, record).await?);
             }
+            self.batch_last = Some(event.position);
         }
         Ok(())
     }
@@ -437,12 +440,15 @@ impl EventPublisher for KafkaPublisher {
     }
 
     async fn send(&mut self, events: &[StoredEvent]) -> Result<(), PublishError> {
-        let outcome = self.enqueue(events).await;
-        if let Some(last) = events.last() {
-            self.batch_last = Some(last.position);
-        }
-        let outcome = outcome.map_err(|error| self.fenced_if_fatal(error));
-        if outcome.is_err() && self.mode == DeliveryMode::ExactlyOnce {
+        let outcome = self
+            .enqueue(events)
+            .await
+            .map_err(|error| self.fenced_if_fatal(error));
+        let failed = match &outcome {
+            Ok(()) | Err(PublishError::Poison { .. }) => false,
+            Err(_) => true,
+        };
+        if failed && self.mode == DeliveryMode::ExactlyOnce {
             self.abort_transaction().await;
         }
         outcome

@@ -53,6 +53,7 @@ impl RecordMapper {
             .as_uuid()
             .hyphenated()
             .encode_lower(&mut key_buffer);
+        check_writer_schema(event)?;
         let mut value = Vec::with_capacity(event.payload.len() + 16);
         self.wire
             .frame_into(&metadata.event_type, &event.payload, &mut value)?;
@@ -80,6 +81,28 @@ impl RecordMapper {
         }
         Ok(records)
     }
+}
+
+/// Refuses a datum written with another schema than the one its frame will name (the wire
+/// framings label a datum with this version's schema of its type). A datum is only readable
+/// with the schema that wrote it, so sending it under another would hand consumers bytes they
+/// misread. Unknown event types are left to the framing, which refuses them too.
+fn check_writer_schema(event: &StoredEvent) -> Result<(), CodecError> {
+    let event_type = &event.metadata.event_type;
+    let (Some(contract), Some(written)) = (
+        contract::contract(event_type),
+        contract::writer_fingerprint(event_type, event.schema_fingerprint),
+    ) else {
+        return Ok(());
+    };
+    if written == contract.fingerprint() {
+        return Ok(());
+    }
+    Err(CodecError::WrittenWithAnotherSchema {
+        event_type: event_type.clone(),
+        written,
+        current: contract.fingerprint(),
+    })
 }
 
 /// What a record holds: the event, or the tombstone that follows a removed book's fact.
@@ -206,6 +229,72 @@ mod tests {
         // Only the version differs: distinct facts keep distinct tombstone ids.
         assert_eq!(tombstone.as_bytes()[..6], fact_id.as_bytes()[..6]);
         assert_eq!(tombstone.as_bytes()[7..], fact_id.as_bytes()[7..]);
+    }
+
+    /// A saved `BookAdded` whose datum was written with the schema of `fingerprint`.
+    fn saved_book_added(fingerprint: Option<u64>) -> StoredEvent {
+        use crate::codec::{AvroCodec, EventCodec};
+        use crate::domain::{BookAdded, BookEvent, BookId, EventMetadata, EventPayload, Price};
+        let book_id = BookId::generate();
+        let payload = EventPayload::Delta(BookEvent::Added(BookAdded {
+            book_id,
+            title: "Dune".to_owned(),
+            author: "Frank Herbert".to_owned(),
+            isbn: None,
+            price: Price::from_cents(999).unwrap(),
+            description: None,
+        }));
+        StoredEvent {
+            position: 7,
+            metadata: EventMetadata {
+                event_id: uuid::Uuid::now_v7(),
+                event_type: BookAdded::TYPE.to_owned(),
+                stream: crate::domain::delta_stream(book_id),
+                aggregate_id: book_id,
+                aggregate_version: 1,
+                occurred_at: Utc::now(),
+                correlation_id: uuid::Uuid::now_v7(),
+                causation_id: uuid::Uuid::now_v7(),
+                traceparent: None,
+            },
+            payload: AvroCodec::new().encode(&payload).unwrap(),
+            schema_fingerprint: fingerprint,
+        }
+    }
+
+    fn mapper() -> RecordMapper {
+        RecordMapper::new(Topics::with_prefix("test"), WireFormat::SingleObject)
+    }
+
+    #[test]
+    fn a_datum_goes_out_under_the_schema_that_wrote_it() {
+        let current = contract::contract("BookAdded").unwrap().fingerprint();
+        // Recorded, and saved before fingerprints were recorded (this version's schemas).
+        let mapper = mapper();
+        for event in [saved_book_added(Some(current)), saved_book_added(None)] {
+            let records = mapper.records(&event).unwrap();
+            let value = records[0].value.as_deref().unwrap();
+            assert_eq!(value[2..10], current.to_le_bytes());
+            assert_eq!(value[10..], event.payload);
+        }
+    }
+
+    #[test]
+    fn a_datum_written_with_another_schema_is_refused() {
+        let current = contract::contract("BookAdded").unwrap().fingerprint();
+        let older = 0x0123_4567_89ab_cdef;
+        match mapper().records(&saved_book_added(Some(older))) {
+            Err(CodecError::WrittenWithAnotherSchema {
+                event_type,
+                written,
+                current: sent_under,
+            }) => {
+                assert_eq!(event_type, "BookAdded");
+                assert_eq!(written, older);
+                assert_eq!(sent_under, current);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
     }
 
     #[test]

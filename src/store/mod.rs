@@ -257,6 +257,17 @@ pub(crate) fn to_u64(value: i64, what: &str) -> Result<u64, StoreError> {
     u64::try_from(value).map_err(|_| StoreError::Corrupt(format!("{what} is negative: {value}")))
 }
 
+/// A schema fingerprint as the databases store it: BIGINT has no unsigned form, so the column
+/// holds the fingerprint's 64 bits as a signed integer (no fingerprint is out of range).
+pub(crate) fn fingerprint_column(fingerprint: u64) -> i64 {
+    fingerprint.cast_signed()
+}
+
+/// The schema fingerprint a stored BIGINT holds (see [`fingerprint_column`]).
+pub(crate) fn fingerprint_of_column(column: i64) -> u64 {
+    column.cast_unsigned()
+}
+
 /// Gives `events` the positions `last - n + 1 ..= last`, in order: what a save that reserved
 /// up to `last` in `outbox_head` writes.
 ///
@@ -281,6 +292,7 @@ pub(crate) fn with_positions(
                 position,
                 metadata,
                 payload: event.payload,
+                schema_fingerprint: Some(event.schema_fingerprint),
             }
         })
         .collect())

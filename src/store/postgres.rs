@@ -38,7 +38,8 @@ use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
 use super::{
-    BookChange, EventStore, OUTBOX_CHANNEL, PRUNE_CHUNK, StoreError, to_i64, to_u64, with_positions,
+    BookChange, EventStore, OUTBOX_CHANNEL, PRUNE_CHUNK, StoreError, fingerprint_column,
+    fingerprint_of_column, to_i64, to_u64, with_positions,
 };
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
@@ -167,7 +168,8 @@ impl EventStore for PostgresStore {
     async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint
              FROM events WHERE stream = $1 ORDER BY stream_version",
         )
         .bind(stream)
@@ -183,7 +185,8 @@ impl EventStore for PostgresStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint
              FROM events WHERE position > $1 ORDER BY position LIMIT $2",
         )
         .bind(after)
@@ -329,26 +332,38 @@ async fn insert_events(conn: &mut PgConnection, events: &[StoredEvent]) -> Resul
         .map(|event| {
             let position = to_i64(event.position, "position")?;
             let version = to_i64(event.metadata.aggregate_version, "stream version")?;
-            Ok((position, version, &event.metadata, event.payload.as_slice()))
+            let fingerprint = event.schema_fingerprint.map(fingerprint_column);
+            Ok((
+                position,
+                version,
+                &event.metadata,
+                event.payload.as_slice(),
+                fingerprint,
+            ))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     let mut insert = QueryBuilder::<Postgres>::new(
         "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                             occurred_at, correlation_id, causation_id, traceparent, payload) ",
+                             occurred_at, correlation_id, causation_id, traceparent, payload,
+                             schema_fingerprint) ",
     );
-    insert.push_values(rows, |mut row, (position, version, meta, payload)| {
-        row.push_bind(position)
-            .push_bind(meta.event_id)
-            .push_bind(meta.event_type.as_str())
-            .push_bind(meta.stream.as_str())
-            .push_bind(version)
-            .push_bind(meta.aggregate_id.as_uuid())
-            .push_bind(meta.occurred_at)
-            .push_bind(meta.correlation_id)
-            .push_bind(meta.causation_id)
-            .push_bind(meta.traceparent.as_deref())
-            .push_bind(payload);
-    });
+    insert.push_values(
+        rows,
+        |mut row, (position, version, meta, payload, fingerprint)| {
+            row.push_bind(position)
+                .push_bind(meta.event_id)
+                .push_bind(meta.event_type.as_str())
+                .push_bind(meta.stream.as_str())
+                .push_bind(version)
+                .push_bind(meta.aggregate_id.as_uuid())
+                .push_bind(meta.occurred_at)
+                .push_bind(meta.correlation_id)
+                .push_bind(meta.causation_id)
+                .push_bind(meta.traceparent.as_deref())
+                .push_bind(payload)
+                .push_bind(fingerprint);
+        },
+    );
     insert.build().execute(conn).await?;
     Ok(())
 }
@@ -406,6 +421,7 @@ struct EventRow {
     causation_id: Uuid,
     traceparent: Option<String>,
     payload: Vec<u8>,
+    schema_fingerprint: Option<i64>,
 }
 
 impl EventRow {
@@ -424,6 +440,7 @@ impl EventRow {
                 traceparent: self.traceparent,
             },
             payload: self.payload,
+            schema_fingerprint: self.schema_fingerprint.map(fingerprint_of_column),
         })
     }
 }

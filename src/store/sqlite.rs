@@ -28,7 +28,10 @@ use tokio::sync::Notify;
 use uuid::fmt::Hyphenated;
 
 use super::sqlite_reader::OutboxReader;
-use super::{BookChange, EventStore, PRUNE_CHUNK, StoreError, to_i64, to_u64, with_positions};
+use super::{
+    BookChange, EventStore, PRUNE_CHUNK, StoreError, fingerprint_column, fingerprint_of_column,
+    to_i64, to_u64, with_positions,
+};
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
 /// How long a writer waits for the write lock before failing with `SQLITE_BUSY`. Saves are
@@ -185,7 +188,8 @@ impl EventStore for SqliteStore {
     async fn read_stream(&self, stream: &str) -> Result<Vec<StoredEvent>, StoreError> {
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint
              FROM events WHERE stream = ? ORDER BY stream_version",
         )
         .bind(stream)
@@ -210,7 +214,8 @@ impl EventStore for SqliteStore {
         }
         let rows: Vec<EventRow> = sqlx::query_as(
             "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
-                    occurred_at, correlation_id, causation_id, traceparent, payload
+                    occurred_at, correlation_id, causation_id, traceparent, payload,
+                    schema_fingerprint
              FROM events WHERE position > ? ORDER BY position LIMIT ?",
         )
         .bind(after)
@@ -313,26 +318,38 @@ async fn insert_events(
         .map(|event| {
             let position = to_i64(event.position, "position")?;
             let version = to_i64(event.metadata.aggregate_version, "stream version")?;
-            Ok((position, version, &event.metadata, event.payload.as_slice()))
+            let fingerprint = event.schema_fingerprint.map(fingerprint_column);
+            Ok((
+                position,
+                version,
+                &event.metadata,
+                event.payload.as_slice(),
+                fingerprint,
+            ))
         })
         .collect::<Result<Vec<_>, StoreError>>()?;
     let mut insert = QueryBuilder::<Sqlite>::new(
         "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                             occurred_at, correlation_id, causation_id, traceparent, payload) ",
+                             occurred_at, correlation_id, causation_id, traceparent, payload,
+                             schema_fingerprint) ",
     );
-    insert.push_values(rows, |mut row, (position, version, meta, payload)| {
-        row.push_bind(position)
-            .push_bind(meta.event_id.hyphenated())
-            .push_bind(meta.event_type.as_str())
-            .push_bind(meta.stream.as_str())
-            .push_bind(version)
-            .push_bind(meta.aggregate_id.as_uuid().hyphenated())
-            .push_bind(meta.occurred_at)
-            .push_bind(meta.correlation_id.hyphenated())
-            .push_bind(meta.causation_id.hyphenated())
-            .push_bind(meta.traceparent.as_deref())
-            .push_bind(payload);
-    });
+    insert.push_values(
+        rows,
+        |mut row, (position, version, meta, payload, fingerprint)| {
+            row.push_bind(position)
+                .push_bind(meta.event_id.hyphenated())
+                .push_bind(meta.event_type.as_str())
+                .push_bind(meta.stream.as_str())
+                .push_bind(version)
+                .push_bind(meta.aggregate_id.as_uuid().hyphenated())
+                .push_bind(meta.occurred_at)
+                .push_bind(meta.correlation_id.hyphenated())
+                .push_bind(meta.causation_id.hyphenated())
+                .push_bind(meta.traceparent.as_deref())
+                .push_bind(payload)
+                .push_bind(fingerprint);
+        },
+    );
     insert.build().execute(conn).await?;
     Ok(())
 }
@@ -415,6 +432,7 @@ struct EventRow {
     causation_id: Hyphenated,
     traceparent: Option<String>,
     payload: Vec<u8>,
+    schema_fingerprint: Option<i64>,
 }
 
 impl EventRow {
@@ -433,6 +451,7 @@ impl EventRow {
                 traceparent: self.traceparent,
             },
             payload: self.payload,
+            schema_fingerprint: self.schema_fingerprint.map(fingerprint_of_column),
         })
     }
 }

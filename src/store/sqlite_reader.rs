@@ -14,12 +14,13 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OpenFlags, Row};
 use uuid::Uuid;
 
-use super::{StoreError, to_u64};
+use super::{StoreError, fingerprint_of_column, to_u64};
 use crate::domain::{BookId, EventMetadata, StoredEvent};
 
 const READ_AFTER: &str =
     "SELECT position, event_id, event_type, stream, stream_version, aggregate_id,
-            occurred_at, correlation_id, causation_id, traceparent, payload
+            occurred_at, correlation_id, causation_id, traceparent, payload,
+            schema_fingerprint
      FROM events WHERE position > ?1 ORDER BY position LIMIT ?2";
 
 /// A read-only connection to the store's file. WAL lets it read while the pool writes.
@@ -115,6 +116,7 @@ fn event_of(row: &Row<'_>) -> Result<StoredEvent, RowError> {
             traceparent: row.get(9)?,
         },
         payload: row.get(10)?,
+        schema_fingerprint: row.get::<_, Option<i64>>(11)?.map(fingerprint_of_column),
     })
 }
 

@@ -227,5 +227,7 @@ pub fn event(stream: String, event_type: &str, book_id: BookId, version: u64) ->
             traceparent: None,
         },
         payload: format!("{event_type} {book_id} v{version}").into_bytes(),
+        // The high bit set: the databases keep fingerprints in signed columns.
+        schema_fingerprint: 0xF00D_0000_0000_0000 | version,
     }
 }
