@@ -124,6 +124,15 @@ impl Fixture {
         })
     }
 
+    /// Runs a relay in batches of `size` until it stops with an error, and returns that.
+    async fn relay_once_until_it_fails(&self, delivery: DeliveryMode, size: usize) -> RelayError {
+        self.relay_in_batches_of(delivery, size)
+            .await
+            .run(RunMode::Once, Shutdown::never())
+            .await
+            .unwrap_err()
+    }
+
     async fn relay_once(&self, delivery: DeliveryMode) -> RelayReport {
         self.relay(delivery)
             .await
@@ -967,12 +976,7 @@ async fn a_relay_stops_at_a_hole_in_the_outbox_instead_of_skipping_it() {
             .await
             .unwrap();
 
-        let error = fixture
-            .relay_in_batches_of(delivery, 3)
-            .await
-            .run(RunMode::Once, Shutdown::never())
-            .await
-            .unwrap_err();
+        let error = fixture.relay_once_until_it_fails(delivery, 3).await;
         assert!(
             matches!(error, RelayError::Gap { first: 4, last: 5 }),
             "{delivery:?}: {error}"
@@ -1004,12 +1008,7 @@ async fn a_relay_stops_at_an_event_written_with_another_schema_after_publishing_
         let events = fixture.all_events().await;
         assert_eq!(events[4].metadata.event_type, "BookAdded");
 
-        let error = fixture
-            .relay_in_batches_of(delivery, 50)
-            .await
-            .run(RunMode::Once, Shutdown::never())
-            .await
-            .unwrap_err();
+        let error = fixture.relay_once_until_it_fails(delivery, 50).await;
         match &error {
             RelayError::Publish(PublishError::Poison {
                 position: 5,
@@ -1035,12 +1034,7 @@ async fn a_relay_stops_at_an_event_written_with_another_schema_after_publishing_
         assert_exactly_the_events_in_order(&events[..4], &fixture.read_topics(4).await);
 
         // Run again, it stops at the same event and sends nothing twice.
-        let again = fixture
-            .relay_in_batches_of(delivery, 50)
-            .await
-            .run(RunMode::Once, Shutdown::never())
-            .await
-            .unwrap_err();
+        let again = fixture.relay_once_until_it_fails(delivery, 50).await;
         assert!(
             matches!(
                 again,
