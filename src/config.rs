@@ -5,10 +5,12 @@
 //! `BOOKSTORE_` that no setting knows are reported as likely typos (every one of them, at
 //! start), so a typo does not silently fall back to a default unnoticed.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
+use crate::codec::registry::{RegistryAccess, RegistryClient, RegistryError};
 use crate::relay::DeliveryMode;
 use thiserror::Error;
 
@@ -101,6 +103,54 @@ pub struct KafkaConfig {
         global = true
     )]
     pub schema_registry_url: Option<String>,
+
+    /// `user:password` for the schema registry's HTTP basic auth (a Confluent Cloud API key and
+    /// secret; Confluent's `basic.auth.user.info`). Never shown in help, logs or errors.
+    #[arg(
+        long = "schema-registry-basic-auth",
+        env = "SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO",
+        hide_env_values = true,
+        global = true
+    )]
+    pub schema_registry_basic_auth: Option<Secret>,
+
+    /// PEM file of the certificates to trust for an `https://` schema registry instead of the
+    /// system's (a private CA). `https://` needs a build with the `tls` feature.
+    #[arg(
+        long = "schema-registry-ca-location",
+        env = "SCHEMA_REGISTRY_SSL_CA_LOCATION",
+        global = true
+    )]
+    pub schema_registry_ca_location: Option<PathBuf>,
+}
+
+/// A value that must not be printed: its `Debug` is redacted, and it is read without checks,
+/// so that a malformed one is refused later without the value in the message.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for Secret {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 impl KafkaConfig {
@@ -114,6 +164,8 @@ impl KafkaConfig {
             replication_factor: -1,
             request_timeout_ms: 30_000,
             schema_registry_url: None,
+            schema_registry_basic_auth: None,
+            schema_registry_ca_location: None,
         }
     }
 
@@ -128,6 +180,31 @@ impl KafkaConfig {
             .as_deref()
             .map(str::trim)
             .filter(|url| !url.is_empty())
+    }
+
+    /// A client of the configured schema registry, with its credentials and trusted CA; `None`
+    /// without a registry. An empty credential (`SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO=`) means
+    /// none, as an empty URL does.
+    pub fn schema_registry_client(&self) -> Result<Option<RegistryClient>, RegistryError> {
+        let Some(url) = self.schema_registry() else {
+            return Ok(None);
+        };
+        let basic_auth = self
+            .schema_registry_basic_auth
+            .as_ref()
+            .map(Secret::expose)
+            .filter(|user_info| !user_info.is_empty())
+            .map(|user_info| {
+                user_info
+                    .parse()
+                    .map_err(|reason| RegistryError::InvalidCredentials { reason })
+            })
+            .transpose()?;
+        let access = RegistryAccess {
+            basic_auth,
+            ca_location: self.schema_registry_ca_location.clone(),
+        };
+        RegistryClient::with_access(url, &access).map(Some)
     }
 }
 
@@ -404,6 +481,28 @@ mod tests {
             kafka.schema_registry_url = url.map(str::to_owned);
             assert_eq!(kafka.schema_registry(), expected, "{url:?}");
         }
+    }
+
+    #[test]
+    fn registry_credentials_are_never_shown_and_an_empty_one_means_none() {
+        let mut kafka = KafkaConfig::new("localhost:9092");
+        assert!(kafka.schema_registry_client().unwrap().is_none());
+        kafka.schema_registry_url = Some("http://registry:8081".to_owned());
+        kafka.schema_registry_basic_auth = Some(Secret::new(""));
+        assert!(kafka.schema_registry_client().unwrap().is_some());
+
+        kafka.schema_registry_basic_auth = Some(Secret::new("hunter2"));
+        assert!(!format!("{kafka:?}").contains("hunter2"));
+        let error = kafka.schema_registry_client().unwrap_err();
+        assert!(
+            matches!(error, RegistryError::InvalidCredentials { .. }),
+            "{error}"
+        );
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+
+        kafka.schema_registry_basic_auth = Some(Secret::new("key:hunter2"));
+        assert!(kafka.schema_registry_client().unwrap().is_some());
+        assert!(!format!("{kafka:?}").contains("hunter2"));
     }
 
     #[test]

@@ -200,6 +200,10 @@ pub async fn drain_in_child(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
+    // In the environment rather than on the command line, where `ps` would show it.
+    if let Some(user_info) = &kafka.schema_registry_basic_auth {
+        command.env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", user_info.expose());
+    }
     let started = Instant::now();
     let mut child = command
         .spawn()
@@ -270,6 +274,10 @@ fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
     if let Some(url) = kafka.schema_registry() {
         arguments.push("--schema-registry-url".to_owned());
         arguments.push(url.to_owned());
+    }
+    if let Some(ca) = &kafka.schema_registry_ca_location {
+        arguments.push("--schema-registry-ca-location".to_owned());
+        arguments.push(ca.display().to_string());
     }
     arguments
 }

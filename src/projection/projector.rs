@@ -27,7 +27,7 @@ use super::consumer::{Batch, PendingBatch, PolledRead, Session};
 use super::dlq::{DeadLetterSender, DlqError, partition_ids};
 use super::fact::{FactOutcome, FactReader, Rejection};
 use super::{PartitionOffset, ReportChange, ReportStore, compact_changes, metrics};
-use crate::codec::{RegistryClient, RegistryError};
+use crate::codec::RegistryError;
 use crate::config::KafkaConfig;
 use crate::kafka::{KafkaSetupError, provision_topics};
 use crate::shutdown::Shutdown;
@@ -211,10 +211,7 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
         &topics.specs(kafka.partitions, kafka.replication_factor),
     )
     .await?;
-    let registry = kafka
-        .schema_registry()
-        .map(RegistryClient::new)
-        .transpose()?;
+    let registry = kafka.schema_registry_client()?;
     Ok(Projector {
         store,
         kafka: kafka.clone(),

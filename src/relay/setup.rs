@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::record::RecordMapper;
 use super::{DeliveryMode, KafkaPublisher, Relay, RelayConfig};
 use crate::codec::wire::WireFormat;
-use crate::codec::{AvroCodec, RegistryClient, RegistryError};
+use crate::codec::{AvroCodec, RegistryError};
 use crate::config::{KafkaConfig, RelaySettings};
 use crate::kafka::{KafkaSetupError, provision_topics};
 use crate::store::Outbox;
@@ -62,13 +62,13 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
 
 /// Confluent framing with registered ids when a registry is configured, else single-object.
 pub async fn wire_format(kafka: &KafkaConfig) -> Result<WireFormat, RelaySetupError> {
-    let Some(url) = kafka.schema_registry().map(str::to_owned) else {
+    let Some(registry) = kafka.schema_registry_client()? else {
         return Ok(WireFormat::SingleObject);
     };
     let topics = kafka.topics();
     // The registry client is blocking; registration happens once, at start.
     let schemas = tokio::task::spawn_blocking(move || {
-        RegistryClient::new(&url)?.register_all(&AvroCodec::new(), &topics.book, &topics.book_fact)
+        registry.register_all(&AvroCodec::new(), &topics.book, &topics.book_fact)
     })
     .await
     .expect("schema registration panicked")?;
