@@ -125,7 +125,8 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
         }
     }
 
-    /// The events of a stream, decoded.
+    /// The events of a stream, decoded; an event written with another schema than the codec's
+    /// is an error rather than misread.
     pub async fn read_stream(
         &self,
         stream: &str,
@@ -134,9 +135,7 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
         events
             .into_iter()
             .map(|event| {
-                let payload = self
-                    .codec
-                    .decode(&event.metadata.event_type, &event.payload)?;
+                let payload = self.codec.decode_saved(&event)?;
                 Ok((event, payload))
             })
             .collect()

@@ -12,12 +12,12 @@ use std::future::Future;
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use bookstore::codec::AvroCodec;
+use bookstore::codec::{AvroCodec, CodecError};
 use bookstore::domain::{
     AddBook, BookAdded, BookCommand, BookEvent, BookFactEvent, BookId, BookPriceUpdated,
     EventPayload, Price, StoredEvent, delta_stream, fact_stream,
 };
-use bookstore::service::{BookService, CommandContext};
+use bookstore::service::{BookService, CommandContext, ServiceError};
 use bookstore::store::{
     AnyStore, EventStore, OUTBOX_CHANNEL, Outbox, PostgresStore, SqliteStore, StoreError,
 };
@@ -37,8 +37,9 @@ trait Backdoor: Outbox {
     /// Makes the events at `positions` look committed in 2020.
     fn backdate_events(&self, positions: RangeInclusive<u64>) -> impl Future<Output = ()>;
 
-    /// Makes every event look saved by a version that did not record schema fingerprints.
-    fn forget_schema_fingerprints(&self) -> impl Future<Output = ()>;
+    /// Makes every event look written with the schema of `fingerprint`, or, with `None`, saved
+    /// by a version that did not record fingerprints.
+    fn set_schema_fingerprints(&self, fingerprint: Option<u64>) -> impl Future<Output = ()>;
 }
 
 impl Backdoor for SqliteStore {
@@ -66,11 +67,12 @@ impl Backdoor for SqliteStore {
         .expect("backdate events");
     }
 
-    async fn forget_schema_fingerprints(&self) {
-        sqlx::query("UPDATE events SET schema_fingerprint = NULL")
+    async fn set_schema_fingerprints(&self, fingerprint: Option<u64>) {
+        sqlx::query("UPDATE events SET schema_fingerprint = ?1")
+            .bind(fingerprint.map(u64::cast_signed))
             .execute(self.pool())
             .await
-            .expect("forget the fingerprints");
+            .expect("set the fingerprints");
     }
 }
 
@@ -104,11 +106,12 @@ impl Backdoor for PostgresStore {
         .expect("backdate events");
     }
 
-    async fn forget_schema_fingerprints(&self) {
-        sqlx::query("UPDATE events SET schema_fingerprint = NULL")
+    async fn set_schema_fingerprints(&self, fingerprint: Option<u64>) {
+        sqlx::query("UPDATE events SET schema_fingerprint = $1")
+            .bind(fingerprint.map(u64::cast_signed))
             .execute(self.pool())
             .await
-            .expect("forget the fingerprints");
+            .expect("set the fingerprints");
     }
 }
 
@@ -145,6 +148,7 @@ store_suite!(
     positions_are_gapless_and_increase_across_saves,
     read_after_pages_through_all_events_in_order,
     events_keep_the_fingerprint_of_the_schema_that_wrote_them,
+    the_service_reads_no_event_written_with_another_schema,
     failed_save_rolls_back_completely_and_gives_its_positions_back,
     change_the_database_refuses_is_rejected_and_writes_nothing,
     corrupt_row_is_reported_as_corrupt,
@@ -393,7 +397,7 @@ async fn events_keep_the_fingerprint_of_the_schema_that_wrote_them<S: Backdoor>(
     );
 
     // Saved by a version that did not record them: read back as unknown, all else unchanged.
-    store.forget_schema_fingerprints().await;
+    store.set_schema_fingerprints(None).await;
     let without: Vec<StoredEvent> = saved
         .into_iter()
         .map(|event| StoredEvent {
@@ -409,6 +413,36 @@ async fn events_keep_the_fingerprint_of_the_schema_that_wrote_them<S: Backdoor>(
             .unwrap(),
         [without[0].clone(), without[2].clone()]
     );
+}
+
+async fn the_service_reads_no_event_written_with_another_schema<S: Backdoor>(store: S) {
+    let service = BookService::new(store, AvroCodec::new());
+    let book_id = BookId::generate();
+    service
+        .execute(add_gatsby(book_id), CommandContext::default())
+        .await
+        .unwrap();
+    let stream = delta_stream(book_id);
+    let read = service.read_stream(&stream).await.unwrap();
+
+    // Saved before fingerprints were recorded: written with this version's schemas.
+    service.store().set_schema_fingerprints(None).await;
+    let legacy = service.read_stream(&stream).await.unwrap();
+    assert_eq!(legacy[0].1, read[0].1);
+
+    let older: u64 = 0x0123_4567_89ab_cdef;
+    service.store().set_schema_fingerprints(Some(older)).await;
+    match service.read_stream(&stream).await {
+        Err(ServiceError::Codec(CodecError::WrittenWithAnotherSchema {
+            event_type,
+            written,
+            ..
+        })) => {
+            assert_eq!(event_type, "BookAdded");
+            assert_eq!(written, older);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }
 
 async fn failed_save_rolls_back_completely_and_gives_its_positions_back<S: Backdoor>(store: S) {

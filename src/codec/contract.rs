@@ -7,6 +7,7 @@ use apache_avro::Schema;
 use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::writer::datum::GenericDatumWriter;
 
+use super::CodecError;
 use super::fingerprint::{crc64_avro, parsing_canonical_form};
 use crate::domain::{BookAdded, BookDetailsUpdated, BookFactEvent, BookPriceUpdated, BookRemoved};
 
@@ -53,6 +54,25 @@ pub fn writer_fingerprint(event_type: &str, recorded: Option<u64>) -> Option<u64
             .find(|(known, _)| *known == event_type)
             .map(|(_, fingerprint)| *fingerprint)
     })
+}
+
+/// Refuses a saved datum whose writer schema (`recorded`, or for an event saved before it was
+/// recorded, its type's entry in `UNRECORDED_SCHEMA_FINGERPRINTS`) is not `current`, the
+/// schema this version reads and sends `event_type` with. An Avro datum is only readable with
+/// the schema that wrote it: read, or sent labelled, with another, consumers misread its bytes.
+pub fn check_written_with(
+    event_type: &str,
+    recorded: Option<u64>,
+    current: u64,
+) -> Result<(), CodecError> {
+    match writer_fingerprint(event_type, recorded) {
+        Some(written) if written != current => Err(CodecError::WrittenWithAnotherSchema {
+            event_type: event_type.to_owned(),
+            written,
+            current,
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The contract of one event type: its record schema and how it is identified on the wire.

@@ -28,7 +28,7 @@ pub mod writer_schema;
 
 use thiserror::Error;
 
-use crate::domain::EventPayload;
+use crate::domain::{EventPayload, StoredEvent};
 
 pub use avro::AvroCodec;
 pub use contract::{Contract, EVENT_TYPES, NAMESPACE};
@@ -48,6 +48,15 @@ pub trait EventCodec: Send + Sync {
 
     /// Reads a datum written under the record schema named `event_type`.
     fn decode(&self, event_type: &str, datum: &[u8]) -> Result<EventPayload, CodecError>;
+
+    /// Reads a saved event's datum, refusing one written with another schema than this
+    /// codec's (see [`contract::check_written_with`]).
+    fn decode_saved(&self, event: &StoredEvent) -> Result<EventPayload, CodecError> {
+        let event_type = &event.metadata.event_type;
+        let current = self.schema_fingerprint(event_type)?;
+        contract::check_written_with(event_type, event.schema_fingerprint, current)?;
+        self.decode(event_type, &event.payload)
+    }
 }
 
 #[derive(Debug, Error)]
@@ -73,9 +82,10 @@ pub enum CodecError {
     /// type under: a schema changed while events written with the old one were unpublished.
     #[error(
         "the {event_type} datum was written with the schema of fingerprint {written:#018x}, but \
-         this version sends {event_type} under the schema {current:#018x}: it would go out \
-         labelled with a schema that did not write it. Publish it with the version that saved \
-         it (see docs/contracts.md, \"Changing a schema\")"
+         this version reads and sends {event_type} with the schema {current:#018x}; read or \
+         labelled with a schema that did not write it, its bytes are misread. Only the version \
+         that saved it reads and publishes it correctly (see docs/contracts.md, \"Changing a \
+         schema\")"
     )]
     WrittenWithAnotherSchema {
         event_type: String,

@@ -84,25 +84,18 @@ impl RecordMapper {
 }
 
 /// Refuses a datum written with another schema than the one its frame will name (the wire
-/// framings label a datum with this version's schema of its type). A datum is only readable
-/// with the schema that wrote it, so sending it under another would hand consumers bytes they
-/// misread. Unknown event types are left to the framing, which refuses them too.
+/// framings label a datum with this version's schema of its type). Unknown event types are
+/// left to the framing, which refuses them too.
 fn check_writer_schema(event: &StoredEvent) -> Result<(), CodecError> {
     let event_type = &event.metadata.event_type;
-    let (Some(contract), Some(written)) = (
-        contract::contract(event_type),
-        contract::writer_fingerprint(event_type, event.schema_fingerprint),
-    ) else {
-        return Ok(());
-    };
-    if written == contract.fingerprint() {
-        return Ok(());
+    match contract::contract(event_type) {
+        Some(contract) => contract::check_written_with(
+            event_type,
+            event.schema_fingerprint,
+            contract.fingerprint(),
+        ),
+        None => Ok(()),
     }
-    Err(CodecError::WrittenWithAnotherSchema {
-        event_type: event_type.clone(),
-        written,
-        current: contract.fingerprint(),
-    })
 }
 
 /// What a record holds: the event, or the tombstone that follows a removed book's fact.
