@@ -138,14 +138,23 @@ impl KafkaConfig {
     /// at once (`linger.ms=0`): the relay hands over whole batches and then waits for their
     /// acknowledgements, so lingering would only add its delay to every batch. Passthrough
     /// options still override all of it.
+    ///
+    /// A record not acknowledged within twice the request timeout fails its batch, and the
+    /// relay replaces the producer and sends again from the last confirmed position. Exactly-once
+    /// gets that bound from its transaction timeout (librdkafka lowers `message.timeout.ms` to
+    /// it); at-least-once sets it here. Why not librdkafka's 300 s: a producer can stall after a
+    /// broker restart without failing anything (known librdkafka behaviour, e.g. issues #1913,
+    /// #4976), and the fault suite saw an at-least-once relay publish nothing for over 90 s
+    /// after an outage the broker had come back from.
     pub fn relay_producer_config(&self, transactional_id: Option<&str>) -> ClientConfig {
         let mut config = self.idempotent_settings(Duration::ZERO);
-        if let Some(id) = transactional_id {
-            config.set("transactional.id", id).set(
-                "transaction.timeout.ms",
-                (self.request_timeout().as_millis() * 2).to_string(),
-            );
-        }
+        let acknowledgement_timeout = (self.request_timeout().as_millis() * 2).to_string();
+        match transactional_id {
+            Some(id) => config
+                .set("transactional.id", id)
+                .set("transaction.timeout.ms", acknowledgement_timeout),
+            None => config.set("message.timeout.ms", acknowledgement_timeout),
+        };
         self.with_client_options(config)
     }
 
@@ -301,4 +310,29 @@ pub async fn commit_transaction(
     tokio::task::spawn_blocking(move || committer.commit_transaction(timeout))
         .await
         .unwrap_or(Err(KafkaError::Canceled))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_relay_record_unacknowledged_for_twice_the_request_timeout_fails_in_both_modes() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9092");
+        kafka.request_timeout_ms = 10_000;
+        let at_least_once = kafka.relay_producer_config(None);
+        assert_eq!(at_least_once.get("message.timeout.ms"), Some("20000"));
+        assert_eq!(at_least_once.get("transactional.id"), None);
+        // librdkafka lowers the message timeout of a transactional producer to this.
+        let exactly_once = kafka.relay_producer_config(Some("relay"));
+        assert_eq!(exactly_once.get("transaction.timeout.ms"), Some("20000"));
+        assert_eq!(exactly_once.get("message.timeout.ms"), None);
+        // Passthrough options still have the last word.
+        kafka.client_options = vec![crate::config::ClientOptions(vec![(
+            "message.timeout.ms".to_owned(),
+            "90000".to_owned(),
+        )])];
+        let overridden = kafka.relay_producer_config(None);
+        assert_eq!(overridden.get("message.timeout.ms"), Some("90000"));
+    }
 }

@@ -2,8 +2,8 @@
 //! publishing rather than between its batches.
 //!
 //! Why beside: a batch can wait on Kafka for minutes (a broker outage holds its
-//! acknowledgements up to `message.timeout.ms`, 300 s by default, and a restart retries until
-//! the broker answers). Renewed only between batches, the lease then expired, a standby took it
+//! acknowledgements up to twice the request timeout, see `KafkaConfig::relay_producer_config`,
+//! and a restart retries until the broker answers). Renewed only between batches, the lease then expired, a standby took it
 //! and started sending from the store's recorded position, and when the broker came back the old
 //! instance's queued records went out too. In exactly-once mode the successor's
 //! `init_transactions` fences them; in at-least-once mode nothing does, so one book's events

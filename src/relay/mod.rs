@@ -75,7 +75,8 @@ pub struct RelayConfig {
     pub lease_ttl: Duration,
     /// After shutdown is requested, how long batches in flight get to be confirmed before they
     /// are abandoned (and sent again after a restart). Default 10 s: a broker outage would
-    /// otherwise hold a stop for up to the message timeout (300 s).
+    /// otherwise hold a stop for up to the acknowledgement timeout (twice the request timeout, 60 s
+    /// by default).
     pub shutdown_grace: Duration,
     /// Published events older than this are deleted from the outbox.
     pub retention: Duration,
