@@ -296,9 +296,30 @@ pub enum ConfigError {
 }
 
 /// The librdkafka properties of one `--kafka-option` (or of `BOOKSTORE_KAFKA_OPTIONS`), in
-/// the order given.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// the order given. Its `Debug` hides the values of secret properties (see [`is_secret`]).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct ClientOptions(pub Vec<(String, String)>);
+
+/// Whether a librdkafka property holds a secret: passwords, client secrets, private keys and
+/// the OAUTHBEARER configuration (which may carry credentials).
+fn is_secret(key: &str) -> bool {
+    key.contains("password")
+        || key.contains("secret")
+        || key == "ssl.key.pem"
+        || key == "sasl.oauthbearer.config"
+}
+
+impl std::fmt::Debug for ClientOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = self.0.iter().map(|(key, value)| {
+            let value = if is_secret(key) { "<redacted>" } else { value };
+            (key, value)
+        });
+        f.debug_tuple("ClientOptions")
+            .field(&shown.collect::<Vec<_>>())
+            .finish()
+    }
+}
 
 impl ClientOptions {
     /// The options as one `--kafka-option` value that parses back to them.
@@ -503,6 +524,34 @@ mod tests {
         kafka.schema_registry_basic_auth = Some(Secret::new("key:hunter2"));
         assert!(kafka.schema_registry_client().unwrap().is_some());
         assert!(!format!("{kafka:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn secret_client_options_are_hidden_from_debug_output() {
+        let mut kafka = KafkaConfig::new("localhost:9092");
+        kafka.client_options = vec![
+            parse_client_options(
+                "security.protocol=SASL_SSL,sasl.username=bookstore,sasl.password=hunter2",
+            )
+            .unwrap(),
+            parse_client_options(
+                "ssl.key.password=hunter3,sasl.oauthbearer.client.secret=hunter4,\
+                 sasl.oauthbearer.config=scope=a clientSecret=hunter5,ssl.key.pem=hunter6",
+            )
+            .unwrap(),
+        ];
+        let shown = format!("{kafka:?}");
+        for secret in ["hunter2", "hunter3", "hunter4", "hunter5", "hunter6"] {
+            assert!(!shown.contains(secret), "{secret} in {shown}");
+        }
+        assert!(
+            shown.contains("\"sasl.username\", \"bookstore\""),
+            "{shown}"
+        );
+        assert!(
+            shown.contains("\"security.protocol\", \"SASL_SSL\""),
+            "{shown}"
+        );
     }
 
     #[test]
