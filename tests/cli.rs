@@ -123,6 +123,10 @@ fn book_lifecycle_through_the_command_line(cli: &Cli) {
         assert_eq!(fact["version"], index as u64 + 1);
         assert!(fact["position"].as_u64().unwrap() > 0);
         assert!(uuid::Uuid::parse_str(fact["event_id"].as_str().unwrap()).is_ok());
+        let fingerprint = bookstore::codec::contract::contract("BookFactEvent")
+            .unwrap()
+            .fingerprint();
+        assert_eq!(fact["schema_fingerprint"], format!("{fingerprint:016x}"));
     }
     assert_eq!(facts[0]["data"]["price"], "12.99");
     assert_eq!(facts[1]["data"]["price"], "15.99");

@@ -19,6 +19,8 @@ pub async fn run(config: &StoreConfig, args: EventsArgs) -> Result<()> {
                 "occurred_at": metadata.occurred_at,
                 "correlation_id": metadata.correlation_id,
                 "causation_id": metadata.causation_id,
+                // The CRC-64-AVRO fingerprint as a hex number (frames hold it little-endian).
+                "schema_fingerprint": event.schema_fingerprint.map(|f| format!("{f:016x}")),
                 "data": payload,
             });
             println!("{line}");
