@@ -296,7 +296,8 @@ pub enum ConfigError {
 }
 
 /// The librdkafka properties of one `--kafka-option` (or of `BOOKSTORE_KAFKA_OPTIONS`), in
-/// the order given. Its `Debug` hides the values of secret properties (passwords, client secrets, private keys, the OAUTHBEARER configuration).
+/// the order given. Its `Debug` hides the values of secret properties: passwords, client
+/// secrets, private keys and the OAUTHBEARER configuration.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct ClientOptions(pub Vec<(String, String)>);
 
