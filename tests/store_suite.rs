@@ -416,12 +416,7 @@ async fn events_keep_the_fingerprint_of_the_schema_that_wrote_them<S: Backdoor>(
 }
 
 async fn the_service_reads_no_event_written_with_another_schema<S: Backdoor>(store: S) {
-    let service = BookService::new(store, AvroCodec::new());
-    let book_id = BookId::generate();
-    service
-        .execute(add_gatsby(book_id), CommandContext::default())
-        .await
-        .unwrap();
+    let (service, book_id) = service_with_gatsby(store).await;
     let stream = delta_stream(book_id);
     let read = service.read_stream(&stream).await.unwrap();
 
@@ -501,6 +496,17 @@ fn price(text: &str) -> Price {
     text.parse().unwrap()
 }
 
+/// A service over `store` in which the book it returns was just added (`add_gatsby`).
+async fn service_with_gatsby<S: EventStore>(store: S) -> (BookService<S, AvroCodec>, BookId) {
+    let service = BookService::new(store, AvroCodec::new());
+    let book_id = BookId::generate();
+    service
+        .execute(add_gatsby(book_id), CommandContext::default())
+        .await
+        .unwrap();
+    (service, book_id)
+}
+
 fn add_gatsby(book_id: BookId) -> BookCommand {
     BookCommand::Add(AddBook {
         book_id,
@@ -513,13 +519,8 @@ fn add_gatsby(book_id: BookId) -> BookCommand {
 }
 
 async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Backdoor>(store: S) {
-    let service = BookService::new(store, AvroCodec::new());
-    let book_id = BookId::generate();
+    let (service, book_id) = service_with_gatsby(store).await;
     let context = CommandContext::default;
-    service
-        .execute(add_gatsby(book_id), context())
-        .await
-        .unwrap();
     let update = BookCommand::UpdatePrice {
         book_id,
         price: price("15.99"),
@@ -575,12 +576,7 @@ async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Back
 }
 
 async fn command_that_changes_nothing_writes_no_events<S: Backdoor>(store: S) {
-    let service = BookService::new(store, AvroCodec::new());
-    let book_id = BookId::generate();
-    service
-        .execute(add_gatsby(book_id), CommandContext::default())
-        .await
-        .unwrap();
+    let (service, book_id) = service_with_gatsby(store).await;
     let same_price = BookCommand::UpdatePrice {
         book_id,
         price: price("12.99"),

@@ -268,6 +268,38 @@ pub(crate) fn fingerprint_of_column(column: i64) -> u64 {
     column.cast_unsigned()
 }
 
+/// The start of the multi-row INSERT every save writes its events with (see [`EventColumns`]).
+pub(crate) const INSERT_EVENTS: &str =
+    "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
+                         occurred_at, correlation_id, causation_id, traceparent, payload,
+                         schema_fingerprint) ";
+
+/// One event's values in the form both databases store the numbers in (signed BIGINTs); the
+/// identifiers and times are bound per database.
+pub(crate) struct EventColumns<'a> {
+    pub position: i64,
+    pub version: i64,
+    pub metadata: &'a crate::domain::EventMetadata,
+    pub payload: &'a [u8],
+    pub schema_fingerprint: Option<i64>,
+}
+
+/// The columns of every event of a save, in order; fails on a number BIGINT cannot hold.
+pub(crate) fn event_columns(events: &[StoredEvent]) -> Result<Vec<EventColumns<'_>>, StoreError> {
+    events
+        .iter()
+        .map(|event| {
+            Ok(EventColumns {
+                position: to_i64(event.position, "position")?,
+                version: to_i64(event.metadata.aggregate_version, "stream version")?,
+                metadata: &event.metadata,
+                payload: &event.payload,
+                schema_fingerprint: event.schema_fingerprint.map(fingerprint_column),
+            })
+        })
+        .collect()
+}
+
 /// Gives `events` the positions `last - n + 1 ..= last`, in order: what a save that reserved
 /// up to `last` in `outbox_head` writes.
 ///

@@ -29,8 +29,8 @@ use uuid::fmt::Hyphenated;
 
 use super::sqlite_reader::OutboxReader;
 use super::{
-    BookChange, EventStore, PRUNE_CHUNK, StoreError, fingerprint_column, fingerprint_of_column,
-    to_i64, to_u64, with_positions,
+    BookChange, EventStore, INSERT_EVENTS, PRUNE_CHUNK, StoreError, event_columns,
+    fingerprint_of_column, to_i64, to_u64, with_positions,
 };
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
@@ -313,43 +313,22 @@ async fn insert_events(
     conn: &mut SqliteConnection,
     events: &[StoredEvent],
 ) -> Result<(), StoreError> {
-    let rows = events
-        .iter()
-        .map(|event| {
-            let position = to_i64(event.position, "position")?;
-            let version = to_i64(event.metadata.aggregate_version, "stream version")?;
-            let fingerprint = event.schema_fingerprint.map(fingerprint_column);
-            Ok((
-                position,
-                version,
-                &event.metadata,
-                event.payload.as_slice(),
-                fingerprint,
-            ))
-        })
-        .collect::<Result<Vec<_>, StoreError>>()?;
-    let mut insert = QueryBuilder::<Sqlite>::new(
-        "INSERT INTO events (position, event_id, event_type, stream, stream_version, aggregate_id,
-                             occurred_at, correlation_id, causation_id, traceparent, payload,
-                             schema_fingerprint) ",
-    );
-    insert.push_values(
-        rows,
-        |mut row, (position, version, meta, payload, fingerprint)| {
-            row.push_bind(position)
-                .push_bind(meta.event_id.hyphenated())
-                .push_bind(meta.event_type.as_str())
-                .push_bind(meta.stream.as_str())
-                .push_bind(version)
-                .push_bind(meta.aggregate_id.as_uuid().hyphenated())
-                .push_bind(meta.occurred_at)
-                .push_bind(meta.correlation_id.hyphenated())
-                .push_bind(meta.causation_id.hyphenated())
-                .push_bind(meta.traceparent.as_deref())
-                .push_bind(payload)
-                .push_bind(fingerprint);
-        },
-    );
+    let mut insert = QueryBuilder::<Sqlite>::new(INSERT_EVENTS);
+    insert.push_values(event_columns(events)?, |mut row, columns| {
+        let meta = columns.metadata;
+        row.push_bind(columns.position)
+            .push_bind(meta.event_id.hyphenated())
+            .push_bind(meta.event_type.as_str())
+            .push_bind(meta.stream.as_str())
+            .push_bind(columns.version)
+            .push_bind(meta.aggregate_id.as_uuid().hyphenated())
+            .push_bind(meta.occurred_at)
+            .push_bind(meta.correlation_id.hyphenated())
+            .push_bind(meta.causation_id.hyphenated())
+            .push_bind(meta.traceparent.as_deref())
+            .push_bind(columns.payload)
+            .push_bind(columns.schema_fingerprint);
+    });
     insert.build().execute(conn).await?;
     Ok(())
 }
