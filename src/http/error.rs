@@ -105,7 +105,8 @@ impl From<StoreError> for ApiError {
             | StoreError::Contention(_)
             | StoreError::Sqlite { .. }
             | StoreError::Cancelled
-            | StoreError::Timeout(_) => StatusCode::SERVICE_UNAVAILABLE,
+            | StoreError::Timeout(_)
+            | StoreError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_) | StoreError::Migration(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }

@@ -103,6 +103,16 @@ pub enum StoreError {
     /// A request the caller gave a deadline did not complete by then.
     #[error("the database did not answer within {0:?}")]
     Timeout(std::time::Duration),
+    /// No connection could be opened at start: the server refused (it may still be starting,
+    /// so connecting is retried until the pool's acquire timeout) or did not answer.
+    #[error(
+        "PostgreSQL at {address} accepted no connection within {waited:?}: it refused or did \
+         not answer; is it running and reachable?"
+    )]
+    Unreachable {
+        address: String,
+        waited: std::time::Duration,
+    },
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
 }

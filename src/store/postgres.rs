@@ -43,6 +43,10 @@ use super::{
 };
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
+/// How long connecting at start waits for a server that refuses connections (sqlx's default
+/// acquire timeout, stated because the error names it).
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The store in a PostgreSQL database (in the schema first on the connection's `search_path`).
 #[derive(Debug, Clone)]
 pub struct PostgresStore {
@@ -61,10 +65,29 @@ impl PostgresStore {
     /// their own: `options.options([("search_path", "my_schema")])`. Sessions where nothing
     /// sets `idle_in_transaction_session_timeout` get 60 s (see the module doc).
     pub async fn connect_with_options(options: PgConnectOptions) -> Result<Self, StoreError> {
+        Self::connect_within(options, CONNECT_TIMEOUT).await
+    }
+
+    /// Connects, retrying a refused connection for up to `timeout` (a server still starting),
+    /// then fails naming the server: sqlx's own error for that case says only that its pool
+    /// timed out.
+    async fn connect_within(
+        options: PgConnectOptions,
+        timeout: std::time::Duration,
+    ) -> Result<Self, StoreError> {
+        let address = format!("{}:{}", options.get_host(), options.get_port());
         let pool = PgPoolOptions::new()
+            .acquire_timeout(timeout)
             .after_connect(|conn, _| Box::pin(limit_idle_in_transaction(conn)))
             .connect_with(options)
-            .await?;
+            .await
+            .map_err(|error| match error {
+                sqlx::Error::PoolTimedOut => StoreError::Unreachable {
+                    address,
+                    waited: timeout,
+                },
+                other => StoreError::Database(other),
+            })?;
         Self::with_pool(pool).await
     }
 
@@ -444,4 +467,27 @@ fn read_failed(error: sqlx::Error) -> StoreError {
 
 fn missing_head() -> StoreError {
     StoreError::Corrupt("outbox_head has no row".to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_server_that_refuses_connections_is_named_in_the_error() {
+        // Port 1 on loopback: nothing listens, so every attempt is refused at once.
+        let options = PgConnectOptions::from_str("postgres://u:hunter2@127.0.0.1:1/x").unwrap();
+        let started = Instant::now();
+        let error = PostgresStore::connect_within(options, Duration::from_millis(500))
+            .await
+            .unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let message = error.to_string();
+        assert!(matches!(error, StoreError::Unreachable { .. }), "{message}");
+        assert!(message.contains("127.0.0.1:1"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+    }
 }
