@@ -23,9 +23,25 @@ pub struct StoreConfig {
         long = "database-url",
         env = "BOOKSTORE_DATABASE_URL",
         default_value = "sqlite:bookstore.db",
+        hide_env_values = true,
         global = true
     )]
     pub database_url: String,
+}
+
+impl StoreConfig {
+    /// The database URL as it may be shown in errors and logs: a password in it replaced by
+    /// `***`. A value that is no URL (a plain SQLite file path) holds no password.
+    pub fn redacted_url(&self) -> String {
+        match url::Url::parse(&self.database_url) {
+            Ok(mut parsed) if parsed.password().is_some() => {
+                // Only fails for URLs that cannot have a password, and this one has one.
+                let _ = parsed.set_password(Some("***"));
+                parsed.to_string()
+            }
+            _ => self.database_url.clone(),
+        }
+    }
 }
 
 /// How to reach Kafka and how the topics are laid out.
@@ -48,7 +64,8 @@ pub struct KafkaConfig {
     #[arg(
         long = "kafka-option",
         env = "BOOKSTORE_KAFKA_OPTIONS",
-        value_parser = parse_client_options,
+        value_parser = ClientOptionsParser,
+        hide_env_values = true,
         global = true
     )]
     pub client_options: Vec<ClientOptions>,
@@ -289,8 +306,12 @@ impl Default for RelaySettings {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
-    #[error("expected key=value, got {0:?}")]
-    NotKeyValue(String),
+    /// Which piece, not its text: a piece of librdkafka options may be (part of) a password.
+    #[error(
+        "expected key=value, comma separated, but piece {piece} has no key (the value is not \
+         shown: it may hold a secret)"
+    )]
+    NotKeyValue { piece: usize },
     #[error("unknown environment variable(s) {0} (known: {1})")]
     UnknownVariables(String, String),
 }
@@ -354,7 +375,8 @@ fn parse_client_options(text: &str) -> Result<ClientOptions, ConfigError> {
     }
     pieces.push(piece);
     let mut options: Vec<(String, String)> = Vec::new();
-    for piece in pieces.into_iter().filter(|piece| !piece.trim().is_empty()) {
+    let pieces = pieces.into_iter().filter(|piece| !piece.trim().is_empty());
+    for (number, piece) in (1..).zip(pieces) {
         match (piece.split_once('='), options.last_mut()) {
             (Some((key, value)), _) if !key.trim().is_empty() => {
                 options.push((key.trim().to_owned(), value.trim().to_owned()));
@@ -363,10 +385,40 @@ fn parse_client_options(text: &str) -> Result<ClientOptions, ConfigError> {
                 value.push(',');
                 value.push_str(piece.trim());
             }
-            _ => return Err(ConfigError::NotKeyValue(piece)),
+            _ => return Err(ConfigError::NotKeyValue { piece: number }),
         }
     }
     Ok(ClientOptions(options))
+}
+
+/// clap's parser for `--kafka-option`: [`parse_client_options`], with an error that does not
+/// quote the value. A plain function as value parser would have clap print the whole raw value
+/// beside the error, and librdkafka options carry `sasl.password` and the like.
+#[derive(Clone, Copy)]
+struct ClientOptionsParser;
+
+impl clap::builder::TypedValueParser for ClientOptionsParser {
+    type Value = ClientOptions;
+
+    fn parse_ref(
+        &self,
+        command: &clap::Command,
+        argument: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<ClientOptions, clap::Error> {
+        let refuse = |reason: String| {
+            let name = argument.map_or_else(|| "--kafka-option".to_owned(), ToString::to_string);
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid value for '{name}': {reason}\n"),
+            )
+            .with_cmd(command)
+        };
+        let text = value
+            .to_str()
+            .ok_or_else(|| refuse("the value is not UTF-8".to_owned()))?;
+        parse_client_options(text).map_err(|error| refuse(error.to_string()))
+    }
 }
 
 /// Fails on the `BOOKSTORE_*` variables in `environment` that are not in `known`, naming
@@ -440,6 +492,56 @@ mod tests {
         );
         assert_eq!(options(""), pairs(&[]));
         assert_eq!(options("linger.ms=1,"), pairs(&[("linger.ms", "1")]));
+    }
+
+    #[test]
+    fn a_database_password_is_redacted_for_display() {
+        let shown = |url: &str| {
+            StoreConfig {
+                database_url: url.to_owned(),
+            }
+            .redacted_url()
+        };
+        assert_eq!(
+            shown("postgres://bookstore:hunter2@db:5432/bookstore"),
+            "postgres://bookstore:***@db:5432/bookstore"
+        );
+        assert_eq!(
+            shown("postgres://bookstore@db/bookstore"),
+            "postgres://bookstore@db/bookstore"
+        );
+        assert_eq!(shown("sqlite:bookstore.db"), "sqlite:bookstore.db");
+        assert_eq!(shown("data/bookstore.db"), "data/bookstore.db");
+    }
+
+    #[derive(Debug, clap::Parser)]
+    struct KafkaCommand {
+        #[command(flatten)]
+        kafka: KafkaConfig,
+    }
+
+    #[test]
+    fn a_malformed_kafka_option_is_refused_without_its_value() {
+        use clap::Parser;
+        let refused =
+            KafkaCommand::try_parse_from(["kafka", "--kafka-option", "sasl.username=me,=hunter2"])
+                .unwrap_err();
+        let message = refused.to_string();
+        assert_eq!(
+            refused.kind(),
+            clap::error::ErrorKind::ValueValidation,
+            "{message}"
+        );
+        assert!(message.contains("--kafka-option"), "{message}");
+        assert!(message.contains("piece 2 has no key"), "{message}");
+        assert!(!message.contains("hunter2"), "{message}");
+        assert!(!message.contains("sasl.username"), "{message}");
+
+        let parsed = KafkaCommand::try_parse_from(["kafka", "--kafka-option", "linger.ms=1"]);
+        assert_eq!(
+            parsed.unwrap().kafka.client_options,
+            vec![ClientOptions(pairs(&[("linger.ms", "1")]))]
+        );
     }
 
     #[test]

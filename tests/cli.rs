@@ -297,10 +297,34 @@ fn kafka_options_keep_commas_inside_values() {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let rejected = cli.run(&["kafka", "check", "--kafka-option", "linger.ms"]);
+    let rejected = cli.run(&["kafka", "check", "--kafka-option", "sasl.password"]);
     assert!(!rejected.status.success());
     let error = String::from_utf8_lossy(&rejected.stderr);
     assert!(error.contains("expected key=value"), "{error}");
+    assert!(
+        !error.contains("sasl.password"),
+        "the value is echoed: {error}"
+    );
+}
+
+/// A database URL holds the password: errors name the store without it, and `--help` does not
+/// show the value of the variable.
+#[test]
+fn the_database_password_is_never_shown() {
+    let cli = Cli {
+        database_url: "postgres://bookstore:hunter2@127.0.0.1:1/x?sslmode=bogus".into(),
+        topic_prefix: common::unique("cli"),
+        _dir: None,
+    };
+    let error = cli.fails(&["books", "list"]);
+    assert!(
+        error.contains("opening the store postgres://bookstore:***@127.0.0.1:1/x"),
+        "{error}"
+    );
+    assert!(!error.contains("hunter2"), "{error}");
+    let help = cli.ok(&["books", "--help"]);
+    assert!(help.contains("BOOKSTORE_DATABASE_URL"), "{help}");
+    assert!(!help.contains("hunter2"), "{help}");
 }
 
 #[test]

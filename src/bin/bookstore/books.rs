@@ -9,9 +9,7 @@ use bookstore::service::{BookService, CommandContext};
 use bookstore::store::{AnyStore, EventStore};
 
 pub async fn open(config: &StoreConfig) -> Result<BookService<AnyStore, AvroCodec>> {
-    let store = AnyStore::connect(&config.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", config.database_url))?;
+    let store = crate::open_store(config).await?;
     Ok(BookService::new(store, AvroCodec::new()))
 }
 

@@ -1,17 +1,14 @@
 //! `bookstore demo`: the seed scenario end to end, every stage checked; exit 0 only if all pass.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bookstore::cli::DemoArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::demo::run_scenario;
 use bookstore::projection::default_group;
 use bookstore::shutdown::ShutdownTrigger;
-use bookstore::store::AnyStore;
 
 pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: DemoArgs) -> Result<()> {
-    let store = AnyStore::connect(&store.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let store = crate::open_store(store).await?;
     let group = args
         .group
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));

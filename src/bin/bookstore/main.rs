@@ -4,6 +4,7 @@
 use std::process::ExitCode;
 
 use bookstore::cli::{Cli, Command};
+use bookstore::store::AnyStore;
 use clap::Parser;
 
 mod bench;
@@ -43,6 +44,14 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Opens the configured store; an error names it without its password.
+async fn open_store(config: &bookstore::config::StoreConfig) -> anyhow::Result<AnyStore> {
+    use anyhow::Context as _;
+    AnyStore::connect(&config.database_url)
+        .await
+        .with_context(|| format!("opening the store {}", config.redacted_url()))
 }
 
 /// A `BOOKSTORE_*` variable nobody reads is most likely a typo of one that matters.

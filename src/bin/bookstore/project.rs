@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bookstore::cli::ProjectArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::projection::metrics::LAG_REFRESH;
@@ -18,9 +18,7 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
     if let Some(addr) = args.metrics_addr {
         bookstore::telemetry::install_metrics(addr)?;
     }
-    let read_model = AnyStore::connect(&store.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let read_model = crate::open_store(store).await?;
     let group = args
         .group
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));

@@ -1,6 +1,6 @@
 //! `bookstore relay`: the outbox relay until Ctrl-C/SIGTERM, or `--once`.
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use bookstore::cli::RelayArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::relay::{RunMode, kafka_relay, metrics};
@@ -11,9 +11,7 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
     if let Some(addr) = args.metrics_addr {
         bookstore::telemetry::install_metrics(addr)?;
     }
-    let outbox = AnyStore::connect(&store.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let outbox = crate::open_store(store).await?;
     if args.metrics_addr.is_some() {
         let relay_id = args
             .settings

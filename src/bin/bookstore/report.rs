@@ -1,15 +1,12 @@
 //! `bookstore report`: the BookReport read model as a table or a JSON array.
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bookstore::cli::ReportArgs;
 use bookstore::config::StoreConfig;
 use bookstore::projection::ReportStore;
-use bookstore::store::AnyStore;
 
 pub async fn run(config: &StoreConfig, args: ReportArgs) -> Result<()> {
-    let store = AnyStore::connect(&config.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", config.database_url))?;
+    let store = crate::open_store(config).await?;
     let rows = store.list_reports().await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

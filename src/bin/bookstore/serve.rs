@@ -5,15 +5,12 @@ use bookstore::cli::ServeArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::http::{self, HttpState};
 use bookstore::shutdown::ShutdownTrigger;
-use bookstore::store::AnyStore;
 use tokio::net::TcpListener;
 use tracing::info;
 
 pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ServeArgs) -> Result<()> {
     let metrics = bookstore::telemetry::prometheus_handle()?;
-    let store = AnyStore::connect(&store.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", store.database_url))?;
+    let store = crate::open_store(store).await?;
     let relay_id = args
         .relay_id
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));

@@ -11,16 +11,13 @@ use bookstore::projection::{ProjectionConfig, ProjectionMode, default_group, kaf
 use bookstore::relay::{RunMode, kafka_relay};
 use bookstore::service::BookService;
 use bookstore::shutdown::ShutdownTrigger;
-use bookstore::store::AnyStore;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
 pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) -> Result<()> {
     let metrics = bookstore::telemetry::prometheus_handle()?;
-    let store = AnyStore::connect(&store_config.database_url)
-        .await
-        .with_context(|| format!("opening the store {}", store_config.database_url))?;
+    let store = crate::open_store(store_config).await?;
     let relay_id = args
         .relay
         .relay_id
