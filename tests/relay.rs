@@ -531,6 +531,58 @@ async fn a_checkpoint_behind_another_producers_open_transaction_is_still_found()
     assert_eq!(starting.await.unwrap().unwrap(), Some(last));
 }
 
+/// A transaction that keeps the checkpoint partition open for the whole wait ends the relay's
+/// start with an error that says what is holding it and where the remedy is (the relay logs it
+/// and tries again), not with a bare timeout.
+#[tokio::test]
+async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transaction() {
+    let fixture = Fixture::new().await;
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    let topics = fixture.kafka.topics();
+    let specs = topics.specs(fixture.kafka.partitions, fixture.kafka.replication_factor);
+    bookstore::kafka::provision_topics(&fixture.kafka, &specs)
+        .await
+        .unwrap();
+    let other: FutureProducer = fixture
+        .kafka
+        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
+        .create()
+        .unwrap();
+    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
+        .await
+        .unwrap()
+        .unwrap();
+    other.begin_transaction().unwrap();
+    other
+        .send(
+            FutureRecord::to(&topics.relay_checkpoint)
+                .key("another-store")
+                .payload("1"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let mut impatient = fixture.kafka.clone();
+    impatient.request_timeout_ms = 2_000;
+    let mut publisher = KafkaPublisher::new(
+        impatient,
+        RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
+        DeliveryMode::ExactlyOnce,
+        relay_id,
+        topics.relay_checkpoint.clone(),
+    );
+    let refused = publisher.start().await.unwrap_err().to_string();
+    let aborter = other.clone();
+    tokio::task::spawn_blocking(move || aborter.abort_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(refused.contains("a transaction has held"), "{refused}");
+    assert!(refused.contains("Hanging transactions"), "{refused}");
+}
+
 async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) {
     let deadline = tokio::time::Instant::now() + READ_TIMEOUT;
     while fixture.store().published_position(relay_id).await.unwrap() < position {

@@ -27,6 +27,20 @@ pub enum CheckpointError {
     Kafka { topic: String, source: KafkaError },
     #[error("reading the relay checkpoint from {topic} did not finish within {timeout:?}")]
     Timeout { topic: String, timeout: Duration },
+    /// A transaction stayed open on the checkpoint partition for the whole wait. One that
+    /// outlives every producer's transaction timeout is hanging, and only an operator ends it.
+    #[error(
+        "a transaction has held {topic} open at offset {last_stable} (its end is \
+         {high_watermark}) for {waited:?}; if that lasts beyond the producers' transaction \
+         timeout it is a hanging transaction, which an operator must abort: see the README, \
+         \"Hanging transactions\""
+    )]
+    OpenTransaction {
+        topic: String,
+        last_stable: i64,
+        high_watermark: i64,
+        waited: Duration,
+    },
     #[error("checkpoint record at offset {offset} of {topic} is not a position: {value:?}")]
     Corrupt {
         topic: String,
@@ -90,15 +104,16 @@ fn wait_for_open_transactions(
         topic: topic.to_owned(),
         source,
     };
-    let deadline = Instant::now() + timeout;
+    let started = Instant::now();
     let (_, high_watermark) = everything
         .fetch_watermarks(topic, 0, timeout)
         .map_err(kafka_error)?;
     let mut announced = false;
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
+        // Each request gets the whole timeout: one given only what is left of the wait would
+        // end it with a bare "timed out" from librdkafka instead of what kept it waiting.
         let (_, last_stable) = committed
-            .fetch_watermarks(topic, 0, left)
+            .fetch_watermarks(topic, 0, timeout)
             .map_err(kafka_error)?;
         if last_stable >= high_watermark {
             return Ok(());
@@ -114,10 +129,12 @@ fn wait_for_open_transactions(
             );
             announced = true;
         }
-        if Instant::now() >= deadline {
-            return Err(CheckpointError::Timeout {
+        if started.elapsed() >= timeout {
+            return Err(CheckpointError::OpenTransaction {
                 topic: topic.to_owned(),
-                timeout,
+                last_stable,
+                high_watermark,
+                waited: started.elapsed(),
             });
         }
         std::thread::sleep(Duration::from_millis(200));
