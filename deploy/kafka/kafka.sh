@@ -4,6 +4,10 @@
 # cached outside the repository; they are fetched only when the cache is missing.
 #
 # Usage: deploy/kafka/kafka.sh start|stop|restart|status|logs [-f]
+#        deploy/kafka/kafka.sh hanging-transactions [--abort] [min-age-ms]
+#   hanging-transactions lists transactions left open on a partition that their coordinator no
+#   longer holds open (last write at least min-age-ms ago, default 60000), and with --abort
+#   ends them with an abort marker; see the README, "Hanging transactions".
 #
 # Environment:
 #   KAFKA_PORT             broker listener port on 127.0.0.1 (default 9092)
@@ -34,7 +38,10 @@ LOG4J="-Dlog4j2.configurationFile=$HERE/log4j2.properties -Dkafka.logs.dir=$LOG_
 
 say() { echo "kafka.sh: $*"; }
 die() { echo "kafka.sh: $*" >&2; exit 1; }
-usage() { echo "usage: $0 start|stop|restart|status|logs [-f]" >&2; exit 2; }
+usage() {
+  echo "usage: $0 start|stop|restart|status|logs [-f]|hanging-transactions [--abort] [min-age-ms]" >&2
+  exit 2
+}
 
 # Download the broker jars and build BrokerCheck once per pom/source content.
 fetch() {
@@ -175,12 +182,31 @@ status() {
   return 1
 }
 
+# Lists (and with --abort, aborts) hanging transactions; see HangingTransactions.java.
+hanging_transactions() {
+  local abort="" min_age=60000
+  while (($#)); do
+    case "$1" in
+      --abort) abort="--abort" ;;
+      [0-9]*) min_age="$1" ;;
+      *) usage ;;
+    esac
+    shift
+  done
+  fetch
+  mkdir -p "$LOG_DIR"
+  # shellcheck disable=SC2086
+  "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 $LOG4J -Dkafka.log.file=tools.log -Dkafka.log.level=warn \
+    -cp "$CLASSPATH_" bookstore.kafka.HangingTransactions "$BOOTSTRAP" "$min_age" $abort
+}
+
 [[ $# -ge 1 ]] || usage
 case "$1" in
   start) start ;;
   stop) stop ;;
   restart) stop && start ;;
   status) status ;;
+  hanging-transactions) shift && hanging_transactions "$@" ;;
   logs)
     [[ -f "$LOG" ]] || die "no log yet at $LOG"
     if [[ "${2:-}" == "-f" ]]; then tail -n 100 -f "$LOG"; else tail -n 100 "$LOG"; fi

@@ -48,6 +48,34 @@ impl PrivateBroker {
     pub fn bootstrap_servers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
+
+    /// Aborts the broker's hanging transactions whose last write is at least `min_age` old, as
+    /// an operator would (`kafka.sh hanging-transactions --abort`, see the README, "Hanging
+    /// transactions"); returns the line it printed for each one it aborted.
+    #[allow(dead_code)] // Used by some of the test crates that include this module.
+    pub async fn abort_hanging_transactions(&self, min_age: std::time::Duration) -> Vec<String> {
+        let output = tokio::process::Command::new("bash")
+            .arg(Self::script())
+            .args(["hanging-transactions", "--abort"])
+            .arg(min_age.as_millis().to_string())
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "kafka.sh hanging-transactions failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
+            .lines()
+            .filter(|line| line.starts_with("aborted "))
+            .map(str::to_owned)
+            .collect()
+    }
 }
 
 impl Drop for PrivateBroker {
