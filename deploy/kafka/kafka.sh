@@ -43,20 +43,33 @@ usage() {
   exit 2
 }
 
-# Download the broker jars and build BrokerCheck once per pom/source content.
+# Download the broker jars and build the Java helpers once per pom/source content. Runs of this
+# script may start brokers side by side (the test suites do), so one fetch runs at a time, and
+# a fetch builds into a folder of its own that replaces the cache only once it has succeeded:
+# a failed build leaves the previous jars in place for brokers still to be (re)started.
 fetch() {
-  local stamp
+  local stamp staging
   stamp="$(cat "$HERE/pom.xml" "$HERE"/src/main/java/bookstore/kafka/*.java | sha256sum | cut -c1-16)"
   [[ -f "$CACHE/.fetched" && "$(cat "$CACHE/.fetched")" == "$stamp" ]] && return 0
   command -v mvn >/dev/null || die "mvn (Maven) is required to fetch Kafka $KAFKA_VERSION"
-  say "fetching Kafka $KAFKA_VERSION from Maven Central into $CACHE (once)"
-  rm -rf "$CACHE/libs" "$CACHE/build"
   mkdir -p "$CACHE"
+  exec 9>"$CACHE/.fetch.lock"
+  flock 9
+  # Another run may have fetched while this one waited for the lock.
+  [[ -f "$CACHE/.fetched" && "$(cat "$CACHE/.fetched")" == "$stamp" ]] && { exec 9>&-; return 0; }
+  say "fetching Kafka $KAFKA_VERSION from Maven Central into $CACHE (once)"
+  staging="$(mktemp -d "$CACHE/.staging.XXXXXX")"
   # (sed: Maven 3.8 prints stray colour codes even in batch mode)
-  mvn -B -q -f "$HERE/pom.xml" -Dbuild.dir="$CACHE/build" package dependency:copy-dependencies \
-    -DincludeScope=runtime -DoutputDirectory="$CACHE/libs" 2>&1 | sed 's/\x1b\[[0-9;]*m//g' ||
+  if ! mvn -B -q -f "$HERE/pom.xml" -Dbuild.dir="$staging/build" package dependency:copy-dependencies \
+    -DincludeScope=runtime -DoutputDirectory="$staging/libs" 2>&1 | sed 's/\x1b\[[0-9;]*m//g'; then
+    rm -rf "$staging"
     die "Maven could not fetch Kafka $KAFKA_VERSION (see above)"
+  fi
+  rm -rf "$CACHE/libs" "$CACHE/build"
+  mv "$staging/libs" "$staging/build" "$CACHE/"
+  rm -rf "$staging"
   echo "$stamp" >"$CACHE/.fetched"
+  exec 9>&-
 }
 
 # Print the pid of the broker this script started, if it is alive.
