@@ -135,7 +135,9 @@ impl ProjectionError {
     /// that will stay wrong.
     pub fn is_retryable(&self) -> bool {
         match self {
-            ProjectionError::Store(StoreError::Database(_) | StoreError::Timeout(_)) => true,
+            ProjectionError::Store(
+                StoreError::Database(_) | StoreError::Timeout(_) | StoreError::Unreachable { .. },
+            ) => true,
             ProjectionError::Setup(KafkaSetupError::Unreachable { .. }) => true,
             ProjectionError::Kafka(_) => true,
             ProjectionError::DeadLetter(DlqError::Kafka { .. } | DlqError::Timeout { .. }) => true,
