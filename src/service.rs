@@ -125,21 +125,26 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
         }
     }
 
-    /// The events of a stream, decoded; an event written with another schema than the codec's
-    /// is an error rather than misread.
-    pub async fn read_stream(
-        &self,
-        stream: &str,
-    ) -> Result<Vec<(StoredEvent, EventPayload)>, ServiceError> {
+    /// The events of a stream, each with its payload decoded, or why it could not be: an event
+    /// written with another schema than the codec's is refused rather than misread. One event
+    /// that does not decode does not hide the others.
+    pub async fn read_stream(&self, stream: &str) -> Result<Vec<ReadEvent>, ServiceError> {
         let events = self.store.read_stream(stream).await?;
-        events
+        Ok(events
             .into_iter()
             .map(|event| {
-                let payload = self.codec.decode_saved(&event)?;
-                Ok((event, payload))
+                let payload = self.codec.decode_saved(&event);
+                ReadEvent { event, payload }
             })
-            .collect()
+            .collect())
     }
+}
+
+/// One event of [`BookService::read_stream`].
+#[derive(Debug)]
+pub struct ReadEvent {
+    pub event: StoredEvent,
+    pub payload: Result<EventPayload, CodecError>,
 }
 
 /// Wraps a decision's events in envelopes, as the service does for every command: delta events

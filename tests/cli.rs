@@ -242,6 +242,57 @@ fn bad_input_is_one_clear_line_and_a_failing_exit_code_and_writes_nothing() {
     );
 }
 
+/// An event written with another schema (here: a fingerprint no version of ours has) is
+/// listed with the reason instead of its data, the events around it are still shown, and the
+/// command fails saying how many could not be decoded.
+#[tokio::test]
+async fn events_lists_every_event_and_fails_on_those_it_cannot_decode() {
+    let cli = Cli::sqlite();
+    let id = cli.ok(&[
+        "books",
+        "add",
+        "--title",
+        "Dune",
+        "--author",
+        "Frank Herbert",
+        "--price",
+        "9.99",
+    ]);
+    let id = id.trim();
+    cli.ok(&["books", "update-price", id, "10.99"]);
+    let stream = format!("bookstore::book-{id}");
+    let first = cli.ok(&["events", &stream, "--json"]);
+    let first: Value = serde_json::from_str(first.lines().next().unwrap()).unwrap();
+
+    let store = bookstore::store::SqliteStore::connect(&cli.database_url)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE events SET schema_fingerprint = 81985529216486895 WHERE position = ?")
+        .bind(first["position"].as_i64().unwrap())
+        .execute(store.pool())
+        .await
+        .unwrap();
+
+    let output = cli.run(&["events", &stream, "--json"]);
+    assert!(!output.status.success());
+    let listed: Vec<Value> = String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    assert_eq!(listed[0]["schema_fingerprint"], "0123456789abcdef");
+    assert!(listed[0].get("data").is_none(), "{:?}", listed[0]);
+    assert!(
+        listed[0]["error"].as_str().unwrap().contains("schema"),
+        "{:?}",
+        listed[0]
+    );
+    assert_eq!(listed[1]["data"]["new_price"], "10.99");
+    let error = String::from_utf8(output.stderr).unwrap();
+    assert!(error.contains("1 of 2 events"), "{error}");
+}
+
 #[test]
 fn kafka_check_and_provision_talk_to_the_broker() {
     let cli = Cli::sqlite();

@@ -17,7 +17,7 @@ use bookstore::domain::{
     AddBook, BookAdded, BookCommand, BookEvent, BookFactEvent, BookId, BookPriceUpdated,
     EventPayload, Price, StoredEvent, delta_stream, fact_stream,
 };
-use bookstore::service::{BookService, CommandContext, ServiceError};
+use bookstore::service::{BookService, CommandContext, ReadEvent};
 use bookstore::store::{
     AnyStore, EventStore, OUTBOX_CHANNEL, Outbox, PostgresStore, SqliteStore, StoreError,
 };
@@ -419,22 +419,26 @@ async fn the_service_reads_no_event_written_with_another_schema<S: Backdoor>(sto
     let (service, book_id) = service_with_gatsby(store).await;
     let stream = delta_stream(book_id);
     let read = service.read_stream(&stream).await.unwrap();
+    let payload = read[0].payload.as_ref().unwrap().clone();
 
     // Saved before fingerprints were recorded: written with this version's schemas.
     service.store().set_schema_fingerprints(None).await;
     let legacy = service.read_stream(&stream).await.unwrap();
-    assert_eq!(legacy[0].1, read[0].1);
+    assert_eq!(legacy[0].payload.as_ref().unwrap(), &payload);
 
     let older: u64 = 0x0123_4567_89ab_cdef;
     service.store().set_schema_fingerprints(Some(older)).await;
-    match service.read_stream(&stream).await {
-        Err(ServiceError::Codec(CodecError::WrittenWithAnotherSchema {
+    let refused = service.read_stream(&stream).await.unwrap();
+    assert_eq!(refused.len(), read.len(), "every event is still listed");
+    assert_eq!(refused[0].event.position, read[0].event.position);
+    match &refused[0].payload {
+        Err(CodecError::WrittenWithAnotherSchema {
             event_type,
             written,
             ..
-        })) => {
+        }) => {
             assert_eq!(event_type, "BookAdded");
-            assert_eq!(written, older);
+            assert_eq!(*written, older);
         }
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -531,7 +535,7 @@ async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Back
     let deltas = service.read_stream(&delta_stream(book_id)).await.unwrap();
 
     assert_eq!(facts.len(), 2);
-    let (last_fact, decoded) = &facts[1];
+    let (last_fact, decoded) = (&facts[1].event, facts[1].payload.as_ref().unwrap());
     assert_eq!(last_fact.metadata.event_type, "BookFactEvent");
     assert_eq!(
         *decoded,
@@ -546,7 +550,10 @@ async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Back
             removed: false,
         })
     );
-    let delta_payloads: Vec<_> = deltas.iter().map(|(_, payload)| payload.clone()).collect();
+    let delta_payloads: Vec<_> = deltas
+        .iter()
+        .map(|read| read.payload.as_ref().unwrap().clone())
+        .collect();
     assert!(
         matches!(
             delta_payloads.as_slice(),
@@ -563,13 +570,13 @@ async fn seed_book_through_the_service_writes_its_fact_and_delta_streams<S: Back
         "{delta_payloads:?}"
     );
     // Each change wrote its delta, then its fact, at the next positions.
-    let positions = |events: &[(StoredEvent, EventPayload)]| -> Vec<u64> {
-        events.iter().map(|(event, _)| event.position).collect()
+    let positions = |events: &[ReadEvent]| -> Vec<u64> {
+        events.iter().map(|read| read.event.position).collect()
     };
     assert_eq!(positions(&deltas), [1, 3]);
     assert_eq!(positions(&facts), [2, 4]);
     // Each keeps the fingerprint of the schema that wrote it.
-    for (event, _) in deltas.iter().chain(&facts) {
+    for ReadEvent { event, .. } in deltas.iter().chain(&facts) {
         let contract = bookstore::codec::contract::contract(&event.metadata.event_type).unwrap();
         assert_eq!(event.schema_fingerprint, Some(contract.fingerprint()));
     }

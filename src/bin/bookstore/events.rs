@@ -1,16 +1,28 @@
-//! `bookstore events <stream>`: the events of one stream as stored, decoded.
+//! `bookstore events <stream>`: the events of one stream as stored, decoded. An event that does
+//! not decode is listed with the reason in place of its data, the others still shown, and the
+//! command then fails saying how many there were.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use bookstore::cli::EventsArgs;
 use bookstore::config::StoreConfig;
+use bookstore::service::ReadEvent;
 use serde_json::json;
 
 pub async fn run(config: &StoreConfig, args: EventsArgs) -> Result<()> {
     let service = crate::books::open(config).await?;
-    for (event, payload) in service.read_stream(&args.stream).await? {
+    let events = service.read_stream(&args.stream).await?;
+    let mut undecoded = 0;
+    for ReadEvent { event, payload } in &events {
         let metadata = &event.metadata;
+        let data = match payload {
+            Ok(payload) => Ok(serde_json::to_value(payload)?),
+            Err(error) => {
+                undecoded += 1;
+                Err(error.to_string())
+            }
+        };
         if args.json {
-            let line = json!({
+            let mut line = json!({
                 "position": event.position,
                 "type": metadata.event_type,
                 "version": metadata.aggregate_version,
@@ -21,8 +33,11 @@ pub async fn run(config: &StoreConfig, args: EventsArgs) -> Result<()> {
                 "causation_id": metadata.causation_id,
                 // The CRC-64-AVRO fingerprint as a hex number (frames hold it little-endian).
                 "schema_fingerprint": event.schema_fingerprint.map(|f| format!("{f:016x}")),
-                "data": payload,
             });
+            match data {
+                Ok(data) => line["data"] = data,
+                Err(error) => line["error"] = error.into(),
+            }
             println!("{line}");
         } else {
             println!(
@@ -31,9 +46,19 @@ pub async fn run(config: &StoreConfig, args: EventsArgs) -> Result<()> {
                 metadata.aggregate_version,
                 metadata.event_type,
                 metadata.occurred_at.to_rfc3339(),
-                serde_json::to_string(&payload)?
+                match data {
+                    Ok(data) => data.to_string(),
+                    Err(error) => format!("(not decoded: {error})"),
+                }
             );
         }
+    }
+    if undecoded > 0 {
+        bail!(
+            "{undecoded} of {} events of {} could not be decoded (listed above)",
+            events.len(),
+            args.stream
+        );
     }
     Ok(())
 }
