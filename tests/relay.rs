@@ -478,26 +478,7 @@ async fn a_checkpoint_behind_another_producers_open_transaction_is_still_found()
 
     // Another store's relay, dead with a transaction open on the checkpoint partition.
     let topics = fixture.kafka.topics();
-    let other: FutureProducer = fixture
-        .kafka
-        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
-        .create()
-        .unwrap();
-    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
-        .await
-        .unwrap()
-        .unwrap();
-    other.begin_transaction().unwrap();
-    other
-        .send(
-            FutureRecord::to(&topics.relay_checkpoint)
-                .key("another-store")
-                .payload("1"),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    let other = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
 
     // This store's relay commits more checkpoints after it, then stops.
     fixture.write_books(2, 1).await;
@@ -543,26 +524,7 @@ async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transa
     bookstore::kafka::provision_topics(&fixture.kafka, &specs)
         .await
         .unwrap();
-    let other: FutureProducer = fixture
-        .kafka
-        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
-        .create()
-        .unwrap();
-    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
-        .await
-        .unwrap()
-        .unwrap();
-    other.begin_transaction().unwrap();
-    other
-        .send(
-            FutureRecord::to(&topics.relay_checkpoint)
-                .key("another-store")
-                .payload("1"),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    let other = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
 
     let mut impatient = fixture.kafka.clone();
     impatient.request_timeout_ms = 2_000;
@@ -581,6 +543,32 @@ async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transa
         .unwrap();
     assert!(refused.contains("a transaction has held"), "{refused}");
     assert!(refused.contains("Hanging transactions"), "{refused}");
+}
+
+/// A transactional producer of another store's relay, with a transaction open on the
+/// checkpoint partition (as one that died mid-transaction leaves it); abort it to end it.
+async fn open_transaction_on_the_checkpoint(fixture: &Fixture, relay_id: &str) -> FutureProducer {
+    let other: FutureProducer = fixture
+        .kafka
+        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
+        .create()
+        .unwrap();
+    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
+        .await
+        .unwrap()
+        .unwrap();
+    other.begin_transaction().unwrap();
+    other
+        .send(
+            FutureRecord::to(&fixture.kafka.topics().relay_checkpoint)
+                .key("another-store")
+                .payload("1"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    other
 }
 
 async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) {
