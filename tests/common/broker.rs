@@ -1,7 +1,7 @@
 //! A Kafka broker of one test's own, for tests that stop and start it (the shared broker must
 //! stay up for everyone else), run with the same script developers use.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 
 /// A single-node KRaft broker on free ports with state in a temporary folder; stopped on drop.
@@ -12,17 +12,20 @@ pub struct PrivateBroker {
 }
 
 impl PrivateBroker {
-    fn script() -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kafka/kafka.sh")
+    /// `kafka.sh <args>` for this broker.
+    fn script(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new("bash");
+        command
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kafka/kafka.sh"))
+            .args(args)
+            .env("BOOKSTORE_STATE_DIR", self.state.path())
+            .env("KAFKA_PORT", self.port.to_string())
+            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string());
+        command
     }
 
     pub async fn run(&self, action: &str) {
-        let status = tokio::process::Command::new("bash")
-            .arg(Self::script())
-            .arg(action)
-            .env("BOOKSTORE_STATE_DIR", self.state.path())
-            .env("KAFKA_PORT", self.port.to_string())
-            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
+        let status = tokio::process::Command::from(self.script(&[action]))
             .stdout(Stdio::null())
             .status()
             .await
@@ -54,16 +57,15 @@ impl PrivateBroker {
     /// transactions"); returns the line it printed for each one it aborted.
     #[allow(dead_code)] // Used by some of the test crates that include this module.
     pub async fn abort_hanging_transactions(&self, min_age: std::time::Duration) -> Vec<String> {
-        let output = tokio::process::Command::new("bash")
-            .arg(Self::script())
-            .args(["hanging-transactions", "--abort"])
-            .arg(min_age.as_millis().to_string())
-            .env("BOOKSTORE_STATE_DIR", self.state.path())
-            .env("KAFKA_PORT", self.port.to_string())
-            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
-            .output()
-            .await
-            .unwrap();
+        let min_age = min_age.as_millis().to_string();
+        let output = tokio::process::Command::from(self.script(&[
+            "hanging-transactions",
+            "--abort",
+            &min_age,
+        ]))
+        .output()
+        .await
+        .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
@@ -80,13 +82,6 @@ impl PrivateBroker {
 
 impl Drop for PrivateBroker {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("bash")
-            .arg(Self::script())
-            .arg("stop")
-            .env("BOOKSTORE_STATE_DIR", self.state.path())
-            .env("KAFKA_PORT", self.port.to_string())
-            .env("KAFKA_CONTROLLER_PORT", self.controller_port.to_string())
-            .stdout(Stdio::null())
-            .status();
+        let _ = self.script(&["stop"]).stdout(Stdio::null()).status();
     }
 }
