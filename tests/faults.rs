@@ -17,6 +17,8 @@
 //! Sizes are small by default so CI runs it on every change; `BOOKSTORE_FAULTS_SCALE=4` (or
 //! more) makes the run longer. The schedule of faults comes from a seed printed with the
 //! figures; `BOOKSTORE_FAULTS_SEED=<seed>` replays it (the writers' timing still varies).
+//! `BOOKSTORE_FAULTS_LOGS=<folder>` keeps the services' logs there (one folder per run)
+//! instead of deleting them with the run.
 
 mod common;
 
@@ -81,6 +83,24 @@ fn scale() -> u64 {
         .and_then(|value| value.parse().ok())
         .unwrap_or(1)
         .max(1)
+}
+
+/// Where the services' logs go: a temporary folder, deleted with the run unless
+/// `BOOKSTORE_FAULTS_LOGS` names a folder to keep it in.
+fn logs_folder() -> tempfile::TempDir {
+    match std::env::var_os("BOOKSTORE_FAULTS_LOGS") {
+        Some(root) => {
+            std::fs::create_dir_all(&root).unwrap();
+            let mut logs = tempfile::Builder::new()
+                .prefix("faults-")
+                .tempdir_in(root)
+                .unwrap();
+            logs.disable_cleanup(true);
+            eprintln!("the services' logs are kept in {}", logs.path().display());
+            logs
+        }
+        None => tempfile::tempdir().unwrap(),
+    }
 }
 
 fn seed() -> u64 {
@@ -165,9 +185,14 @@ struct Figures {
     report_rows: usize,
     live_books: usize,
     report_mismatches: usize,
-    /// Transactions Kafka left open on a partition after their coordinator had ended them,
-    /// which the suite aborted as an operator would (see [`Chaos::end_hanging_transactions`]).
+    /// The first lost positions, to look for in the logs.
+    lost_positions: Vec<u64>,
+    /// Partitions of transactions Kafka left open after their coordinator had ended them,
+    /// which the relay had never committed and the suite aborted as an operator would (see
+    /// [`Chaos::end_hanging_transactions`]).
     hanging_transactions_aborted: usize,
+    /// Such transactions the relay had committed, which no abort may end.
+    hanging_transactions_committed: usize,
     elapsed: Duration,
 }
 
@@ -231,10 +256,13 @@ impl Figures {
             self.order_violations,
             self.open_transactions
         ));
+        if !self.lost_positions.is_empty() {
+            line(format!("  lost positions      {:?} …", self.lost_positions));
+        }
         line(format!(
-            "  hanging txns        {} left open by Kafka after their coordinator ended them, \
-             aborted by the suite as an operator would",
-            self.hanging_transactions_aborted
+            "  hanging txns        partitions of uncommitted ones left open by Kafka, aborted by the \
+             suite as an operator would: {}; committed ones left open (not abortable): {}",
+            self.hanging_transactions_aborted, self.hanging_transactions_committed
         ));
         line(format!(
             "  tombstones          {} for {} removed books, {} duplicates, {} faults",
@@ -523,6 +551,7 @@ struct Chaos {
     group: String,
     relay_id: String,
     logs: tempfile::TempDir,
+
     spawned: u32,
     rng: Rng,
     relay: Option<Relay>,
@@ -549,7 +578,7 @@ impl Chaos {
             delivery,
             group: common::unique("report"),
             relay_id,
-            logs: tempfile::tempdir().unwrap(),
+            logs: logs_folder(),
             spawned: 0,
             rng: Rng(seed),
             relay: None,
@@ -576,6 +605,7 @@ impl Chaos {
             // The suite's own settings, unknown to the binary.
             .env_remove("BOOKSTORE_FAULTS_SCALE")
             .env_remove("BOOKSTORE_FAULTS_SEED")
+            .env_remove("BOOKSTORE_FAULTS_LOGS")
             .stdout(Stdio::null())
             .kill_on_drop(true);
         command
@@ -848,17 +878,27 @@ impl Chaos {
         }
     }
 
-    /// Ends hanging transactions, as the README tells operators to, when a wait that began at
-    /// `waiting_since` has made no progress for [`HANGING_CHECK_AFTER`].
+    /// Ends hanging transactions the relay never committed, as the README tells operators to,
+    /// when a wait that began at `waiting_since` has made no progress for
+    /// [`HANGING_CHECK_AFTER`]; leaves those it did commit, and says so.
     ///
     /// On Kafka 4.4.0 (one KRaft node), a transaction of a relay whose broker restarted under
     /// it sometimes stays open on the partitions it wrote while its coordinator has ended it
     /// (see [`kills_relays_after_restarts`]). Nothing in Kafka ends it then, no client can, and
     /// every `read_committed` reader of those partitions stops at it, the relay's checkpoint
-    /// reader included. The suite aborts such a transaction with `kafka.sh
-    /// hanging-transactions --abort` and counts it; everything it proves afterwards (nothing
-    /// lost, duplicated or reordered) holds with the abort, which is what the README promises
-    /// of that remedy.
+    /// reader included. Two kinds were seen:
+    /// * one the relay never committed (its producer timed out in an outage): aborting it
+    ///   loses nothing, the relay sends its events again from its last committed checkpoint,
+    ///   and the suite does, counting it, and then proves nothing lost, duplicated or
+    ///   reordered;
+    /// * one the relay did commit, whose commit markers Kafka never wrote: aborting it would
+    ///   hide its events for good (a run that did lost 16), and nothing can write a commit
+    ///   marker, so the suite leaves it, counts it, and the run fails at its wait.
+    ///
+    /// They are told apart by the transaction's checkpoint record, which a relay writes as the
+    /// last record of every transaction it commits: none, or one above the position the relay
+    /// recorded as published, is a transaction it never committed. (The relay records each
+    /// commit within moments; a transaction counts as hanging only after [`HANGING_MIN_AGE`].)
     async fn end_hanging_transactions(&mut self, waiting_since: Instant) {
         if waiting_since.elapsed() < HANGING_CHECK_AFTER
             || self
@@ -868,16 +908,61 @@ impl Chaos {
             return;
         }
         self.hanging_checked_at = Some(Instant::now());
-        let aborted = self
+        let found = self
             .broker
-            .abort_hanging_transactions(HANGING_MIN_AGE)
+            .hanging_transactions(HANGING_MIN_AGE, None)
             .await;
-        for line in &aborted {
-            let line = format!("hanging transaction {line}");
-            eprintln!("seed {}: {line}", self.figures.seed);
-            self.figures.kill_log.push(line);
+        let mut notes = found.clone();
+        let checkpoint_topic = self.kafka.topics().relay_checkpoint;
+        // Each producer with a hanging transaction, and where it starts on the checkpoint
+        // partition if it wrote there.
+        let mut producers: std::collections::BTreeMap<u64, Option<i64>> = Default::default();
+        for (partition, producer, offset) in found.iter().filter_map(|line| parse_hanging(line)) {
+            let start = producers.entry(producer).or_default();
+            if partition == format!("{checkpoint_topic}-0") {
+                *start = Some(offset);
+            }
         }
-        self.figures.hanging_transactions_aborted += aborted.len();
+        let published = self.published().await;
+        for (producer, offset) in producers {
+            let checkpoint = match offset {
+                Some(offset) => {
+                    let (kafka, topic) = (self.kafka.clone(), checkpoint_topic.clone());
+                    tokio::task::spawn_blocking(move || checkpoint_at(&kafka, &topic, offset))
+                        .await
+                        .unwrap()
+                }
+                None => None,
+            };
+            match checkpoint {
+                Some(checkpoint) if checkpoint <= published => {
+                    notes.push(format!(
+                        "not aborted: producer {producer}'s hanging transaction has checkpoint \
+                         {checkpoint}, and the relay recorded {published} as published, so it \
+                         committed it and Kafka never wrote its commit markers"
+                    ));
+                    self.figures.hanging_transactions_committed += 1;
+                }
+                _ => {
+                    let done = self
+                        .broker
+                        .hanging_transactions(HANGING_MIN_AGE, Some(producer))
+                        .await;
+                    self.figures.hanging_transactions_aborted += done
+                        .iter()
+                        .filter(|line| line.starts_with("aborted "))
+                        .count();
+                    notes.extend(
+                        done.into_iter()
+                            .filter(|line| !line.starts_with("hanging: ")),
+                    );
+                }
+            }
+        }
+        for note in notes {
+            eprintln!("seed {}: {note}", self.figures.seed);
+            self.figures.kill_log.push(note);
+        }
     }
 
     /// Waits until the running projector has brought the report level with the store.
@@ -1087,6 +1172,49 @@ async fn chaos(delivery: &'static str) -> Figures {
     chaos.figures
 }
 
+/// Parses `hanging: <topic>-<partition> producer <id> epoch <e>, open since offset <o>, …` (as
+/// `kafka.sh hanging-transactions` prints it) into (topic-partition, producer id, offset).
+fn parse_hanging(line: &str) -> Option<(String, u64, i64)> {
+    let rest = line.strip_prefix("hanging: ")?;
+    let (partition, rest) = rest.split_once(" producer ")?;
+    let (producer, rest) = rest.split_once(" epoch ")?;
+    let (_, rest) = rest.split_once("open since offset ")?;
+    let offset = rest.split(',').next()?;
+    Some((
+        partition.to_owned(),
+        producer.parse().ok()?,
+        offset.parse().ok()?,
+    ))
+}
+
+/// The position in the checkpoint record at `offset` of the checkpoint topic, read
+/// uncommitted (it belongs to a transaction that is still open).
+fn checkpoint_at(kafka: &KafkaConfig, topic: &str, offset: i64) -> Option<u64> {
+    let mut config = kafka.consumer_config(&common::unique("checkpoint-probe"));
+    config.set("isolation.level", "read_uncommitted");
+    let consumer: BaseConsumer = config.create().unwrap();
+    let mut assignment = TopicPartitionList::new();
+    assignment
+        .add_partition_offset(topic, 0, Offset::Offset(offset))
+        .unwrap();
+    consumer.assign(&assignment).unwrap();
+    let deadline = Instant::now() + kafka.request_timeout();
+    while Instant::now() < deadline {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(message)) => {
+                use rdkafka::Message as _;
+                return message
+                    .payload()
+                    .and_then(|value| std::str::from_utf8(value).ok())
+                    .and_then(|value| value.parse().ok());
+            }
+            Some(Err(error)) => panic!("reading {topic} at {offset}: {error}"),
+            None => {}
+        }
+    }
+    None
+}
+
 /// Reads both topics to their end and compares them, and the report, with the store.
 async fn audit(chaos: &mut Chaos, removed_by_writers: u64) {
     let events = chaos.store.read_after(0, 10_000_000).await.unwrap();
@@ -1222,7 +1350,10 @@ fn audit_records(figures: &mut Figures, events: &[StoredEvent], records: &[Recei
     }
     let committed: HashSet<u64> = events.iter().map(|event| event.position).collect();
     figures.distinct_on_kafka = seen.len();
-    figures.lost = committed.difference(&seen).count();
+    let mut lost: Vec<u64> = committed.difference(&seen).copied().collect();
+    lost.sort_unstable();
+    figures.lost = lost.len();
+    figures.lost_positions = lost.into_iter().take(20).collect();
 }
 
 /// Each removal fact must be followed on its partition by exactly one tombstone (in
@@ -1314,4 +1445,18 @@ async fn at_least_once_pipeline_loses_nothing_and_keeps_order_under_faults() {
     let figures = chaos("at-least-once").await;
     // Duplicates are allowed in this mode; the figures show how many there were.
     figures.assert_faults_landed_and_nothing_lost();
+}
+
+#[test]
+fn a_hanging_transaction_line_parses_into_partition_producer_and_offset() {
+    let line = "hanging: chaos-1.relay-checkpoint-0 producer 2 epoch 12, open since offset 406, \
+                last write 52 s ago; coordinator: transactional id x is EMPTY at epoch 13";
+    assert_eq!(
+        parse_hanging(line),
+        Some(("chaos-1.relay-checkpoint-0".to_owned(), 2, 406))
+    );
+    assert_eq!(
+        parse_hanging("aborted chaos-1.book-0 producer 2 epoch 12"),
+        None
+    );
 }

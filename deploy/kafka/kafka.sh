@@ -4,10 +4,11 @@
 # cached outside the repository; they are fetched only when the cache is missing.
 #
 # Usage: deploy/kafka/kafka.sh start|stop|restart|status|logs [-f]
-#        deploy/kafka/kafka.sh hanging-transactions [--abort] [min-age-ms]
+#        deploy/kafka/kafka.sh hanging-transactions [--abort | --abort-producer <id>] [min-age-ms]
 #   hanging-transactions lists transactions left open on a partition that their coordinator no
 #   longer holds open (last write at least min-age-ms ago, default 60000), and with --abort
-#   ends them with an abort marker; see the README, "Hanging transactions".
+#   ends them (or only those of one producer id) with an abort marker. Aborting a transaction
+#   the relay had committed loses its events: see the README, "Hanging transactions".
 #
 # Environment:
 #   KAFKA_PORT             broker listener port on 127.0.0.1 (default 9092)
@@ -39,7 +40,7 @@ LOG4J="-Dlog4j2.configurationFile=$HERE/log4j2.properties -Dkafka.logs.dir=$LOG_
 say() { echo "kafka.sh: $*"; }
 die() { echo "kafka.sh: $*" >&2; exit 1; }
 usage() {
-  echo "usage: $0 start|stop|restart|status|logs [-f]|hanging-transactions [--abort] [min-age-ms]" >&2
+  echo "usage: $0 start|stop|restart|status|logs [-f]|hanging-transactions [--abort | --abort-producer <id>] [min-age-ms]" >&2
   exit 2
 }
 
@@ -197,10 +198,15 @@ status() {
 
 # Lists (and with --abort, aborts) hanging transactions; see HangingTransactions.java.
 hanging_transactions() {
-  local abort="" min_age=60000
+  local abort=() min_age=60000
   while (($#)); do
     case "$1" in
-      --abort) abort="--abort" ;;
+      --abort) abort=(--abort) ;;
+      --abort-producer)
+        [[ "${2:-}" =~ ^[0-9]+$ ]] || usage
+        abort=(--abort-producer "$2")
+        shift
+        ;;
       [0-9]*) min_age="$1" ;;
       *) usage ;;
     esac
@@ -210,7 +216,7 @@ hanging_transactions() {
   mkdir -p "$LOG_DIR"
   # shellcheck disable=SC2086
   "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 $LOG4J -Dkafka.log.file=tools.log -Dkafka.log.level=warn \
-    -cp "$CLASSPATH_" bookstore.kafka.HangingTransactions "$BOOTSTRAP" "$min_age" $abort
+    -cp "$CLASSPATH_" bookstore.kafka.HangingTransactions "$BOOTSTRAP" "$min_age" "${abort[@]}"
 }
 
 [[ $# -ge 1 ]] || usage

@@ -52,20 +52,27 @@ impl PrivateBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Aborts the broker's hanging transactions whose last write is at least `min_age` old, as
-    /// an operator would (`kafka.sh hanging-transactions --abort`, see the README, "Hanging
-    /// transactions"); returns the line it printed for each one it aborted.
+    /// Lists the broker's hanging transactions whose last write is at least `min_age` old
+    /// (`kafka.sh hanging-transactions`, see the README, "Hanging transactions"), and aborts
+    /// those of producer `abort` if given; returns what it printed of each one it found
+    /// (`hanging: …`, with its coordinator's view) and did (`aborted …`, `could not abort …`,
+    /// `ended meanwhile …`).
     #[allow(dead_code)] // Used by some of the test crates that include this module.
-    pub async fn abort_hanging_transactions(&self, min_age: std::time::Duration) -> Vec<String> {
+    pub async fn hanging_transactions(
+        &self,
+        min_age: std::time::Duration,
+        abort: Option<u64>,
+    ) -> Vec<String> {
         let min_age = min_age.as_millis().to_string();
-        let output = tokio::process::Command::from(self.script(&[
-            "hanging-transactions",
-            "--abort",
-            &min_age,
-        ]))
-        .output()
-        .await
-        .unwrap();
+        let producer = abort.map(|producer| producer.to_string());
+        let mut args = vec!["hanging-transactions", min_age.as_str()];
+        if let Some(producer) = &producer {
+            args.extend(["--abort-producer", producer.as_str()]);
+        }
+        let output = tokio::process::Command::from(self.script(&args))
+            .output()
+            .await
+            .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
         assert!(
             output.status.success(),
@@ -74,7 +81,16 @@ impl PrivateBroker {
         );
         stdout
             .lines()
-            .filter(|line| line.starts_with("aborted "))
+            .filter(|line| {
+                [
+                    "hanging: ",
+                    "aborted ",
+                    "could not abort ",
+                    "ended meanwhile ",
+                ]
+                .iter()
+                .any(|prefix| line.starts_with(prefix))
+            })
             .map(str::to_owned)
             .collect()
     }

@@ -37,19 +37,32 @@ import org.apache.kafka.common.TopicPartition;
  * <p>This is the operator's tool of the local broker; brokers elsewhere have {@code
  * kafka-transactions.sh find-hanging} and {@code abort}.
  *
- * <p>Usage: {@code HangingTransactions <bootstrap> <min-age-ms> [--abort]}. Prints one line per
- * hanging transaction and a summary; exits 0 unless the cluster could not be asked.
+ * <p>Aborting is safe only for a transaction that was never committed: Kafka 4.4.0 has also been
+ * seen to leave a transaction hanging whose commit it had accepted (its commit markers never
+ * written), and aborting that one hides its records for good. See the README.
+ *
+ * <p>Usage: {@code HangingTransactions <bootstrap> <min-age-ms> [--abort | --abort-producer
+ * <id>]}. Prints one line per hanging transaction and a summary; with {@code --abort} aborts
+ * every one, with {@code --abort-producer} only those of that producer id. Exits 0 unless the
+ * cluster could not be asked.
  */
 public final class HangingTransactions {
   private static final int TIMEOUT_MS = 15_000;
 
   public static void main(String[] args) throws Exception {
-    if (args.length < 2 || args.length > 3 || (args.length == 3 && !args[2].equals("--abort"))) {
-      System.err.println("usage: HangingTransactions <bootstrap-servers> <min-age-ms> [--abort]");
+    boolean valid =
+        args.length == 2
+            || (args.length == 3 && args[2].equals("--abort"))
+            || (args.length == 4 && args[2].equals("--abort-producer"));
+    if (!valid) {
+      System.err.println(
+          "usage: HangingTransactions <bootstrap-servers> <min-age-ms>"
+              + " [--abort | --abort-producer <id>]");
       System.exit(2);
     }
     long minAgeMs = Long.parseLong(args[1]);
-    boolean abort = args.length == 3;
+    boolean abort = args.length >= 3;
+    Long onlyProducer = args.length == 4 ? Long.parseLong(args[3]) : null;
     Properties props = new Properties();
     props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, args[0]);
     props.put(AdminClientConfig.CLIENT_ID_CONFIG, "bookstore-hanging-transactions");
@@ -59,6 +72,9 @@ public final class HangingTransactions {
       List<AbortTransactionSpec> hanging = find(admin, minAgeMs);
       int aborted = 0;
       for (AbortTransactionSpec spec : abort ? hanging : List.<AbortTransactionSpec>of()) {
+        if (onlyProducer != null && spec.producerId() != onlyProducer) {
+          continue;
+        }
         // The coordinator may have ended it after all between the two looks (it writes its
         // markers before it lists the transaction as complete), so look at the partition again.
         if (!stillOpen(admin, spec)) {
