@@ -4,7 +4,9 @@
 //!
 //! Every test registers under its own topic names, so runs never share subjects.
 
-use bookstore::codec::fingerprint::parsing_canonical_form;
+mod common;
+
+use bookstore::codec::fingerprint::{parsing_canonical_form, schema_fingerprint};
 use bookstore::codec::registry::{
     CONTRACT_COMPATIBILITY, Compatibility, SCHEMA_REGISTRY_URL_ENV, subject_for,
 };
@@ -146,6 +148,45 @@ fn confluent_frames_round_trip_and_unknown_ids_are_learned_from_the_registry() {
         BookFactEvent::TYPE
     );
     assert_eq!(decoder.decode(&framed).unwrap(), event);
+}
+
+/// How the relay finds the id of the schema another version wrote an event with: among the
+/// versions of its subject, by fingerprint.
+#[test]
+fn another_versions_schema_is_found_among_the_subjects_versions_by_its_fingerprint() {
+    let client = registry();
+    let (delta_topic, fact_topic) = topics();
+    let subject = subject_for("BookAdded", &delta_topic, &fact_topic);
+    let missing: u64 = 0x0123_4567_89ab_cdef;
+    assert_eq!(client.find_by_fingerprint(&subject, missing).unwrap(), None);
+
+    // The older version registered its schema first, as its relay would have at start.
+    let older = common::book_added_without_description();
+    let older_id = client.register(&subject, &older).unwrap();
+    let current_id = client
+        .register_all(&AvroCodec::new(), &delta_topic, &fact_topic)
+        .unwrap()
+        .id("BookAdded")
+        .unwrap();
+    assert_ne!(older_id, current_id);
+
+    let older_fingerprint = schema_fingerprint(&older).unwrap();
+    let current_fingerprint = bookstore::codec::contract::contract("BookAdded")
+        .unwrap()
+        .fingerprint();
+    assert_eq!(
+        client
+            .find_by_fingerprint(&subject, older_fingerprint)
+            .unwrap(),
+        Some(older_id)
+    );
+    assert_eq!(
+        client
+            .find_by_fingerprint(&subject, current_fingerprint)
+            .unwrap(),
+        Some(current_id)
+    );
+    assert_eq!(client.find_by_fingerprint(&subject, missing).unwrap(), None);
 }
 
 #[test]

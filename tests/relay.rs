@@ -7,8 +7,10 @@ mod common;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::Duration;
 
+use bookstore::codec::fingerprint::schema_fingerprint;
 use bookstore::codec::headers as h;
-use bookstore::codec::wire::FramedDecoder;
+use bookstore::codec::registry::subject_for;
+use bookstore::codec::wire::{FramedDecoder, frame_confluent};
 use bookstore::codec::{AvroCodec, CodecError, EventCodec};
 use bookstore::config::{KafkaConfig, RelaySettings};
 use bookstore::domain::{
@@ -728,15 +730,8 @@ async fn retention_deletes_only_published_events_older_than_the_age() {
 
 #[tokio::test]
 async fn relay_once_with_a_schema_registry_uses_confluent_framing_that_decodes_back() {
-    let Ok(registry_url) = std::env::var("SCHEMA_REGISTRY_URL") else {
-        panic!(
-            "SCHEMA_REGISTRY_URL is not set: start a registry with \
-             `deploy/schema-registry/registry.sh start` and export \
-             SCHEMA_REGISTRY_URL=http://127.0.0.1:8081/apis/ccompat/v7"
-        );
-    };
     let mut fixture = Fixture::new().await;
-    fixture.kafka.schema_registry_url = Some(registry_url);
+    fixture.kafka.schema_registry_url = Some(registry_url());
     fixture.write_books(3, 1).await;
     fixture.relay_once(DeliveryMode::ExactlyOnce).await;
     let events = fixture.all_events().await;
@@ -753,6 +748,87 @@ async fn relay_once_with_a_schema_registry_uses_confluent_framing_that_decodes_b
         decoder.decode(value).unwrap();
     }
     assert_exactly_the_events_in_order(&events, &records);
+}
+
+/// With a schema registry, an event saved by another version of this program (its datum
+/// written with that version's schema) goes out under the id the registry has for that schema,
+/// which that version's relay registered when it started: every reader decodes it with its own
+/// schema. Before, the relay stopped at it. An event whose schema the registry does not have
+/// still stops the relay, after what precedes it is published.
+#[tokio::test]
+async fn with_a_registry_an_event_of_another_schema_version_goes_out_under_that_versions_id() {
+    let mut fixture = Fixture::new().await;
+    fixture.kafka.schema_registry_url = Some(registry_url());
+    fixture.write_books(3, 0).await;
+    let topics = fixture.kafka.topics();
+    let registry = fixture.kafka.schema_registry_client().unwrap().unwrap();
+    let subject = subject_for("BookAdded", &topics.book, &topics.book_fact);
+    let older = common::book_added_without_description();
+    let older_id = registry.register(&subject, &older).unwrap();
+
+    // Position 3, the second book's BookAdded, as the version without `description` saved it;
+    // position 6, the third book's fact, under a schema no registry has.
+    let events = fixture.all_events().await;
+    assert_eq!(events[2].metadata.event_type, "BookAdded");
+    let older_datum = common::without_description(&events[2].payload);
+    let unknown: u64 = 0x0123_4567_89ab_cdef;
+    for (position, payload, fingerprint) in [
+        (3, older_datum.clone(), schema_fingerprint(&older).unwrap()),
+        (6, events[5].payload.clone(), unknown),
+    ] {
+        sqlx::query("UPDATE events SET payload = ?1, schema_fingerprint = ?2 WHERE position = ?3")
+            .bind(payload)
+            .bind(fingerprint as i64)
+            .bind(position)
+            .execute(fixture.store().pool())
+            .await
+            .unwrap();
+    }
+
+    match fixture
+        .relay_once_until_it_fails(DeliveryMode::ExactlyOnce, 50)
+        .await
+    {
+        RelayError::Publish(PublishError::Poison {
+            position: 6,
+            source: CodecError::WrittenWithAnotherSchema { written, .. },
+        }) => assert_eq!(written, unknown),
+        other => panic!("expected the refusal of position 6, got {other}"),
+    }
+    let records = fixture.read_topics(5).await;
+    let saved = fixture.all_events().await;
+    assert_exactly_the_events_in_order(&saved[..5], &records);
+
+    let older_record = records
+        .iter()
+        .find(|record| record.headers[h::POSITION] == "3")
+        .unwrap();
+    let value = older_record.value.as_deref().unwrap();
+    assert_eq!(
+        value[..5],
+        frame_confluent(older_id, &[])[..],
+        "framed with the older id"
+    );
+    assert_eq!(value[5..], older_datum[..]);
+    let mut decoder = FramedDecoder::new(AvroCodec::new());
+    decoder.add_writer_schema(older_id, &older).unwrap();
+    assert_eq!(
+        decoder.decode(value).unwrap(),
+        AvroCodec::new()
+            .decode("BookAdded", &events[2].payload)
+            .unwrap(),
+        "read with this version's schema, it is the book as it was added"
+    );
+}
+
+fn registry_url() -> String {
+    std::env::var("SCHEMA_REGISTRY_URL").unwrap_or_else(|_| {
+        panic!(
+            "SCHEMA_REGISTRY_URL is not set: start a registry with \
+             `deploy/schema-registry/registry.sh start` and export \
+             SCHEMA_REGISTRY_URL=http://127.0.0.1:8081/apis/ccompat/v7"
+        )
+    })
 }
 
 #[tokio::test]

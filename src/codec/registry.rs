@@ -26,6 +26,7 @@ use tracing::warn;
 
 use super::avro::AvroCodec;
 use super::contract::NAMESPACE;
+use super::fingerprint::schema_fingerprint;
 use crate::domain::EventKind;
 
 /// Environment variable with the registry's base URL, e.g.
@@ -227,6 +228,14 @@ struct RegisterResponse {
 
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
+struct VersionResponse {
+    id: u32,
+    schema: String,
+    schema_type: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct SchemaResponse {
     schema: String,
     schema_type: Option<String>,
@@ -341,6 +350,40 @@ impl RegistryClient {
                 reason: format!("schema {id} is of type {other}, not AVRO"),
             }),
         }
+    }
+
+    /// The id of the version of `subject` whose schema has the CRC-64-AVRO `fingerprint`;
+    /// `None` when the subject has no such version (or no versions). This is how the relay finds
+    /// the id of another version's schema that wrote an event still in the outbox: that version
+    /// registered it under the same subject when its relay started. Newest versions are asked
+    /// first, one request each.
+    pub fn find_by_fingerprint(
+        &self,
+        subject: &str,
+        fingerprint: u64,
+    ) -> Result<Option<u32>, RegistryError> {
+        let subject_url = format!(
+            "{}/subjects/{}/versions",
+            self.base_url,
+            path_segment(subject)
+        );
+        let response = self.request(self.agent.get(&subject_url)).call();
+        let versions: Vec<u32> = match read_json("GET", &subject_url, response) {
+            Ok(versions) => versions,
+            Err(RegistryError::Status { status: 404, .. }) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        for version in versions.into_iter().rev() {
+            let url = format!("{subject_url}/{version}");
+            let response = self.request(self.agent.get(&url)).call();
+            let response: VersionResponse = read_json("GET", &url, response)?;
+            let avro = matches!(response.schema_type.as_deref(), None | Some("AVRO"));
+            // A schema that does not parse is no version of ours; keep looking.
+            if avro && schema_fingerprint(&response.schema).ok() == Some(fingerprint) {
+                return Ok(Some(response.id));
+            }
+        }
+        Ok(None)
     }
 
     /// Sets the compatibility level the registry enforces on `subject`'s new versions.

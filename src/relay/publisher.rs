@@ -26,7 +26,7 @@ use tracing::{debug, info};
 
 use super::checkpoint::{self, CheckpointError};
 use super::record::{OutboundRecord, RecordMapper};
-use crate::codec::CodecError;
+use crate::codec::{CodecError, RegistryError};
 use crate::config::KafkaConfig;
 use crate::domain::StoredEvent;
 use crate::kafka::{self, KafkaSetupError};
@@ -55,6 +55,9 @@ pub enum PublishError {
     Setup(#[from] KafkaSetupError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    /// Looking up the schema another version wrote an event with failed; tried again.
+    #[error("schema registry: {0}")]
+    Registry(RegistryError),
 }
 
 impl PublishError {
@@ -244,6 +247,12 @@ impl KafkaPublisher {
             .expect("batches are only opened after start succeeded");
         self.deliveries.reserve(events.len());
         for event in events {
+            if let Some((subject, fingerprint)) = self.mapper.unknown_writer_schema(event) {
+                self.mapper
+                    .learn_writer_schema(subject, fingerprint)
+                    .await
+                    .map_err(PublishError::Registry)?;
+            }
             let records = self
                 .mapper
                 .records(event)

@@ -9,11 +9,15 @@ use chrono::format::{Fixed, Item, Numeric, Pad};
 use rdkafka::message::{Header, OwnedHeaders};
 use uuid::fmt::Hyphenated;
 
+use std::collections::HashMap;
+
 use crate::codec::CodecError;
 use crate::codec::avro::fact_is_removal;
 use crate::codec::contract;
 use crate::codec::headers as h;
+use crate::codec::registry::{RegistryClient, RegistryError, subject_for};
 use crate::codec::wire::WireFormat;
+use crate::codec::wire::write_confluent;
 use crate::domain::{EventKind, StoredEvent};
 use crate::kafka::Topics;
 
@@ -32,11 +36,72 @@ pub struct OutboundRecord<'a> {
 pub struct RecordMapper {
     topics: Topics,
     wire: WireFormat,
+    /// With Confluent framing: where the ids of other versions' schemas are found.
+    registry: Option<RegistryClient>,
+    /// Registry ids of schemas other than this version's that wrote events, by fingerprint.
+    other_versions: HashMap<u64, u32>,
 }
 
 impl RecordMapper {
     pub fn new(topics: Topics, wire: WireFormat) -> Self {
-        Self { topics, wire }
+        Self {
+            topics,
+            wire,
+            registry: None,
+            other_versions: HashMap::new(),
+        }
+    }
+
+    /// With Confluent framing, an event written with another version's schema goes out under
+    /// the id `registry` has for that schema (see [`RecordMapper::learn_writer_schema`]),
+    /// instead of stopping the relay.
+    pub fn with_registry(mut self, registry: RegistryClient) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// The subject and fingerprint of `event`'s writer schema when it is another version's,
+    /// not known yet, and could be looked up in the registry; `None` otherwise.
+    pub fn unknown_writer_schema(&self, event: &StoredEvent) -> Option<(String, u64)> {
+        if self.registry.is_none() || !matches!(self.wire, WireFormat::Confluent { .. }) {
+            return None;
+        }
+        let event_type = &event.metadata.event_type;
+        let written = event.schema_fingerprint?;
+        let contract = contract::contract(event_type)?;
+        if written == contract.fingerprint() || self.other_versions.contains_key(&written) {
+            return None;
+        }
+        let subject = subject_for(event_type, &self.topics.book, &self.topics.book_fact);
+        Some((subject, written))
+    }
+
+    /// Asks the registry for the id of the schema with `fingerprint` among `subject`'s
+    /// versions, and frames the events written with it under that id from now on. Returns
+    /// whether the registry had it; when it had not, such an event stays unpublishable.
+    pub async fn learn_writer_schema(
+        &mut self,
+        subject: String,
+        fingerprint: u64,
+    ) -> Result<bool, RegistryError> {
+        let Some(registry) = self.registry.clone() else {
+            return Ok(false);
+        };
+        // The registry client blocks; this happens once per schema version.
+        let found = tokio::task::spawn_blocking(move || {
+            registry.find_by_fingerprint(&subject, fingerprint)
+        })
+        .await
+        .expect("the registry lookup panicked")?;
+        if let Some(id) = found {
+            tracing::info!(
+                fingerprint = %format_args!("{fingerprint:016x}"),
+                id,
+                "events written with another version's schema go out under its registry id"
+            );
+            self.other_versions.insert(fingerprint, id);
+        }
+        Ok(found.is_some())
     }
 
     pub fn topics(&self) -> &Topics {
@@ -53,10 +118,18 @@ impl RecordMapper {
             .as_uuid()
             .hyphenated()
             .encode_lower(&mut key_buffer);
-        check_writer_schema(event)?;
         let mut value = Vec::with_capacity(event.payload.len() + 16);
-        self.wire
-            .frame_into(&metadata.event_type, &event.payload, &mut value)?;
+        match check_writer_schema(event) {
+            Ok(()) => self
+                .wire
+                .frame_into(&metadata.event_type, &event.payload, &mut value)?,
+            Err(refusal @ CodecError::WrittenWithAnotherSchema { written, .. }) => {
+                // Only ever learned with Confluent framing (see `unknown_writer_schema`).
+                let id = self.other_versions.get(&written).ok_or(refusal)?;
+                write_confluent(*id, &event.payload, &mut value);
+            }
+            Err(other) => return Err(other),
+        }
         let (topic, removal) = match metadata.kind() {
             EventKind::Delta => (self.topics.book.as_str(), false),
             EventKind::Fact => (
@@ -288,6 +361,41 @@ mod tests {
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn with_a_registry_a_datum_of_another_version_goes_out_under_that_versions_id() {
+        use crate::codec::registry::RegisteredSchemas;
+        let mut schemas = RegisteredSchemas::default();
+        schemas.insert("BookAdded", 11);
+        let topics = Topics::with_prefix("test");
+        let confluent = WireFormat::Confluent { schemas };
+        let older = 0x0123_4567_89ab_cdef;
+        let event = saved_book_added(Some(older));
+
+        // Without a registry there is nowhere to look it up: refused, as in single-object mode.
+        let alone = RecordMapper::new(topics.clone(), confluent.clone());
+        assert_eq!(alone.unknown_writer_schema(&event), None);
+        assert!(alone.records(&event).is_err());
+
+        // The port is never asked here: the id is learned as a lookup would learn it.
+        let registry = RegistryClient::new("http://127.0.0.1:9/apis/ccompat/v7").unwrap();
+        let mut mapper = RecordMapper::new(topics, confluent).with_registry(registry);
+        assert_eq!(
+            mapper.unknown_writer_schema(&event),
+            Some(("test.book-bookstore.events.BookAdded".to_owned(), older))
+        );
+        assert_eq!(mapper.unknown_writer_schema(&saved_book_added(None)), None);
+        assert!(mapper.records(&event).is_err(), "not learned yet");
+        mapper.other_versions.insert(older, 42);
+        assert_eq!(mapper.unknown_writer_schema(&event), None);
+        let value = mapper.records(&event).unwrap()[0].value.clone().unwrap();
+        assert_eq!(value[..5], [0, 0, 0, 0, 42]);
+        assert_eq!(value[5..], event.payload);
+        // This version's own datums keep this version's id.
+        let current = saved_book_added(None);
+        let value = mapper.records(&current).unwrap()[0].value.clone().unwrap();
+        assert_eq!(value[..5], [0, 0, 0, 0, 11]);
     }
 
     #[test]

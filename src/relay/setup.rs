@@ -50,9 +50,13 @@ pub async fn kafka_relay<O: Outbox + Clone + 'static>(
     // Kafka-side identity: the relay of THIS store. Another store relaying to the same topics
     // under the same relay id must neither fence this one nor read its checkpoint.
     let transactional_id = format!("{relay_id}.{}", outbox.store_id().await?);
+    let mut mapper = RecordMapper::new(topics, wire);
+    if let Some(registry) = kafka.schema_registry_client()? {
+        mapper = mapper.with_registry(registry);
+    }
     let publisher = KafkaPublisher::new(
         kafka.clone(),
-        RecordMapper::new(topics, wire),
+        mapper,
         settings.delivery,
         transactional_id,
         checkpoint_topic,

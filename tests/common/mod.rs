@@ -310,3 +310,33 @@ pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str)
         .unwrap();
     assert!(exit.success(), "{name} exited with {exit:?} after SIGTERM");
 }
+
+/// `BookAdded`'s schema as a version of the contract without the optional `description` would
+/// have it: the schema another version wrote an event with, for tests of such events.
+#[allow(dead_code)] // Used by some of the test crates that include this module.
+pub fn book_added_without_description() -> String {
+    let contract = bookstore::codec::contract::contract("BookAdded").unwrap();
+    let mut schema: serde_json::Value = serde_json::from_str(contract.schema_json()).unwrap();
+    let fields = schema["fields"].as_array_mut().unwrap();
+    let before = fields.len();
+    fields.retain(|field| field["name"] != "description");
+    assert_eq!(
+        fields.len(),
+        before - 1,
+        "BookAdded has a description field"
+    );
+    schema.to_string()
+}
+
+/// A `BookAdded` datum of this version, without a description, as
+/// [`book_added_without_description`] writes it: `description` is its last field, and its
+/// null is the one byte of the union's first branch.
+#[allow(dead_code)]
+pub fn without_description(datum: &[u8]) -> Vec<u8> {
+    let (last, rest) = datum.split_last().unwrap();
+    assert_eq!(
+        *last, 0,
+        "a BookAdded without description ends with the null branch"
+    );
+    rest.to_vec()
+}
