@@ -3,21 +3,19 @@
 //! whose headers are the fact's but for an id of its own and no `content-type`.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt::Write;
 
 use chrono::format::{Fixed, Item, Numeric, Pad};
 use rdkafka::message::{Header, OwnedHeaders};
 use uuid::fmt::Hyphenated;
 
-use std::collections::HashMap;
-
 use crate::codec::CodecError;
 use crate::codec::avro::fact_is_removal;
 use crate::codec::contract;
 use crate::codec::headers as h;
 use crate::codec::registry::{RegistryClient, RegistryError, subject_for};
-use crate::codec::wire::WireFormat;
-use crate::codec::wire::write_confluent;
+use crate::codec::wire::{WireFormat, write_confluent};
 use crate::domain::{EventKind, StoredEvent};
 use crate::kafka::Topics;
 
