@@ -16,6 +16,7 @@ use bookstore::config::{KafkaConfig, RelaySettings};
 use bookstore::domain::{
     AddBook, BookCommand, BookId, EventKind, EventPayload, Price, StoredEvent,
 };
+use bookstore::relay::visibility::VisibilityWatch;
 use bookstore::relay::{
     DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayError, RelayReport,
     RunMode, kafka_relay,
@@ -545,6 +546,67 @@ async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transa
         .unwrap();
     assert!(refused.contains("a transaction has held"), "{refused}");
     assert!(refused.contains("Hanging transactions"), "{refused}");
+}
+
+/// A commit that stays unreadable (behind a transaction that does not end) is noticed, and
+/// so is its end.
+#[tokio::test]
+async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable() {
+    let fixture = Fixture::new().await;
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    let topics = fixture.kafka.topics();
+    let specs = topics.specs(fixture.kafka.partitions, fixture.kafka.replication_factor);
+    bookstore::kafka::provision_topics(&fixture.kafka, &specs)
+        .await
+        .unwrap();
+    let patience = Duration::from_secs(1);
+    let watch = VisibilityWatch::start(&fixture.kafka, &topics.relay_checkpoint, patience).unwrap();
+
+    let blocking = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
+    // This relay's commit, behind it.
+    let relay: FutureProducer = fixture
+        .kafka
+        .relay_producer_config(Some(&relay_id))
+        .create()
+        .unwrap();
+    let initialiser = relay.clone();
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    relay.begin_transaction().unwrap();
+    let delivered = relay
+        .send(
+            FutureRecord::to(&topics.relay_checkpoint)
+                .key(relay_id.as_str())
+                .payload("7"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let committer = relay.clone();
+    tokio::task::spawn_blocking(move || committer.commit_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    watch.committed(delivered.offset);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while watch.unreadable_for() < patience {
+        assert!(tokio::time::Instant::now() < deadline, "never noticed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::task::spawn_blocking(move || blocking.abort_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    while watch.unreadable_for() > Duration::ZERO {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never readable again"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// A transactional producer of another store's relay, with a transaction open on the

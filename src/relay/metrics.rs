@@ -13,6 +13,9 @@ pub const BATCHES: &str = "bookstore_relay_batches_total";
 pub const SEND_ERRORS: &str = "bookstore_relay_send_errors_total";
 pub const BACKLOG: &str = "bookstore_relay_backlog_events";
 pub const LAST_POSITION: &str = "bookstore_relay_last_published_position";
+/// Exactly once: how long the oldest committed transaction not yet readable by `read_committed`
+/// readers has been so (0: everything committed is readable); see [`super::visibility`].
+pub const UNREADABLE_COMMIT: &str = "bookstore_relay_unreadable_commit_seconds";
 
 pub(crate) fn record_batch(events: u64, facts: u64, last_position: u64) {
     metrics::counter!(PUBLISHED_EVENTS, "kind" => "fact").increment(facts);
@@ -27,6 +30,10 @@ pub(crate) fn record_position(position: u64) {
 
 pub(crate) fn record_backlog(events: u64) {
     metrics::gauge!(BACKLOG).set(events as f64);
+}
+
+pub(crate) fn record_unreadable_commit(for_: std::time::Duration) {
+    metrics::gauge!(UNREADABLE_COMMIT).set(for_.as_secs_f64());
 }
 
 pub(crate) fn record_send_error() {

@@ -41,6 +41,7 @@ pub mod metrics;
 mod publisher;
 pub mod record;
 mod setup;
+pub mod visibility;
 
 pub use publisher::{
     DeliveryMode, EventPublisher, KafkaPublisher, PublishError, TRANSACTIONAL_PRODUCERS,

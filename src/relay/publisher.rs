@@ -26,6 +26,7 @@ use tracing::{debug, info};
 
 use super::checkpoint::{self, CheckpointError};
 use super::record::{OutboundRecord, RecordMapper};
+use super::visibility::VisibilityWatch;
 use crate::codec::{CodecError, RegistryError};
 use crate::config::KafkaConfig;
 use crate::domain::StoredEvent;
@@ -180,6 +181,8 @@ pub struct KafkaPublisher {
     spare_deliveries: Vec<DeliveryFuture>,
     /// At-least-once batches committed but not yet fully acknowledged, oldest first.
     unconfirmed: VecDeque<SentBatch>,
+    /// Exactly once: whether what this relay commits becomes readable (see [`VisibilityWatch`]).
+    visibility: Option<VisibilityWatch>,
 }
 
 impl KafkaPublisher {
@@ -202,6 +205,7 @@ impl KafkaPublisher {
             batch_last: None,
             spare_deliveries: Vec::new(),
             unconfirmed: VecDeque::new(),
+            visibility: None,
         }
     }
 
@@ -271,19 +275,26 @@ impl KafkaPublisher {
     /// Sends the checkpoint, awaits every record of the transaction, commits.
     async fn commit_transaction(&mut self) -> Result<(), PublishError> {
         let last = self.batch_last.take();
+        let mut checkpoint_delivery = None;
         if let Some(last) = last {
             let value = checkpoint::checkpoint_value(last);
             let checkpoint = FutureRecord::to(&self.checkpoint_topic)
                 .key(self.relay_id.as_str())
                 .payload(value.as_str());
-            let delivery = send_record(self.producer(), checkpoint).await?;
-            self.deliveries.push(delivery);
+            checkpoint_delivery = Some(send_record(self.producer(), checkpoint).await?);
         }
         await_deliveries(&mut self.deliveries).await?;
+        let checkpoint_offset = match checkpoint_delivery {
+            Some(delivery) => Some(delivered_offset(delivery).await?),
+            None => None,
+        };
         let producer = self.producer();
         kafka::commit_transaction(producer, self.transaction_timeout())
             .await
             .map_err(PublishError::from_kafka)?;
+        if let (Some(watch), Some(offset)) = (&self.visibility, checkpoint_offset) {
+            watch.committed(offset);
+        }
         self.turn = (self.turn + 1) % self.producers.len();
         Ok(())
     }
@@ -360,6 +371,7 @@ impl KafkaPublisher {
         self.deliveries.clear();
         self.batch_last = None;
         self.unconfirmed.clear();
+        self.visibility = None;
         let producers = std::mem::take(&mut self.producers);
         if producers.is_empty() {
             return false;
@@ -433,6 +445,16 @@ impl EventPublisher for KafkaPublisher {
         let position =
             checkpoint::read_checkpoint(&self.config, &self.checkpoint_topic, &self.relay_id)
                 .await?;
+        // Twice the transaction timeout: another producer's transaction may hold readers up to
+        // its own timeout (usually the same), and one that outlives that will not end.
+        self.visibility = Some(
+            VisibilityWatch::start(
+                &self.config,
+                &self.checkpoint_topic,
+                2 * self.transaction_timeout(),
+            )
+            .map_err(PublishError::from_kafka)?,
+        );
         info!(relay_id = %self.relay_id, ?position, "transactional producers ready");
         Ok(position)
     }
@@ -529,6 +551,15 @@ where
 
 /// Awaits every delivery of `deliveries`, leaving the list empty (its capacity kept for the
 /// next batch). On an error the rest are dropped unawaited.
+/// Awaits one record's acknowledgement and returns its offset.
+async fn delivered_offset(delivery: DeliveryFuture) -> Result<i64, PublishError> {
+    match delivery.await {
+        Ok(Ok(delivered)) => Ok(delivered.offset),
+        Ok(Err((error, _))) => Err(PublishError::from_kafka(error)),
+        Err(_canceled) => Err(PublishError::Retryable(KafkaError::Canceled)),
+    }
+}
+
 async fn await_deliveries(deliveries: &mut Vec<DeliveryFuture>) -> Result<(), PublishError> {
     for delivery in deliveries.drain(..) {
         match delivery.await {
