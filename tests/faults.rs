@@ -561,6 +561,23 @@ struct Chaos {
     figures: Figures,
 }
 
+/// With `BOOKSTORE_FAULTS_LOGS`, the broker's logs join the services' (as `broker/`), whether
+/// the run passed or not.
+impl Drop for Chaos {
+    fn drop(&mut self) {
+        if std::env::var_os("BOOKSTORE_FAULTS_LOGS").is_none() {
+            return;
+        }
+        let kept = self.logs.path().join("broker");
+        let _ = std::fs::create_dir_all(&kept);
+        if let Ok(entries) = std::fs::read_dir(self.broker.logs()) {
+            for entry in entries.flatten() {
+                let _ = std::fs::copy(entry.path(), kept.join(entry.file_name()));
+            }
+        }
+    }
+}
+
 impl Chaos {
     async fn start(delivery: &'static str) -> Self {
         let seed = seed();
@@ -1169,7 +1186,7 @@ async fn chaos(delivery: &'static str) -> Figures {
     audit(&mut chaos, writes.removed).await;
     chaos.figures.elapsed = started.elapsed();
     chaos.figures.show();
-    chaos.figures
+    std::mem::take(&mut chaos.figures)
 }
 
 /// Parses `hanging: <topic>-<partition> producer <id> epoch <e>, open since offset <o>, …` (as

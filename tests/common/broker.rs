@@ -48,6 +48,12 @@ impl PrivateBroker {
         }
     }
 
+    /// The broker's own logs (`server.log` and the rest).
+    #[allow(dead_code)] // Used by some of the test crates that include this module.
+    pub fn logs(&self) -> std::path::PathBuf {
+        self.state.path().join("kafka/logs")
+    }
+
     pub fn bootstrap_servers(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
