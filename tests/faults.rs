@@ -916,6 +916,8 @@ impl Chaos {
     /// last record of every transaction it commits: none, or one above the position the relay
     /// recorded as published, is a transaction it never committed. (The relay records each
     /// commit within moments; a transaction counts as hanging only after [`HANGING_MIN_AGE`].)
+    /// "None" rests on what was seen: a hanging transaction held every partition it wrote,
+    /// the checkpoint partition included, never some of them.
     async fn end_hanging_transactions(&mut self, waiting_since: Instant) {
         if waiting_since.elapsed() < HANGING_CHECK_AFTER
             || self
