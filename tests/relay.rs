@@ -16,6 +16,7 @@ use bookstore::config::{KafkaConfig, RelaySettings};
 use bookstore::domain::{
     AddBook, BookCommand, BookId, EventKind, EventPayload, Price, StoredEvent,
 };
+use bookstore::kafka::Topics;
 use bookstore::relay::visibility::VisibilityWatch;
 use bookstore::relay::{
     DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayError, RelayReport,
@@ -142,6 +143,16 @@ impl Fixture {
             .run(RunMode::Once, Shutdown::never())
             .await
             .unwrap()
+    }
+
+    /// Creates the topics (as a relay's setup would) and returns their names.
+    async fn provision_topics(&self) -> Topics {
+        let topics = self.kafka.topics();
+        let specs = topics.specs(self.kafka.partitions, self.kafka.replication_factor);
+        bookstore::kafka::provision_topics(&self.kafka, &specs)
+            .await
+            .unwrap();
+        topics
     }
 
     async fn all_events(&self) -> Vec<StoredEvent> {
@@ -507,11 +518,7 @@ async fn a_checkpoint_behind_another_producers_open_transaction_is_still_found()
             starting.await.unwrap()
         );
     }
-    let aborter = other.clone();
-    tokio::task::spawn_blocking(move || aborter.abort_transaction(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap();
+    abort(other).await;
     assert_eq!(starting.await.unwrap().unwrap(), Some(last));
 }
 
@@ -522,11 +529,7 @@ async fn a_checkpoint_behind_another_producers_open_transaction_is_still_found()
 async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transaction() {
     let fixture = Fixture::new().await;
     let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
-    let topics = fixture.kafka.topics();
-    let specs = topics.specs(fixture.kafka.partitions, fixture.kafka.replication_factor);
-    bookstore::kafka::provision_topics(&fixture.kafka, &specs)
-        .await
-        .unwrap();
+    let topics = fixture.provision_topics().await;
     let other = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
 
     let mut impatient = fixture.kafka.clone();
@@ -539,11 +542,7 @@ async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transa
         topics.relay_checkpoint.clone(),
     );
     let refused = publisher.start().await.unwrap_err().to_string();
-    let aborter = other.clone();
-    tokio::task::spawn_blocking(move || aborter.abort_transaction(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap();
+    abort(other).await;
     assert!(refused.contains("a transaction has held"), "{refused}");
     assert!(refused.contains("Hanging transactions"), "{refused}");
 }
@@ -554,26 +553,13 @@ async fn a_checkpoint_held_open_for_the_whole_wait_is_reported_as_an_open_transa
 async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable() {
     let fixture = Fixture::new().await;
     let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
-    let topics = fixture.kafka.topics();
-    let specs = topics.specs(fixture.kafka.partitions, fixture.kafka.replication_factor);
-    bookstore::kafka::provision_topics(&fixture.kafka, &specs)
-        .await
-        .unwrap();
+    let topics = fixture.provision_topics().await;
     let patience = Duration::from_secs(1);
     let watch = VisibilityWatch::start(&fixture.kafka, &topics.relay_checkpoint, patience).unwrap();
 
     let blocking = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
     // This relay's commit, behind it.
-    let relay: FutureProducer = fixture
-        .kafka
-        .relay_producer_config(Some(&relay_id))
-        .create()
-        .unwrap();
-    let initialiser = relay.clone();
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap();
+    let relay = transactional_producer(&fixture, &relay_id).await;
     relay.begin_transaction().unwrap();
     let delivered = relay
         .send(
@@ -596,10 +582,7 @@ async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable(
         assert!(tokio::time::Instant::now() < deadline, "never noticed");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    tokio::task::spawn_blocking(move || blocking.abort_transaction(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap();
+    abort(blocking).await;
     while watch.unreadable_for() > Duration::ZERO {
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -612,16 +595,7 @@ async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable(
 /// A transactional producer of another store's relay, with a transaction open on the
 /// checkpoint partition (as one that died mid-transaction leaves it); abort it to end it.
 async fn open_transaction_on_the_checkpoint(fixture: &Fixture, relay_id: &str) -> FutureProducer {
-    let other: FutureProducer = fixture
-        .kafka
-        .relay_producer_config(Some(&format!("{relay_id}.another-store")))
-        .create()
-        .unwrap();
-    let (initialiser, timeout) = (other.clone(), fixture.kafka.request_timeout());
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
-        .await
-        .unwrap()
-        .unwrap();
+    let other = transactional_producer(fixture, &format!("{relay_id}.another-store")).await;
     other.begin_transaction().unwrap();
     other
         .send(
@@ -633,6 +607,29 @@ async fn open_transaction_on_the_checkpoint(fixture: &Fixture, relay_id: &str) -
         .await
         .unwrap();
     other
+}
+
+/// A relay's transactional producer for `transactional_id`, initialised.
+async fn transactional_producer(fixture: &Fixture, transactional_id: &str) -> FutureProducer {
+    let producer: FutureProducer = fixture
+        .kafka
+        .relay_producer_config(Some(transactional_id))
+        .create()
+        .unwrap();
+    let (initialiser, timeout) = (producer.clone(), fixture.kafka.request_timeout());
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
+        .await
+        .unwrap()
+        .unwrap();
+    producer
+}
+
+/// Aborts `producer`'s open transaction.
+async fn abort(producer: FutureProducer) {
+    tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
 }
 
 async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) {
