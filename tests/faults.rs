@@ -1479,3 +1479,46 @@ fn a_hanging_transaction_line_parses_into_partition_producer_and_offset() {
         None
     );
 }
+
+/// How the suite tells whether the relay committed a hanging transaction: by the checkpoint
+/// record it holds, read uncommitted while the transaction is still open.
+#[tokio::test]
+async fn an_open_transactions_checkpoint_record_is_read_uncommitted() {
+    use rdkafka::producer::Producer as _;
+    let kafka = common::kafka_config();
+    let topics = kafka.topics();
+    let specs = topics.specs(kafka.partitions, kafka.replication_factor);
+    bookstore::kafka::provision_topics(&kafka, &specs)
+        .await
+        .unwrap();
+    let producer: rdkafka::producer::FutureProducer = kafka
+        .relay_producer_config(Some(&common::unique("open")))
+        .create()
+        .unwrap();
+    let initialiser = producer.clone();
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    producer.begin_transaction().unwrap();
+    let delivered = producer
+        .send(
+            rdkafka::producer::FutureRecord::to(&topics.relay_checkpoint)
+                .key("relay")
+                .payload("1234"),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    let (reader, topic) = (kafka.clone(), topics.relay_checkpoint.clone());
+    let read =
+        tokio::task::spawn_blocking(move || checkpoint_at(&reader, &topic, delivered.offset))
+            .await
+            .unwrap();
+    tokio::task::spawn_blocking(move || producer.abort_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(read, Some(1234));
+}
