@@ -1491,15 +1491,7 @@ async fn an_open_transactions_checkpoint_record_is_read_uncommitted() {
     bookstore::kafka::provision_topics(&kafka, &specs)
         .await
         .unwrap();
-    let producer: rdkafka::producer::FutureProducer = kafka
-        .relay_producer_config(Some(&common::unique("open")))
-        .create()
-        .unwrap();
-    let initialiser = producer.clone();
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(Duration::from_secs(10)))
-        .await
-        .unwrap()
-        .unwrap();
+    let producer = common::transactional_producer(&kafka, &common::unique("open")).await;
     producer.begin_transaction().unwrap();
     let delivered = producer
         .send(

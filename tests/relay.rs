@@ -559,7 +559,7 @@ async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable(
 
     let blocking = open_transaction_on_the_checkpoint(&fixture, &relay_id).await;
     // This relay's commit, behind it.
-    let relay = transactional_producer(&fixture, &relay_id).await;
+    let relay = common::transactional_producer(&fixture.kafka, &relay_id).await;
     relay.begin_transaction().unwrap();
     let delivered = relay
         .send(
@@ -595,7 +595,8 @@ async fn a_committed_checkpoint_left_unreadable_is_noticed_until_it_is_readable(
 /// A transactional producer of another store's relay, with a transaction open on the
 /// checkpoint partition (as one that died mid-transaction leaves it); abort it to end it.
 async fn open_transaction_on_the_checkpoint(fixture: &Fixture, relay_id: &str) -> FutureProducer {
-    let other = transactional_producer(fixture, &format!("{relay_id}.another-store")).await;
+    let other =
+        common::transactional_producer(&fixture.kafka, &format!("{relay_id}.another-store")).await;
     other.begin_transaction().unwrap();
     other
         .send(
@@ -607,21 +608,6 @@ async fn open_transaction_on_the_checkpoint(fixture: &Fixture, relay_id: &str) -
         .await
         .unwrap();
     other
-}
-
-/// A relay's transactional producer for `transactional_id`, initialised.
-async fn transactional_producer(fixture: &Fixture, transactional_id: &str) -> FutureProducer {
-    let producer: FutureProducer = fixture
-        .kafka
-        .relay_producer_config(Some(transactional_id))
-        .create()
-        .unwrap();
-    let (initialiser, timeout) = (producer.clone(), fixture.kafka.request_timeout());
-    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
-        .await
-        .unwrap()
-        .unwrap();
-    producer
 }
 
 /// Aborts `producer`'s open transaction.

@@ -562,13 +562,7 @@ async fn delivered_offset(delivery: DeliveryFuture) -> Result<i64, PublishError>
 
 async fn await_deliveries(deliveries: &mut Vec<DeliveryFuture>) -> Result<(), PublishError> {
     for delivery in deliveries.drain(..) {
-        match delivery.await {
-            Ok(Ok(_)) => {}
-            Ok(Err((error, _))) => return Err(PublishError::from_kafka(error)),
-            Err(_canceled) => {
-                return Err(PublishError::Retryable(KafkaError::Canceled));
-            }
-        }
+        delivered_offset(delivery).await?;
     }
     Ok(())
 }

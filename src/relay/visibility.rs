@@ -104,12 +104,11 @@ async fn run(
                 continue;
             }
         };
-        let verdict = tracker.observe(last_stable, latest, Instant::now());
-        unreadable_ms.store(
-            tracker.unreadable_for(Instant::now()).as_millis() as u64,
-            Ordering::Relaxed,
-        );
-        metrics::record_unreadable_commit(tracker.unreadable_for(Instant::now()));
+        let now = Instant::now();
+        let verdict = tracker.observe(last_stable, latest, now);
+        let unreadable_for = tracker.unreadable_for(now);
+        unreadable_ms.store(unreadable_for.as_millis() as u64, Ordering::Relaxed);
+        metrics::record_unreadable_commit(unreadable_for);
         match verdict {
             Verdict::Fine => {}
             Verdict::Stuck { offset, for_ } => error!(

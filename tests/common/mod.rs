@@ -311,6 +311,25 @@ pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str)
     assert!(exit.success(), "{name} exited with {exit:?} after SIGTERM");
 }
 
+/// A relay's transactional producer for `transactional_id` on `kafka`, initialised.
+#[allow(dead_code)] // Used by some of the test crates that include this module.
+pub async fn transactional_producer(
+    kafka: &KafkaConfig,
+    transactional_id: &str,
+) -> rdkafka::producer::FutureProducer {
+    use rdkafka::producer::Producer as _;
+    let producer: rdkafka::producer::FutureProducer = kafka
+        .relay_producer_config(Some(transactional_id))
+        .create()
+        .unwrap();
+    let (initialiser, timeout) = (producer.clone(), kafka.request_timeout());
+    tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
+        .await
+        .unwrap()
+        .unwrap();
+    producer
+}
+
 /// `BookAdded`'s schema as a version of the contract without the optional `description` would
 /// have it: the schema another version wrote an event with, for tests of such events.
 #[allow(dead_code)] // Used by some of the test crates that include this module.
