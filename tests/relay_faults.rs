@@ -19,7 +19,7 @@ use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::{EventStore, Outbox, SqliteStore};
 use common::Received;
-use common::broker::PrivateBroker;
+use common::broker::{EndHanging, PrivateBroker};
 
 async fn write_books(service: &BookService<SqliteStore, AvroCodec>, books: usize, updates: i64) {
     let mut ids = Vec::new();
@@ -491,4 +491,91 @@ async fn a_relay_asked_to_stop_during_a_broker_outage_stops_after_its_grace_peri
     let events = store.read_after(0, 1_000_000).await.unwrap();
     let records = read_all(&kafka, events.len()).await;
     assert_exactly_once_in_order(&events, &first_copies(&records));
+}
+
+/// The operator's tool for hanging transactions (`kafka.sh hanging-transactions`, see the
+/// README) against two real ones: transactions open on a partition that their coordinator
+/// knows nothing of, as a lost marker leaves them. The one ended as committed becomes readable
+/// to `read_committed` readers, the aborted one never does, and neither holds readers up after.
+#[tokio::test]
+async fn hanging_transactions_end_as_committed_or_aborted_with_the_operator_tool() {
+    use rdkafka::consumer::Consumer;
+
+    let broker = PrivateBroker::start().await;
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("hanging");
+    let topics = kafka.topics();
+    let specs = topics.specs(kafka.partitions, kafka.replication_factor);
+    bookstore::kafka::provision_topics(&kafka, &specs)
+        .await
+        .unwrap();
+    let topic = topics.book.as_str();
+    let to_commit = broker
+        .orphan_transaction(topic, 0, "operator-commits", "committed by the tool")
+        .await;
+    let to_abort = broker
+        .orphan_transaction(topic, 1, "operator-aborts", "aborted by the tool")
+        .await;
+
+    let found = broker.hanging_transactions(Duration::ZERO, None).await;
+    for (partition, producer) in [(0, to_commit), (1, to_abort)] {
+        let prefix = format!("hanging: {topic}-{partition} producer {producer} ");
+        assert!(
+            found.iter().any(|line| line.starts_with(&prefix)),
+            "{prefix} not in {found:?}"
+        );
+    }
+    let reader = kafka.consumer(&common::unique("probe")).unwrap();
+    let stable_end = |partition| {
+        reader
+            .fetch_watermarks(topic, partition, Duration::from_secs(10))
+            .unwrap()
+            .1
+    };
+    assert_eq!(
+        (stable_end(0), stable_end(1)),
+        (0, 0),
+        "read_committed readers stop at each"
+    );
+
+    let committed = broker
+        .hanging_transactions(Duration::ZERO, Some((EndHanging::Commit, to_commit)))
+        .await;
+    assert!(
+        committed
+            .iter()
+            .any(|line| line.starts_with(&format!("committed {topic}-0 producer {to_commit} "))),
+        "{committed:?}"
+    );
+    let aborted = broker
+        .hanging_transactions(Duration::ZERO, Some((EndHanging::Abort, to_abort)))
+        .await;
+    assert!(
+        aborted
+            .iter()
+            .any(|line| line.starts_with(&format!("aborted {topic}-1 producer {to_abort} "))),
+        "{aborted:?}"
+    );
+
+    let received = common::consume_committed(
+        &kafka,
+        &[topic],
+        1,
+        Duration::from_secs(30),
+        Duration::from_secs(3),
+    )
+    .await;
+    let values: Vec<_> = received
+        .iter()
+        .map(|record| (record.partition, record.value.clone()))
+        .collect();
+    assert_eq!(values, [(0, Some(b"committed by the tool".to_vec()))]);
+    // Each partition: the record and the marker; readable to its end.
+    assert_eq!((stable_end(0), stable_end(1)), (2, 2));
+    assert!(
+        broker
+            .hanging_transactions(Duration::ZERO, None)
+            .await
+            .is_empty()
+    );
 }

@@ -4,11 +4,15 @@
 # cached outside the repository; they are fetched only when the cache is missing.
 #
 # Usage: deploy/kafka/kafka.sh start|stop|restart|status|logs [-f]
-#        deploy/kafka/kafka.sh hanging-transactions [--abort | --abort-producer <id>] [min-age-ms]
+#        deploy/kafka/kafka.sh hanging-transactions [--abort | --abort-producer <id> | --commit-producer <id>] [min-age-ms]
+#        deploy/kafka/kafka.sh orphan-transaction <topic> <partition> <transactional-id> <value>
 #   hanging-transactions lists transactions left open on a partition that their coordinator no
-#   longer holds open (last write at least min-age-ms ago, default 60000), and with --abort
-#   ends them (or only those of one producer id) with an abort marker. Aborting a transaction
-#   the relay had committed loses its events: see the README, "Hanging transactions".
+#   longer holds open (last write at least min-age-ms ago, default 60000); --abort ends them (or
+#   only those of one producer id) with an abort marker, --commit-producer ends that producer's
+#   as committed. Which one is right depends on whether the relay committed the transaction:
+#   see the README, "Hanging transactions" (aborting a committed one loses its events).
+#   orphan-transaction is for tests of those: it leaves a transaction open on a partition that
+#   its coordinator knows nothing of, the state a lost marker leaves (prints its producer id).
 #
 # Environment:
 #   KAFKA_PORT             broker listener port on 127.0.0.1 (default 9092)
@@ -40,7 +44,7 @@ LOG4J="-Dlog4j2.configurationFile=$HERE/log4j2.properties -Dkafka.logs.dir=$LOG_
 say() { echo "kafka.sh: $*"; }
 die() { echo "kafka.sh: $*" >&2; exit 1; }
 usage() {
-  echo "usage: $0 start|stop|restart|status|logs [-f]|hanging-transactions [--abort | --abort-producer <id>] [min-age-ms]" >&2
+  echo "usage: $0 start|stop|restart|status|logs [-f]|hanging-transactions [--abort | --abort-producer <id> | --commit-producer <id>] [min-age-ms]|orphan-transaction <topic> <partition> <transactional-id> <value>" >&2
   exit 2
 }
 
@@ -196,15 +200,25 @@ status() {
   return 1
 }
 
-# Lists (and with --abort, aborts) hanging transactions; see HangingTransactions.java.
+# Runs one of the Java tools (deploy/kafka/src) against the broker.
+java_tool() {
+  fetch
+  mkdir -p "$LOG_DIR"
+  # shellcheck disable=SC2086
+  "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 $LOG4J -Dkafka.log.file=tools.log -Dkafka.log.level=warn \
+    -cp "$CLASSPATH_" "bookstore.kafka.$1" "$BOOTSTRAP" "${@:2}"
+}
+
+# Lists (and with --abort, aborts; with --commit-producer, commits) hanging transactions; see
+# HangingTransactions.java.
 hanging_transactions() {
-  local abort=() min_age=60000
+  local action=() min_age=60000
   while (($#)); do
     case "$1" in
-      --abort) abort=(--abort) ;;
-      --abort-producer)
+      --abort) action=(--abort) ;;
+      --abort-producer | --commit-producer)
         [[ "${2:-}" =~ ^[0-9]+$ ]] || usage
-        abort=(--abort-producer "$2")
+        action=("$1" "$2")
         shift
         ;;
       [0-9]*) min_age="$1" ;;
@@ -212,11 +226,7 @@ hanging_transactions() {
     esac
     shift
   done
-  fetch
-  mkdir -p "$LOG_DIR"
-  # shellcheck disable=SC2086
-  "$JAVA" -Xmx128m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 $LOG4J -Dkafka.log.file=tools.log -Dkafka.log.level=warn \
-    -cp "$CLASSPATH_" bookstore.kafka.HangingTransactions "$BOOTSTRAP" "$min_age" "${abort[@]}"
+  java_tool HangingTransactions "$min_age" "${action[@]}"
 }
 
 [[ $# -ge 1 ]] || usage
@@ -226,6 +236,10 @@ case "$1" in
   restart) stop && start ;;
   status) status ;;
   hanging-transactions) shift && hanging_transactions "$@" ;;
+  orphan-transaction)
+    [[ $# -eq 5 ]] || usage
+    shift && java_tool OrphanTransaction "$@"
+    ;;
   logs)
     [[ -f "$LOG" ]] || die "no log yet at $LOG"
     if [[ "${2:-}" == "-f" ]]; then tail -n 100 -f "$LOG"; else tail -n 100 "$LOG"; fi

@@ -59,29 +59,36 @@ impl PrivateBroker {
     }
 
     /// Lists the broker's hanging transactions whose last write is at least `min_age` old
-    /// (`kafka.sh hanging-transactions`, see the README, "Hanging transactions"), and aborts
-    /// those of producer `abort` if given; returns what it printed of each one it found
-    /// (`hanging: …`, with its coordinator's view) and did (`aborted …`, `could not abort …`,
-    /// `ended meanwhile …`).
+    /// (`kafka.sh hanging-transactions`, see the README, "Hanging transactions"), and ends
+    /// those of one producer if `end` says so; returns what it printed of each one it found
+    /// (`hanging: …`, with its coordinator's view) and did (`aborted …`, `committed …`,
+    /// `could not …`, `ended meanwhile …`, `no hanging transaction of producer …`).
     #[allow(dead_code)] // Used by some of the test crates that include this module.
     pub async fn hanging_transactions(
         &self,
         min_age: std::time::Duration,
-        abort: Option<u64>,
+        end: Option<(EndHanging, u64)>,
     ) -> Vec<String> {
         let min_age = min_age.as_millis().to_string();
-        let producer = abort.map(|producer| producer.to_string());
+        let end = end.map(|(how, producer)| {
+            let flag = match how {
+                EndHanging::Abort => "--abort-producer",
+                EndHanging::Commit => "--commit-producer",
+            };
+            (flag, producer.to_string())
+        });
         let mut args = vec!["hanging-transactions", min_age.as_str()];
-        if let Some(producer) = &producer {
-            args.extend(["--abort-producer", producer.as_str()]);
+        if let Some((flag, producer)) = &end {
+            args.extend([*flag, producer.as_str()]);
         }
         let output = tokio::process::Command::from(self.script(&args))
             .output()
             .await
             .unwrap();
         let stdout = String::from_utf8_lossy(&output.stdout);
+        // Exit status 3: a commit could not be made, which its lines say.
         assert!(
-            output.status.success(),
+            output.status.success() || output.status.code() == Some(3),
             "kafka.sh hanging-transactions failed: {stdout}{}",
             String::from_utf8_lossy(&output.stderr)
         );
@@ -91,8 +98,10 @@ impl PrivateBroker {
                 [
                     "hanging: ",
                     "aborted ",
-                    "could not abort ",
+                    "committed ",
+                    "could not ",
                     "ended meanwhile ",
+                    "no hanging transaction of producer ",
                 ]
                 .iter()
                 .any(|prefix| line.starts_with(prefix))
@@ -100,6 +109,55 @@ impl PrivateBroker {
             .map(str::to_owned)
             .collect()
     }
+
+    /// Leaves a transaction of `transactional_id` open on `topic`'s `partition`, holding one
+    /// record with `value`, that its coordinator knows nothing of (`kafka.sh
+    /// orphan-transaction`): the state a lost marker leaves. Returns its producer id.
+    #[allow(dead_code)] // Used by some of the test crates that include this module.
+    pub async fn orphan_transaction(
+        &self,
+        topic: &str,
+        partition: i32,
+        transactional_id: &str,
+        value: &str,
+    ) -> u64 {
+        let partition = partition.to_string();
+        let args = [
+            "orphan-transaction",
+            topic,
+            &partition,
+            transactional_id,
+            value,
+        ];
+        let output = tokio::process::Command::from(self.script(&args))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "kafka.sh orphan-transaction failed: {stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // "orphan: <topic>-<partition> producer <id> epoch <epoch> at offset <offset>"
+        stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("orphan: "))
+            .and_then(|line| line.split(" producer ").nth(1))
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|id| id.parse().ok())
+            .unwrap_or_else(|| panic!("no producer id in {stdout}"))
+    }
+}
+
+/// How `kafka.sh hanging-transactions` ends one producer's hanging transactions.
+#[allow(dead_code)] // Used by some of the test crates that include this module.
+#[derive(Debug, Clone, Copy)]
+pub enum EndHanging {
+    /// With an abort marker: for a transaction its producer never committed.
+    Abort,
+    /// As committed: for one whose commit Kafka accepted but never marked.
+    Commit,
 }
 
 impl Drop for PrivateBroker {
