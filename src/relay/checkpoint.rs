@@ -28,12 +28,13 @@ pub enum CheckpointError {
     #[error("reading the relay checkpoint from {topic} did not finish within {timeout:?}")]
     Timeout { topic: String, timeout: Duration },
     /// A transaction stayed open on the checkpoint partition for the whole wait. One that
-    /// outlives every producer's transaction timeout is hanging, and only an operator ends it.
+    /// outlives every producer's transaction timeout is hanging, and only an operator ends it
+    /// (aborts it, or commits it if this relay had committed it).
     #[error(
         "a transaction has held {topic} open at offset {last_stable} (its end is \
          {high_watermark}) for {waited:?}; if that lasts beyond the producers' transaction \
-         timeout it is a hanging transaction, which an operator must abort: see the README, \
-         \"Hanging transactions\""
+         timeout it is a hanging transaction, which an operator must end (abort it, or commit \
+         it if this relay had committed it): see the README, \"Hanging transactions\""
     )]
     OpenTransaction {
         topic: String,

@@ -118,8 +118,9 @@ async fn run(
                 seconds = for_.as_secs(),
                 "a transaction this relay committed is still unreadable: every read_committed \
                  reader of its partitions (the projection included) is stuck behind a \
-                 transaction that Kafka does not end. Kafka may have lost this relay's commit \
-                 markers; do not abort it before reading the README, \"Hanging transactions\""
+                 transaction that Kafka does not end. If it is one of this relay's own, Kafka \
+                 lost its commit markers: stop the relay and commit it, never abort it; see the \
+                 README, \"Hanging transactions\""
             ),
             Verdict::Readable { after } => info!(
                 topic,
