@@ -81,18 +81,9 @@ impl PrivateBroker {
         if let Some((flag, producer)) = &end {
             args.extend([*flag, producer.as_str()]);
         }
-        let output = tokio::process::Command::from(self.script(&args))
-            .output()
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
         // Exit status 3: a commit could not be made, which its lines say.
-        assert!(
-            output.status.success() || output.status.code() == Some(3),
-            "kafka.sh hanging-transactions failed: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
-        stdout
+        self.script_output(&args, &[0, 3])
+            .await
             .lines()
             .filter(|line| {
                 [
@@ -108,6 +99,28 @@ impl PrivateBroker {
             })
             .map(str::to_owned)
             .collect()
+    }
+
+    /// Runs `kafka.sh` with `args` and returns what it printed, failing unless it exited with
+    /// one of `statuses`.
+    #[allow(dead_code)] // Used by some of the test crates that include this module.
+    async fn script_output(&self, args: &[&str], statuses: &[i32]) -> String {
+        let output = tokio::process::Command::from(self.script(args))
+            .output()
+            .await
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        assert!(
+            output
+                .status
+                .code()
+                .is_some_and(|code| statuses.contains(&code)),
+            "kafka.sh {} failed ({}): {stdout}{}",
+            args.join(" "),
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout
     }
 
     /// Leaves a transaction of `transactional_id` open on `topic`'s `partition`, holding one
@@ -129,16 +142,7 @@ impl PrivateBroker {
             transactional_id,
             value,
         ];
-        let output = tokio::process::Command::from(self.script(&args))
-            .output()
-            .await
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&output.stdout);
-        assert!(
-            output.status.success(),
-            "kafka.sh orphan-transaction failed: {stdout}{}",
-            String::from_utf8_lossy(&output.stderr)
-        );
+        let stdout = self.script_output(&args, &[0]).await;
         // "orphan: <topic>-<partition> producer <id> epoch <epoch> at offset <offset>"
         stdout
             .lines()
