@@ -54,8 +54,12 @@ use tokio::process::{Child, Command};
 const LEASE_TTL_MS: &str = "2500";
 
 /// A SIGKILLed projector holds its partitions until the broker misses its heartbeats (45 s by
-/// default); a short session lets its successor take over within seconds.
-const PROJECTOR_KAFKA_OPTIONS: &str = "session.timeout.ms=6000,heartbeat.interval.ms=1000";
+/// default); a short session lets its successor take over within seconds. The short rebalance
+/// timeout (`max.poll.interval.ms`) makes a projector that librdkafka leaves outside the group
+/// join again with a new consumer after 21 s rather than 345 s (see
+/// `Session::stuck_outside_group`), well within the suite's patience.
+const PROJECTOR_KAFKA_OPTIONS: &str =
+    "session.timeout.ms=6000,heartbeat.interval.ms=1000,max.poll.interval.ms=15000";
 
 const SIGKILL: i32 = 9;
 
@@ -514,6 +518,55 @@ fn log_tail(path: &Path) -> String {
     lines[lines.len().saturating_sub(30)..].join("\n")
 }
 
+/// The broker's log lines (of `server.log` and the files rolled from it, oldest first) that
+/// concern a hanging transaction: those naming one of `transactional_ids`, and those of the
+/// transaction coordinator's marker sender and of log truncation. At most the last `limit`.
+/// Printed with each hanging transaction found, so that a run's output (CI keeps nothing else)
+/// says what the broker did with the transaction's markers.
+fn broker_log_about(logs: &Path, transactional_ids: &[String], limit: usize) -> Vec<String> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(logs)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|path| {
+                    path.file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with("server.log"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    // server.log.2 is older than server.log.1, which is older than server.log (number 0).
+    files.sort_by_key(|path| {
+        let rolled = path.file_name().and_then(|name| {
+            name.to_str()?
+                .strip_prefix("server.log.")?
+                .parse::<u32>()
+                .ok()
+        });
+        std::cmp::Reverse(rolled.unwrap_or(0))
+    });
+    let mut lines: Vec<String> = files
+        .iter()
+        .flat_map(|path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .lines()
+                .filter(|line| {
+                    transactional_ids
+                        .iter()
+                        .any(|id| line.contains(id.as_str()))
+                        || line.contains("TransactionMarker")
+                        || line.contains("Truncat")
+                })
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    lines.drain(..lines.len().saturating_sub(limit));
+    lines
+}
+
 /// The value of counter `name` at the metrics endpoint `address` (0 while the counter does not
 /// exist yet); `None` when the endpoint does not answer.
 fn scrape_counter(address: SocketAddr, name: &str) -> Option<u64> {
@@ -564,6 +617,8 @@ struct Chaos {
     projector: Option<Process>,
     head_at_last_kill: u64,
     hanging_checked_at: Option<Instant>,
+    /// Whether the broker's log about hanging transactions was printed (once a run).
+    hanging_logged: bool,
     figures: Figures,
 }
 
@@ -608,6 +663,7 @@ impl Chaos {
             projector: None,
             head_at_last_kill: 0,
             hanging_checked_at: None,
+            hanging_logged: false,
             figures: Figures {
                 mode: delivery,
                 seed,
@@ -1012,6 +1068,19 @@ impl Chaos {
         for note in notes {
             eprintln!("seed {}: {note}", self.figures.seed);
             self.figures.kill_log.push(note);
+        }
+        if !found.is_empty() && !self.hanging_logged {
+            self.hanging_logged = true;
+            let ids: Vec<String> = found
+                .iter()
+                .filter_map(|line| line.split("transactional id ").nth(1))
+                .filter_map(|rest| rest.split(' ').next())
+                .map(str::to_owned)
+                .collect();
+            eprintln!("seed {}: the broker's log about them:", self.figures.seed);
+            for line in broker_log_about(&self.broker.logs(), &ids, 120) {
+                eprintln!("  {line}");
+            }
         }
         ended
     }
@@ -1551,4 +1620,34 @@ async fn an_open_transactions_checkpoint_record_is_read_uncommitted() {
         .unwrap()
         .unwrap();
     assert_eq!(read, Some(1234));
+}
+
+#[test]
+fn the_broker_log_about_a_hanging_transaction_keeps_its_lines_oldest_first() {
+    let logs = tempfile::tempdir().unwrap();
+    let write = |name: &str, text: &str| std::fs::write(logs.path().join(name), text).unwrap();
+    write("server.log.2", "old: txn-a initialised\nold: unrelated\n");
+    write(
+        "server.log.1",
+        "mid: TransactionMarkerChannelManager retry\n",
+    );
+    write(
+        "server.log",
+        "new: Truncating book-0 to 5\nnew: txn-b initialised\nnew: txn-a fenced\n",
+    );
+    write("controller.log", "txn-a elsewhere\n");
+    let ids = ["txn-a".to_owned()];
+    assert_eq!(
+        broker_log_about(logs.path(), &ids, 10),
+        [
+            "old: txn-a initialised",
+            "mid: TransactionMarkerChannelManager retry",
+            "new: Truncating book-0 to 5",
+            "new: txn-a fenced"
+        ]
+    );
+    assert_eq!(
+        broker_log_about(logs.path(), &ids, 2),
+        ["new: Truncating book-0 to 5", "new: txn-a fenced"]
+    );
 }

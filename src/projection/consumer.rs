@@ -86,6 +86,39 @@ struct AssignmentState {
     lag: Option<i64>,
     /// Why an assignment could not be made safely; ends the session.
     failure: Option<AssignFailure>,
+    /// Since when librdkafka's group handler has been outside a steady membership, as its
+    /// statistics tell (see [`Session::stuck_outside_group`]).
+    outside_group: Option<OutsideGroup>,
+}
+
+/// A stretch of time outside a steady group membership: joining, syncing, waiting for the
+/// coordinator, or for the application to take a rebalance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct OutsideGroup {
+    since: Instant,
+    /// librdkafka's names for the group handler's state and its join state, last seen.
+    state: String,
+    join_state: String,
+}
+
+impl OutsideGroup {
+    /// The stretch after statistics that say `state` and `join_state` at `now`: `None` once the
+    /// membership is steady again, else the earlier stretch (or a new one) with these states.
+    fn track(
+        earlier: Option<OutsideGroup>,
+        state: &str,
+        join_state: &str,
+        now: Instant,
+    ) -> Option<OutsideGroup> {
+        if join_state == "steady" {
+            return None;
+        }
+        Some(OutsideGroup {
+            since: earlier.map_or(now, |earlier| earlier.since),
+            state: state.to_owned(),
+            join_state: join_state.to_owned(),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -207,10 +240,18 @@ impl<S: ReportStore> ClientContext for ProjectionContext<S> {
     /// watermarks. Not the lag gauge: a member that owns nothing has nothing to report, so the
     /// gauge is measured from the stored offsets instead (see [`super::lag`]).
     fn stats(&self, statistics: Statistics) {
+        let mut state = self.state();
+        if let Some(group) = &statistics.cgrp {
+            state.outside_group = OutsideGroup::track(
+                state.outside_group.take(),
+                &group.state,
+                &group.join_state,
+                Instant::now(),
+            );
+        }
         let Some(topic) = statistics.topics.get(&self.topic) else {
             return;
         };
-        let mut state = self.state();
         let mut total = 0;
         for partition in topic.partitions.values() {
             if !state.owned.contains(&partition.partition) || partition.app_offset < 0 {
@@ -306,10 +347,27 @@ pub struct Session<S: ReportStore + Clone + 'static> {
     topic: String,
     /// The next offset stored in the database per owned partition, as far as this member knows.
     stored: HashMap<i32, i64>,
+    /// Longer than any healthy join takes (see [`Session::stuck_outside_group`]).
+    stuck_after: Duration,
 }
 
 /// How often librdkafka reports statistics, and so how often [`Session::lag`] moves.
 const STATISTICS_INTERVAL_MS: &str = "5000";
+
+/// How long the group handler may stay outside a steady membership before the session counts
+/// as stuck: the rebalance timeout (`max.poll.interval.ms`, which the classic protocol gives
+/// the other members to rejoin) plus a session timeout, from `config` or librdkafka's defaults.
+fn stuck_after(config: &rdkafka::ClientConfig) -> Duration {
+    let millis = |key: &str, default: u64| {
+        config
+            .get(key)
+            .and_then(|value| value.parse().ok())
+            .unwrap_or(default)
+    };
+    Duration::from_millis(
+        millis("max.poll.interval.ms", 300_000) + millis("session.timeout.ms", 45_000),
+    )
+}
 
 impl<S: ReportStore + Clone + 'static> Session<S> {
     /// Joins `group` and subscribes to the fact topic. Must be called inside a Tokio runtime.
@@ -324,6 +382,7 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             revocations: Arc::new(AsyncMutex::new(())),
         };
         let mut config = kafka.consumer_config(group);
+        let stuck_after = stuck_after(&config);
         config.set("enable.partition.eof", "true");
         if config.get("statistics.interval.ms").is_none() {
             config.set("statistics.interval.ms", STATISTICS_INTERVAL_MS);
@@ -342,6 +401,27 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             consumer: Some(Arc::new(consumer)),
             topic,
             stored: HashMap::new(),
+            stuck_after,
+        })
+    }
+
+    /// An error when librdkafka's group handler has been outside a steady membership for longer
+    /// than a healthy join takes: the rebalance timeout (`max.poll.interval.ms`) that the other
+    /// members may take to rejoin, plus a session timeout. The caller then leaves and joins
+    /// again with a new consumer.
+    ///
+    /// Why: in the fault suite, librdkafka 2.12.1 once lost its assignment during a broker
+    /// outage (its session timed out), revoked the partitions, and never sent another
+    /// JoinGroup: the broker came back, dropped the member when its session expired, and the
+    /// projector sat without partitions, polling, with nothing in its log, until the suite gave
+    /// up two minutes later. A fresh consumer joins at once.
+    pub fn stuck_outside_group(&self) -> Option<ProjectionError> {
+        let outside = self.consumer().context().state().outside_group.clone()?;
+        let waited = outside.since.elapsed();
+        (waited > self.stuck_after).then(|| ProjectionError::OutsideGroup {
+            waited,
+            state: outside.state,
+            join_state: outside.join_state,
         })
     }
 
@@ -678,4 +758,46 @@ fn positions<S: ReportStore>(
             _ => None,
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stretch_outside_the_group_starts_at_the_first_unsteady_statistics_and_ends_when_steady() {
+        let start = Instant::now();
+        let later = start + Duration::from_secs(5);
+        let joining = OutsideGroup::track(None, "up", "wait-join", start);
+        assert_eq!(
+            joining,
+            Some(OutsideGroup {
+                since: start,
+                state: "up".into(),
+                join_state: "wait-join".into(),
+            })
+        );
+        // Still outside, in another state: the stretch keeps its start, with the new states.
+        let waiting = OutsideGroup::track(joining, "wait-coord", "init", later);
+        assert_eq!(
+            waiting,
+            Some(OutsideGroup {
+                since: start,
+                state: "wait-coord".into(),
+                join_state: "init".into(),
+            })
+        );
+        assert_eq!(OutsideGroup::track(waiting, "up", "steady", later), None);
+        assert_eq!(OutsideGroup::track(None, "up", "steady", later), None);
+    }
+
+    #[test]
+    fn a_session_is_stuck_after_the_rebalance_timeout_and_a_session_timeout() {
+        let mut config = rdkafka::ClientConfig::new();
+        assert_eq!(stuck_after(&config), Duration::from_secs(300 + 45));
+        config
+            .set("max.poll.interval.ms", "15000")
+            .set("session.timeout.ms", "6000");
+        assert_eq!(stuck_after(&config), Duration::from_secs(21));
+    }
 }

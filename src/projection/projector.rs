@@ -104,6 +104,17 @@ pub enum ProjectionError {
          group before rebuilding"
     )]
     GroupActive { group: String, members: usize },
+    /// librdkafka left this member outside a steady group membership for longer than a join
+    /// can take (see `Session::stuck_outside_group`); a new consumer joins again.
+    #[error(
+        "this member has been outside a steady group membership for {waited:?} (librdkafka's \
+         group state {state}, join state {join_state}), longer than a healthy join takes"
+    )]
+    OutsideGroup {
+        waited: Duration,
+        state: String,
+        join_state: String,
+    },
 }
 
 impl From<StoreError> for ProjectionError {
@@ -139,7 +150,7 @@ impl ProjectionError {
                 StoreError::Database(_) | StoreError::Timeout(_) | StoreError::Unreachable { .. },
             ) => true,
             ProjectionError::Setup(KafkaSetupError::Unreachable { .. }) => true,
-            ProjectionError::Kafka(_) => true,
+            ProjectionError::Kafka(_) | ProjectionError::OutsideGroup { .. } => true,
             ProjectionError::DeadLetter(DlqError::Kafka { .. } | DlqError::Timeout { .. }) => true,
             ProjectionError::Registry(error) => error.is_retryable(),
             _ => false,
@@ -152,6 +163,7 @@ impl ProjectionError {
             ProjectionError::Store(_) => "store",
             ProjectionError::DeadLetter(_) => "dlq",
             ProjectionError::Registry(_) => "registry",
+            ProjectionError::OutsideGroup { .. } => "group",
             _ => "kafka",
         }
     }
@@ -409,6 +421,11 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         let mut pending = self.poll_batch(session);
         loop {
             let mut batch = session.receive(pending).await?;
+            if let Some(stuck) = session.stuck_outside_group() {
+                // The batch is dropped unapplied, nothing of it stored: the next session reads
+                // it again from the stored offsets.
+                return Err(stuck);
+            }
             if shutdown.is_triggered() {
                 // The batch is dropped unapplied, nothing of it stored: the next run reads it.
                 return Ok(Stop::Shutdown);
