@@ -976,11 +976,11 @@ impl Chaos {
     /// it sometimes stayed open on the partitions it wrote while its coordinator had ended it
     /// (see [`kills_relays_after_restarts`]): the coordinator sent its markers during the
     /// broker's controlled shutdown, found the partitions without a leader, took them for
-    /// deleted and skipped them (KAFKA-20734; the README, "Hanging transactions"). The local
-    /// broker now stops without a controlled shutdown, which should end this; the suite still
-    /// looks, since any other moment without a leader would do the same. Nothing in Kafka ends
-    /// such a transaction, and every `read_committed` reader of those partitions stops at it,
-    /// the relay's checkpoint reader included. Two kinds were seen:
+    /// deleted and skipped them (KAFKA-20734; the README, "Hanging transactions"). Without a
+    /// controlled shutdown the same happens at the restart instead, when the broker fences its
+    /// previous incarnation. Nothing in Kafka ends such a transaction, and every
+    /// `read_committed` reader of those partitions stops at it, the relay's checkpoint reader
+    /// included. Two kinds were seen:
     /// * one the relay never committed (its producer timed out in an outage): aborting it
     ///   loses nothing, the relay sends its events again from its last committed checkpoint;
     /// * one the relay did commit, whose commit markers Kafka never wrote: aborting it would
