@@ -22,11 +22,7 @@ public final class BrokerCheck {
       System.exit(2);
     }
     int timeoutMs = args.length == 2 ? Integer.parseInt(args[1]) : 3000;
-    Properties props = new Properties();
-    props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, args[0]);
-    props.put(AdminClientConfig.CLIENT_ID_CONFIG, "bookstore-broker-check");
-    props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, timeoutMs);
-    props.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, timeoutMs);
+    Properties props = Admins.settings(args[0], "bookstore-broker-check", timeoutMs);
     props.put(AdminClientConfig.RECONNECT_BACKOFF_MAX_MS_CONFIG, 500);
     int status = 1;
     try (Admin admin = Admin.create(props)) {

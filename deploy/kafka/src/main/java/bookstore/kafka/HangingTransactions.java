@@ -9,7 +9,6 @@ import java.util.Set;
 import java.util.concurrent.TimeUnit;
 import org.apache.kafka.clients.admin.AbortTransactionSpec;
 import org.apache.kafka.clients.admin.Admin;
-import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.ListTopicsOptions;
 import org.apache.kafka.clients.admin.ListTransactionsOptions;
 import org.apache.kafka.clients.admin.DescribeProducersResult.PartitionProducerState;
@@ -21,13 +20,11 @@ import org.apache.kafka.clients.admin.TransactionState;
 import org.apache.kafka.common.Node;
 import org.apache.kafka.common.TopicPartition;
 import org.apache.kafka.common.message.EndTxnRequestData;
-import org.apache.kafka.common.message.InitProducerIdRequestData;
 import org.apache.kafka.common.protocol.Errors;
 import org.apache.kafka.common.requests.AddPartitionsToTxnRequest;
 import org.apache.kafka.common.requests.AddPartitionsToTxnResponse;
 import org.apache.kafka.common.requests.EndTxnRequest;
 import org.apache.kafka.common.requests.EndTxnResponse;
-import org.apache.kafka.common.requests.InitProducerIdRequest;
 import org.apache.kafka.common.requests.InitProducerIdResponse;
 
 /**
@@ -84,11 +81,7 @@ public final class HangingTransactions {
     long minAgeMs = Long.parseLong(args[1]);
     String mode = args.length >= 3 ? args[2] : "";
     Long onlyProducer = args.length == 4 ? Long.parseLong(args[3]) : null;
-    Properties props = new Properties();
-    props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, args[0]);
-    props.put(AdminClientConfig.CLIENT_ID_CONFIG, "bookstore-hanging-transactions");
-    props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, TIMEOUT_MS);
-    props.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, TIMEOUT_MS);
+    Properties props = Admins.settings(args[0], "bookstore-hanging-transactions", TIMEOUT_MS);
     try (Admin admin = Admin.create(props)) {
       List<AbortTransactionSpec> hanging = find(admin, minAgeMs);
       if (mode.equals("--commit-producer")) {
@@ -179,18 +172,7 @@ public final class HangingTransactions {
     List<TopicPartition> partitions =
         specs.stream().map(AbortTransactionSpec::topicPartition).distinct().toList();
     try (KafkaWire wire = KafkaWire.connect(coordinator.host(), coordinator.port())) {
-      InitProducerIdResponse init =
-          KafkaWire.retryWhileBusy(
-              () ->
-                  wire.send(
-                      new InitProducerIdRequest.Builder(
-                              new InitProducerIdRequestData()
-                                  .setTransactionalId(transactionalId)
-                                  .setTransactionTimeoutMs(TIMEOUT_MS)
-                                  .setProducerId(-1)
-                                  .setProducerEpoch((short) -1))
-                          .build((short) 4)),
-              InitProducerIdResponse::error);
+      InitProducerIdResponse init = wire.initProducerId(transactionalId, TIMEOUT_MS);
       if (init.error() != Errors.NONE) {
         System.out.println("could not commit: InitProducerId failed: " + init.error());
         return 0;

@@ -8,9 +8,12 @@ import java.net.Socket;
 import java.nio.ByteBuffer;
 import java.nio.channels.Channels;
 import java.util.function.Function;
+import org.apache.kafka.common.message.InitProducerIdRequestData;
 import org.apache.kafka.common.protocol.Errors;
 import org.apache.kafka.common.requests.AbstractRequest;
 import org.apache.kafka.common.requests.AbstractResponse;
+import org.apache.kafka.common.requests.InitProducerIdRequest;
+import org.apache.kafka.common.requests.InitProducerIdResponse;
 import org.apache.kafka.common.requests.RequestHeader;
 
 /**
@@ -57,6 +60,25 @@ final class KafkaWire implements AutoCloseable {
     byte[] response = new byte[in.readInt()];
     in.readFully(response);
     return (R) AbstractResponse.parseResponse(ByteBuffer.wrap(response), header);
+  }
+
+  /**
+   * Takes {@code transactionalId}'s producer id at its next epoch ({@code InitProducerId}, the
+   * version of before transaction version 2), which fences whoever used the id before.
+   */
+  InitProducerIdResponse initProducerId(String transactionalId, int transactionTimeoutMs)
+      throws Exception {
+    return retryWhileBusy(
+        () ->
+            send(
+                new InitProducerIdRequest.Builder(
+                        new InitProducerIdRequestData()
+                            .setTransactionalId(transactionalId)
+                            .setTransactionTimeoutMs(transactionTimeoutMs)
+                            .setProducerId(-1)
+                            .setProducerEpoch((short) -1))
+                    .build((short) 4)),
+        InitProducerIdResponse::error);
   }
 
   interface Request<R> {

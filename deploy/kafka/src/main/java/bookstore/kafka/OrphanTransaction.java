@@ -7,7 +7,6 @@ import java.util.Map;
 import java.util.Properties;
 import java.util.Set;
 import org.apache.kafka.clients.admin.Admin;
-import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.AlterConfigOp;
 import org.apache.kafka.clients.admin.ConfigEntry;
 import org.apache.kafka.clients.admin.TopicDescription;
@@ -15,7 +14,6 @@ import org.apache.kafka.common.Node;
 import org.apache.kafka.common.compress.Compression;
 import org.apache.kafka.common.config.ConfigResource;
 import org.apache.kafka.common.message.FindCoordinatorRequestData;
-import org.apache.kafka.common.message.InitProducerIdRequestData;
 import org.apache.kafka.common.message.ProduceRequestData;
 import org.apache.kafka.common.message.ProduceResponseData;
 import org.apache.kafka.common.protocol.Errors;
@@ -23,7 +21,6 @@ import org.apache.kafka.common.record.internal.MemoryRecords;
 import org.apache.kafka.common.record.internal.SimpleRecord;
 import org.apache.kafka.common.requests.FindCoordinatorRequest;
 import org.apache.kafka.common.requests.FindCoordinatorResponse;
-import org.apache.kafka.common.requests.InitProducerIdRequest;
 import org.apache.kafka.common.requests.InitProducerIdResponse;
 import org.apache.kafka.common.requests.ProduceRequest;
 import org.apache.kafka.common.requests.ProduceResponse;
@@ -56,11 +53,7 @@ public final class OrphanTransaction {
     int partition = Integer.parseInt(args[2]);
     String transactionalId = args[3];
     byte[] value = args[4].getBytes(StandardCharsets.UTF_8);
-    Properties props = new Properties();
-    props.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, args[0]);
-    props.put(AdminClientConfig.CLIENT_ID_CONFIG, "bookstore-orphan-transaction");
-    props.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, TIMEOUT_MS);
-    props.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, TIMEOUT_MS);
+    Properties props = Admins.settings(args[0], "bookstore-orphan-transaction", TIMEOUT_MS);
     try (Admin admin = Admin.create(props)) {
       TopicDescription description =
           admin.describeTopics(Set.of(topic)).allTopicNames().get().get(topic);
@@ -68,18 +61,7 @@ public final class OrphanTransaction {
       setVerification(admin, leader, false);
       try (KafkaWire wire = KafkaWire.connect(leader.host(), leader.port())) {
         awaitCoordinator(wire, transactionalId);
-        InitProducerIdResponse init =
-            KafkaWire.retryWhileBusy(
-                () ->
-                    wire.send(
-                        new InitProducerIdRequest.Builder(
-                                new InitProducerIdRequestData()
-                                    .setTransactionalId(transactionalId)
-                                    .setTransactionTimeoutMs(TIMEOUT_MS)
-                                    .setProducerId(-1)
-                                    .setProducerEpoch((short) -1))
-                            .build((short) 4)),
-                InitProducerIdResponse::error);
+        InitProducerIdResponse init = wire.initProducerId(transactionalId, TIMEOUT_MS);
         check("InitProducerId", init.error());
         long producerId = init.data().producerId();
         short epoch = init.data().producerEpoch();
