@@ -517,12 +517,18 @@ async fn hanging_transactions_end_as_committed_or_aborted_with_the_operator_tool
         .orphan_transaction(topic, 1, "operator-aborts", "aborted by the tool")
         .await;
 
+    // Whether the tool printed a line starting with `prefix`.
+    let assert_printed = |lines: &[String], prefix: String| {
+        assert!(
+            lines.iter().any(|line| line.starts_with(&prefix)),
+            "{prefix} not in {lines:?}"
+        );
+    };
     let found = broker.hanging_transactions(Duration::ZERO, None).await;
     for (partition, producer) in [(0, to_commit), (1, to_abort)] {
-        let prefix = format!("hanging: {topic}-{partition} producer {producer} ");
-        assert!(
-            found.iter().any(|line| line.starts_with(&prefix)),
-            "{prefix} not in {found:?}"
+        assert_printed(
+            &found,
+            format!("hanging: {topic}-{partition} producer {producer} "),
         );
     }
     let reader = kafka.consumer(&common::unique("probe")).unwrap();
@@ -541,21 +547,14 @@ async fn hanging_transactions_end_as_committed_or_aborted_with_the_operator_tool
     let committed = broker
         .hanging_transactions(Duration::ZERO, Some((EndHanging::Commit, to_commit)))
         .await;
-    assert!(
-        committed
-            .iter()
-            .any(|line| line.starts_with(&format!("committed {topic}-0 producer {to_commit} "))),
-        "{committed:?}"
+    assert_printed(
+        &committed,
+        format!("committed {topic}-0 producer {to_commit} "),
     );
     let aborted = broker
         .hanging_transactions(Duration::ZERO, Some((EndHanging::Abort, to_abort)))
         .await;
-    assert!(
-        aborted
-            .iter()
-            .any(|line| line.starts_with(&format!("aborted {topic}-1 producer {to_abort} "))),
-        "{aborted:?}"
-    );
+    assert_printed(&aborted, format!("aborted {topic}-1 producer {to_abort} "));
 
     let received = common::consume_committed(
         &kafka,

@@ -416,12 +416,13 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     /// projector sat without partitions, polling, with nothing in its log, until the suite gave
     /// up two minutes later. A fresh consumer joins at once.
     pub fn stuck_outside_group(&self) -> Option<ProjectionError> {
-        let outside = self.consumer().context().state().outside_group.clone()?;
+        let state = self.consumer().context().state();
+        let outside = state.outside_group.as_ref()?;
         let waited = outside.since.elapsed();
         (waited > self.stuck_after).then(|| ProjectionError::OutsideGroup {
             waited,
-            state: outside.state,
-            join_state: outside.join_state,
+            state: outside.state.clone(),
+            join_state: outside.join_state.clone(),
         })
     }
 
