@@ -85,7 +85,13 @@ final class KafkaWire implements AutoCloseable {
     R send() throws Exception;
   }
 
-  /** Sends again while the coordinator is busy (loading, or ending an earlier transaction). */
+  /**
+   * Sends again while the coordinator is busy: loading, ending an earlier transaction, or not
+   * yet taking over. The last happens on a fresh cluster: the first FindCoordinator creates the
+   * transaction state topic and names its leader as coordinator, which answers NOT_COORDINATOR
+   * until it has become leader of that partition (seen once in CI). The tools talk to one
+   * broker, so asking it again is right; a wrong broker would answer so until the deadline.
+   */
   static <R> R retryWhileBusy(Request<R> request, Function<R, Errors> error)
       throws Exception {
     long deadline = System.currentTimeMillis() + TIMEOUT_MS;
@@ -93,7 +99,10 @@ final class KafkaWire implements AutoCloseable {
       R response = request.send();
       Errors code = error.apply(response);
       boolean busy =
-          code == Errors.CONCURRENT_TRANSACTIONS || code == Errors.COORDINATOR_LOAD_IN_PROGRESS;
+          code == Errors.CONCURRENT_TRANSACTIONS
+              || code == Errors.COORDINATOR_LOAD_IN_PROGRESS
+              || code == Errors.COORDINATOR_NOT_AVAILABLE
+              || code == Errors.NOT_COORDINATOR;
       if (!busy || System.currentTimeMillis() > deadline) {
         return response;
       }
