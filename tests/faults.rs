@@ -301,12 +301,10 @@ impl Figures {
     fn assert_faults_landed_and_nothing_lost(&self) {
         let mode = self.mode;
         assert!(self.relay_kills >= 10, "{mode}: fewer than 10 relay kills");
-        if kills_relays_after_restarts(mode) {
-            assert!(
-                self.relay_kills_during_outage >= 1,
-                "{mode}: no relay killed during an outage"
-            );
-        }
+        assert!(
+            self.relay_kills_during_outage >= 1,
+            "{mode}: no relay killed during an outage"
+        );
         assert!(self.broker_outages >= 3, "{mode}: fewer than 3 outages");
         assert!(
             self.outages_ridden_out >= 1,
@@ -615,6 +613,8 @@ struct Chaos {
     rng: Rng,
     relay: Option<Relay>,
     projector: Option<Process>,
+    /// The job [`Chaos::finish`] waits for.
+    job: Option<(Job, Process)>,
     head_at_last_kill: u64,
     hanging_checked_at: Option<Instant>,
     /// Whether the broker's log about hanging transactions was printed (once a run).
@@ -661,6 +661,7 @@ impl Chaos {
             rng: Rng(seed),
             relay: None,
             projector: None,
+            job: None,
             head_at_last_kill: 0,
             hanging_checked_at: None,
             hanging_logged: false,
@@ -967,6 +968,11 @@ impl Chaos {
         }
     }
 
+    /// Partitions of hanging transactions ended so far.
+    fn hanging_transactions_ended(&self) -> usize {
+        self.figures.hanging_transactions_aborted + self.figures.hanging_transactions_committed
+    }
+
     /// Ends hanging transactions as the README tells operators to, when a wait that began at
     /// `waiting_since` has made no progress for [`HANGING_CHECK_AFTER`]: aborts those the relay
     /// never committed, commits those it did. Returns whether it ended any, so that the wait
@@ -974,7 +980,7 @@ impl Chaos {
     ///
     /// On Kafka 4.4.0 (one KRaft node), a transaction of a relay whose broker restarted under
     /// it sometimes stayed open on the partitions it wrote while its coordinator had ended it
-    /// (see [`kills_relays_after_restarts`]): the coordinator sent its markers during the
+    /// (about one exactly-once run in five): the coordinator sent its markers during the
     /// broker's controlled shutdown, found the partitions without a leader, took them for
     /// deleted and skipped them (KAFKA-20734; the README, "Hanging transactions"). Without a
     /// controlled shutdown the same happens at the restart instead, when the broker fences its
@@ -986,8 +992,9 @@ impl Chaos {
     /// * one the relay did commit, whose commit markers Kafka never wrote: aborting it would
     ///   hide its events for good (a run that did lost 16). `kafka.sh hanging-transactions
     ///   --commit-producer` ends it as committed, through the relay's own transactional id, so
-    ///   the suite stops the relay first (its restarts re-initialise that id, and one between
-    ///   the tool's requests would abort the commit) and starts a new one after.
+    ///   the suite stops the relay first, the service or a `relay --once` job (its restarts
+    ///   re-initialise that id, and one between the tool's requests would abort the commit),
+    ///   and starts it again after.
     ///
     /// They are told apart by the transaction's checkpoint record, which a relay writes as the
     /// last record of every transaction it commits: none, or one above the position the relay
@@ -1041,16 +1048,23 @@ impl Chaos {
                     checkpoint.unwrap_or_default()
                 ));
                 let relay = self.relay.take();
-                let replace = relay.is_some();
+                let relay_job = self.job.take_if(|(job, _)| *job == Job::RelayOnce);
+                let (replace_relay, replace_job) = (relay.is_some(), relay_job.is_some());
                 if let Some(relay) = relay {
                     relay.process.terminate().await;
+                }
+                if let Some((_, job)) = relay_job {
+                    job.terminate().await;
                 }
                 let done = self
                     .broker
                     .hanging_transactions(HANGING_MIN_AGE, Some((EndHanging::Commit, producer)))
                     .await;
-                if replace {
+                if replace_relay {
                     self.spawn_relay(false);
+                }
+                if replace_job {
+                    self.spawn_job(Job::RelayOnce);
                 }
                 done
             } else {
@@ -1114,56 +1128,89 @@ impl Chaos {
         }
     }
 
-    /// Runs a job (`relay --once`, `project --until-caught-up`) to its successful end.
-    async fn finish(&mut self, name: &str, command: Command) {
-        let mut job = self.spawn(name, command, None);
+    /// Starts `job`; [`finish`](Self::finish) follows it.
+    fn spawn_job(&mut self, job: Job) {
+        let (name, command) = match job {
+            Job::RelayOnce => ("relay --once", self.relay_command(&["--once"])),
+            Job::CatchUp => (
+                "project --until-caught-up",
+                self.bookstore(&["project", "--group", &self.group, "--until-caught-up"]),
+            ),
+        };
+        let process = self.spawn(name, command, None);
+        self.job = Some((job, process));
+    }
+
+    /// Runs `job` to its successful end. A `relay --once` stopped to commit a hanging
+    /// transaction (see [`end_hanging_transactions`](Self::end_hanging_transactions)) is
+    /// started again.
+    async fn finish(&mut self, job: Job) {
+        self.spawn_job(job);
         let mut started = Instant::now();
-        let status = loop {
-            if let Some(status) = job.child.try_wait().unwrap() {
-                break status;
+        loop {
+            let (_, process) = self.job.as_mut().expect("the job runs");
+            if let Some(status) = process.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "{} failed ({status}); the end of its log:\n{}",
+                    process.name,
+                    log_tail(&process.log)
+                );
+                self.job = None;
+                return;
             }
             assert!(
                 started.elapsed() < Duration::from_secs(180),
                 "{} did not finish in 180 s; the end of its log:\n{}",
-                job.name,
-                log_tail(&job.log)
+                process.name,
+                log_tail(&process.log)
             );
-            // (A `relay --once` job is not stopped to commit a hanging transaction, as the
-            // suite's own relay is: none has been seen to arise without a broker restart.)
             if self.end_hanging_transactions(started).await {
                 started = Instant::now();
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
-        };
-        assert!(
-            status.success(),
-            "{} failed ({status}); the end of its log:\n{}",
-            job.name,
-            log_tail(&job.log)
-        );
+        }
     }
+}
+
+/// A one-off run the suite waits for, after the faults.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Job {
+    /// `relay --once`: publishes what the killed relays left.
+    RelayOnce,
+    /// `project --until-caught-up`: checks that the projector left nothing behind.
+    CatchUp,
 }
 
 /// The faults, while the writers write: `kills` rounds, each starting a relay (unless one
 /// runs), waiting for it to publish, and ending with its SIGKILL at a random moment; every
-/// fifth round, from the first, kills the projector too. At-least-once: every third round but
-/// the last stops the broker under the relay first (the first, third, … outage kills the relay
-/// while the broker is down; the others let it come through). Exactly-once: the broker is
-/// stopped three times after the kills, under a relay that comes through each outage and is
-/// then stopped with SIGTERM (see [`kills_relays_after_restarts`]).
+/// fifth round, from the first, kills the projector too. Every third round but the last stops
+/// the broker under the relay first: the first, third, … outage kills the relay while the
+/// broker is down, the others let it come through. So relays die before, during and after
+/// broker restarts, in both delivery modes.
+///
+/// (Until the suite could end hanging transactions, exactly-once runs killed relays only
+/// before the first restart: a relay killed after one sometimes left a transaction that
+/// Kafka never ended, see [`Chaos::end_hanging_transactions`].)
 async fn inject_faults(chaos: &mut Chaos, kills: u32) {
-    let interleaved = kills_relays_after_restarts(chaos.delivery);
     let mut outages = 0;
+    let mut hanging_ended = 0;
     for round in 1..=kills {
         if chaos.relay.is_none() {
             chaos.spawn_relay(false);
         }
         chaos.wait_for_relay_to_publish("a respawned relay").await;
+        if chaos.hanging_transactions_ended() > hanging_ended {
+            // A hanging transaction held the relays back for a minute while the writers wrote
+            // on: this relay publishes what piled up, not the final relay after the faults.
+            hanging_ended = chaos.hanging_transactions_ended();
+            chaos.wait_until_published(chaos.head().await).await;
+        }
         if round % 5 == 1 {
             chaos.kill_projector().await;
         }
         // Not in the last round: a relay killed in an outage is followed by another one.
-        if interleaved && round % 3 == 0 && round < kills {
+        if round % 3 == 0 && round < kills {
             outages += 1;
             let kill_during_outage = outages % 2 == 1;
             chaos.outage(kill_during_outage).await;
@@ -1175,39 +1222,6 @@ async fn inject_faults(chaos: &mut Chaos, kills: u32) {
         chaos.pause(moment).await;
         chaos.kill_relay(false).await;
     }
-    if interleaved {
-        return;
-    }
-    chaos.spawn_relay(false);
-    chaos
-        .wait_for_relay_to_publish("the relay after the kills")
-        .await;
-    for _ in 0..3 {
-        chaos.outage(false).await;
-    }
-    // What piled up during the outages is the relay's to publish, not the final relay's.
-    chaos.wait_until_published(chaos.head().await).await;
-    let relay = chaos.relay.take().expect("a relay runs");
-    relay.process.terminate().await;
-}
-
-/// Whether relays are SIGKILLed after the broker was restarted (during outages, and between
-/// them).
-///
-/// Not in exactly-once mode. There, on Kafka 4.4.0 (one KRaft node), an exactly-once relay
-/// SIGKILLed mid-transaction after the broker had been restarted sometimes (about one run in
-/// five with kills during outages, one in eight with kills between them) left its transaction
-/// hanging: open on every partition it had written, while the coordinator listed the
-/// transactional id as empty at the next epoch. Nothing ends such a transaction
-/// (`kafka-transactions.sh abort` would), so the checkpoint partition's last stable offset
-/// never moves, the successor cannot start, and every `read_committed` reader of those
-/// partitions stalls. The same with the cluster's `transaction.version` at 1. Kills before any
-/// restart never showed it; so exactly-once runs kill first and restart the broker afterwards.
-/// Outages the relay rides out showed it too, once in about ten runs (its transaction timed
-/// out during the outage); the suite then ends the hanging transaction as an operator would
-/// ([`Chaos::end_hanging_transactions`]). Documented in the README ("Hanging transactions").
-fn kills_relays_after_restarts(delivery: &str) -> bool {
-    delivery != "exactly-once"
 }
 
 /// Four writers running [`write_until`] on shared books.
@@ -1288,13 +1302,11 @@ async fn chaos(delivery: &'static str) -> Figures {
     // Whatever the killed relays left, a clean run publishes. The projector that went through
     // the last faults must then catch up by itself and stop as a service should; the catch-up
     // job after it checks that nothing is left.
-    let relay_once = chaos.relay_command(&["--once"]);
-    chaos.finish("relay --once", relay_once).await;
+    chaos.finish(Job::RelayOnce).await;
     chaos.wait_for_report_to_match_store().await;
     let projector = chaos.projector.take().expect("a projector runs");
     projector.terminate().await;
-    let catch_up = chaos.bookstore(&["project", "--group", &chaos.group, "--until-caught-up"]);
-    chaos.finish("project --until-caught-up", catch_up).await;
+    chaos.finish(Job::CatchUp).await;
 
     audit(&mut chaos, writes.removed).await;
     chaos.figures.elapsed = started.elapsed();
