@@ -8,6 +8,10 @@
 //! relay is publishing, and a projector is killed only once it has applied facts. A service
 //! that exits on its own during the chaos fails the suite.
 //!
+//! Three runs: exactly-once and at-least-once on PostgreSQL (the production store), and
+//! exactly-once on SQLite (the default store, one file shared by the suite's writers and the
+//! services' processes).
+//!
 //! Afterwards every partition is read up to its end, and the suite proves, and prints as
 //! figures: every committed event is on Kafka (0 lost), no book's records are out of order, no
 //! duplicates reach a `read_committed` reader in exactly-once mode (and how many did in
@@ -40,7 +44,7 @@ use bookstore::domain::{
 };
 use bookstore::projection::ReportStore;
 use bookstore::service::{BookService, CommandContext, ServiceError};
-use bookstore::store::{EventStore, Outbox, PostgresStore, StoreError};
+use bookstore::store::{AnyStore, EventStore, Outbox, StoreError};
 use common::Received;
 use common::broker::{EndHanging, PrivateBroker};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
@@ -140,6 +144,7 @@ impl Rng {
 #[derive(Debug, Default)]
 struct Figures {
     mode: &'static str,
+    database: Database,
     seed: u64,
     /// Every event in the store at the end.
     committed_events: usize,
@@ -215,8 +220,9 @@ impl Figures {
             text.push('\n');
         };
         line(format!(
-            "fault suite, {} mode (seed {}, {:.0} s):",
+            "fault suite, {} mode on {} (seed {}, {:.0} s):",
             self.mode,
+            self.database.name(),
             self.seed,
             self.elapsed.as_secs_f64()
         ));
@@ -299,7 +305,7 @@ impl Figures {
     /// What both delivery modes promise, and what shows that the faults really landed. The
     /// figures are shown before (see [`Figures::show`]).
     fn assert_faults_landed_and_nothing_lost(&self) {
-        let mode = self.mode;
+        let mode = format!("{} on {}", self.mode, self.database.name());
         assert!(self.relay_kills >= 10, "{mode}: fewer than 10 relay kills");
         assert!(
             self.relay_kills_during_outage >= 1,
@@ -336,6 +342,14 @@ impl Figures {
         assert_eq!(self.tombstone_faults, 0, "{mode}: tombstones wrong");
         assert_eq!(self.report_mismatches, 0, "{mode}: report differs");
     }
+
+    /// What exactly-once mode adds: no duplicate reaches a `read_committed` reader.
+    fn assert_faults_landed_and_nothing_duplicated(&self) {
+        self.assert_faults_landed_and_nothing_lost();
+        let text = self.render();
+        assert_eq!(self.duplicates, 0, "duplicates\n{text}");
+        assert_eq!(self.tombstone_duplicates, 0, "tombstone duplicates\n{text}");
+    }
 }
 
 /// What the writers did.
@@ -361,7 +375,7 @@ impl Writes {
 /// Random commands on the live `books` until `stop`: mostly price and detail changes, and now
 /// and then a book added or removed, so tombstones go through the faults too.
 async fn write_until(
-    service: Arc<BookService<PostgresStore, AvroCodec>>,
+    service: Arc<BookService<AnyStore, AvroCodec>>,
     books: Arc<Mutex<Vec<BookId>>>,
     stop: Arc<AtomicBool>,
     mut rng: Rng,
@@ -600,6 +614,26 @@ fn scrape_counter(address: SocketAddr, name: &str) -> Option<u64> {
     Some(value.map_or(0, |value| value as u64))
 }
 
+/// The store the writers, relays and projectors share.
+#[derive(Debug, Clone, Copy, Default)]
+enum Database {
+    /// The production store: one schema of `BOOKSTORE_TEST_DATABASE_URL` per run.
+    #[default]
+    Postgres,
+    /// The default store: one file, written by the suite's writers, the relays and the
+    /// projectors from their own processes.
+    Sqlite,
+}
+
+impl Database {
+    fn name(self) -> &'static str {
+        match self {
+            Database::Postgres => "PostgreSQL",
+            Database::Sqlite => "SQLite",
+        }
+    }
+}
+
 /// A relay process.
 struct Relay {
     process: Process,
@@ -619,7 +653,9 @@ struct Chaos {
     broker: PrivateBroker,
     kafka: KafkaConfig,
     database_url: String,
-    store: PostgresStore,
+    store: AnyStore,
+    /// Holds the SQLite file, which the suite and its services share, until the run ends.
+    _sqlite_folder: Option<tempfile::TempDir>,
     delivery: &'static str,
     group: String,
     relay_id: String,
@@ -656,19 +692,31 @@ impl Drop for Chaos {
 }
 
 impl Chaos {
-    async fn start(delivery: &'static str) -> Self {
+    async fn start(delivery: &'static str, database: Database) -> Self {
         let seed = seed();
         let broker = PrivateBroker::start().await;
         let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
         kafka.topic_prefix = common::unique("chaos");
         kafka.request_timeout_ms = 10_000;
-        let (store, database_url) = common::postgres_store_with_url().await;
+        let (store, database_url, sqlite_folder) = match database {
+            Database::Postgres => {
+                let (store, url) = common::postgres_store_with_url().await;
+                (AnyStore::Postgres(store), url, None)
+            }
+            Database::Sqlite => {
+                let folder = tempfile::tempdir().unwrap();
+                let url = format!("sqlite:{}", folder.path().join("bookstore.db").display());
+                let store = AnyStore::connect(&url).await.unwrap();
+                (store, url, Some(folder))
+            }
+        };
         let relay_id = format!("{}.relay", kafka.topic_prefix);
         Self {
             broker,
             kafka,
             database_url,
             store,
+            _sqlite_folder: sqlite_folder,
             delivery,
             group: common::unique("report"),
             relay_id,
@@ -683,6 +731,7 @@ impl Chaos {
             hanging_logged: false,
             figures: Figures {
                 mode: delivery,
+                database,
                 seed,
                 ..Figures::default()
             },
@@ -1247,11 +1296,7 @@ struct Writers {
 }
 
 impl Writers {
-    fn start(
-        service: BookService<PostgresStore, AvroCodec>,
-        books: Vec<BookId>,
-        seed: u64,
-    ) -> Self {
+    fn start(service: BookService<AnyStore, AvroCodec>, books: Vec<BookId>, seed: u64) -> Self {
         let service = Arc::new(service);
         let books = Arc::new(Mutex::new(books));
         let stop = Arc::new(AtomicBool::new(false));
@@ -1275,7 +1320,7 @@ impl Writers {
     }
 }
 
-async fn add_books(service: &BookService<PostgresStore, AvroCodec>, count: u64) -> Vec<BookId> {
+async fn add_books(service: &BookService<AnyStore, AvroCodec>, count: u64) -> Vec<BookId> {
     let mut books = Vec::new();
     for index in 0..count {
         let book_id = BookId::generate();
@@ -1289,9 +1334,9 @@ async fn add_books(service: &BookService<PostgresStore, AvroCodec>, count: u64) 
     books
 }
 
-async fn chaos(delivery: &'static str) -> Figures {
+async fn chaos(delivery: &'static str, database: Database) -> Figures {
     let started = Instant::now();
-    let mut chaos = Chaos::start(delivery).await;
+    let mut chaos = Chaos::start(delivery, database).await;
     let service = BookService::new(chaos.store.clone(), AvroCodec::new());
     let books = add_books(&service, 30 * scale()).await;
     let head_before_chaos = chaos.head().await;
@@ -1546,7 +1591,7 @@ fn audit_tombstones(figures: &mut Figures, removals: &HashSet<u64>, records: &[R
         .count();
 }
 
-async fn audit_report(figures: &mut Figures, store: &PostgresStore) {
+async fn audit_report(figures: &mut Figures, store: &AnyStore) {
     let report = compare_report(store).await;
     figures.report_rows = report.rows;
     figures.live_books = report.live_books;
@@ -1562,7 +1607,7 @@ struct ReportComparison {
 }
 
 /// The report must hold exactly the live books, each as the store has it.
-async fn compare_report(store: &PostgresStore) -> ReportComparison {
+async fn compare_report(store: &AnyStore) -> ReportComparison {
     let reports = store.list_reports().await.unwrap();
     let live = store.list_books().await.unwrap();
     let by_id: HashMap<BookId, _> = reports.iter().map(|row| (row.book_id, row)).collect();
@@ -1588,19 +1633,20 @@ async fn compare_report(store: &PostgresStore) -> ReportComparison {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exactly_once_pipeline_loses_nothing_and_duplicates_nothing_under_faults() {
-    let figures = chaos("exactly-once").await;
-    figures.assert_faults_landed_and_nothing_lost();
-    let text = figures.render();
-    assert_eq!(figures.duplicates, 0, "duplicates\n{text}");
-    assert_eq!(
-        figures.tombstone_duplicates, 0,
-        "tombstone duplicates\n{text}"
-    );
+    let figures = chaos("exactly-once", Database::Postgres).await;
+    figures.assert_faults_landed_and_nothing_duplicated();
+}
+
+/// The default deployment: exactly once, from the embedded SQLite store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exactly_once_pipeline_on_sqlite_loses_nothing_and_duplicates_nothing_under_faults() {
+    let figures = chaos("exactly-once", Database::Sqlite).await;
+    figures.assert_faults_landed_and_nothing_duplicated();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_least_once_pipeline_loses_nothing_and_keeps_order_under_faults() {
-    let figures = chaos("at-least-once").await;
+    let figures = chaos("at-least-once", Database::Postgres).await;
     // Duplicates are allowed in this mode; the figures show how many there were.
     figures.assert_faults_landed_and_nothing_lost();
 }
