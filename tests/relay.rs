@@ -714,11 +714,18 @@ async fn a_following_relay_publishes_a_new_commit_promptly_without_polling() {
 
 #[tokio::test]
 async fn a_following_at_least_once_relay_confirms_everything_once_caught_up() {
+    following_relay_confirms_everything_once_caught_up(DeliveryMode::AtLeastOnce).await;
+}
+
+#[tokio::test]
+async fn a_following_exactly_once_relay_confirms_everything_once_caught_up() {
+    following_relay_confirms_everything_once_caught_up(DeliveryMode::ExactlyOnce).await;
+}
+
+async fn following_relay_confirms_everything_once_caught_up(delivery: DeliveryMode) {
     let fixture = Fixture::new().await;
     fixture.write_books(10, 2).await; // 60 events
-    let relay = fixture
-        .relay_in_batches_of(DeliveryMode::AtLeastOnce, 8)
-        .await;
+    let relay = fixture.relay_in_batches_of(delivery, 8).await;
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
     let events = fixture.all_events().await;
@@ -726,8 +733,9 @@ async fn a_following_at_least_once_relay_confirms_everything_once_caught_up() {
     let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
     let store = fixture.store();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    // The last batch is only confirmed by settling once the outbox has nothing more: without
-    // that, the store's position would stay one batch behind while the relay waits.
+    // The last batch is only confirmed by settling once the relay has caught up: without
+    // that, the store's position would stay one batch behind while the relay waits (during a
+    // backlog a batch's acknowledgements, or its commit, are awaited with the next one's).
     while store.published_position(&relay_id).await.unwrap() < last {
         assert!(
             std::time::Instant::now() < deadline,
@@ -739,9 +747,51 @@ async fn a_following_at_least_once_relay_confirms_everything_once_caught_up() {
     stop.trigger();
     let report = running.await.unwrap().unwrap();
     assert_eq!(report.published_events, 60);
+    assert_eq!(report.batches, 8, "{report:?}"); // 60 events in batches of up to 8
     assert_eq!(report.last_position, last);
     let records = fixture.read_topics(events.len()).await;
     assert_exactly_the_events_in_order(&events, &records);
+}
+
+#[tokio::test]
+async fn an_exactly_once_batch_commits_while_the_next_is_sent_and_the_next_confirms_it() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(3, 1).await; // 12 events
+    let events = fixture.all_events().await;
+    let (first, second) = events.split_at(6);
+    drop(fixture.relay(DeliveryMode::ExactlyOnce).await); // provisions the topics
+    let topics = fixture.kafka.topics();
+    let publisher = || {
+        KafkaPublisher::new(
+            fixture.kafka.clone(),
+            RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
+            DeliveryMode::ExactlyOnce,
+            "commit-in-flight-test".into(),
+            topics.relay_checkpoint.clone(),
+        )
+    };
+    let mut relay = publisher();
+    assert_eq!(relay.start().await.unwrap(), None);
+
+    relay.begin_batch().unwrap();
+    relay.send(first).await.unwrap();
+    // Its records are stored, its commit is under way: nothing is confirmed yet...
+    assert_eq!(relay.commit_batch().await.unwrap(), None);
+    // ...and the commit completes without anyone awaiting it.
+    let records = fixture.read_topics(first.len()).await;
+    assert_exactly_the_events_in_order(first, &records);
+
+    relay.begin_batch().unwrap();
+    relay.send(second).await.unwrap();
+    let first_last = first.last().unwrap().position;
+    let second_last = second.last().unwrap().position;
+    assert_eq!(relay.commit_batch().await.unwrap(), Some(first_last));
+    assert_eq!(relay.settle().await.unwrap(), Some(second_last));
+    assert_eq!(relay.settle().await.unwrap(), None);
+
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+    assert_eq!(publisher().start().await.unwrap(), Some(second_last));
 }
 
 #[tokio::test]

@@ -401,6 +401,11 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                         }
                         return Err(poisoned(position, source));
                     }
+                    // While a backlog lasts, a batch is confirmed by the next one's commit (or
+                    // acknowledgements). Caught up, it is settled before the relay lingers.
+                    // Why not linger while it commits: measured at 1,000 events/s (SQLite, four
+                    // runs each, alternated with the old binary), that put exactly-once commit
+                    // → ack p99 at 49-178 ms against 29-52 ms.
                     let settled = if caught_up || target.is_some_and(|target| position >= target) {
                         self.settle(&mut unconfirmed, report, recorder).await
                     } else {
@@ -436,14 +441,16 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 error!(%error, "relay stops");
                 return Err(error);
             }
-            // Whatever was not confirmed is sent again after the restart below.
-            unconfirmed.abandon();
+            // Whatever was not confirmed is sent again after the restart below, unless the
+            // restart finds it published.
             self.next_batch = None;
             match error {
                 RelayError::Publish(PublishError::Poison { position, source }) => {
+                    unconfirmed.abandon();
                     return Err(poisoned(position, source));
                 }
                 RelayError::Publish(PublishError::Fenced(error)) => {
+                    unconfirmed.abandon();
                     metrics::record_send_error();
                     warn!(%error, "fenced by another relay instance");
                     return Ok(Stop::LeaseLost);
@@ -458,7 +465,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                         .start_publisher(recorder, shutdown, &mut backoff)
                         .await?
                     {
-                        Some(resumed) => position = resumed,
+                        Some(resumed) => {
+                            unconfirmed.resume_after(resumed, report, recorder);
+                            position = resumed;
+                        }
                         None => return Ok(Stop::Shutdown),
                     }
                 }
@@ -725,6 +735,25 @@ impl Unconfirmed {
     fn abandon(&mut self) {
         self.batches.clear();
     }
+
+    /// After a restart at `resumed`: counts the batches found published (an exactly-once batch
+    /// whose commit was under way when a later one failed) and forgets the rest, which are
+    /// sent again.
+    fn resume_after(
+        &mut self,
+        resumed: u64,
+        report: &mut RelayReport,
+        recorder: &PositionRecorder,
+    ) {
+        if self
+            .batches
+            .front()
+            .is_some_and(|batch| batch.last <= resumed)
+        {
+            self.confirm(Some(resumed), report, recorder);
+        }
+        self.abandon();
+    }
 }
 
 /// Copies the published position into the store, off the publishing path.
@@ -824,5 +853,46 @@ async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration, max: Duration) -
     tokio::select! {
         _ = shutdown.wait() => false,
         _ = tokio::time::sleep(sleep) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::SqliteStore;
+
+    fn batch(events: u64, last: u64) -> PublishedBatch {
+        PublishedBatch {
+            events,
+            last,
+            ..PublishedBatch::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restart_counts_the_batches_it_finds_published_and_forgets_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("outbox.db");
+        let store = SqliteStore::connect(path.to_str().unwrap()).await.unwrap();
+        let recorder = PositionRecorder::spawn(store.clone(), "relay".into());
+        let mut report = RelayReport::default();
+        let mut unconfirmed = Unconfirmed::default();
+        // The first batch's commit was under way when the second failed, and it committed.
+        unconfirmed.push(batch(5, 10));
+        unconfirmed.push(batch(7, 17));
+        unconfirmed.resume_after(10, &mut report, &recorder);
+        assert_eq!(report.published_events, 5);
+        assert_eq!(report.batches, 1);
+        assert_eq!(report.last_position, 10);
+        assert!(unconfirmed.is_empty());
+        // The restart finds nothing more published: nothing is counted, nothing moves back.
+        unconfirmed.push(batch(7, 17));
+        unconfirmed.resume_after(10, &mut report, &recorder);
+        assert_eq!(report.published_events, 5);
+        assert_eq!(report.batches, 1);
+        assert_eq!(report.last_position, 10);
+        assert!(unconfirmed.is_empty());
+        recorder.finish().await;
+        assert_eq!(store.published_position("relay").await.unwrap(), 10);
     }
 }

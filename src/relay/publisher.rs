@@ -7,7 +7,8 @@
 //!   A restarted or second instance with the same transactional ids fences the old one
 //!   (`init_transactions`), which also aborts whatever it left open, and then reads the
 //!   checkpoint to learn exactly where to resume. Batches take turns between two transactional
-//!   producers, see [`TRANSACTIONAL_PRODUCERS`].
+//!   producers, see [`TRANSACTIONAL_PRODUCERS`], and a batch's commit runs while the next batch
+//!   is sent, see [`CommitInFlight`].
 //! * **At-least-once**: an idempotent producer (`acks=all`) sends the batches; a batch is
 //!   confirmed once every record of it is acknowledged, while the next one is already being
 //!   read and sent (see [`AT_LEAST_ONCE_BATCHES_AHEAD`]). After a crash or an error, what was
@@ -98,11 +99,12 @@ pub trait EventPublisher: Send {
     ) -> impl Future<Output = Result<(), PublishError>> + Send;
 
     /// Closes the batch and returns the last position now known to be durably stored, if
-    /// any batch was confirmed. Exactly-once returns once the batch committed, with the
-    /// checkpoint of its last event: its last position. At-least-once may leave this batch's
-    /// acknowledgements outstanding and confirm an earlier batch instead. On any error,
-    /// nothing can be assumed about unconfirmed batches: call `start` again and resume from
-    /// what it returns.
+    /// any batch was confirmed. Both modes may leave this batch outstanding and confirm an
+    /// earlier one instead: exactly-once returns once the batch's records are stored and its
+    /// commit has begun, confirming the previous batch, whose commit had to succeed first;
+    /// at-least-once leaves this batch's acknowledgements outstanding. On any error, nothing
+    /// can be assumed about unconfirmed batches: call `start` again and resume from what it
+    /// returns.
     fn commit_batch(&mut self) -> impl Future<Output = Result<Option<u64>, PublishError>> + Send;
 
     /// Returns once every batch committed so far is durably stored, with the last position
@@ -139,9 +141,10 @@ pub trait EventPublisher: Send {
 /// 20 ms. A relay that is following the writers begins its next transaction right after the
 /// commit, and at 1,000 events/s about 5 % of its transactions paid those 20 ms (the p99 of
 /// commit → ack). The other producer's previous transaction ended a whole batch earlier, so
-/// its markers are written. Turns keep the order: a batch begins only after the previous one
-/// committed, and the previous one's records were stored (at lower offsets) before that.
-/// Both producers write the same checkpoint key; the last committed checkpoint wins.
+/// its markers are written. Turns keep the order: a batch's records are sent only after every
+/// record of the previous batch was stored (at lower offsets), and it commits only after the
+/// previous one committed (see [`CommitInFlight`]). Both producers write the same checkpoint
+/// key; the last committed checkpoint wins.
 pub const TRANSACTIONAL_PRODUCERS: usize = 2;
 
 /// How many batches an at-least-once relay sends past the last one fully acknowledged.
@@ -153,6 +156,32 @@ pub const TRANSACTIONAL_PRODUCERS: usize = 2;
 /// acknowledgements arrive. Order is unaffected (one idempotent producer, records handed over
 /// in position order); what a failure costs is resending up to one more batch.
 pub const AT_LEAST_ONCE_BATCHES_AHEAD: usize = 1;
+
+/// An exactly-once batch whose records and checkpoint are stored and whose commit is under way,
+/// while the next batch is read and sent by the other producer.
+///
+/// Why: `EndTxn` is a round trip to the transaction coordinator, which first writes the
+/// transaction's state to its log (2-5 ms here, tens of milliseconds when the broker is slow),
+/// and the relay used to wait for it before reading the next batch: in a backlog every batch
+/// paid it, and at low load an event that came during a commit waited for it too.
+///
+/// Why it keeps every promise of the relay:
+/// * Order: the next batch's records are sent only after all of this batch's were
+///   acknowledged (`commit_transaction` awaits them before the commit starts), so they lie
+///   behind them in every partition.
+/// * No gap for `read_committed` readers: the next batch commits only after this commit
+///   succeeded. If it fails, the next batch is aborted (and `start` aborts whatever is left
+///   open), so a later batch never becomes readable without an earlier one.
+/// * Resume point: a restart takes the last committed checkpoint; a batch whose commit was
+///   under way when the next one failed counts as published if it committed, and is sent again
+///   if it did not.
+struct CommitInFlight {
+    /// The batch's last position (none for an empty transaction).
+    last: Option<u64>,
+    checkpoint_offset: Option<i64>,
+    producer: FutureProducer,
+    commit: tokio::task::JoinHandle<Result<(), KafkaError>>,
+}
 
 /// An at-least-once batch handed to the producer, not yet fully acknowledged.
 struct SentBatch {
@@ -181,6 +210,8 @@ pub struct KafkaPublisher {
     spare_deliveries: Vec<DeliveryFuture>,
     /// At-least-once batches committed but not yet fully acknowledged, oldest first.
     unconfirmed: VecDeque<SentBatch>,
+    /// Exactly once: the previous batch, committing while this one is sent.
+    committing: Option<CommitInFlight>,
     /// Exactly once: whether what this relay commits becomes readable (see [`VisibilityWatch`]).
     visibility: Option<VisibilityWatch>,
 }
@@ -205,6 +236,7 @@ impl KafkaPublisher {
             batch_last: None,
             spare_deliveries: Vec::new(),
             unconfirmed: VecDeque::new(),
+            committing: None,
             visibility: None,
         }
     }
@@ -272,8 +304,10 @@ impl KafkaPublisher {
         Ok(())
     }
 
-    /// Sends the checkpoint, awaits every record of the transaction, commits.
-    async fn commit_transaction(&mut self) -> Result<(), PublishError> {
+    /// Sends the checkpoint, awaits every record of the transaction, awaits the previous
+    /// batch's commit and starts this one's (see [`CommitInFlight`]). Returns the previous
+    /// batch's last position.
+    async fn commit_transaction(&mut self) -> Result<Option<u64>, PublishError> {
         let last = self.batch_last.take();
         let mut checkpoint_delivery = None;
         if let Some(last) = last {
@@ -288,15 +322,37 @@ impl KafkaPublisher {
             Some(delivery) => Some(delivered_offset(delivery).await?),
             None => None,
         };
-        let producer = self.producer();
-        kafka::commit_transaction(producer, self.transaction_timeout())
-            .await
-            .map_err(PublishError::from_kafka)?;
-        if let (Some(watch), Some(offset)) = (&self.visibility, checkpoint_offset) {
+        let confirmed = self.confirm_commit_in_flight().await?;
+        let producer = self.producer().clone();
+        let (committer, timeout) = (producer.clone(), self.transaction_timeout());
+        let commit =
+            tokio::spawn(async move { kafka::commit_transaction(&committer, timeout).await });
+        self.committing = Some(CommitInFlight {
+            last,
+            checkpoint_offset,
+            producer,
+            commit,
+        });
+        self.turn = (self.turn + 1) % self.producers.len();
+        Ok(confirmed)
+    }
+
+    /// Awaits the commit under way, if any, and returns its batch's last position.
+    async fn confirm_commit_in_flight(&mut self) -> Result<Option<u64>, PublishError> {
+        let Some(in_flight) = self.committing.take() else {
+            return Ok(None);
+        };
+        let outcome = in_flight.commit.await.unwrap_or(Err(KafkaError::Canceled));
+        if let Err(error) = outcome {
+            return Err(fenced_if_fatal(
+                &in_flight.producer,
+                PublishError::from_kafka(error),
+            ));
+        }
+        if let (Some(watch), Some(offset)) = (&self.visibility, in_flight.checkpoint_offset) {
             watch.committed(offset);
         }
-        self.turn = (self.turn + 1) % self.producers.len();
-        Ok(())
+        Ok(in_flight.last)
     }
 
     /// Readies an idempotent producer: returns once the cluster answered it with the metadata
@@ -366,11 +422,15 @@ impl KafkaPublisher {
     /// batches; false if there were none. Purging first: dropping a producer joins its polling
     /// thread (up to 100 ms) before it purges, and records could still go out meanwhile. Both
     /// block (the drop flushes for up to 500 ms), so they run off the async runtime.
+    ///
+    /// A commit under way is left to finish on its own: its records are all stored, and the
+    /// next `start` fences its producer and learns from the checkpoint whether it committed.
     async fn discard_producers(&mut self) -> bool {
         self.turn = 0;
         self.deliveries.clear();
         self.batch_last = None;
         self.unconfirmed.clear();
+        self.committing = None;
         self.visibility = None;
         let producers = std::mem::take(&mut self.producers);
         if producers.is_empty() {
@@ -394,19 +454,24 @@ impl KafkaPublisher {
         let _ = tokio::task::spawn_blocking(move || aborter.abort_transaction(timeout)).await;
     }
 
-    /// A fenced producer first fails its queued records ("purged"), and only its later calls
-    /// say why; its fatal-error state tells at once.
+    /// See [`fenced_if_fatal`]; for the producer whose turn it is.
     fn fenced_if_fatal(&self, error: PublishError) -> PublishError {
-        let PublishError::Retryable(kafka_error) = error else {
-            return error;
-        };
-        match self.producer().client().fatal_error() {
-            Some((code, reason)) => {
-                debug!(?code, %reason, "producer is in a fatal state");
-                PublishError::Fenced(KafkaError::MessageProduction(code))
-            }
-            None => PublishError::Retryable(kafka_error),
+        fenced_if_fatal(self.producer(), error)
+    }
+}
+
+/// A fenced producer first fails its queued records ("purged"), and only its later calls say
+/// why; its fatal-error state tells at once.
+fn fenced_if_fatal(producer: &FutureProducer, error: PublishError) -> PublishError {
+    let PublishError::Retryable(kafka_error) = error else {
+        return error;
+    };
+    match producer.client().fatal_error() {
+        Some((code, reason)) => {
+            debug!(?code, %reason, "producer is in a fatal state");
+            PublishError::Fenced(KafkaError::MessageProduction(code))
         }
+        None => PublishError::Retryable(kafka_error),
     }
 }
 
@@ -487,10 +552,7 @@ impl EventPublisher for KafkaPublisher {
 
     async fn commit_batch(&mut self) -> Result<Option<u64>, PublishError> {
         let outcome = match self.mode {
-            DeliveryMode::ExactlyOnce => {
-                let last = self.batch_last;
-                self.commit_transaction().await.map(|()| last)
-            }
+            DeliveryMode::ExactlyOnce => self.commit_transaction().await,
             DeliveryMode::AtLeastOnce => self.commit_acknowledged().await,
         };
         let outcome = outcome.map_err(|error| self.fenced_if_fatal(error));
@@ -501,10 +563,14 @@ impl EventPublisher for KafkaPublisher {
     }
 
     async fn settle(&mut self) -> Result<Option<u64>, PublishError> {
-        // Exactly-once batches are stored when `commit_batch` returns; only at-least-once
-        // leaves any outstanding.
-        let outcome = self.confirm_while(|unconfirmed| unconfirmed > 0).await;
-        outcome.map_err(|error| self.fenced_if_fatal(error))
+        match self.mode {
+            // Its error is already told apart (fenced or not) on the committing producer.
+            DeliveryMode::ExactlyOnce => self.confirm_commit_in_flight().await,
+            DeliveryMode::AtLeastOnce => {
+                let outcome = self.confirm_while(|unconfirmed| unconfirmed > 0).await;
+                outcome.map_err(|error| self.fenced_if_fatal(error))
+            }
+        }
     }
 
     async fn stop(&mut self) {
@@ -549,8 +615,6 @@ where
     }
 }
 
-/// Awaits every delivery of `deliveries`, leaving the list empty (its capacity kept for the
-/// next batch). On an error the rest are dropped unawaited.
 /// Awaits one record's acknowledgement and returns its offset.
 async fn delivered_offset(delivery: DeliveryFuture) -> Result<i64, PublishError> {
     match delivery.await {
@@ -560,6 +624,8 @@ async fn delivered_offset(delivery: DeliveryFuture) -> Result<i64, PublishError>
     }
 }
 
+/// Awaits every delivery of `deliveries`, leaving the list empty (its capacity kept for the
+/// next batch). On an error the rest are dropped unawaited.
 async fn await_deliveries(deliveries: &mut Vec<DeliveryFuture>) -> Result<(), PublishError> {
     for delivery in deliveries.drain(..) {
         delivered_offset(delivery).await?;
