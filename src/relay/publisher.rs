@@ -143,8 +143,8 @@ pub trait EventPublisher: Send {
 /// commit → ack). The other producer's previous transaction ended a whole batch earlier, so
 /// its markers are written. Turns keep the order: a batch's records are sent only after every
 /// record of the previous batch was stored (at lower offsets), and it commits only after the
-/// previous one committed (see [`CommitInFlight`]). Both producers write the same checkpoint
-/// key; the last committed checkpoint wins.
+/// previous one committed (see `CommitInFlight` in this module). Both producers write the same
+/// checkpoint key; the last committed checkpoint wins.
 pub const TRANSACTIONAL_PRODUCERS: usize = 2;
 
 /// How many batches an at-least-once relay sends past the last one fully acknowledged.
