@@ -1203,6 +1203,34 @@ async fn sqlite_a_save_commits_while_a_large_prune_runs() {
     assert_eq!(store.read_after(0, 10).await.unwrap(), saved);
 }
 
+/// `bookstore serve` and `bookstore relay` may run as separate processes on one SQLite file.
+/// A save through another store on the file (as from another process: its own connections and
+/// its own in-process signal) wakes the relay's signal too, which only the watch of the file's
+/// data version can do.
+#[tokio::test]
+async fn sqlite_commit_signal_fires_after_another_process_saves() {
+    let (store, dir) = sqlite_store().await;
+    let other_process = SqliteStore::connect(dir.path().join("bookstore.db").to_str().unwrap())
+        .await
+        .unwrap();
+    let mut signal = store.commit_signal().await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), signal.committed())
+            .await
+            .is_err(),
+        "signalled with nothing committed"
+    );
+
+    other_process
+        .save(added(&new_book("Elsewhere", "1.00")))
+        .await
+        .unwrap();
+
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("no commit signal within 5 s of another process's save");
+}
+
 /// A database that is not a file is read through the pool instead of the reader of its own.
 #[tokio::test]
 async fn an_in_memory_sqlite_store_reads_its_outbox_too() {

@@ -29,6 +29,7 @@ mod any;
 mod postgres;
 mod postgres_outbox;
 mod sqlite;
+mod sqlite_commit_watch;
 mod sqlite_migrations;
 mod sqlite_outbox;
 mod sqlite_reader;
@@ -37,6 +38,7 @@ pub use any::AnyStore;
 pub use postgres::PostgresStore;
 pub use postgres_outbox::PgCommitSignal;
 pub use sqlite::SqliteStore;
+pub use sqlite_commit_watch::{SqliteCommitWatch, WATCH_INTERVAL as SQLITE_WATCH_INTERVAL};
 
 /// Most events one retention transaction deletes, on either store (see
 /// [`SqliteStore::with_prune_chunk`] and [`PostgresStore::with_prune_chunk`] for why).
@@ -220,8 +222,12 @@ pub trait Outbox: EventStore {
 
 /// Wakes the relay when events commit. See [`Outbox::commit_signal`].
 pub enum CommitSignal {
-    /// Saves made through this process notify it directly.
-    Local(std::sync::Arc<tokio::sync::Notify>),
+    /// Saves made through this process notify it directly; for a SQLite file, a watch of the
+    /// file adds the commits of other processes (see [`SqliteCommitWatch`]).
+    Local(
+        std::sync::Arc<tokio::sync::Notify>,
+        Option<SqliteCommitWatch>,
+    ),
     /// A PostgreSQL connection listening on the outbox channel, read by a task of its own.
     Postgres(PgCommitSignal),
 }
@@ -235,7 +241,7 @@ impl CommitSignal {
     /// anew: the caller's polling covers the gap.
     pub async fn committed(&mut self) {
         match self {
-            CommitSignal::Local(notify) => notify.notified().await,
+            CommitSignal::Local(notify, _watch) => notify.notified().await,
             CommitSignal::Postgres(signal) => signal.committed().await,
         }
     }

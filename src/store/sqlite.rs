@@ -27,6 +27,7 @@ use sqlx::{QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::Notify;
 use uuid::fmt::Hyphenated;
 
+use super::sqlite_commit_watch::SqliteCommitWatch;
 use super::sqlite_reader::OutboxReader;
 use super::{
     BookChange, EventStore, INSERT_EVENTS, PRUNE_CHUNK, StoreError, event_columns,
@@ -118,6 +119,15 @@ impl SqliteStore {
     /// finds the relay busy is kept for its next wait). Shared by clones of this store.
     pub(crate) fn commits(&self) -> Arc<Notify> {
         self.commits.clone()
+    }
+
+    /// Signals [`Self::commits`] for the commits other processes make to the file too; `None`
+    /// for a database that is not a file (no other process can reach it).
+    pub(crate) fn watch_other_processes(&self) -> Result<Option<SqliteCommitWatch>, StoreError> {
+        match &self.reader {
+            Some(reader) => SqliteCommitWatch::start(reader.path(), BUSY_TIMEOUT, self.commits()),
+            None => Ok(None),
+        }
     }
 
     async fn stored_version(&self, book_id: BookId) -> Result<Option<u64>, StoreError> {

@@ -1,4 +1,4 @@
-//! What the relay needs of SQLite: checkpoint, lease, retention and an in-process commit signal.
+//! What the relay needs of SQLite: checkpoint, lease, retention and a commit signal.
 
 use std::time::Duration;
 
@@ -108,7 +108,10 @@ impl Outbox for SqliteStore {
     }
 
     async fn commit_signal(&self) -> Result<CommitSignal, StoreError> {
-        Ok(CommitSignal::Local(self.commits()))
+        Ok(CommitSignal::Local(
+            self.commits(),
+            self.watch_other_processes()?,
+        ))
     }
 
     /// Pages are read in process by rusqlite; overlapping them with the sends measured slower.

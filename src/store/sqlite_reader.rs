@@ -33,16 +33,15 @@ pub(super) struct OutboxReader {
 impl OutboxReader {
     /// Opens `path`, which must exist (the pool created it and set it to WAL).
     pub(super) fn open(path: &Path, busy_timeout: std::time::Duration) -> Result<Self, StoreError> {
-        let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let connection =
-            Connection::open_with_flags(path, flags).map_err(|error| failed(path, error))?;
-        connection
-            .busy_timeout(busy_timeout)
-            .map_err(|error| failed(path, error))?;
         Ok(Self {
             path: path.to_owned(),
-            connection: Arc::new(Mutex::new(connection)),
+            connection: Arc::new(Mutex::new(open_read_only(path, busy_timeout)?)),
         })
+    }
+
+    /// The database file.
+    pub(super) fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Committed events above `after`, in position order, at most `limit`; blocks, so callers
@@ -73,6 +72,20 @@ impl OutboxReader {
         }
         Ok(events)
     }
+}
+
+/// A read-only connection to the file at `path`, which must exist.
+pub(super) fn open_read_only(
+    path: &Path,
+    busy_timeout: std::time::Duration,
+) -> Result<Connection, StoreError> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    let connection =
+        Connection::open_with_flags(path, flags).map_err(|error| failed(path, error))?;
+    connection
+        .busy_timeout(busy_timeout)
+        .map_err(|error| failed(path, error))?;
+    Ok(connection)
 }
 
 enum RowError {
