@@ -255,7 +255,7 @@ pub async fn drain_in_child(
 }
 
 /// The flags that give a child `bookstore` the same broker settings as `kafka`.
-fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
+pub(super) fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
     let mut arguments = vec![
         "--bootstrap-servers".to_owned(),
         kafka.bootstrap_servers.clone(),

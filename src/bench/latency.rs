@@ -19,10 +19,17 @@
 //! pickup, publish and Kafka visibility; every report row's into fact visible, projection
 //! batching and `apply_batch`. They are the `stage_*` extras of the figures.
 //!
+//! On SQLite a third run has the relay in a process of its own (`bookstore relay`, exactly
+//! once, no projection): the deployment with `serve` and `relay` apart, where the relay learns
+//! of commits through the file watch (`SqliteCommitWatch`), not the in-process signal. It has
+//! no stage split (its outbox is not traced).
+//!
 //! A short warm-up (saves one at a time until their records arrive) makes sure the relay's
 //! producer and both consumers are live before the schedule starts; it is not measured.
 //! Percentiles come from HDR histograms in microseconds.
 
+use std::path::Path;
+use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -52,7 +59,8 @@ const WARM_UP_SAVES: usize = 10;
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Both delivery modes: exactly-once (with the projection following, when it is measured)
-/// gives the headline figures; at-least-once shows what the transactions cost in latency.
+/// gives the headline figures; at-least-once shows what the transactions cost in latency. On
+/// SQLite, exactly-once once more with the relay in its own process.
 pub async fn measure(
     config: &BenchConfig,
     factory: &mut StoreFactory,
@@ -60,24 +68,128 @@ pub async fn measure(
     kind: StoreKind,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
-    measure_mode(
-        config,
-        factory,
-        kafka,
-        kind,
-        DeliveryMode::ExactlyOnce,
-        report,
-    )
-    .await?;
-    measure_mode(
-        config,
-        factory,
-        kafka,
-        kind,
-        DeliveryMode::AtLeastOnce,
-        report,
-    )
-    .await
+    for mode in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+        measure_mode(
+            config,
+            factory,
+            kafka,
+            kind,
+            mode,
+            Placement::InProcess,
+            report,
+        )
+        .await?;
+    }
+    if kind == StoreKind::Sqlite {
+        match &config.relay_program {
+            Some(program) => {
+                let placement = Placement::OwnProcess(program);
+                let mode = DeliveryMode::ExactlyOnce;
+                measure_mode(config, factory, kafka, kind, mode, placement, report).await?;
+            }
+            None => warn!("no bookstore executable: the relay is not measured in its own process"),
+        }
+    }
+    Ok(())
+}
+
+/// Where the relay runs during a latency run.
+#[derive(Debug, Clone, Copy)]
+enum Placement<'a> {
+    /// In the benchmark's process: its saves wake it directly, and its outbox is traced.
+    InProcess,
+    /// `bookstore relay` (this executable) as a child process, which learns of the benchmark's
+    /// commits as of another process's.
+    OwnProcess(&'a Path),
+}
+
+/// The relay of a latency run, while it runs.
+enum RunningRelay {
+    InProcess {
+        task: tokio::task::JoinHandle<Result<crate::relay::RelayReport, crate::relay::RelayError>>,
+        trigger: ShutdownTrigger,
+        clock: Arc<super::timed_outbox::OutboxClock>,
+    },
+    OwnProcess(tokio::process::Child),
+}
+
+impl RunningRelay {
+    async fn start(
+        placement: Placement<'_>,
+        bench: &super::stores::BenchStore,
+        kafka: &KafkaConfig,
+        settings: &RelaySettings,
+    ) -> Result<Self, BenchError> {
+        match placement {
+            Placement::InProcess => {
+                let outbox = TimedOutbox::traced(bench.store.clone());
+                let clock = outbox.clock();
+                let relay = kafka_relay(outbox, kafka, settings).await?;
+                let (trigger, shutdown) = ShutdownTrigger::new();
+                let task = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+                Ok(Self::InProcess {
+                    task,
+                    trigger,
+                    clock,
+                })
+            }
+            Placement::OwnProcess(program) => {
+                // The reader assigns their partitions before the child would create them.
+                let topics = kafka.topics();
+                let specs = topics.specs(kafka.partitions, kafka.replication_factor);
+                crate::kafka::provision_topics(kafka, &specs).await?;
+                let mut command = tokio::process::Command::new(program);
+                command
+                    .args(["relay", "--delivery", super::mode_label(settings.delivery)])
+                    .args(["--batch-size", &settings.batch_size.to_string()])
+                    .args(["--batch-linger-ms", &settings.batch_linger_ms.to_string()])
+                    .args(["--database-url", &bench.url])
+                    .args(super::backlog::kafka_arguments(kafka))
+                    .env("RUST_LOG", "warn")
+                    .stdin(Stdio::null())
+                    .kill_on_drop(true);
+                if let Some(user_info) = &kafka.schema_registry_basic_auth {
+                    command.env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", user_info.expose());
+                }
+                let child = command
+                    .spawn()
+                    .map_err(BenchError::io(format!("starting {}", program.display())))?;
+                Ok(Self::OwnProcess(child))
+            }
+        }
+    }
+
+    /// Stops the relay; for one in process, its batch count and outbox timings as extras and
+    /// the trace that splits commit → ack into stages.
+    async fn stop(self) -> Result<Option<(Vec<(String, f64)>, RelayTrace)>, BenchError> {
+        match self {
+            Self::InProcess {
+                task,
+                trigger,
+                clock,
+            } => {
+                trigger.trigger();
+                let relayed = task.await??;
+                let mut extras = vec![
+                    ("relay_batches".to_owned(), relayed.batches as f64),
+                    (
+                        "relay_events_per_batch".to_owned(),
+                        relayed.published_events as f64 / relayed.batches.max(1) as f64,
+                    ),
+                ];
+                extras.extend(super::timed_outbox::call_extras(&clock));
+                Ok(Some((extras, clock.trace())))
+            }
+            // Every record has arrived by now, so nothing is lost by not waiting for it.
+            Self::OwnProcess(mut child) => {
+                child
+                    .kill()
+                    .await
+                    .map_err(BenchError::io("stopping the child relay".to_owned()))?;
+                Ok(None)
+            }
+        }
+    }
 }
 
 async fn measure_mode(
@@ -86,6 +198,7 @@ async fn measure_mode(
     kafka: &mut KafkaRun,
     kind: StoreKind,
     mode: DeliveryMode,
+    placement: Placement<'_>,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
     let bench = factory.fresh(kind).await?;
@@ -96,23 +209,22 @@ async fn measure_mode(
         batch_linger_ms: config.batch_linger_ms,
         ..RelaySettings::default()
     };
-    let outbox = TimedOutbox::traced(bench.store.clone());
-    let relay_clock = outbox.clock();
-    let relay = kafka_relay(outbox, &kafka, &settings).await?;
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    let relay = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    let relay = RunningRelay::start(placement, &bench, &kafka, &settings).await?;
 
     let saves_per_second = config.latency_events_per_second / 2;
     let saves = (f64::from(saves_per_second) * config.latency_duration.as_secs_f64()) as usize;
     let capacity = (WARM_UP_SAVES + saves) as u64 * EVENTS_PER_SAVE;
     let timeline = Arc::new(Timelines::new(capacity));
     let listener = AckListener::start(&kafka, timeline.clone())?;
-    let projection =
-        if mode == DeliveryMode::ExactlyOnce && config.runs(super::Measurement::Projection) {
-            Some(RunningProjection::start(&kafka, factory, kind).await?)
-        } else {
-            None
-        };
+    let in_process = matches!(placement, Placement::InProcess);
+    let projection = if in_process
+        && mode == DeliveryMode::ExactlyOnce
+        && config.runs(super::Measurement::Projection)
+    {
+        Some(RunningProjection::start(&kafka, factory, kind).await?)
+    } else {
+        None
+    };
 
     let outcome = run_schedule(
         &bench.store,
@@ -123,37 +235,34 @@ async fn measure_mode(
     )
     .await;
     listener.stop();
-    trigger.trigger();
     let listener_result = listener.join().await;
-    let relay_result = relay.await;
+    let relay_result = relay.stop().await;
     if let Some(projection) = projection {
         projection.stop().await?;
     }
     let offered = outcome?;
     listener_result?;
-    let relayed = relay_result??;
-    let mut relay_extras = vec![
-        ("relay_batches".to_owned(), relayed.batches as f64),
-        (
-            "relay_events_per_batch".to_owned(),
-            relayed.published_events as f64 / relayed.batches.max(1) as f64,
-        ),
-    ];
-    relay_extras.extend(super::timed_outbox::call_extras(&relay_clock));
+    let (relay_extras, relay_stages) = match relay_result? {
+        Some((extras, trace)) => (extras, timeline.relay_stages(&trace)?),
+        None => (Vec::new(), Vec::new()),
+    };
     let acks = timeline.histogram(WARM_UP_SAVES as u64 * EVENTS_PER_SAVE)?;
-    let relay_stages = timeline.relay_stages(&relay_clock.trace())?;
     let report_stages = timeline.report_stages()?;
     let rate_detail = format!(
         "offered {} events/s ({saves_per_second} saves/s), achieved {:.0}",
         config.latency_events_per_second,
         offered * EVENTS_PER_SAVE as f64
     );
-    let (key, measurement) = match mode {
-        DeliveryMode::ExactlyOnce => (
+    let (key, measurement) = match (placement, mode) {
+        (Placement::OwnProcess(_), _) => (
+            format!("{kind}_relay_process_commit_to_ack_p99"),
+            "commit → Kafka ack, relay in its own process, p99",
+        ),
+        (Placement::InProcess, DeliveryMode::ExactlyOnce) => (
             format!("{kind}_commit_to_ack_p99"),
             "commit → Kafka ack (read_committed), p99",
         ),
-        DeliveryMode::AtLeastOnce => (
+        (Placement::InProcess, DeliveryMode::AtLeastOnce) => (
             format!("{kind}_at_least_once_commit_to_ack_p99"),
             "commit → Kafka ack, at-least-once relay, p99",
         ),

@@ -10,7 +10,7 @@
 //! | exactly-once vs at-least-once | relay exactly-once events/s | relay at-least-once events/s |
 //! | writers ([`writer_impact`]) | saves/s of N writers while a relay follows them | the same writers with no relay |
 //! | projection ([`projection`]) | facts/s the projection applies to `BookReport` | a raw `read_committed` consumer reading the same topic |
-//! | latency ([`latency`]) | commit → `read_committed` consumer, commit → report row, HDR p50/p99/p99.9 at a fixed offered load | targets only |
+//! | latency ([`latency`]) | commit → `read_committed` consumer (exactly once, at least once, and on SQLite with the relay in its own process), commit → report row, HDR p50/p99/p99.9 at a fixed offered load | targets only |
 //! | store append ([`append`]) | events/s of `EventStore::save`, one writer and N | raw SQL doing the same inserts without the `outbox_head` reservation |
 //! | backlog memory ([`backlog`]) | peak RSS (VmHWM) of a `bookstore relay --once` child draining a large backlog | target only |
 //!
