@@ -145,6 +145,19 @@ impl Fixture {
             .unwrap()
     }
 
+    /// A bare exactly-once publisher with the transactional ids of `relay_id`, on the topics a
+    /// relay of this fixture provisioned.
+    fn exactly_once_publisher(&self, relay_id: &str) -> KafkaPublisher {
+        let topics = self.kafka.topics();
+        KafkaPublisher::new(
+            self.kafka.clone(),
+            RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
+            DeliveryMode::ExactlyOnce,
+            relay_id.into(),
+            topics.relay_checkpoint,
+        )
+    }
+
     /// Creates the topics (as a relay's setup would) and returns their names.
     async fn provision_topics(&self) -> Topics {
         let topics = self.kafka.topics();
@@ -656,16 +669,7 @@ async fn a_publisher_that_lost_its_transactional_id_is_fenced() {
     let events = fixture.all_events().await;
     let relay = fixture.relay(DeliveryMode::ExactlyOnce).await;
     drop(relay); // provisions the topics
-    let topics = fixture.kafka.topics();
-    let publisher = || {
-        KafkaPublisher::new(
-            fixture.kafka.clone(),
-            RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
-            DeliveryMode::ExactlyOnce,
-            "fencing-test".into(),
-            topics.relay_checkpoint.clone(),
-        )
-    };
+    let publisher = || fixture.exactly_once_publisher("fencing-test");
     let mut zombie = publisher();
     zombie.start().await.unwrap();
     let mut successor = publisher();
@@ -760,16 +764,7 @@ async fn an_exactly_once_batch_commits_while_the_next_is_sent_and_the_next_confi
     let events = fixture.all_events().await;
     let (first, second) = events.split_at(6);
     drop(fixture.relay(DeliveryMode::ExactlyOnce).await); // provisions the topics
-    let topics = fixture.kafka.topics();
-    let publisher = || {
-        KafkaPublisher::new(
-            fixture.kafka.clone(),
-            RecordMapper::new(topics.clone(), bookstore::codec::WireFormat::SingleObject),
-            DeliveryMode::ExactlyOnce,
-            "commit-in-flight-test".into(),
-            topics.relay_checkpoint.clone(),
-        )
-    };
+    let publisher = || fixture.exactly_once_publisher("commit-in-flight-test");
     let mut relay = publisher();
     assert_eq!(relay.start().await.unwrap(), None);
 

@@ -881,16 +881,22 @@ mod tests {
         unconfirmed.push(batch(5, 10));
         unconfirmed.push(batch(7, 17));
         unconfirmed.resume_after(10, &mut report, &recorder);
-        assert_eq!(report.published_events, 5);
-        assert_eq!(report.batches, 1);
-        assert_eq!(report.last_position, 10);
+        let counted = (
+            report.published_events,
+            report.batches,
+            report.last_position,
+        );
+        assert_eq!(counted, (5, 1, 10));
         assert!(unconfirmed.is_empty());
         // The restart finds nothing more published: nothing is counted, nothing moves back.
         unconfirmed.push(batch(7, 17));
         unconfirmed.resume_after(10, &mut report, &recorder);
-        assert_eq!(report.published_events, 5);
-        assert_eq!(report.batches, 1);
-        assert_eq!(report.last_position, 10);
+        let counted = (
+            report.published_events,
+            report.batches,
+            report.last_position,
+        );
+        assert_eq!(counted, (5, 1, 10));
         assert!(unconfirmed.is_empty());
         recorder.finish().await;
         assert_eq!(store.published_position("relay").await.unwrap(), 10);
