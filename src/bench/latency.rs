@@ -180,7 +180,8 @@ impl RunningRelay {
                 extras.extend(super::timed_outbox::call_extras(&clock));
                 Ok(Some((extras, clock.trace())))
             }
-            // Every record has arrived by now, so nothing is lost by not waiting for it.
+            // The measurement is over (every record arrived, or the run failed): nothing the
+            // benchmark needs is lost by killing it, and its store is thrown away.
             Self::OwnProcess(mut child) => {
                 child
                     .kill()

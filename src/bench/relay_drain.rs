@@ -141,7 +141,8 @@ pub async fn measure(
 
     if measuring {
         add_figures(report, kind, &raw, &relay, bytes, events.len() as u64);
-        let mut in_turn = Vec::new();
+        // Events per second of each style, in this order.
+        let mut rates = Vec::new();
         for style in [CommitStyle::Flushing, CommitStyle::InTurn] {
             let (drain, _) = producer_drain(
                 kafka.fresh(),
@@ -151,19 +152,19 @@ pub async fn measure(
                 style,
             )
             .await?;
-            in_turn.push(drain.events_per_second());
+            rates.push(drain.events_per_second());
         }
         report.push(
             Figure::new(
                 format!("{kind}_producer_commit_flush"),
                 "raw transactional producer, commit flushes (1 round)",
-                in_turn[0],
+                rates[0],
                 Unit::EventsPerSecond,
             )
             .store(kind)
             .against(
                 "raw transactional producer, acks awaited, commits in turn (1 round)",
-                in_turn[1],
+                rates[1],
                 None,
             ),
         );

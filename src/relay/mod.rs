@@ -403,9 +403,9 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     }
                     // While a backlog lasts, a batch is confirmed by the next one's commit (or
                     // acknowledgements). Caught up, it is settled before the relay lingers.
-                    // Why not linger while it commits: measured at 1,000 events/s (SQLite, four
-                    // runs each, alternated with the old binary), that put exactly-once commit
-                    // → ack p99 at 49-178 ms against 29-52 ms.
+                    // Why not leave it to commit meanwhile: at 1,000 events/s on SQLite, both
+                    // variants tried measured a worse exactly-once commit → ack p99 (58-178 ms
+                    // against 29-52 ms in `relay,latency` runs; docs/benchmarks.md, item 26).
                     let settled = if caught_up || target.is_some_and(|target| position >= target) {
                         self.settle(&mut unconfirmed, report, recorder).await
                     } else {
