@@ -11,11 +11,13 @@ use std::time::Duration;
 use futures::StreamExt;
 use rdkafka::Message;
 use rdkafka::consumer::Consumer;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::codec::{AvroCodec, EventCodec, FramedDecoder};
 use crate::config::{KafkaConfig, RelaySettings};
-use crate::domain::{AddBook, BookCommand, BookEvent, BookId, EventPayload, Price, fact_stream};
+use crate::domain::{
+    AddBook, BookCommand, BookEvent, BookId, DomainError, EventPayload, Price, fact_stream,
+};
 use crate::projection::{ProjectionConfig, ProjectionMode, ReportStore, kafka_projector};
 use crate::relay::{RunMode, kafka_relay};
 use crate::service::{BookService, CommandContext, ServiceError};
@@ -380,37 +382,80 @@ const DEMO_BOOKS: &[(&str, &str, &str)] = &[
     ("The Left Hand of Darkness", "Ursula K. Le Guin", "10.99"),
 ];
 
-/// Feeds the demo: adds the classic books one by one, then keeps changing a price now and then,
-/// so a dashboard visibly fills and moves. Stops at shutdown.
-pub async fn feed_demo_data<S: Outbox>(
-    service: &BookService<S, AvroCodec>,
-    mut shutdown: Shutdown,
-) -> Result<(), DemoError> {
-    let mut ids = Vec::new();
-    for (title, author, list_price) in DEMO_BOOKS {
-        let book_id = BookId::generate();
-        let add = BookCommand::Add(AddBook {
-            book_id,
-            title: (*title).into(),
-            author: (*author).into(),
-            isbn: None,
-            price: price(list_price),
-            description: None,
-        });
-        service.execute(add, CommandContext::default()).await?;
-        ids.push((book_id, price(list_price)));
-        tokio::select! {
-            _ = shutdown.wait() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+/// How fast [`feed_demo_data`] goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DemoPace {
+    /// Between two added books.
+    pub add_every: Duration,
+    /// Between two price changes, once every book is added.
+    pub change_every: Duration,
+}
+
+impl Default for DemoPace {
+    /// A book every half second, then a price change every 3 s: a dashboard visibly fills and
+    /// moves without flooding anything.
+    fn default() -> Self {
+        Self {
+            add_every: Duration::from_millis(500),
+            change_every: Duration::from_secs(3),
         }
     }
+}
+
+/// Feeds the demo: adds the classic books one by one, then keeps changing a price now and then,
+/// so a dashboard visibly fills and moves. Runs until shutdown, whatever the store says:
+/// `bookstore up` stops every part when one ends, and demo data is no reason to stop a relay or
+/// a projector. A command that fails for the system (a database that does not answer) is logged
+/// and tried again at the next step; an add is retried under the same book id, so one whose
+/// commit did happen is not added twice. A book removed meanwhile (through the API, say) is no
+/// longer changed.
+pub async fn feed_demo_data<S: Outbox>(
+    service: &BookService<S, AvroCodec>,
+    pace: DemoPace,
+    mut shutdown: Shutdown,
+) {
+    let mut to_add = DEMO_BOOKS
+        .iter()
+        .map(|&(title, author, list_price)| (BookId::generate(), title, author, price(list_price)));
+    let mut next_add = to_add.next();
+    // The books the demo added and still changes, with their list price.
+    let mut books: Vec<(BookId, Price)> = Vec::new();
     loop {
+        let pause = if next_add.is_some() {
+            pace.add_every
+        } else {
+            pace.change_every
+        };
         tokio::select! {
-            _ = shutdown.wait() => return Ok(()),
-            _ = tokio::time::sleep(Duration::from_secs(3)) => {}
+            _ = shutdown.wait() => return,
+            _ = tokio::time::sleep(pause) => {}
+        }
+        if let Some((book_id, title, author, list_price)) = next_add {
+            let add = BookCommand::Add(AddBook {
+                book_id,
+                title: title.into(),
+                author: author.into(),
+                isbn: None,
+                price: list_price,
+                description: None,
+            });
+            match service.execute(add, CommandContext::default()).await {
+                // "Already exists": an earlier attempt committed after all.
+                Ok(_) | Err(ServiceError::Domain(DomainError::AlreadyExists(_))) => {
+                    books.push((book_id, list_price));
+                    next_add = to_add.next();
+                }
+                Err(error) => {
+                    warn!(%error, %book_id, "demo data: could not add a book; trying again")
+                }
+            }
+            continue;
+        }
+        if books.is_empty() {
+            continue;
         }
         let random = uuid::Uuid::new_v4().as_u128();
-        let (book_id, list_price) = ids[(random % ids.len() as u128) as usize];
+        let (book_id, list_price) = books[(random % books.len() as u128) as usize];
         // Between 80 % and 120 % of the list price, in whole cents.
         let percent = 80 + ((random >> 64) % 41) as i64;
         let cents = list_price.cents() * percent / 100;
@@ -418,6 +463,13 @@ pub async fn feed_demo_data<S: Outbox>(
             book_id,
             price: Price::from_cents(cents).expect("a positive price"),
         };
-        service.execute(command, CommandContext::default()).await?;
+        match service.execute(command, CommandContext::default()).await {
+            Ok(_) => {}
+            Err(ServiceError::Domain(DomainError::Removed(_) | DomainError::NotFound(_))) => {
+                info!(%book_id, "demo data: the book was removed; no longer changing its price");
+                books.retain(|&(id, _)| id != book_id);
+            }
+            Err(error) => warn!(%error, %book_id, "demo data: could not change a price; going on"),
+        }
     }
 }

@@ -210,3 +210,91 @@ async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(u
 
     common::terminate_gracefully(&mut child, "bookstore up").await;
 }
+
+/// The demo feed of `up --demo-data` outlives the books it changes: a book removed under it
+/// (through the API, say) is no longer changed and the others still are, and with every book
+/// removed it waits for shutdown. (It used to end with the domain's "removed" error, and `up`
+/// stops every part when one ends.) No broker needed: the feed only writes to the store.
+#[tokio::test]
+async fn demo_data_goes_on_when_its_books_are_removed() {
+    use bookstore::codec::AvroCodec;
+    use bookstore::demo::{DemoPace, feed_demo_data};
+    use bookstore::domain::BookCommand;
+    use bookstore::service::{BookService, CommandContext};
+    use bookstore::shutdown::ShutdownTrigger;
+    use bookstore::store::{EventStore, SqliteStore};
+
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite:{}", dir.path().join("demo.db").display());
+    let store = SqliteStore::connect(&url).await.unwrap();
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let pace = DemoPace {
+        add_every: Duration::from_millis(1),
+        change_every: Duration::from_millis(5),
+    };
+    let feed = tokio::spawn({
+        let service = BookService::new(store.clone(), AvroCodec::new());
+        async move { feed_demo_data(&service, pace, shutdown).await }
+    });
+
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let books = loop {
+        let books = store.list_books().await.unwrap();
+        if books.len() == 12 {
+            break books;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the demo added {} books",
+            books.len()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let (survivor, removed) = books.split_last().unwrap();
+    for book in removed {
+        let remove = BookCommand::Remove {
+            book_id: book.book_id,
+        };
+        service
+            .execute(remove, CommandContext::default())
+            .await
+            .unwrap();
+    }
+    let version_of = |book_id| {
+        let store = store.clone();
+        async move { store.load_book(book_id).await.unwrap().unwrap().version }
+    };
+    let removed_at = version_of(survivor.book_id).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while version_of(survivor.book_id).await < removed_at + 20 {
+        assert!(
+            !feed.is_finished(),
+            "the feed ended when it met a removed book"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "the survivor's price was not changed 20 times"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for book in removed {
+        let book = store.load_book(book.book_id).await.unwrap().unwrap();
+        assert!(book.removed, "{book:?}");
+    }
+
+    let remove = BookCommand::Remove {
+        book_id: survivor.book_id,
+    };
+    service
+        .execute(remove, CommandContext::default())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!feed.is_finished(), "the feed ended with no book left");
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(5), feed)
+        .await
+        .expect("the feed stops at shutdown")
+        .unwrap();
+}

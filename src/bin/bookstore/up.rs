@@ -5,7 +5,7 @@ use anyhow::{Context, Result, anyhow};
 use bookstore::cli::UpArgs;
 use bookstore::codec::AvroCodec;
 use bookstore::config::{KafkaConfig, StoreConfig};
-use bookstore::demo::feed_demo_data;
+use bookstore::demo::{DemoPace, feed_demo_data};
 use bookstore::http::{self, HttpState};
 use bookstore::projection::{ProjectionConfig, ProjectionMode, default_group, kafka_projector};
 use bookstore::relay::{RunMode, kafka_relay};
@@ -83,8 +83,8 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
         let service = BookService::new(store.clone(), AvroCodec::new());
         let stop = shutdown.clone();
         parts.spawn(async move {
-            let outcome = feed_demo_data(&service, stop).await;
-            ("demo data", outcome.map_err(Into::into))
+            feed_demo_data(&service, DemoPace::default(), stop).await;
+            ("demo data", Ok(()))
         });
     }
     println!("bookstore is up: dashboard at {url} (Ctrl-C to stop)");
