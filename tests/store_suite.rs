@@ -772,6 +772,15 @@ async fn any_store_opens_a_file_path_as_sqlite() {
     let reopened = AnyStore::connect(&format!("sqlite://{}", path.display()))
         .await
         .unwrap();
+    assert_eq!(
+        reopened.load_book(book.book_id).await.unwrap(),
+        Some(book.clone())
+    );
+    // The scheme in any case names the same file (sqlx knows only "sqlite:", and took the
+    // whole text for a file name).
+    let reopened = AnyStore::connect(&format!("SQLite:{}", path.display()))
+        .await
+        .unwrap();
     assert_eq!(reopened.load_book(book.book_id).await.unwrap(), Some(book));
 }
 

@@ -39,6 +39,9 @@ use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 /// short, so only a long queue of concurrent writers gets near it.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The URL scheme of the embedded store.
+const SCHEME: &str = "sqlite:";
+
 /// The store in a SQLite database file.
 #[derive(Debug, Clone)]
 pub struct SqliteStore {
@@ -55,9 +58,13 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating it if missing) the database named by a `sqlite:` URL or a plain file path,
     /// and brings its schema up to date.
+    /// The scheme is matched without regard to case (`SQLite:` too, as for `postgres:`); sqlx
+    /// only knows it in lower case and would take the whole text for a file name.
     pub async fn connect(url_or_path: &str) -> Result<Self, StoreError> {
-        let options = if url_or_path.starts_with("sqlite:") {
-            SqliteConnectOptions::from_str(url_or_path)?
+        let scheme = url_or_path.get(..SCHEME.len());
+        let options = if scheme.is_some_and(|scheme| scheme.eq_ignore_ascii_case(SCHEME)) {
+            let url = format!("{SCHEME}{}", &url_or_path[SCHEME.len()..]);
+            SqliteConnectOptions::from_str(&url)?
         } else {
             SqliteConnectOptions::new().filename(url_or_path)
         };
