@@ -8,12 +8,18 @@
 //!   hundred kilobytes nests deep enough to overflow the thread's stack, which aborts;
 //! * it allocates a `fixed` value's declared size before reading it (`vec![0; size]`), without
 //!   the allocation limit it applies to strings and arrays, so a `fixed` of 2^60 bytes aborts on
-//!   the allocation.
+//!   the allocation;
+//! * it bounds each array's reservation on its own, not their total: under an array whose
+//!   items take no bytes (`null`, a record of nothing but such fields), a block count of a few
+//!   bytes reserves the whole limit, so a record of a few hundred kilobytes holding many such
+//!   arrays (nested in another array, say) asks for terabytes and aborts.
 //!
-//! None of our contracts recurses or holds a `fixed`, and neither a version of them nor
-//! another producer's event needs to, so such a schema is refused up front and every record
-//! written under it is a bad record (the projection dead-letters it). apache-avro has no
-//! option for either, which is why this walk is written here.
+//! None of our contracts recurses, holds a `fixed` or an array, and neither a version of them
+//! nor another producer's event needs to, so such a schema is refused up front and every
+//! record written under it is a bad record (the projection dead-letters it). apache-avro has no
+//! option for any of them, which is why this walk is written here.
+
+use std::collections::HashSet;
 
 use apache_avro::Schema;
 use apache_avro::schema::{InnerDecimalSchema, UuidSchema};
@@ -22,44 +28,91 @@ use super::avro::MAX_DECODE_ALLOCATION_BYTES;
 
 /// Why a writer schema is refused.
 pub fn refusal(schema: &Schema) -> Option<String> {
-    let mut enclosing = Vec::new();
-    walk(schema, &mut enclosing).err()
+    Walk::default().schema(schema).err()
 }
 
-/// Walks `schema` depth first; `enclosing` holds the full names of the records around it.
-fn walk(schema: &Schema, enclosing: &mut Vec<String>) -> Result<(), String> {
-    match schema {
-        Schema::Record(record) => {
-            enclosing.push(record.name.fullname(None));
-            let fields = record
+/// A depth-first walk of a schema.
+#[derive(Default)]
+struct Walk {
+    /// The full names of the records around the schema being walked.
+    enclosing: Vec<String>,
+    /// The records walked so far whose values take no bytes at all.
+    empty_records: HashSet<String>,
+}
+
+impl Walk {
+    fn schema(&mut self, schema: &Schema) -> Result<(), String> {
+        match schema {
+            Schema::Record(record) => {
+                let full_name = record.name.fullname(None);
+                self.enclosing.push(full_name.clone());
+                let fields = record
+                    .fields
+                    .iter()
+                    .try_for_each(|field| self.schema(&field.schema));
+                self.enclosing.pop();
+                fields?;
+                if record
+                    .fields
+                    .iter()
+                    .all(|field| self.takes_no_bytes(&field.schema))
+                {
+                    self.empty_records.insert(full_name);
+                }
+                Ok(())
+            }
+            Schema::Ref { name } => {
+                let full_name = name.fullname(None);
+                if self.enclosing.contains(&full_name) {
+                    return Err(format!(
+                        "{full_name} contains itself; recursive schemas are not accepted"
+                    ));
+                }
+                Ok(())
+            }
+            Schema::Array(array) => {
+                self.schema(&array.items)?;
+                if self.takes_no_bytes(&array.items) {
+                    return Err(
+                        "an array whose items take no bytes (null, or records of nothing else) \
+                         is not accepted: a few bytes of a record could make it reserve \
+                         gigabytes"
+                            .to_owned(),
+                    );
+                }
+                Ok(())
+            }
+            Schema::Map(map) => self.schema(&map.types),
+            Schema::Union(union) => union
+                .variants()
+                .iter()
+                .try_for_each(|variant| self.schema(variant)),
+            Schema::Fixed(fixed) | Schema::Duration(fixed) => fixed_size(&fixed.name, fixed.size),
+            Schema::Decimal(decimal) => match &decimal.inner {
+                InnerDecimalSchema::Fixed(fixed) => fixed_size(&fixed.name, fixed.size),
+                InnerDecimalSchema::Bytes => Ok(()),
+            },
+            Schema::Uuid(UuidSchema::Fixed(fixed)) => fixed_size(&fixed.name, fixed.size),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether a value of `schema` is read from no bytes at all. Everything else reads at least
+    /// a byte: a number, a length, a count, a union's or an enum's index.
+    fn takes_no_bytes(&self, schema: &Schema) -> bool {
+        match schema {
+            Schema::Null => true,
+            Schema::Fixed(fixed) => fixed.size == 0,
+            Schema::Decimal(decimal) => {
+                matches!(&decimal.inner, InnerDecimalSchema::Fixed(fixed) if fixed.size == 0)
+            }
+            Schema::Record(record) => record
                 .fields
                 .iter()
-                .try_for_each(|field| walk(&field.schema, enclosing));
-            enclosing.pop();
-            fields
+                .all(|field| self.takes_no_bytes(&field.schema)),
+            Schema::Ref { name } => self.empty_records.contains(&name.fullname(None)),
+            _ => false,
         }
-        Schema::Ref { name } => {
-            let full_name = name.fullname(None);
-            if enclosing.contains(&full_name) {
-                return Err(format!(
-                    "{full_name} contains itself; recursive schemas are not accepted"
-                ));
-            }
-            Ok(())
-        }
-        Schema::Array(array) => walk(&array.items, enclosing),
-        Schema::Map(map) => walk(&map.types, enclosing),
-        Schema::Union(union) => union
-            .variants()
-            .iter()
-            .try_for_each(|variant| walk(variant, enclosing)),
-        Schema::Fixed(fixed) | Schema::Duration(fixed) => fixed_size(&fixed.name, fixed.size),
-        Schema::Decimal(decimal) => match &decimal.inner {
-            InnerDecimalSchema::Fixed(fixed) => fixed_size(&fixed.name, fixed.size),
-            InnerDecimalSchema::Bytes => Ok(()),
-        },
-        Schema::Uuid(UuidSchema::Fixed(fixed)) => fixed_size(&fixed.name, fixed.size),
-        _ => Ok(()),
     }
 }
 
@@ -127,6 +180,48 @@ mod tests {
                 {"name": "old_digest", "type": "D"}]}"#,
         );
         assert_eq!(refusal(&schema), None);
+    }
+
+    #[test]
+    fn arrays_of_items_that_take_no_bytes_are_refused_wherever_they_are() {
+        for items in [
+            r#""null""#,
+            r#"{"type": "array", "items": "null"}"#,
+            r#"{"type": "record", "name": "Nothing", "fields": [{"name": "n", "type": "null"}]}"#,
+            r#"{"type": "record", "name": "Empty", "fields": []}"#,
+            r#"{"type": "fixed", "name": "Zero", "size": 0}"#,
+        ] {
+            let schema = parse(&format!(
+                r#"{{"type": "record", "name": "R", "fields": [
+                    {{"name": "f", "type": {{"type": "array", "items": {items}}}}}]}}"#
+            ));
+            let reason = refusal(&schema).unwrap_or_else(|| panic!("{items} accepted"));
+            assert!(reason.contains("items take no bytes"), "{reason}");
+        }
+        // Through a reference to a record defined before.
+        let schema = parse(
+            r#"{"type": "record", "name": "R", "fields": [
+                {"name": "first", "type": {"type": "record", "name": "Nothing", "fields": []}},
+                {"name": "many", "type": {"type": "array", "items": "Nothing"}}]}"#,
+        );
+        assert!(refusal(&schema).is_some());
+    }
+
+    #[test]
+    fn arrays_of_items_that_take_a_byte_are_accepted() {
+        for items in [
+            r#""boolean""#,
+            r#"["null", "string"]"#,
+            r#"{"type": "record", "name": "Flag", "fields": [{"name": "b", "type": "boolean"}]}"#,
+            r#"{"type": "array", "items": "int"}"#,
+            r#"{"type": "map", "values": "null"}"#,
+        ] {
+            let schema = parse(&format!(
+                r#"{{"type": "record", "name": "R", "fields": [
+                    {{"name": "f", "type": {{"type": "array", "items": {items}}}}}]}}"#
+            ));
+            assert_eq!(refusal(&schema), None, "{items}");
+        }
     }
 
     #[test]
