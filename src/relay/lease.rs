@@ -12,6 +12,7 @@
 //! reach, or another instance holds it) the keeper says so while a third of its time is still
 //! left, so that the relay stops and discards what it has queued before anyone can take over.
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -77,31 +78,64 @@ async fn renew<O: Outbox + Clone + 'static>(
     acquired_at: Instant,
     lost: watch::Sender<bool>,
 ) {
-    // The database sets the expiry after it received the request, so the lease lasts at least
-    // `ttl` from when the request was sent. Giving up at two thirds of that leaves a third for
-    // the relay to stop.
-    let give_up_after = lease.ttl * 2 / 3;
+    let acquired_at = tokio::time::Instant::from_std(acquired_at);
+    keep_renewed(lease.ttl, acquired_at, &lease.relay_id, || lease.acquire()).await;
+    let _ = lost.send(true);
+}
+
+/// Renews with `renew` (true: this instance holds the lease) until the lease is lost, or may
+/// expire before a renewal could confirm it; returns then.
+///
+/// The database sets the expiry after it received the request, so the lease lasts at least
+/// `ttl` from when the last confirmed request was sent. Giving up at two thirds of that leaves
+/// a third for the relay to stop, and every attempt is cut off at that point, however long the
+/// database takes: a renewal that failed fast followed by one that hangs must not use up the
+/// third. After a failure the next attempt comes sooner than the regular renewal.
+async fn keep_renewed<F, R>(
+    ttl: Duration,
+    acquired_at: tokio::time::Instant,
+    relay_id: &str,
+    mut renew: F,
+) where
+    F: FnMut() -> R,
+    R: Future<Output = Result<bool, StoreError>>,
+{
+    let give_up_after = ttl * 2 / 3;
+    let (interval, retry_after_failure) = (ttl / 3, ttl / 15);
     let mut confirmed_at = acquired_at;
+    let mut failed = false;
     loop {
-        let wait = lease
-            .retry_interval()
-            .min(give_up_after.saturating_sub(confirmed_at.elapsed()));
-        tokio::time::sleep(wait).await;
-        let asked_at = Instant::now();
-        match lease.acquire().await {
-            Ok(true) => confirmed_at = asked_at,
-            Ok(false) => {
-                warn!(relay_id = %lease.relay_id, "another relay instance holds the lease");
-                break;
+        let deadline = confirmed_at + give_up_after;
+        let pause = if failed {
+            retry_after_failure
+        } else {
+            interval
+        };
+        tokio::time::sleep(
+            pause.min(deadline.saturating_duration_since(tokio::time::Instant::now())),
+        )
+        .await;
+        let asked_at = tokio::time::Instant::now();
+        match tokio::time::timeout(deadline.saturating_duration_since(asked_at), renew()).await {
+            Ok(Ok(true)) => (confirmed_at, failed) = (asked_at, false),
+            Ok(Ok(false)) => {
+                warn!(%relay_id, "another relay instance holds the lease");
+                return;
             }
-            Err(error) if confirmed_at.elapsed() >= give_up_after => {
-                warn!(%error, relay_id = %lease.relay_id, "cannot renew the relay lease before it may expire");
-                break;
+            Ok(Err(error)) if tokio::time::Instant::now() < deadline => {
+                warn!(%error, "cannot renew the relay lease; retrying");
+                failed = true;
             }
-            Err(error) => warn!(%error, "cannot renew the relay lease; retrying"),
+            Ok(Err(error)) => {
+                warn!(%error, %relay_id, "cannot renew the relay lease before it may expire");
+                return;
+            }
+            Err(_) => {
+                warn!(%relay_id, "the database did not renew the relay lease before it may expire");
+                return;
+            }
         }
     }
-    let _ = lost.send(true);
 }
 
 /// Keeps a lease renewed (see [`Lease::keep`]); stops renewing when dropped.
@@ -123,5 +157,76 @@ impl LeaseKeeper {
 impl Drop for LeaseKeeper {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::future::pending;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    const TTL: Duration = Duration::from_secs(15);
+
+    /// Runs [`keep_renewed`] with renewals that answer as `answers` says, one per attempt
+    /// (`None`: never answers); returns how long after the start it gave up.
+    async fn given_up_after(answers: Vec<Option<Result<bool, StoreError>>>) -> Duration {
+        let started = Instant::now();
+        let mut answers = answers.into_iter();
+        keep_renewed(TTL, started, "relay", move || {
+            let answer = answers.next().expect("no more renewals planned");
+            async move {
+                match answer {
+                    Some(answer) => answer,
+                    None => pending().await,
+                }
+            }
+        })
+        .await;
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_renewal_followed_by_one_that_hangs_gives_up_a_third_before_expiry() {
+        // Confirmed at 5 s (so the lease lasts until 20 s), failed fast at 10 s, the retry at
+        // 11 s hangs: given up at 15 s, two thirds of the lease after the last confirmation.
+        // (It was given up at 20 s: the hanging attempt had its own 5 s timeout.)
+        let answers = vec![Some(Ok(true)), Some(Err(StoreError::Cancelled)), None];
+        let given_up = given_up_after(answers).await;
+        assert!(
+            given_up <= Duration::from_millis(15_010),
+            "given up after {given_up:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_fails_is_retried_sooner_and_keeps_the_lease() {
+        // Failed at 5 s, retried at 6 s and confirmed: renewed at 11 s, 16 s, … and given up
+        // only when another instance holds it (the fifth answer, at 21 s).
+        let answers = vec![
+            Some(Err(StoreError::Cancelled)),
+            Some(Ok(true)),
+            Some(Ok(true)),
+            Some(Ok(true)),
+            Some(Ok(false)),
+        ];
+        let given_up = given_up_after(answers).await;
+        assert!(
+            given_up >= Duration::from_secs(21) && given_up <= Duration::from_millis(21_010),
+            "given up after {given_up:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renewals_that_keep_failing_give_up_two_thirds_after_the_last_confirmation() {
+        let mut answers = vec![Some(Ok(true))];
+        answers.extend((0..20).map(|_| Some(Err(StoreError::Cancelled))));
+        let given_up = given_up_after(answers).await;
+        assert!(
+            given_up >= Duration::from_secs(15) && given_up <= Duration::from_millis(15_010),
+            "given up after {given_up:?}"
+        );
     }
 }
