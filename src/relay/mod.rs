@@ -15,7 +15,9 @@
 //! * **No duplicates for `read_committed` readers** in exactly-once mode: batch and checkpoint
 //!   commit in one Kafka transaction, and a restart resumes from the committed checkpoint
 //!   (see [`checkpoint`]). In at-least-once mode a crash can resend the batches not yet fully
-//!   acknowledged: up to two (`AT_LEAST_ONCE_BATCHES_AHEAD` in the publisher).
+//!   acknowledged: up to two (`AT_LEAST_ONCE_BATCHES_AHEAD` in the publisher), and those whose
+//!   position the store had not recorded yet (it is written in the background, moments after
+//!   the acknowledgement; a retry within the process resumes from what it saw acknowledged).
 //! * **One active relay per store.** A lease in the database names the active instance; others
 //!   wait as standbys. It is renewed by a task of its own, so waiting on Kafka does not let it
 //!   lapse, and an instance that loses it discards what it has queued before it could expire
@@ -235,15 +237,26 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             let outcome = self
                 .publish_while_leased(acquired_at, target, &mut report, &mut shutdown)
                 .await;
-            // Hand the lease over at once rather than making a standby wait for it to expire.
-            let _ = self.lease().release().await;
+            // Hand the lease over at once rather than making a standby wait for it to expire
+            // (which it does anyway if the database does not answer in time).
+            let lease = self.lease();
+            let _ = tokio::time::timeout(lease.retry_interval(), lease.release()).await;
             match outcome? {
                 Stop::Shutdown => break,
                 Stop::Done => {
                     report.finished = true;
                     break;
                 }
-                Stop::LeaseLost => warn!("lost the relay lease; standing by"),
+                Stop::LeaseLost => {
+                    warn!("lost the relay lease; standing by");
+                    // Not straight back: a producer that failed fatally for a reason that
+                    // persists (an authorisation error, say) would otherwise be replaced in a
+                    // tight loop, since a lease released at once is free at once.
+                    tokio::select! {
+                        _ = shutdown.wait() => break,
+                        _ = tokio::time::sleep(self.lease().retry_interval()) => {}
+                    }
+                }
             }
         }
         info!(
@@ -348,15 +361,28 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         shutdown: &mut Shutdown,
     ) -> Result<Stop, RelayError> {
         self.next_batch = None;
-        let mut signal = self.outbox.commit_signal().await?;
-        let mut unconfirmed = Unconfirmed::default();
         let mut backoff = self.config.min_backoff;
+        // A database that does not answer right after the lease was taken (a failover) is
+        // waited out like any other store outage; the lease keeper stops this if it lasts.
+        let mut signal = loop {
+            match self.outbox.commit_signal().await {
+                Ok(signal) => break signal,
+                Err(error) => {
+                    warn!(%error, ?backoff, "cannot listen for commits; retrying");
+                    if !pause(shutdown, &mut backoff, self.config.max_backoff).await {
+                        return Ok(Stop::Shutdown);
+                    }
+                }
+            }
+        };
+        backoff = self.config.min_backoff;
+        let mut unconfirmed = Unconfirmed::default();
         let mut pruned_at: Option<Instant> = None;
         // Retention runs beside the publishing: a large one (after an outage longer than the
         // retention) takes seconds, in chunks, and must not hold the batches up.
         let mut pruning: Option<tokio::task::JoinHandle<()>> = None;
         let Some(mut position) = self
-            .start_publisher(recorder, shutdown, &mut backoff)
+            .start_publisher(recorder, report.last_position, shutdown, &mut backoff)
             .await?
         else {
             return Ok(Stop::Shutdown);
@@ -452,7 +478,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 RelayError::Publish(PublishError::Fenced(error)) => {
                     unconfirmed.abandon();
                     metrics::record_send_error();
-                    warn!(%error, "fenced by another relay instance");
+                    warn!(%error, "the producer is fenced (another relay instance took over) or failed for good");
                     return Ok(Stop::LeaseLost);
                 }
                 error => {
@@ -462,7 +488,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                         return Ok(Stop::Shutdown);
                     }
                     match self
-                        .start_publisher(recorder, shutdown, &mut backoff)
+                        .start_publisher(recorder, report.last_position, shutdown, &mut backoff)
                         .await?
                     {
                         Some(resumed) => {
@@ -587,11 +613,14 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     }
 
     /// Starts the publisher, retrying with backoff while Kafka (or the store) is unavailable,
-    /// and returns the position to resume after: the furthest of what Kafka and the store know
-    /// to be published. `None` if shutdown came first.
+    /// and returns the position to resume after: the furthest of what the publisher knows
+    /// (exactly once: Kafka's checkpoint), what the store recorded, and `confirmed`, what this
+    /// process saw confirmed (the store's copy is written in the background and can lag it, or
+    /// have failed to be written). `None` if shutdown came first.
     async fn start_publisher(
         &mut self,
         recorder: &PositionRecorder,
+        confirmed: u64,
         shutdown: &mut Shutdown,
         backoff: &mut Duration,
     ) -> Result<Option<u64>, RelayError> {
@@ -600,7 +629,8 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 Ok(known_by_publisher) => {
                     match self.published_and_head().await {
                         Ok((recorded, head)) => {
-                            let position = known_by_publisher.unwrap_or(0).max(recorded);
+                            let position =
+                                known_by_publisher.unwrap_or(0).max(recorded).max(confirmed);
                             if position > head {
                                 let error = RelayError::AheadOfStore {
                                     published: position,
@@ -611,8 +641,9 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                             }
                             info!(position, "resuming after position");
                             metrics::record_position(position);
-                            if known_by_publisher.is_some_and(|known| known > recorded) {
-                                // The crash came between the Kafka commit and the store's copy.
+                            if position > recorded {
+                                // A crash came between the Kafka commit and the store's copy,
+                                // or the copy has not caught up yet.
                                 recorder.record(position);
                             }
                             return Ok(Some(position));
@@ -767,6 +798,9 @@ struct PositionRecorder {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// How long a stopping relay waits for the store to record its last published position.
+const RECORDER_FINISH_TIMEOUT: Duration = Duration::from_secs(3);
+
 impl PositionRecorder {
     fn spawn<O: Outbox + 'static>(outbox: O, relay_id: String) -> Self {
         let (positions, receiver) = watch::channel(0);
@@ -778,11 +812,23 @@ impl PositionRecorder {
         self.positions.send_replace(position);
     }
 
-    /// Writes the last position recorded, if not written yet, and stops.
+    /// Writes the last position recorded, if not written yet, and stops; gives up after
+    /// [`RECORDER_FINISH_TIMEOUT`] (a database out of reach would hold a stop for its pool's
+    /// acquire timeout). Giving up loses nothing: the position is the store's copy, and a
+    /// restart resumes from Kafka's checkpoint (exactly once) or sends those batches again.
     async fn finish(self) {
         drop(self.positions);
-        if let Err(error) = self.task.await {
-            warn!(%error, "the published-position writer failed");
+        let mut task = self.task;
+        match tokio::time::timeout(RECORDER_FINISH_TIMEOUT, &mut task).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(%error, "the published-position writer failed"),
+            Err(_) => {
+                task.abort();
+                warn!(
+                    timeout = ?RECORDER_FINISH_TIMEOUT,
+                    "the store did not record the last published position in time"
+                );
+            }
         }
     }
 }

@@ -47,8 +47,9 @@ pub enum PublishError {
     /// Worth trying again after a pause (broker down, request timed out, transaction aborted).
     #[error("Kafka is unavailable or refused the batch: {0}")]
     Retryable(KafkaError),
-    /// Another relay instance took over the transactional id: this one must stop publishing.
-    #[error("another relay instance took over (fenced): {0}")]
+    /// Another relay instance took over the transactional id, or the producer failed fatally
+    /// otherwise: this producer can do nothing more, and the relay stands by a while.
+    #[error("fenced by another relay instance, or failed fatally: {0}")]
     Fenced(KafkaError),
     /// An event cannot be encoded as its contract says: publishing cannot go past it.
     #[error("event at position {position} cannot be published: {source}")]
