@@ -2,6 +2,7 @@
 //! Errors end as one line on stderr and a non-zero exit code.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use bookstore::cli::{Cli, Command};
 use bookstore::store::AnyStore;
@@ -19,12 +20,41 @@ mod report;
 mod serve;
 mod up;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+/// How long the runtime waits, once a command has returned, for blocking calls still running.
+/// By then every command has finished or safely abandoned its work (see the README on Ctrl-C /
+/// SIGTERM); what may still run is a librdkafka call that cannot be cancelled, such as a
+/// producer's `init_transactions` or a commit waiting on an unreachable broker for up to its
+/// request timeout, or a producer being flushed as it is dropped. Waiting for those would hold
+/// the exit past the stop an orchestrator allows before SIGKILL.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+fn main() -> ExitCode {
     let cli = Cli::parse();
     bookstore::telemetry::init();
     warn_about_unknown_variables();
-    let outcome = match cli.command {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(run(cli));
+    runtime.shutdown_timeout(EXIT_GRACE);
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {}", one_line(&error));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
         Command::Books(command) => books::run(&cli.store, command).await,
         Command::Events(args) => events::run(&cli.store, args).await,
         Command::Kafka(command) => kafka::run(&cli.kafka, command).await,
@@ -36,13 +66,6 @@ async fn main() -> ExitCode {
         Command::Up(args) => up::run(&cli.store, &cli.kafka, args).await,
         Command::Demo(args) => demo::run(&cli.store, &cli.kafka, args).await,
         Command::Bench(args) => bench::run(&cli.kafka, args).await,
-    };
-    match outcome {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(error) => {
-            eprintln!("error: {}", one_line(&error));
-            ExitCode::FAILURE
-        }
     }
 }
 
