@@ -12,14 +12,14 @@
 
 use std::collections::HashMap;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use rdkafka::Message;
 use rdkafka::message::Headers;
 
 use super::{ReportChange, Versioned};
 use crate::codec::headers as h;
 use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError};
-use crate::domain::{BookFactEvent, BookId, EventPayload};
+use crate::domain::{BookFactEvent, BookId, EventPayload, ValidationError, validate_details};
 
 /// Why a record cannot be applied; the text becomes its `bookstore_dlq_reason` header.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -28,6 +28,11 @@ pub enum Rejection {
     MissingKey,
     #[error("the key {0:?} is not a book id")]
     KeyNotABookId(String),
+    #[error(
+        "the key {key:?} is not the contract's spelling of book id {book_id} \
+         (lower-case, hyphenated)"
+    )]
+    KeyNotCanonical { key: String, book_id: BookId },
     #[error("undecodable value: {0}")]
     Undecodable(String),
     #[error("a {0} event is not a fact")]
@@ -36,8 +41,31 @@ pub enum Rejection {
     KeyMismatch { key: BookId, book_id: BookId },
     #[error("the version {0:?} is not a version from 1 to {MAX_VERSION}")]
     InvalidVersion(String),
+    #[error("the {header} header is {0}, not a version", header = h::AGGREGATE_VERSION)]
+    UnreadableVersionHeader(&'static str),
     #[error("the {0} contains a NUL character, which the read model cannot store")]
     NulInText(&'static str),
+    /// `field` breaks a rule of the domain; `excerpt` is the start of its text.
+    #[error("the {field} {excerpt:?} {rule}")]
+    InvalidText {
+        field: &'static str,
+        rule: String,
+        excerpt: String,
+    },
+}
+
+/// At most this many characters of a record's text go into a reason, which stays a header of
+/// a few hundred bytes whatever the record holds.
+const EXCERPT_CHARS: usize = 48;
+
+/// The start of `text`, for a reason.
+fn excerpt(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut start: String = chars.by_ref().take(EXCERPT_CHARS).collect();
+    if chars.next().is_some() {
+        start.push('…');
+    }
+    start
 }
 
 /// The highest version the read model stores (its columns are 64-bit signed integers).
@@ -212,19 +240,25 @@ impl Versioned for UntimedChange {
 }
 
 /// The deletion a tombstone of `book_id` asks for, at the version its header states if any.
-/// A header that states no usable version is a rejection: read as "no version", it would
-/// delete the book whatever its version.
+/// A header that states no usable version (null or not UTF-8 included) is a rejection: read
+/// as "no version", it would delete the book whatever its version.
 fn tombstone(book_id: BookId, message: &impl Message) -> Result<UntimedChange, Rejection> {
-    let version = match header(message, h::AGGREGATE_VERSION) {
+    let version = match header_value(message, h::AGGREGATE_VERSION) {
         None => None,
-        Some(text) => Some(
-            text.parse()
-                .ok()
-                .filter(is_storable_version)
-                .ok_or_else(|| Rejection::InvalidVersion(text.to_owned()))?,
-        ),
+        Some(value) => Some(stated_version(value)?),
     };
     Ok(UntimedChange::Delete { book_id, version })
+}
+
+/// The version a tombstone's version header (`None`: null) states.
+fn stated_version(value: Option<&[u8]>) -> Result<u64, Rejection> {
+    let value = value.ok_or(Rejection::UnreadableVersionHeader("null"))?;
+    let text =
+        std::str::from_utf8(value).map_err(|_| Rejection::UnreadableVersionHeader("not UTF-8"))?;
+    text.parse()
+        .ok()
+        .filter(is_storable_version)
+        .ok_or_else(|| Rejection::InvalidVersion(excerpt(text)))
 }
 
 /// Whether the read model can hold `version`. The contract's versions start at 1; a record
@@ -266,15 +300,59 @@ fn interpret(key: BookId, payload: EventPayload) -> Result<UntimedChange, Reject
             return Err(Rejection::NulInText(field));
         }
     }
-    Ok(UntimedChange::Upsert(fact))
+    Ok(UntimedChange::Upsert(with_valid_details(fact)?))
 }
 
+/// `fact` with its title, author and ISBN as the domain keeps them (trimmed; a blank ISBN is
+/// none), or why the domain would have refused them. The relay publishes only facts the
+/// domain made, but another producer's could hold anything, and what the domain refuses can
+/// break the read model: PostgreSQL cannot index a title of a few kilobytes (the insert
+/// would fail on every retry and stall the partition), and `bookstore report` would print
+/// control characters (escape sequences) to the terminal. Trimming too, so that padding
+/// cannot carry an oversized text past the limits. The description is not checked: the read
+/// model does not keep it.
+fn with_valid_details(mut fact: BookFactEvent) -> Result<BookFactEvent, Rejection> {
+    let details = validate_details(&fact.title, &fact.author, fact.isbn.as_deref(), None)
+        .map_err(|error| invalid_text(&fact, error))?;
+    fact.title = details.title;
+    fact.author = details.author;
+    fact.isbn = details.isbn;
+    Ok(fact)
+}
+
+fn invalid_text(fact: &BookFactEvent, error: ValidationError) -> Rejection {
+    let text = match error.field {
+        "title" => fact.title.as_str(),
+        "author" => fact.author.as_str(),
+        _ => fact.isbn.as_deref().unwrap_or_default(),
+    };
+    Rejection::InvalidText {
+        field: error.field,
+        rule: error.rule,
+        excerpt: excerpt(text),
+    }
+}
+
+/// The book id `key` spells. Only the contract's spelling, the lower-case hyphenated UUID, is
+/// one: Kafka compacts by key bytes, so a fact under another spelling of the same id would
+/// never be compacted against the book's other records, and a tombstone under it would never
+/// make the topic forget them.
 fn book_id_of(key: Option<&[u8]>) -> Result<BookId, Rejection> {
     let key = key.ok_or(Rejection::MissingKey)?;
-    std::str::from_utf8(key)
+    let lossy = || excerpt(&String::from_utf8_lossy(key));
+    let book_id: BookId = std::str::from_utf8(key)
         .ok()
         .and_then(|text| text.parse().ok())
-        .ok_or_else(|| Rejection::KeyNotABookId(String::from_utf8_lossy(key).into_owned()))
+        .ok_or_else(|| Rejection::KeyNotABookId(lossy()))?;
+    let mut canonical = uuid::Uuid::encode_buffer();
+    let canonical = book_id.as_uuid().hyphenated().encode_lower(&mut canonical);
+    if canonical.as_bytes() != key {
+        return Err(Rejection::KeyNotCanonical {
+            key: lossy(),
+            book_id,
+        });
+    }
+    Ok(book_id)
 }
 
 fn undecodable(error: CodecError) -> Rejection {
@@ -282,28 +360,52 @@ fn undecodable(error: CodecError) -> Rejection {
 }
 
 /// When the change happened: the CloudEvents time the relay writes, else the record's
-/// timestamp, else now.
+/// timestamp, else now. A time the read model cannot hold counts as none. Falling back rather
+/// than rejecting the record loses nothing: the fact is fine, only its time is wrong, and
+/// dead-lettering it would lose the book's change for a time that is no use anyway.
 fn changed_at(message: &impl Message) -> DateTime<Utc> {
-    header(message, h::CE_TIME)
-        .and_then(|time| DateTime::parse_from_rfc3339(time).ok())
-        .map(|time| time.with_timezone(&Utc))
-        .or_else(|| {
-            message
-                .timestamp()
-                .to_millis()
-                .and_then(DateTime::from_timestamp_millis)
-        })
+    let event_time = || {
+        header(message, h::CE_TIME)
+            .and_then(|time| DateTime::parse_from_rfc3339(time).ok())
+            .map(|time| time.with_timezone(&Utc))
+    };
+    // Kafka has no timestamps before 1970: a negative one is a producer's garbage.
+    let record_time = || {
+        message
+            .timestamp()
+            .to_millis()
+            .filter(|millis| *millis >= 0)
+            .and_then(DateTime::from_timestamp_millis)
+    };
+    event_time()
+        .filter(is_storable_time)
+        .or_else(|| record_time().filter(is_storable_time))
         .unwrap_or_else(Utc::now)
+}
+
+/// Whether both stores can hold `time`: SQLite keeps it as RFC 3339 text, which has only the
+/// years 0 to 9999 (a row outside them could not be read back); PostgreSQL's range (4713 BC
+/// to 294276 AD) holds those, but not all of chrono's, and an insert it refuses would be
+/// retried forever.
+fn is_storable_time(time: &DateTime<Utc>) -> bool {
+    (0..=9999).contains(&time.year())
 }
 
 /// The value of header `name` as text, if present and UTF-8.
 pub(crate) fn header<'m>(message: &'m impl Message, name: &str) -> Option<&'m str> {
+    header_value(message, name)
+        .flatten()
+        .and_then(|value| std::str::from_utf8(value).ok())
+}
+
+/// The value of header `name`: `None` when the record has no such header, `Some(None)` when
+/// it has one whose value is null.
+fn header_value<'m>(message: &'m impl Message, name: &str) -> Option<Option<&'m [u8]>> {
     let headers = message.headers()?;
     headers
         .iter()
         .find(|header| header.key == name)
-        .and_then(|header| header.value)
-        .and_then(|value| std::str::from_utf8(value).ok())
+        .map(|header| header.value)
 }
 
 #[cfg(test)]
@@ -334,23 +436,48 @@ mod tests {
         frame_single_object(codec.fingerprint(payload.event_type()).unwrap(), &datum)
     }
 
+    const RECORD_TIME: Timestamp = Timestamp::CreateTime(1_700_000_000_000);
+
     fn record(key: Option<&str>, value: Option<Vec<u8>>, headers: &[(&str, &str)]) -> OwnedMessage {
+        let headers: Vec<(&str, Option<&[u8]>)> = headers
+            .iter()
+            .map(|&(name, value)| (name, Some(value.as_bytes())))
+            .collect();
+        raw_record(key, value, &headers, RECORD_TIME)
+    }
+
+    fn raw_record(
+        key: Option<&str>,
+        value: Option<Vec<u8>>,
+        headers: &[(&str, Option<&[u8]>)],
+        timestamp: Timestamp,
+    ) -> OwnedMessage {
         let mut owned = OwnedHeaders::new();
         for &(name, value) in headers {
-            owned = owned.insert(Header {
-                key: name,
-                value: Some(value),
-            });
+            owned = owned.insert(Header { key: name, value });
         }
         OwnedMessage::new(
             value,
             key.map(|key| key.as_bytes().to_vec()),
             "t.book-fact".into(),
-            Timestamp::CreateTime(1_700_000_000_000),
+            timestamp,
             0,
             7,
             Some(owned),
         )
+    }
+
+    /// The rejection `message` gets, checking that the polling thread does not read it either.
+    async fn rejection(message: &OwnedMessage) -> Rejection {
+        assert_eq!(
+            FactReader::new(None).read_known(message),
+            None,
+            "{message:?}"
+        );
+        match read(message).await {
+            FactOutcome::DeadLetter(rejection) => rejection,
+            outcome => panic!("{outcome:?} for {message:?}"),
+        }
     }
 
     async fn read(message: &OwnedMessage) -> FactOutcome {
@@ -539,5 +666,243 @@ mod tests {
             read(&fact_record(described)).await,
             FactOutcome::Apply(ReportChange::Upsert { .. })
         ));
+    }
+
+    /// A foreign producer's fact whose text the domain would refuse: PostgreSQL cannot index
+    /// a title of kilobytes (retried forever), and control characters would reach the
+    /// terminal of `bookstore report`. The reason names the field and the rule, and quotes
+    /// only the start of the text.
+    #[tokio::test]
+    async fn facts_with_text_the_domain_refuses_are_rejected_with_a_short_reason() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let with = |change: &dyn Fn(&mut BookFactEvent)| {
+            let mut fact = fact(book_id, 2, false);
+            change(&mut fact);
+            record(Some(&key), Some(framed(&EventPayload::Fact(fact))), &[])
+        };
+        let long_title = "x".repeat(5000);
+        let cases = [
+            (
+                with(&|fact| fact.title = long_title.clone()),
+                "title",
+                "must be at most 200 characters",
+            ),
+            (
+                with(&|fact| fact.author = "y".repeat(151)),
+                "author",
+                "must be at most 150 characters",
+            ),
+            (
+                with(&|fact| fact.isbn = Some("9".repeat(14))),
+                "isbn",
+                "must be at most 13 characters",
+            ),
+            (
+                with(&|fact| fact.title = "Dune\u{1b}[2J\u{1b}[31m".into()),
+                "title",
+                "must not contain control characters",
+            ),
+            (
+                with(&|fact| fact.author = "Frank\rHerbert".into()),
+                "author",
+                "must not contain control characters",
+            ),
+            (
+                with(&|fact| fact.title = " \u{200B} ".into()),
+                "title",
+                "must not be empty",
+            ),
+        ];
+        for (message, field, rule) in &cases {
+            let rejection = rejection(message).await;
+            let Rejection::InvalidText {
+                field: rejected,
+                rule: broken,
+                ..
+            } = &rejection
+            else {
+                panic!("{rejection:?} for {message:?}");
+            };
+            assert_eq!((*rejected, broken.as_str()), (*field, *rule));
+            let reason = rejection.to_string();
+            assert!(reason.len() < 200, "{reason}");
+            assert!(!reason.contains('\u{1b}'), "{reason}");
+        }
+        assert_eq!(
+            rejection(&cases[0].0).await.to_string(),
+            format!(
+                "the title \"{}…\" must be at most 200 characters",
+                "x".repeat(EXCERPT_CHARS)
+            )
+        );
+        assert_eq!(
+            rejection(&cases[3].0).await.to_string(),
+            "the title \"Dune\\u{1b}[2J\\u{1b}[31m\" must not contain control characters"
+        );
+    }
+
+    /// What the domain accepts is applied as the domain keeps it: trimmed, so padding cannot
+    /// carry an oversized text into the read model, and a blank ISBN is none.
+    #[tokio::test]
+    async fn facts_within_the_domains_limits_are_applied_as_the_domain_keeps_them() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let mut padded = fact(book_id, 2, false);
+        padded.title = format!("  Dune{}", " ".repeat(5000));
+        padded.isbn = Some("  ".into());
+        let mut longest = fact(book_id, 2, false);
+        longest.title = "é".repeat(200);
+        longest.author = "a".repeat(150);
+        longest.isbn = Some("9".repeat(13));
+        longest.description = Some("line\nand\ttab".into());
+        for (sent, applied) in [
+            (padded, fact(book_id, 2, false)),
+            (longest.clone(), longest),
+        ] {
+            let message = record(Some(&key), Some(framed(&EventPayload::Fact(sent))), &[]);
+            assert_eq!(
+                FactReader::new(None).read_known(&message),
+                Some(UntimedChange::Upsert(applied.clone()))
+            );
+            let FactOutcome::Apply(ReportChange::Upsert { fact, .. }) = read(&message).await else {
+                panic!("not an upsert: {message:?}");
+            };
+            assert_eq!(fact, applied);
+        }
+    }
+
+    /// Kafka compacts by key bytes: a record under another spelling of a book's id would
+    /// never be compacted against the book's records, so only the contract's is a book id
+    /// (and the polling thread never drops a record under the canonical key for it).
+    #[tokio::test]
+    async fn only_the_contracts_spelling_of_a_book_id_is_a_key() {
+        let book_id = BookId::generate();
+        let canonical = book_id.to_string();
+        let simple = book_id.as_uuid().simple().to_string();
+        let value = framed(&EventPayload::Fact(fact(book_id, 1, false)));
+        for key in [
+            canonical.to_uppercase(),
+            format!("{{{canonical}}}"),
+            format!("urn:uuid:{canonical}"),
+            simple,
+            format!(" {canonical}"),
+            format!("{canonical}\n"),
+        ] {
+            let message = record(Some(&key), Some(value.clone()), &[]);
+            let tombstone = record(Some(&key), None, &[]);
+            for message in [&message, &tombstone] {
+                assert_eq!(
+                    rejection(message).await,
+                    Rejection::KeyNotCanonical {
+                        key: key.clone(),
+                        book_id
+                    }
+                );
+            }
+        }
+        assert_eq!(
+            Rejection::KeyNotCanonical {
+                key: canonical.to_uppercase(),
+                book_id
+            }
+            .to_string(),
+            format!(
+                "the key {:?} is not the contract's spelling of book id {canonical} \
+                 (lower-case, hyphenated)",
+                canonical.to_uppercase()
+            )
+        );
+        let message = record(Some(&canonical), Some(value), &[]);
+        assert!(matches!(read(&message).await, FactOutcome::Apply(_)));
+
+        let huge = "k".repeat(100_000);
+        let reason = rejection(&record(Some(&huge), None, &[])).await.to_string();
+        assert!(
+            reason.contains("not a book id") && reason.len() < 100,
+            "{reason}"
+        );
+    }
+
+    /// A version header that is there but cannot be read states no version: read as "no
+    /// header", the tombstone would delete the book whatever its version.
+    #[tokio::test]
+    async fn a_tombstone_with_an_unreadable_version_header_is_rejected() {
+        let key = BookId::generate().to_string();
+        let tombstone = |value: Option<&[u8]>| {
+            raw_record(
+                Some(&key),
+                None,
+                &[(h::AGGREGATE_VERSION, value)],
+                RECORD_TIME,
+            )
+        };
+        assert_eq!(
+            rejection(&tombstone(None)).await,
+            Rejection::UnreadableVersionHeader("null")
+        );
+        assert_eq!(
+            rejection(&tombstone(Some(b"4\xff"))).await,
+            Rejection::UnreadableVersionHeader("not UTF-8")
+        );
+        assert_eq!(
+            Rejection::UnreadableVersionHeader("null").to_string(),
+            "the bookstore_aggregate_version header is null, not a version"
+        );
+        let long = "9".repeat(10_000);
+        let reason = rejection(&tombstone(Some(long.as_bytes())))
+            .await
+            .to_string();
+        assert!(reason.len() < 150, "{reason}");
+    }
+
+    /// Neither store can hold every time a record may carry (an insert PostgreSQL refuses is
+    /// retried forever): a time outside years 0 to 9999, or a negative record timestamp,
+    /// counts as none, and the fact is applied at the next time there is.
+    #[tokio::test]
+    async fn a_fact_out_of_the_storable_time_range_is_applied_at_the_next_usable_time() {
+        let book_id = BookId::generate();
+        let key = book_id.to_string();
+        let value = framed(&EventPayload::Fact(fact(book_id, 1, false)));
+        let changed_at = |ce_time: Option<&str>, timestamp: Timestamp| {
+            let headers: Vec<(&str, Option<&[u8]>)> = ce_time
+                .map(|time| (h::CE_TIME, Some(time.as_bytes())))
+                .into_iter()
+                .collect();
+            let message = raw_record(Some(&key), Some(value.clone()), &headers, timestamp);
+            let Some(change) = FactReader::new(None).read_known(&message) else {
+                panic!("not read: {message:?}");
+            };
+            match change.timed(&message) {
+                ReportChange::Upsert { changed_at, .. } => changed_at,
+                change => panic!("not an upsert: {change:?}"),
+            }
+        };
+        let record_time = DateTime::from_timestamp_millis(1_700_000_000_000).unwrap();
+        let is_now = |time: DateTime<Utc>| (Utc::now() - time).num_seconds().abs() < 60;
+
+        assert_eq!(changed_at(None, RECORD_TIME), record_time);
+        assert_eq!(
+            changed_at(Some("0000-01-01T00:30:00+01:00"), RECORD_TIME),
+            record_time
+        );
+        assert_eq!(
+            changed_at(Some("9999-12-31T23:30:00-01:00"), RECORD_TIME),
+            record_time
+        );
+        assert!(is_now(changed_at(None, Timestamp::CreateTime(-5_000))));
+        assert!(is_now(changed_at(None, Timestamp::CreateTime(i64::MIN))));
+        assert!(is_now(changed_at(None, Timestamp::LogAppendTime(i64::MAX))));
+        // About 100,000 AD: PostgreSQL holds it, RFC 3339 text (SQLite) does not.
+        let far = Timestamp::CreateTime(3_100_000_000_000_000);
+        assert!(is_now(changed_at(None, far)));
+
+        // The edges of the range are kept, and read back from RFC 3339 text as they were.
+        for time in ["0000-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"] {
+            let kept = changed_at(Some(time), RECORD_TIME);
+            assert_eq!(kept, DateTime::parse_from_rfc3339(time).unwrap());
+            let text = kept.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
+            assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), kept);
+        }
     }
 }
