@@ -18,15 +18,18 @@ use std::time::Duration;
 
 use bookstore::codec::headers as h;
 use bookstore::codec::{AvroCodec, EventCodec, frame_single_object};
+use bookstore::config::ClientOptions;
 use bookstore::domain::{BookFactEvent, BookId, EventPayload, Price};
+use bookstore::kafka::provision_topics;
 use bookstore::projection::{
     BookReport, PartitionOffset, ProjectionError, ProjectionMode, ProjectionReport,
     ProjectionStatus, ReportChange, ReportStore, default_group, dlq, kafka_projector,
-    list_dead_letters,
+    list_dead_letters, replay_dead_letters,
 };
-use bookstore::shutdown::ShutdownTrigger;
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use bookstore::store::AnyStore;
 use chrono::{DateTime, Utc};
+use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
@@ -54,6 +57,7 @@ per_read_model!(
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     dlq_replay_sends_each_dead_letter_back_once,
     a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_whole,
+    records_with_huge_keys_are_dead_lettered_and_projection_goes_on,
     report_json_has_the_documented_shape,
     rebuild_restores_rows_deleted_by_hand,
     confluent_framed_facts_are_decoded_through_the_schema_registry,
@@ -83,12 +87,181 @@ async fn projector_stops_promptly_on_sigterm_while_the_broker_is_down() {
     let signalled = std::time::Instant::now();
     common::terminate_gracefully(&mut child, "the projector").await;
     let took = signalled.elapsed();
-    let bound = bookstore::projection::consumer::LEAVE_DEADLINE + Duration::from_secs(5);
+    // The grace, then a leave the broker answers at once.
+    let bound = bookstore::projection::APPLY_GRACE + Duration::from_secs(5);
     assert!(
         took < bound,
         "the projector took {took:?} to stop with the broker down (bound {bound:?})"
     );
     world.finish().await;
+}
+
+/// Stopped while a dead letter waits for an acknowledgement that does not come (here its
+/// queue is gone, which librdkafka waits 30 s to believe; in an outage it would wait up to its
+/// message timeout), the projector abandons the batch after its grace rather than wait out the
+/// send, and the next run reads the batch again and dead-letters the record.
+#[tokio::test]
+async fn projector_stopped_while_a_dead_letter_is_unacknowledged_abandons_the_batch() {
+    let world = World::sqlite().await;
+    world.write_random_history(4, 8, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("stuck-dlq");
+    let mut child = world
+        .bookstore(&["project", "--group", &group])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut log = child_log(&mut child);
+    world.wait_until_report_equals_store().await;
+    delete_topic(&world, &world.kafka.topics().book_fact_dlq).await;
+    produce_raw(&world, &bad_records()[..1]).await;
+    wait_for_line(&mut log, "sending it to the dead-letter queue").await;
+    // Well into the send.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let signalled = std::time::Instant::now();
+    common::terminate_gracefully(&mut child, "the projector").await;
+    let took = signalled.elapsed();
+    // The grace, then a leave the broker answers at once.
+    let bound = bookstore::projection::APPLY_GRACE + Duration::from_secs(5);
+    assert!(
+        took < bound,
+        "the projector took {took:?} to stop with a dead letter unacknowledged (bound {bound:?})"
+    );
+
+    // The setup of the next run makes the queue again.
+    let report = world.project(&group).await;
+    assert_eq!(report.dead_letters, 1, "{report:?}");
+    world.assert_report_equals_store().await;
+    assert_eq!(list_dead_letters(&world.kafka).await.unwrap().len(), 1);
+    world.finish().await;
+}
+
+async fn delete_topic(world: &World, topic: &str) {
+    let admin = world.kafka.admin_client().unwrap();
+    let results = admin
+        .delete_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// The lines a child writes to stderr, as they come.
+fn child_log(child: &mut tokio::process::Child) -> tokio::sync::mpsc::UnboundedReceiver<String> {
+    use tokio::io::AsyncBufReadExt;
+    let stderr = child.stderr.take().expect("stderr piped");
+    let (lines, log) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut reader = tokio::io::BufReader::new(stderr).lines();
+        while let Ok(Some(line)) = reader.next_line().await {
+            if lines.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    log
+}
+
+/// Waits (a minute at most) for a line containing `text`.
+async fn wait_for_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>, text: &str) {
+    let found = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = log.recv().await {
+            if line.contains(text) {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(found, Ok(true), "no line saying {text:?}");
+}
+
+/// `--batch-wait-ms 0`: take what is buffered and wait for nothing. Each round must still
+/// poll, or the consumer never even gets its partitions.
+#[tokio::test]
+async fn a_projector_that_waits_for_nothing_still_polls_and_catches_up() {
+    let world = World::sqlite().await;
+    let history = world.write_random_history(10, 20, Rng::seed()).await;
+    world.relay_once().await;
+    let mut config = World::projection_config(&common::unique("no-wait"));
+    config.batch_wait = Duration::ZERO;
+    let projector = kafka_projector(world.store.clone(), &world.kafka, config)
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        projector.run(ProjectionMode::UntilCaughtUp, Shutdown::never()),
+    )
+    .await
+    .expect("the projector did not catch up in time")
+    .unwrap();
+    assert!(report.caught_up, "{report:?}");
+    assert_eq!(report.applied_facts, history.fact_records());
+    world.assert_report_equals_store().await;
+    world.finish().await;
+}
+
+/// A queue that takes longer to read than the Kafka timeout is read to its end: the timeout
+/// bounds a stall (nothing arriving), not the whole read. Here the reader fetches a few
+/// letters at a time and waits a moment before each next fetch (as it waits for every fetch
+/// past its 64 MB buffer of a longer queue), so reading takes several times the timeout.
+#[tokio::test]
+async fn dlq_list_and_replay_read_a_queue_longer_than_the_kafka_timeout_to_its_end() {
+    const LETTERS: usize = 400;
+    let kafka = common::kafka_config();
+    let topics = kafka.topics();
+    provision_topics(
+        &kafka,
+        &topics.specs(kafka.partitions, kafka.replication_factor),
+    )
+    .await
+    .unwrap();
+    let producer = kafka.producer().unwrap();
+    let book_id = BookId::generate().to_string();
+    // One at a time, so each is a record batch of its own: a fetch returns whole batches.
+    for n in 0..LETTERS {
+        let headers = OwnedHeaders::new()
+            .insert(Header {
+                key: dlq::REASON,
+                value: Some("written by the test"),
+            })
+            .insert(Header {
+                key: dlq::ORIGIN_TOPIC,
+                value: Some(topics.book_fact.as_str()),
+            });
+        let value = format!("letter {n}");
+        let letter = FutureRecord::<str, str>::to(&topics.book_fact_dlq)
+            .key(&book_id)
+            .payload(&value)
+            .headers(headers);
+        producer
+            .send(letter, Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+
+    let mut reading = kafka.clone();
+    reading.request_timeout_ms = 1_000;
+    reading.client_options = vec![ClientOptions(
+        [
+            ("max.partition.fetch.bytes", "4096"),
+            ("queued.min.messages", "1"),
+            ("queued.max.messages.kbytes", "1"),
+            ("fetch.queue.backoff.ms", "200"),
+        ]
+        .map(|(key, value)| (key.to_owned(), value.to_owned()))
+        .to_vec(),
+    )];
+    let started = std::time::Instant::now();
+    assert_eq!(list_dead_letters(&reading).await.unwrap().len(), LETTERS);
+    eprintln!("listed in {:?}", started.elapsed());
+    let started = std::time::Instant::now();
+    let report = replay_dead_letters(&reading).await.unwrap();
+    eprintln!("replayed in {:?}", started.elapsed());
+    assert_eq!(report.total(), LETTERS as u64);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -954,6 +1127,77 @@ async fn a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_
         letters[1].offset, letters[0].offset,
         "not re-read from the topic"
     );
+}
+
+/// Records whose rejection quotes a huge key: the reason is cut short, so a record that fits
+/// the producer's limit fits it as a dead letter too, key and value whole; and a key so large
+/// that it leaves no room for the dead-letter headers is left out, like a value, and read back
+/// from where it is on replay.
+async fn records_with_huge_keys_are_dead_lettered_and_projection_goes_on(world: &World) {
+    world.add_book("Fine", "1.00", None).await;
+    world.relay_once().await;
+    let carried = "k".repeat(900_000);
+    let left_out = "l".repeat(999_800);
+    produce_raw(
+        world,
+        &[
+            (Some(carried.clone()), b"a value".to_vec()),
+            (Some(left_out.clone()), vec![]),
+        ],
+    )
+    .await;
+    let history = world.write_random_history(4, 8, Rng::seed()).await;
+    world.relay_once().await;
+
+    let group = common::unique("huge-key");
+    let report = world.project(&group).await;
+    assert_eq!(report.dead_letters, 2);
+    assert!(report.applied_facts >= history.fact_records());
+    world.assert_report_equals_store().await;
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 2, "{} letters", letters.len());
+    let (whole, by_reference) = match letters[0].key_left_out {
+        None => (&letters[0], &letters[1]),
+        Some(_) => (&letters[1], &letters[0]),
+    };
+    assert_eq!(whole.key.as_deref(), Some(carried.as_str()));
+    assert!(!whole.left_out);
+    assert_eq!(whole.value_bytes, Some(7));
+    assert!(
+        whole.reason.starts_with("the key \"kkk"),
+        "{:.100}",
+        whole.reason
+    );
+    assert!(whole.reason.len() < 600, "{} bytes", whole.reason.len());
+    assert_eq!(by_reference.key, None);
+    assert_eq!(by_reference.key_left_out, Some(left_out.len()));
+    assert!(by_reference.left_out);
+    assert!(by_reference.reason.len() < 600);
+    let output = world.run_bookstore(&["dlq", "list"]).await;
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        text.contains("key (999800 bytes left out)"),
+        "{}",
+        &text[..200]
+    );
+
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 2 dead letter(s)"), "{stdout}");
+    // Both went back whole, the one without its key read back from the topic: the projector
+    // dead-letters them again, at their new offsets.
+    assert_eq!(world.project(&group).await.dead_letters, 2);
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    assert_eq!(letters.len(), 4);
+    let key_sizes = |letters: &[dlq::DeadLetter]| {
+        let mut sizes: Vec<usize> = letters
+            .iter()
+            .map(|l| l.key.as_ref().map_or(0, String::len) + l.key_left_out.unwrap_or(0))
+            .collect();
+        sizes.sort_unstable();
+        sizes
+    };
+    assert_eq!(key_sizes(&letters[2..]), key_sizes(&letters[..2]));
 }
 
 async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {

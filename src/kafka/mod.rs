@@ -158,6 +158,22 @@ impl KafkaConfig {
         self.with_client_options(config)
     }
 
+    /// The dead-letter queue's producer (the projector's, and `dlq replay`'s): idempotent as
+    /// above, sending at once (its callers wait for each acknowledgement), and failing a record
+    /// not acknowledged within twice the request timeout, like the relay's. Why not librdkafka's
+    /// 300 s: the projector waits for its dead letters before it stores the batch, holding a
+    /// revocation meanwhile, so during a broker outage it would sit that long on every attempt
+    /// instead of backing off and joining again like on any other broker error. Passthrough
+    /// options still override it.
+    pub fn dead_letter_producer_config(&self) -> ClientConfig {
+        let mut config = self.idempotent_settings(Duration::ZERO);
+        config.set(
+            "message.timeout.ms",
+            (self.request_timeout().as_millis() * 2).to_string(),
+        );
+        self.with_client_options(config)
+    }
+
     fn idempotent_settings(&self, linger: Duration) -> ClientConfig {
         let mut config = self.base_config();
         config

@@ -658,15 +658,21 @@ fn collect_batch<S: ReportStore>(
     let mut polled = Vec::new();
     let mut batch = Batch::default();
     let mut changes = Vec::new();
+    let mut first_poll = true;
     while polled.len() < max_records {
         let wait = if polled.is_empty() {
-            let Some(wait) = deadline.checked_duration_since(Instant::now()) else {
+            // Poll at least once, even with no time left (a `max_wait` of zero: take what is
+            // buffered, wait for nothing): only `poll` serves the rebalance callbacks and
+            // fetches records, so a round without one would never get partitions at all.
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() && !first_poll {
                 break;
-            };
-            wait
+            }
+            left
         } else {
             Duration::ZERO
         };
+        first_poll = false;
         let message = consumer.poll(wait);
         for change in context.take_changes() {
             if let AssignmentChange::Revoked { partition } = change {

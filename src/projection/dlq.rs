@@ -8,9 +8,12 @@
 //!
 //! A record too large to be sent again with those headers (one near the size limit of the
 //! producer or of the queue) is dead-lettered without its value and headers: its key, why,
-//! where it is, and its size ([`LEFT_OUT`]). Dropping it, or retrying what can never fit,
-//! would leave it skipped or the projection stuck. A replay reads such an original back from
-//! where it was.
+//! where it is, and its size ([`LEFT_OUT`]); and when even its key is too large, without the
+//! key too ([`KEY_LEFT_OUT`]). Dropping it, or retrying what can never fit, would leave it
+//! skipped or the projection stuck. A replay reads such an original back from where it was.
+//! The reason is cut to [`REASON_LIMIT`] bytes for the same cause: some quote the record
+//! (a key that is no book id, an undecodable field), and a reason as large as the record would
+//! make even the letter without it too large.
 //!
 //! [`list_dead_letters`] reads the queue from the beginning without joining a group.
 //! [`replay_dead_letters`] sends every dead letter not replayed yet back to its original topic,
@@ -49,6 +52,15 @@ pub const ORIGIN_OFFSET: &str = "bookstore_dlq_offset";
 /// in bytes, as decimal text. The original is where the origin headers say.
 pub const LEFT_OUT: &str = "bookstore_dlq_left_out";
 
+/// Set when the original key was too large to send along as well: the key's size in bytes, as
+/// decimal text.
+pub const KEY_LEFT_OUT: &str = "bookstore_dlq_key_left_out";
+
+/// The most bytes of a rejection's text a dead letter carries as its [`REASON`]; the rest is
+/// replaced by a note of how much was cut. Enough for every reason that does not quote the
+/// record, and for the start of one that does.
+pub const REASON_LIMIT: usize = 512;
+
 /// The prefix of every header the dead-letter queue adds; a replay strips them.
 const DLQ_HEADER_PREFIX: &str = "bookstore_dlq_";
 
@@ -65,8 +77,15 @@ pub enum DlqError {
          projector and `bookstore kafka provision` create it)"
     )]
     NoQueue { topic: String },
-    #[error("reading {topic} did not reach its end within {timeout:?}")]
+    #[error("reading {topic} stalled: nothing arrived for {timeout:?} before its end")]
     Timeout { topic: String, timeout: Duration },
+    /// Not even the smallest letter (no key, value or headers of the original) fits the
+    /// producer's size limit: a setting to fix (`message.max.bytes`), not an outage to wait out.
+    #[error(
+        "dead-letter queue {topic}: even a letter without the original's key, value and headers \
+         is too large for the producer (is message.max.bytes set very low?): {cause}"
+    )]
+    LetterTooLarge { topic: String, cause: KafkaError },
     #[error(
         "dead letter {dlq_partition}@{dlq_offset} holds only where its original is, and the \
          original at {origin} is gone (retention or compaction): nothing to replay"
@@ -94,7 +113,7 @@ pub struct DeadLetterSender {
 impl DeadLetterSender {
     pub fn new(kafka: &KafkaConfig) -> Result<Self, KafkaSetupError> {
         Ok(Self {
-            producer: kafka.producer()?,
+            producer: dead_letter_producer(kafka)?,
             topic: kafka.topics().book_fact_dlq,
             timeout: kafka.request_timeout(),
         })
@@ -106,31 +125,38 @@ impl DeadLetterSender {
 
     /// Sends every `(record, rejection)` and returns once all are acknowledged (`acks=all`).
     /// A letter too large to send whole is sent again without the original's value and
-    /// headers (see the module documentation).
+    /// headers, and then without its key too (see the module documentation).
     pub async fn send_all(&self, letters: &[(&OwnedMessage, Rejection)]) -> Result<(), DlqError> {
         let deliveries: Vec<_> = letters
             .iter()
             .map(|(message, rejection)| self.send(message, rejection, Original::Whole))
             .collect();
         for (delivery, (message, rejection)) in deliveries.into_iter().zip(letters) {
-            match delivery.await {
-                Ok(()) => {}
-                Err(cause)
-                    if cause.rdkafka_error_code()
-                        == Some(RDKafkaErrorCode::MessageSizeTooLarge) =>
-                {
-                    warn!(
-                        topic = message.topic(),
-                        partition = message.partition(),
-                        offset = message.offset(),
-                        value_bytes = message.payload().map_or(0, <[u8]>::len),
-                        "record too large for the dead-letter queue; sending where it is instead"
-                    );
-                    self.send(message, rejection, Original::LeftOut)
-                        .await
-                        .map_err(|cause| self.error(cause))?;
-                }
-                Err(cause) => return Err(self.error(cause)),
+            let mut original = Original::Whole;
+            let mut outcome = delivery.await;
+            loop {
+                let cause = match outcome {
+                    Ok(()) => break,
+                    Err(cause) if is_too_large(&cause) => cause,
+                    Err(cause) => return Err(self.error(cause)),
+                };
+                let Some(smaller) = original.smaller() else {
+                    return Err(DlqError::LetterTooLarge {
+                        topic: self.topic.clone(),
+                        cause,
+                    });
+                };
+                original = smaller;
+                warn!(
+                    topic = message.topic(),
+                    partition = message.partition(),
+                    offset = message.offset(),
+                    key_bytes = message.key().map_or(0, <[u8]>::len),
+                    value_bytes = message.payload().map_or(0, <[u8]>::len),
+                    letter = ?original,
+                    "record too large for the dead-letter queue; sending where it is instead"
+                );
+                outcome = self.send(message, rejection, original).await;
             }
         }
         Ok(())
@@ -144,7 +170,7 @@ impl DeadLetterSender {
     ) -> Result<(), KafkaError> {
         let headers = dead_letter_headers(message, rejection, original);
         let mut record = FutureRecord::<[u8], [u8]>::to(&self.topic).headers(headers);
-        if let Some(key) = message.key() {
+        if let (Original::Whole | Original::ValueLeftOut, Some(key)) = (original, message.key()) {
             record = record.key(key);
         }
         if let (Original::Whole, Some(value)) = (original, message.payload()) {
@@ -162,13 +188,31 @@ impl DeadLetterSender {
     }
 }
 
+fn is_too_large(cause: &KafkaError) -> bool {
+    cause.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
+}
+
 /// How much of the original record a dead letter carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Original {
     /// Key, value and headers.
     Whole,
     /// The key only, and the value's size in [`LEFT_OUT`].
-    LeftOut,
+    ValueLeftOut,
+    /// Nothing: the value's size in [`LEFT_OUT`], the key's in [`KEY_LEFT_OUT`]. Small enough
+    /// for any sensible size limit, since the reason is bounded too.
+    KeyLeftOut,
+}
+
+impl Original {
+    /// The next smaller letter to try when this one is too large.
+    fn smaller(self) -> Option<Original> {
+        match self {
+            Original::Whole => Some(Original::ValueLeftOut),
+            Original::ValueLeftOut => Some(Original::KeyLeftOut),
+            Original::KeyLeftOut => None,
+        }
+    }
 }
 
 /// The original headers (none if left out), then where the record came from and why it is
@@ -178,21 +222,39 @@ fn dead_letter_headers(
     rejection: &Rejection,
     original: Original,
 ) -> OwnedHeaders {
-    let reason = rejection.to_string();
+    let reason = bounded_reason(rejection.to_string());
     let partition = message.partition().to_string();
     let offset = message.offset().to_string();
+    let value_bytes = message.payload().map_or(0, <[u8]>::len).to_string();
+    let key_bytes = message.key().map_or(0, <[u8]>::len).to_string();
     let headers = match original {
         Original::Whole => original_headers(message),
-        Original::LeftOut => OwnedHeaders::new().insert(text_header(
-            LEFT_OUT,
-            &message.payload().map_or(0, <[u8]>::len).to_string(),
-        )),
+        Original::ValueLeftOut => OwnedHeaders::new().insert(text_header(LEFT_OUT, &value_bytes)),
+        Original::KeyLeftOut => OwnedHeaders::new()
+            .insert(text_header(LEFT_OUT, &value_bytes))
+            .insert(text_header(KEY_LEFT_OUT, &key_bytes)),
     };
     headers
         .insert(text_header(REASON, &reason))
         .insert(text_header(ORIGIN_TOPIC, message.topic()))
         .insert(text_header(ORIGIN_PARTITION, &partition))
         .insert(text_header(ORIGIN_OFFSET, &offset))
+}
+
+/// `reason` cut to [`REASON_LIMIT`] bytes at a character boundary, with a note of how many
+/// bytes were cut.
+fn bounded_reason(mut reason: String) -> String {
+    if reason.len() <= REASON_LIMIT {
+        return reason;
+    }
+    let mut cut = REASON_LIMIT;
+    while !reason.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let more = reason.len() - cut;
+    reason.truncate(cut);
+    reason.push_str(&format!("… ({more} bytes more)"));
+    reason
 }
 
 /// The record's headers without the ones the dead-letter queue adds.
@@ -229,9 +291,13 @@ pub struct DeadLetter {
     pub offset: Option<i64>,
     /// The key as text (lossy), if any.
     pub key: Option<String>,
+    /// The size of the original key, when even the key was too large to carry (then `key` is
+    /// `None`).
+    pub key_left_out: Option<usize>,
     /// The size of the original value; `None` for a tombstone.
     pub value_bytes: Option<usize>,
-    /// True when the original was too large to carry: only its key and where it is are here.
+    /// True when the original was too large to carry: only its key (or the key's size, see
+    /// `key_left_out`) and where it is are here.
     pub left_out: bool,
 }
 
@@ -249,6 +315,7 @@ impl DeadLetter {
             key: message
                 .key()
                 .map(|key| String::from_utf8_lossy(key).into_owned()),
+            key_left_out: header(message, KEY_LEFT_OUT).and_then(|size| size.parse().ok()),
             value_bytes: match header(message, LEFT_OUT) {
                 Some(size) => size.parse().ok(),
                 None => message.payload().map(<[u8]>::len),
@@ -293,7 +360,7 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
     let topics = kafka.topics();
     let group = format!("{}-replay", topics.book_fact_dlq);
     let mut reader = QueueReader::open(kafka, &group, StartAt::Committed).await?;
-    let producer = kafka.producer()?;
+    let producer = dead_letter_producer(kafka)?;
     let mut report = ReplayReport::default();
     while let Some(letter) = reader.next().await? {
         let target = header(&letter, ORIGIN_TOPIC)
@@ -374,10 +441,19 @@ async fn read_original(
     .expect("reading a dead letter's original panicked")?;
     // Compaction or retention may have removed it: then the next record comes instead.
     match polled {
-        Some(original) if original.offset() == offset && original.key() == letter.key() => {
+        Some(original) if original.offset() == offset && same_key(letter, &original) => {
             Ok(original)
         }
         _ => Err(gone(origin)),
+    }
+}
+
+/// Whether `original` has the key `letter` names: the same bytes, or, for a letter that left
+/// the key out, the same size.
+fn same_key(letter: &OwnedMessage, original: &OwnedMessage) -> bool {
+    match header(letter, KEY_LEFT_OUT) {
+        Some(size) => size.parse().ok() == Some(original.key().map_or(0, <[u8]>::len)),
+        None => original.key() == letter.key(),
     }
 }
 
@@ -391,13 +467,18 @@ enum StartAt {
 
 /// Reads the dead-letter queue up to its end as it was when opened, by partition assignment
 /// (no group membership, so no rebalance to wait for).
+///
+/// It gives up when the queue stalls: nothing read for `idle_timeout` while [`next`] waits.
+/// Not after a time for the whole read: a long queue (and a replay, which sends every letter
+/// between two reads) takes as long as it takes, as long as it moves.
+///
+/// [`next`]: QueueReader::next
 struct QueueReader {
     consumer: Arc<StreamConsumer>,
     topic: String,
     /// Per partition not read to the end yet: the end offset measured when opened.
     remaining: HashMap<i32, i64>,
-    deadline: Instant,
-    timeout: Duration,
+    idle_timeout: Duration,
 }
 
 impl QueueReader {
@@ -445,31 +526,37 @@ impl QueueReader {
             consumer,
             topic,
             remaining,
-            deadline: Instant::now() + timeout,
-            timeout,
+            idle_timeout: timeout,
         })
     }
 
-    /// The next record before the end, `None` once every partition is read to its end.
+    /// The next record before the end, `None` once every partition is read to its end; an
+    /// error when nothing moves for the idle timeout (no record and no partition's end).
     async fn next(&mut self) -> Result<Option<OwnedMessage>, DlqError> {
+        // From now: the time the caller spent since the last record is not the queue's.
+        let mut idle_until = Instant::now() + self.idle_timeout;
         loop {
             if self.remaining.is_empty() {
                 return Ok(None);
             }
-            let received = tokio::time::timeout_at(self.deadline, self.consumer.recv())
+            let received = tokio::time::timeout_at(idle_until, self.consumer.recv())
                 .await
                 .map_err(|_| DlqError::Timeout {
                     topic: self.topic.clone(),
-                    timeout: self.timeout,
+                    timeout: self.idle_timeout,
                 })?;
             let message = match received {
                 Ok(message) => message.detach(),
                 Err(KafkaError::PartitionEOF(partition)) => {
-                    self.remaining.remove(&partition);
+                    if self.remaining.remove(&partition).is_some() {
+                        idle_until = Instant::now() + self.idle_timeout;
+                    }
                     continue;
                 }
                 Err(cause) => return Err(kafka_error(&self.topic, cause)),
             };
+            // Records of a partition read to its end already (written since it was opened)
+            // are no progress: they do not put the idle timeout off.
             let Some(&end) = self.remaining.get(&message.partition()) else {
                 continue;
             };
@@ -556,9 +643,61 @@ fn measure_and_place(
     Ok((ends, starts))
 }
 
+/// A producer whose sends fail in bounded time (see
+/// [`KafkaConfig::dead_letter_producer_config`]).
+fn dead_letter_producer(kafka: &KafkaConfig) -> Result<FutureProducer, KafkaSetupError> {
+    kafka
+        .dead_letter_producer_config()
+        .create()
+        .map_err(|source| KafkaSetupError::Client {
+            bootstrap_servers: kafka.bootstrap_servers.clone(),
+            source,
+        })
+}
+
 fn kafka_error(topic: &str, cause: KafkaError) -> DlqError {
     DlqError::Kafka {
         topic: topic.to_owned(),
         cause,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_short_reason_is_kept_whole() {
+        let reason = "x".repeat(REASON_LIMIT);
+        assert_eq!(bounded_reason(reason.clone()), reason);
+    }
+
+    #[test]
+    fn a_long_reason_is_cut_at_a_character_boundary_and_says_how_much_was_cut() {
+        // Three-byte characters: the limit falls inside one of them.
+        let reason = format!("the key {:?} is not a book id", "€".repeat(300_000));
+        let bounded = bounded_reason(reason.clone());
+        let (kept, note) = bounded.split_once('…').expect("a note of what was cut");
+        assert!(
+            kept.len() <= REASON_LIMIT && kept.len() > REASON_LIMIT - 4,
+            "{kept}"
+        );
+        assert!(reason.starts_with(kept));
+        assert_eq!(note, format!(" ({} bytes more)", reason.len() - kept.len()));
+    }
+
+    #[test]
+    fn a_dead_letter_unacknowledged_for_twice_the_request_timeout_fails() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9092");
+        kafka.request_timeout_ms = 10_000;
+        let config = kafka.dead_letter_producer_config();
+        assert_eq!(config.get("message.timeout.ms"), Some("20000"));
+        assert_eq!(config.get("acks"), Some("all"));
+        kafka.client_options = vec![crate::config::ClientOptions(vec![(
+            "message.timeout.ms".to_owned(),
+            "90000".to_owned(),
+        )])];
+        let overridden = kafka.dead_letter_producer_config();
+        assert_eq!(overridden.get("message.timeout.ms"), Some("90000"));
     }
 }

@@ -33,6 +33,9 @@ use crate::kafka::{KafkaSetupError, provision_topics};
 use crate::shutdown::Shutdown;
 use crate::store::StoreError;
 
+/// How long a stop waits for the batch being applied before abandoning it.
+pub const APPLY_GRACE: Duration = Duration::from_secs(10);
+
 /// How the projector runs. [`ProjectionConfig::new`] gives defaults for a laptop and
 /// production alike.
 #[derive(Debug, Clone)]
@@ -45,7 +48,8 @@ pub struct ProjectionConfig {
     /// `batch_wait`), so the size costs no latency.
     pub batch_size: usize,
     /// Longest wait for the first record of a batch. Default 100 ms. Once a batch has a record,
-    /// it is applied as soon as the consumer has nothing more buffered, without waiting.
+    /// it is applied as soon as the consumer has nothing more buffered, without waiting. Zero
+    /// takes what is buffered and waits for nothing (so an idle projector polls without pause).
     pub batch_wait: Duration,
     /// First pause after an error; doubles up to `max_backoff`. Defaults 200 ms and 10 s.
     pub min_backoff: Duration,
@@ -368,6 +372,10 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         let mut progress = Progress::default();
         let mut backoff = self.config.min_backoff;
         while !shutdown.is_triggered() {
+            // No retry here, unlike the errors below: joining only creates the consumer and
+            // subscribes, both without a word to the broker (librdkafka connects and joins
+            // inside `poll`, where an unreachable broker is waited for), so it fails only for
+            // a setting or topic name that the next attempt would find just as wrong.
             let mut session =
                 Session::join(&self.kafka, &self.config.group_id, self.store.clone())?;
             let outcome = self
@@ -435,11 +443,35 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             let read = self.read(session, &mut batch).await?;
             let revocations = session.hold_revocations().await;
             pending = self.poll_batch(session);
-            let applied = self.apply(session, read, &mut progress.report).await;
+            // A stop lets the batch being applied finish for [`APPLY_GRACE`], then abandons
+            // it: its dead letters may wait for an acknowledgement for twice the request
+            // timeout (a broker outage), its transaction for the database. That is safe: the batch's rows and its offsets go in one
+            // transaction, which either committed (both stored) or is rolled back when it is
+            // dropped (neither), and the offsets stored are where the next run starts. So an
+            // abandoned batch is read and applied again, which the version guard makes
+            // harmless; a dead letter sent already may be sent twice, as after a crash; and a
+            // record is never skipped, since its offset is stored only after its dead letter
+            // is acknowledged.
+            let applied = tokio::select! {
+                // A batch that is done counts, even when the stop came meanwhile.
+                biased;
+                applied = self.apply(session, read, &mut progress.report) => Some(applied),
+                _ = async {
+                    shutdown.wait().await;
+                    tokio::time::sleep(APPLY_GRACE).await;
+                } => None,
+            };
             drop(revocations);
             let stop = match applied {
-                Ok(()) => self.account(session, &batch, ends, progress, backoff).await,
-                Err(error) => Err(error),
+                Some(Ok(())) => self.account(session, &batch, ends, progress, backoff).await,
+                Some(Err(error)) => Err(error),
+                None => {
+                    warn!(
+                        grace = ?APPLY_GRACE,
+                        "the batch being applied did not finish in time; abandoning it (the next run applies it again)"
+                    );
+                    Ok(Some(Stop::Shutdown))
+                }
             };
             match stop {
                 Ok(None) => {}

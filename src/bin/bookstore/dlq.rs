@@ -25,11 +25,14 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     (true, None) => " (too large to carry: left out)".to_owned(),
                     (false, _) => String::new(),
                 };
+                let key = match (&letter.key, letter.key_left_out) {
+                    (Some(key), _) => key.clone(),
+                    (None, Some(bytes)) => format!("({bytes} bytes left out)"),
+                    (None, None) => "-".to_owned(),
+                };
                 println!(
-                    "{:>6}  {origin}  key {}: {}{left_out}",
-                    letter.dlq_offset,
-                    letter.key.as_deref().unwrap_or("-"),
-                    letter.reason
+                    "{:>6}  {origin}  key {key}: {}{left_out}",
+                    letter.dlq_offset, letter.reason
                 );
             }
             eprintln!(
