@@ -578,3 +578,72 @@ async fn hanging_transactions_end_as_committed_or_aborted_with_the_operator_tool
             .is_empty()
     );
 }
+
+/// A hanging transaction on the checkpoint partition keeps every start of an exactly-once
+/// relay waiting (the README, "Hanging transactions"). No publisher runs then to watch its own
+/// commits, so `bookstore_relay_unreadable_commit_seconds`, the gauge the README says to alert
+/// on, counts how long the partition has been held open, across the starts (it read 0), and
+/// goes back to 0 once the relay starts.
+#[tokio::test]
+async fn a_relay_kept_from_starting_by_a_hanging_transaction_counts_it_in_its_gauge() {
+    let broker = PrivateBroker::start().await;
+    let mut kafka = KafkaConfig::new(broker.bootstrap_servers());
+    kafka.topic_prefix = common::unique("held-open");
+    // Each start waits one request timeout for the partition.
+    kafka.request_timeout_ms = 2_000;
+    let topics = kafka.topics();
+    let specs = topics.specs(kafka.partitions, kafka.replication_factor);
+    bookstore::kafka::provision_topics(&kafka, &specs)
+        .await
+        .unwrap();
+    let producer = broker
+        .orphan_transaction(&topics.relay_checkpoint, 0, "another-producer", "7")
+        .await;
+    let metrics = bookstore::telemetry::prometheus_handle().unwrap();
+    let gauge = || {
+        bookstore::telemetry::render_metrics(&metrics)
+            .lines()
+            .find_map(|line| line.strip_prefix("bookstore_relay_unreadable_commit_seconds "))
+            .map_or(0.0, |value| value.parse::<f64>().unwrap())
+    };
+    let (_dir, _database, store, _service) = written_outbox(3, 1).await;
+    let relay_id = format!("{}.relay", kafka.topic_prefix);
+    let settings = RelaySettings {
+        delivery: DeliveryMode::ExactlyOnce,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while gauge() < 6.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the gauge stayed at {} while the checkpoint partition was held open",
+            gauge()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(published(&store, &relay_id).await, 0);
+
+    let aborted = broker
+        .hanging_transactions(Duration::ZERO, Some((EndHanging::Abort, producer)))
+        .await;
+    assert!(
+        aborted.iter().any(|line| line.starts_with("aborted ")),
+        "{aborted:?}"
+    );
+    let head = store.head_position().await.unwrap();
+    wait_until_published(
+        &store,
+        &relay_id,
+        head,
+        Duration::from_secs(60),
+        "the relay did not publish once the transaction was aborted",
+    )
+    .await;
+    assert_eq!(gauge(), 0.0);
+    stop.trigger();
+    running.await.unwrap().unwrap();
+}

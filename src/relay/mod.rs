@@ -35,6 +35,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 use crate::domain::{EventKind, StoredEvent};
 use crate::shutdown::Shutdown;
 use crate::store::{CommitSignal, Outbox, StoreError};
+use checkpoint::CheckpointError;
 use lease::Lease;
 
 pub mod checkpoint;
@@ -624,6 +625,8 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         shutdown: &mut Shutdown,
         backoff: &mut Duration,
     ) -> Result<Option<u64>, RelayError> {
+        // Since when starts have found the checkpoint partition held open at one offset.
+        let mut held_open: Option<(i64, Instant)> = None;
         loop {
             let error = match self.publisher.start().await {
                 Ok(known_by_publisher) => {
@@ -641,6 +644,9 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                             }
                             info!(position, "resuming after position");
                             metrics::record_position(position);
+                            if held_open.is_some() {
+                                metrics::record_unreadable_commit(Duration::ZERO);
+                            }
                             if position > recorded {
                                 // A crash came between the Kafka commit and the store's copy,
                                 // or the copy has not caught up yet.
@@ -653,6 +659,32 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 }
                 Err(PublishError::Poison { position, source }) => {
                     return Err(PublishError::Poison { position, source }.into());
+                }
+                Err(PublishError::Checkpoint(CheckpointError::OpenTransaction {
+                    topic,
+                    last_stable,
+                    high_watermark,
+                    waited,
+                })) => {
+                    // No publisher runs to watch its commits, so the gauge of unreadable
+                    // commits says how long the partition has been held open instead: a
+                    // hanging transaction (the README's alert) keeps every start failing here.
+                    let since = match held_open {
+                        Some((offset, since)) if offset == last_stable => since,
+                        _ => Instant::now()
+                            .checked_sub(waited)
+                            .unwrap_or_else(Instant::now),
+                    };
+                    held_open = Some((last_stable, since));
+                    metrics::record_unreadable_commit(since.elapsed());
+                    RelayError::Publish(PublishError::Checkpoint(
+                        CheckpointError::OpenTransaction {
+                            topic,
+                            last_stable,
+                            high_watermark,
+                            waited,
+                        },
+                    ))
                 }
                 Err(error) => RelayError::Publish(error),
             };

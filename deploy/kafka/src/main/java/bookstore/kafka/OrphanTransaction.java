@@ -37,6 +37,7 @@ import org.apache.kafka.common.requests.ProduceResponse;
  * is asked of the partition's leader, which must also be the transaction coordinator.
  *
  * <p>Usage: {@code OrphanTransaction <bootstrap> <topic> <partition> <transactional-id> <value>};
+ * the record is keyed by the transactional id (a compacted topic refuses records without a key);
  * prints {@code orphan: <topic>-<partition> producer <id> epoch <epoch> at offset <offset>}.
  */
 public final class OrphanTransaction {
@@ -67,7 +68,14 @@ public final class OrphanTransaction {
         short epoch = init.data().producerEpoch();
         MemoryRecords records =
             MemoryRecords.withTransactionalRecords(
-                Compression.NONE, producerId, epoch, 0, new SimpleRecord(System.currentTimeMillis(), null, value));
+                Compression.NONE,
+                producerId,
+                epoch,
+                0,
+                new SimpleRecord(
+                    System.currentTimeMillis(),
+                    transactionalId.getBytes(StandardCharsets.UTF_8),
+                    value));
         ProduceRequestData data =
             new ProduceRequestData()
                 .setAcks((short) -1)
