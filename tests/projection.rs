@@ -84,15 +84,8 @@ async fn projector_stops_promptly_on_sigterm_while_the_broker_is_down() {
     // Long enough for the consumer to notice; much shorter than a session.
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let signalled = std::time::Instant::now();
-    common::terminate_gracefully(&mut child, "the projector").await;
-    let took = signalled.elapsed();
-    // The grace, then a leave the broker answers at once.
-    let bound = bookstore::projection::APPLY_GRACE + Duration::from_secs(5);
-    assert!(
-        took < bound,
-        "the projector took {took:?} to stop with the broker down (bound {bound:?})"
-    );
+    let bound = bookstore::projection::consumer::LEAVE_DEADLINE + Duration::from_secs(5);
+    assert_stops_within(&mut child, bound, "with the broker down").await;
     world.finish().await;
 }
 
@@ -120,15 +113,9 @@ async fn projector_stopped_while_a_dead_letter_is_unacknowledged_abandons_the_ba
     // Well into the send.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
-    let signalled = std::time::Instant::now();
-    common::terminate_gracefully(&mut child, "the projector").await;
-    let took = signalled.elapsed();
     // The grace, then a leave the broker answers at once.
     let bound = bookstore::projection::APPLY_GRACE + Duration::from_secs(5);
-    assert!(
-        took < bound,
-        "the projector took {took:?} to stop with a dead letter unacknowledged (bound {bound:?})"
-    );
+    assert_stops_within(&mut child, bound, "with a dead letter unacknowledged").await;
 
     // The setup of the next run makes the queue again.
     let report = world.project(&group).await;
@@ -136,6 +123,17 @@ async fn projector_stopped_while_a_dead_letter_is_unacknowledged_abandons_the_ba
     world.assert_report_equals_store().await;
     assert_eq!(list_dead_letters(&world.kafka).await.unwrap().len(), 1);
     world.finish().await;
+}
+
+/// SIGTERMs the projector `child` and requires it to exit within `bound`.
+async fn assert_stops_within(child: &mut tokio::process::Child, bound: Duration, when: &str) {
+    let signalled = std::time::Instant::now();
+    common::terminate_gracefully(child, "the projector").await;
+    let took = signalled.elapsed();
+    assert!(
+        took < bound,
+        "the projector took {took:?} to stop {when} (bound {bound:?})"
+    );
 }
 
 async fn delete_topic(world: &World, topic: &str) {
