@@ -461,6 +461,13 @@ impl KafkaPublisher {
     }
 }
 
+/// Drops `producers` on the blocking pool, as [`KafkaPublisher::discard_producers`] does: a
+/// producer's drop flushes (up to 500 ms) and joins librdkafka's threads, which must not hold
+/// up an async worker. Nobody waits for it.
+fn drop_off_the_runtime(producers: Vec<FutureProducer>) {
+    drop(tokio::task::spawn_blocking(move || drop(producers)));
+}
+
 /// A fenced producer first fails its queued records ("purged"), and only its later calls say
 /// why; its fatal-error state tells at once.
 fn fenced_if_fatal(producer: &FutureProducer, error: PublishError) -> PublishError {
@@ -482,7 +489,10 @@ impl EventPublisher for KafkaPublisher {
         self.discard_producers().await;
         if self.mode == DeliveryMode::AtLeastOnce {
             let producer = self.create_producer(None)?;
-            self.ready_idempotent(&producer).await?;
+            if let Err(error) = self.ready_idempotent(&producer).await {
+                drop_off_the_runtime(vec![producer]);
+                return Err(error);
+            }
             self.producers.push(producer);
             return Ok(None);
         }
@@ -502,10 +512,15 @@ impl EventPublisher for KafkaPublisher {
                 tokio::task::spawn_blocking(move || initialiser.init_transactions(timeout))
             })
             .collect();
+        let mut failed = None;
         for init in inits {
-            init.await
-                .expect("init_transactions panicked")
-                .map_err(PublishError::from_kafka)?;
+            if let Err(error) = init.await.expect("init_transactions panicked") {
+                failed.get_or_insert(PublishError::from_kafka(error));
+            }
+        }
+        if let Some(error) = failed {
+            drop_off_the_runtime(producers);
+            return Err(error);
         }
         self.producers = producers;
         let position =
