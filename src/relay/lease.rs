@@ -78,6 +78,7 @@ async fn renew<O: Outbox + Clone + 'static>(
     acquired_at: Instant,
     lost: watch::Sender<bool>,
 ) {
+    // Tokio's clock, which the timing tests pause.
     let acquired_at = tokio::time::Instant::from_std(acquired_at);
     keep_renewed(lease.ttl, acquired_at, &lease.relay_id, || lease.acquire()).await;
     let _ = lost.send(true);
