@@ -26,13 +26,14 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     (false, _) => String::new(),
                 };
                 let key = match (&letter.key, letter.key_left_out) {
-                    (Some(key), _) => key.clone(),
+                    (Some(key), _) => printable(key),
                     (None, Some(bytes)) => format!("({bytes} bytes left out)"),
                     (None, None) => "-".to_owned(),
                 };
                 println!(
                     "{:>6}  {origin}  key {key}: {}{left_out}",
-                    letter.dlq_offset, letter.reason
+                    letter.dlq_offset,
+                    printable(&letter.reason)
                 );
             }
             eprintln!(
@@ -52,4 +53,32 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `text` with its control characters escaped (`\u{1b}`): a key or a reason holds whatever was
+/// written to the topics, and a terminal acts on escape sequences.
+fn printable(text: &str) -> String {
+    let mut shown = String::with_capacity(text.len());
+    for c in text.chars() {
+        if c.is_control() {
+            shown.extend(c.escape_default());
+        } else {
+            shown.push(c);
+        }
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::printable;
+
+    #[test]
+    fn control_characters_are_shown_escaped_and_the_rest_as_it_is() {
+        assert_eq!(printable("\u{1b}[2Jkey\n"), "\\u{1b}[2Jkey\\n");
+        assert_eq!(
+            printable("the key \"Größe\" is not a book id"),
+            "the key \"Größe\" is not a book id"
+        );
+    }
 }
