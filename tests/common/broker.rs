@@ -41,10 +41,11 @@ impl PrivateBroker {
 
     /// Ports and a folder, but no broker yet: `run("start")` starts it.
     pub fn not_started() -> Self {
+        let [port, controller_port] = super::free_local_ports();
         Self {
             state: tempfile::tempdir().unwrap(),
-            port: super::free_local_port(),
-            controller_port: super::free_local_port(),
+            port,
+            controller_port,
         }
     }
 

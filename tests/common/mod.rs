@@ -101,10 +101,23 @@ where
 }
 
 pub fn free_local_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|address| address.port())
-        .expect("no free local port")
+    let [port] = free_local_ports();
+    port
+}
+
+/// `N` free local ports, all different: each is held until all are chosen, since the system
+/// may hand out a port just released again (two calls of [`free_local_port`] once gave a
+/// broker the same port for its two listeners).
+pub fn free_local_ports<const N: usize>() -> [u16; N] {
+    let listeners: Vec<_> = (0..N)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("no free local port"))
+        .collect();
+    std::array::from_fn(|i| {
+        listeners[i]
+            .local_addr()
+            .expect("a bound listener has an address")
+            .port()
+    })
 }
 
 fn start_kafka_container() -> String {
