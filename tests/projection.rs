@@ -55,6 +55,7 @@ per_read_model!(
     until_caught_up_says_whether_it_caught_up_or_was_stopped,
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
+    a_flood_of_garbage_is_dead_lettered_whole_and_in_order,
     dlq_replay_sends_each_dead_letter_back_once,
     a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_whole,
     records_with_huge_keys_are_dead_lettered_and_projection_goes_on,
@@ -999,6 +1000,56 @@ async fn undecodable_records_go_to_the_dlq_and_projection_goes_on(world: &World)
     let text = String::from_utf8_lossy(&output.stdout);
     assert_eq!(text.lines().count(), 4, "{text}");
     assert!(text.contains("not a book id"), "{text}");
+}
+
+/// Thousands of bad records in a row (a producer gone wrong): every one is dead-lettered, in
+/// the order it was read although the letters are sent together, and the good facts after them
+/// are applied.
+async fn a_flood_of_garbage_is_dead_lettered_whole_and_in_order(world: &World) {
+    const GARBAGE: usize = 2_500;
+    // The relay's first run creates the topics.
+    world.write_random_history(4, 8, Rng::seed()).await;
+    world.relay_once().await;
+    let key = BookId::generate().to_string();
+    let producer = world.kafka.producer().unwrap();
+    let topic = world.kafka.topics().book_fact;
+    let values: Vec<String> = (0..GARBAGE).map(|i| format!("garbage #{i}")).collect();
+    let sends = values.iter().map(|value| {
+        producer.send(
+            FutureRecord::<str, str>::to(&topic)
+                .key(&key)
+                .payload(value),
+            Duration::from_secs(10),
+        )
+    });
+    for sent in futures::future::join_all(sends).await {
+        sent.unwrap();
+    }
+    let history = world.write_random_history(8, 16, Rng::seed()).await;
+    world.relay_once().await;
+
+    let report = world.project(&common::unique("flood")).await;
+    assert_eq!(report.dead_letters, GARBAGE as u64, "{report:?}");
+    assert!(report.applied_facts >= history.fact_records());
+    world.assert_report_equals_store().await;
+
+    let mut letters: Vec<_> = list_dead_letters(&world.kafka)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|letter| letter.key.as_deref() == Some(key.as_str()))
+        .collect();
+    assert_eq!(letters.len(), GARBAGE);
+    letters.sort_by_key(|letter| (letter.dlq_partition, letter.dlq_offset));
+    let origin_partitions: HashSet<_> = letters.iter().map(|letter| letter.partition).collect();
+    assert_eq!(origin_partitions.len(), 1, "one key, one partition");
+    let origin_offsets: Vec<i64> = letters.iter().map(|l| l.offset.unwrap()).collect();
+    assert!(
+        origin_offsets.windows(2).all(|pair| pair[0] < pair[1]),
+        "dead letters out of their records' order: {origin_offsets:?}"
+    );
+    assert!(letters.iter().all(|letter| !letter.left_out));
+    assert!(letters.iter().all(|letter| letter.value_bytes.is_some()));
 }
 
 /// Records that decode, but that the database would refuse on every attempt (a version
