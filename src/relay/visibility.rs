@@ -13,8 +13,8 @@
 //! error that points to the README ("Hanging transactions") and sets
 //! `bookstore_relay_unreadable_commit_seconds`; both clear when the records become readable.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -33,6 +33,40 @@ pub struct VisibilityWatch {
     committed: watch::Sender<Option<(i64, Instant)>>,
     /// How long the oldest unreadable commit has been so, in milliseconds (0: none).
     unreadable_ms: Arc<AtomicU64>,
+    gauge: Arc<GaugeTurn>,
+}
+
+/// The watch's turn at `bookstore_relay_unreadable_commit_seconds`, which ends when the watch
+/// is dropped (its publisher retired). The gauge is cleared then, at once, and the watch's task
+/// never sets it again: while no publisher runs, the relay's start loop sets it (a transaction
+/// held open on the checkpoint partition keeps the starts failing), and a task that noticed its
+/// retirement only at its next check, up to [`CHECK_EVERY`] later, would overwrite that with
+/// a 0 (enough to reset an alert's `for:` clause).
+#[derive(Default)]
+struct GaugeTurn {
+    over: Mutex<bool>,
+}
+
+impl GaugeTurn {
+    fn set(&self, unreadable_for: Duration) {
+        // Under the lock, so that `end` cannot come between the check and the write.
+        let over = self.over.lock().unwrap_or_else(PoisonError::into_inner);
+        if !*over {
+            metrics::record_unreadable_commit(unreadable_for);
+        }
+    }
+
+    fn end(&self) {
+        let mut over = self.over.lock().unwrap_or_else(PoisonError::into_inner);
+        *over = true;
+        metrics::record_unreadable_commit(Duration::ZERO);
+    }
+}
+
+impl Drop for VisibilityWatch {
+    fn drop(&mut self) {
+        self.gauge.end();
+    }
 }
 
 impl VisibilityWatch {
@@ -47,17 +81,19 @@ impl VisibilityWatch {
             .create()?;
         let (committed, commits) = watch::channel(None);
         let unreadable_ms = Arc::new(AtomicU64::new(0));
+        let gauge = Arc::new(GaugeTurn::default());
         tokio::spawn(run(
             Arc::new(consumer),
             topic.to_owned(),
             commits,
             patience,
-            unreadable_ms.clone(),
+            (unreadable_ms.clone(), gauge.clone()),
             config.request_timeout(),
         ));
         Ok(Self {
             committed,
             unreadable_ms,
+            gauge,
         })
     }
 
@@ -77,15 +113,14 @@ async fn run(
     topic: String,
     mut commits: watch::Receiver<Option<(i64, Instant)>>,
     patience: Duration,
-    unreadable_ms: Arc<AtomicU64>,
+    (unreadable_ms, gauge): (Arc<AtomicU64>, Arc<GaugeTurn>),
     timeout: Duration,
 ) {
     let mut tracker = Tracker::new(patience);
     loop {
         tokio::time::sleep(CHECK_EVERY.min(patience)).await;
         if commits.has_changed().is_err() {
-            // The publisher is gone.
-            metrics::record_unreadable_commit(Duration::ZERO);
+            // The publisher is gone, and the gauge was cleared when it went.
             return;
         }
         let latest = *commits.borrow_and_update();
@@ -108,7 +143,7 @@ async fn run(
         let verdict = tracker.observe(last_stable, latest, now);
         let unreadable_for = tracker.unreadable_for(now);
         unreadable_ms.store(unreadable_for.as_millis() as u64, Ordering::Relaxed);
-        metrics::record_unreadable_commit(unreadable_for);
+        gauge.set(unreadable_for);
         match verdict {
             Verdict::Fine => {}
             Verdict::Stuck { offset, for_ } => error!(
@@ -213,6 +248,43 @@ mod tests {
     use super::*;
 
     const PATIENCE: Duration = Duration::from_secs(40);
+
+    /// The gauge's value, from the Prometheus text format.
+    fn gauge(handle: &metrics_exporter_prometheus::PrometheusHandle) -> Option<f64> {
+        handle.render().lines().find_map(|line| {
+            let value = line
+                .strip_prefix(metrics::UNREADABLE_COMMIT)?
+                .strip_prefix(' ')?;
+            Some(value.parse().unwrap())
+        })
+    }
+
+    #[test]
+    fn a_retired_watch_clears_the_gauge_at_once_and_never_sets_it_again() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = ::metrics::set_default_local_recorder(&recorder);
+        let turn = GaugeTurn::default();
+
+        turn.set(Duration::from_secs(90));
+        assert_eq!(gauge(&handle), Some(90.0));
+        turn.end();
+        assert_eq!(
+            gauge(&handle),
+            Some(0.0),
+            "cleared when the publisher is retired"
+        );
+
+        // The start loop finds the checkpoint partition held open and says how long.
+        metrics::record_unreadable_commit(Duration::from_secs(120));
+        // The retired watch's task, at a check begun before its retirement.
+        turn.set(Duration::ZERO);
+        assert_eq!(
+            gauge(&handle),
+            Some(120.0),
+            "the start loop's figure stands"
+        );
+    }
 
     #[test]
     fn a_commit_that_becomes_readable_is_never_reported() {
