@@ -183,6 +183,20 @@ fn every_validation_rule_names_its_field() {
         invalid_field(with(|add| add.title = "a\u{0}b".into())),
         "title"
     );
+    // Line breaks as a browser's textarea sends them (CR LF), or as CR alone, become newlines.
+    let crlf = added({
+        let mut add = gatsby(book_id);
+        add.description = Some("line one\r\nline two\rline three\n\tend".into());
+        add
+    });
+    assert_eq!(
+        crlf.description.as_deref(),
+        Some("line one\nline two\nline three\n\tend")
+    );
+    assert!(
+        with(|add| add.author = format!("{}\r\n{}", "x".repeat(74), "x".repeat(75))).is_ok(),
+        "150 characters once CR LF is one newline"
+    );
     // Text that shows nothing is empty, though `trim` keeps it: zero-width space, word joiner,
     // byte-order mark, Hangul filler.
     assert_eq!(

@@ -285,6 +285,13 @@ fn optional(
     else {
         return Ok(None);
     };
+    // Browsers send a textarea's line breaks as CR LF, and older Mac text ends lines with CR
+    // alone; both are stored as the newline the contract allows, not refused.
+    let value = if value.contains('\r') {
+        value.replace("\r\n", "\n").replace('\r', "\n")
+    } else {
+        value.to_owned()
+    };
     if value.chars().count() > max_chars {
         return Err(ValidationError::new(
             field,
@@ -300,7 +307,7 @@ fn optional(
             "must not contain control characters",
         ));
     }
-    Ok(Some(value.to_owned()))
+    Ok(Some(value))
 }
 
 /// Characters that show nothing on their own and that `str::trim` keeps (it strips only

@@ -704,7 +704,7 @@ mod tests {
                 "must not contain control characters",
             ),
             (
-                with(&|fact| fact.author = "Frank\rHerbert".into()),
+                with(&|fact| fact.author = "Frank\u{8}Herbert".into()),
                 "author",
                 "must not contain control characters",
             ),
