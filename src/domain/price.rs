@@ -80,10 +80,27 @@ impl FromStr for Price {
     type Err = ValidationError;
 
     fn from_str(text: &str) -> Result<Self, Self::Err> {
-        let amount = Decimal::from_str_exact(text.trim())
-            .map_err(|_| ValidationError::new("price", "must be a decimal number like 12.99"))?;
-        Price::new(amount)
+        let text = text.trim();
+        let not_a_number = || ValidationError::new("price", "must be a decimal number like 12.99");
+        // rust_decimal also reads `1_000` as 1000 and takes a leading `+`: a typo would become
+        // a price, and other languages' readers of the same text would refuse it.
+        if !is_plain_decimal(text) {
+            return Err(not_a_number());
+        }
+        Price::new(Decimal::from_str_exact(text).map_err(|_| not_a_number())?)
     }
+}
+
+/// Digits with at most one decimal point among or before them, after an optional minus sign:
+/// `12`, `12.99`, `.5`, `-1`.
+fn is_plain_decimal(text: &str) -> bool {
+    let unsigned = text.strip_prefix('-').unwrap_or(text);
+    let (whole, fraction) = unsigned.split_once('.').unwrap_or((unsigned, ""));
+    let digits = |part: &str| part.bytes().all(|byte| byte.is_ascii_digit());
+    !(whole.is_empty() && fraction.is_empty())
+        && digits(whole)
+        && digits(fraction)
+        && !(unsigned.ends_with('.'))
 }
 
 impl TryFrom<Decimal> for Price {
@@ -118,6 +135,17 @@ mod tests {
         assert_eq!("-0.01".parse::<Price>().unwrap_err().field, "price");
         assert!("1.001".parse::<Price>().is_err());
         assert!("twelve".parse::<Price>().is_err());
+        for typo in [
+            "1_0", "+5", "1.2.3", "5.", ".", "-", "", "1e2", "12,99", "0x10", "1 0",
+        ] {
+            assert_eq!(
+                typo.parse::<Price>().unwrap_err().rule,
+                "must be a decimal number like 12.99",
+                "{typo:?}"
+            );
+        }
+        assert_eq!(".5".parse::<Price>().unwrap().cents(), 50);
+        assert_eq!(" 7 ".parse::<Price>().unwrap().cents(), 700);
         assert!("10000000000.00".parse::<Price>().is_err());
         assert!("9999999999.99".parse::<Price>().is_ok());
     }
