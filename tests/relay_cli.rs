@@ -150,3 +150,43 @@ async fn the_backlog_gauge_grows_while_the_relay_cannot_publish() {
 
     common::terminate_gracefully(&mut child, "the relay").await;
 }
+
+/// Started while the broker is unreachable (an orchestrator starts services in any order), the
+/// relay waits for it; asked to stop then, it must not first wait out a metadata request of the
+/// whole Kafka timeout (20 s here; 30 s by default, when orchestrators kill).
+#[tokio::test]
+async fn a_relay_waiting_for_an_unreachable_broker_stops_promptly_on_sigterm() {
+    let folder = tempfile::tempdir().unwrap();
+    let database = folder.path().join("bookstore.db");
+    // Nothing listens there: every connection is refused, and librdkafka retries until the
+    // request times out.
+    let nowhere = format!("127.0.0.1:{}", common::free_local_port());
+    let mut relay = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("relay")
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", database.display()),
+        )
+        .env("KAFKA_BOOTSTRAP_SERVERS", &nowhere)
+        .env("BOOKSTORE_KAFKA_TIMEOUT_MS", "20000")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // In its first attempt to reach the broker.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "the relay must wait, not fail"
+    );
+
+    let signalled = Instant::now();
+    common::terminate_gracefully(&mut relay, "the relay").await;
+    let took = signalled.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "stopped {took:?} after SIGTERM"
+    );
+}

@@ -234,8 +234,10 @@ impl KafkaConfig {
 
     /// Waits until the cluster answers, for services that should outlive a broker that is not
     /// up yet (started in any order by an orchestrator): retries every `pause`, up to 10 s,
-    /// saying each time what it waits for. False if shutdown came first. Errors other than
-    /// "did not answer" (a bad client setting) are returned at once.
+    /// saying each time what it waits for. False if shutdown came first, also in the middle of
+    /// an attempt (which can take the whole request timeout against a broker that does not
+    /// answer; it is left to end on the blocking pool). Errors other than "did not answer" (a
+    /// bad client setting) are returned at once.
     pub async fn wait_until_reachable(
         &self,
         shutdown: &mut Shutdown,
@@ -245,7 +247,11 @@ impl KafkaConfig {
             if shutdown.is_triggered() {
                 return Ok(false);
             }
-            match self.check_reachable().await {
+            let attempt = tokio::select! {
+                _ = shutdown.wait() => return Ok(false),
+                attempt = self.check_reachable() => attempt,
+            };
+            match attempt {
                 Ok(_) => return Ok(true),
                 Err(error @ KafkaSetupError::Unreachable { .. }) => {
                     warn!(%error, retry_in = ?pause, "waiting for Kafka");
