@@ -10,9 +10,10 @@
 //!   the allocation limit it applies to strings and arrays, so a `fixed` of 2^60 bytes aborts on
 //!   the allocation;
 //! * it bounds each array's reservation on its own, not their total: under an array whose
-//!   items take no bytes (`null`, a record of nothing but such fields), a block count of a few
-//!   bytes reserves the whole limit, so a record of a few hundred kilobytes holding many such
-//!   arrays (nested in another array, say) asks for terabytes and aborts.
+//!   items take no bytes (`null`, a `fixed` of size 0, a record of nothing but such fields,
+//!   also when named again by reference), a block count of a few bytes reserves the whole
+//!   limit, so a record of a few hundred kilobytes holding many such arrays (nested in another
+//!   array, say) asks for terabytes and aborts.
 //!
 //! None of our contracts recurses, holds a `fixed` or an array, and neither a version of them
 //! nor another producer's event needs to, so such a schema is refused up front and every
@@ -22,7 +23,7 @@
 use std::collections::HashSet;
 
 use apache_avro::Schema;
-use apache_avro::schema::{InnerDecimalSchema, UuidSchema};
+use apache_avro::schema::{FixedSchema, InnerDecimalSchema, UuidSchema};
 
 use super::avro::MAX_DECODE_ALLOCATION_BYTES;
 
@@ -36,8 +37,9 @@ pub fn refusal(schema: &Schema) -> Option<String> {
 struct Walk {
     /// The full names of the records around the schema being walked.
     enclosing: Vec<String>,
-    /// The records walked so far whose values take no bytes at all.
-    empty_records: HashSet<String>,
+    /// The named types walked so far whose values take no bytes at all (records of nothing
+    /// else, `fixed` of size 0), which a reference can name again.
+    empty_named: HashSet<String>,
 }
 
 impl Walk {
@@ -57,7 +59,7 @@ impl Walk {
                     .iter()
                     .all(|field| self.takes_no_bytes(&field.schema))
                 {
-                    self.empty_records.insert(full_name);
+                    self.empty_named.insert(full_name);
                 }
                 Ok(())
             }
@@ -74,9 +76,9 @@ impl Walk {
                 self.schema(&array.items)?;
                 if self.takes_no_bytes(&array.items) {
                     return Err(
-                        "an array whose items take no bytes (null, or records of nothing else) \
-                         is not accepted: a few bytes of a record could make it reserve \
-                         gigabytes"
+                        "an array whose items take no bytes (null, a fixed of size 0, records of \
+                         nothing else) is not accepted: a few bytes of a record could make it \
+                         reserve gigabytes"
                             .to_owned(),
                     );
                 }
@@ -87,14 +89,29 @@ impl Walk {
                 .variants()
                 .iter()
                 .try_for_each(|variant| self.schema(variant)),
-            Schema::Fixed(fixed) | Schema::Duration(fixed) => fixed_size(&fixed.name, fixed.size),
+            Schema::Fixed(fixed) | Schema::Duration(fixed) => self.fixed(fixed),
             Schema::Decimal(decimal) => match &decimal.inner {
-                InnerDecimalSchema::Fixed(fixed) => fixed_size(&fixed.name, fixed.size),
+                InnerDecimalSchema::Fixed(fixed) => self.fixed(fixed),
                 InnerDecimalSchema::Bytes => Ok(()),
             },
-            Schema::Uuid(UuidSchema::Fixed(fixed)) => fixed_size(&fixed.name, fixed.size),
+            Schema::Uuid(UuidSchema::Fixed(fixed)) => self.fixed(fixed),
             _ => Ok(()),
         }
+    }
+
+    fn fixed(&mut self, fixed: &FixedSchema) -> Result<(), String> {
+        let full_name = fixed.name.fullname(None);
+        if fixed.size > MAX_DECODE_ALLOCATION_BYTES {
+            return Err(format!(
+                "fixed {full_name} declares {} bytes, more than the \
+                 {MAX_DECODE_ALLOCATION_BYTES} a decoded value may take",
+                fixed.size
+            ));
+        }
+        if fixed.size == 0 {
+            self.empty_named.insert(full_name);
+        }
+        Ok(())
     }
 
     /// Whether a value of `schema` is read from no bytes at all. Everything else reads at least
@@ -102,7 +119,8 @@ impl Walk {
     fn takes_no_bytes(&self, schema: &Schema) -> bool {
         match schema {
             Schema::Null => true,
-            Schema::Fixed(fixed) => fixed.size == 0,
+            Schema::Fixed(fixed) | Schema::Duration(fixed) => fixed.size == 0,
+            Schema::Uuid(UuidSchema::Fixed(fixed)) => fixed.size == 0,
             Schema::Decimal(decimal) => {
                 matches!(&decimal.inner, InnerDecimalSchema::Fixed(fixed) if fixed.size == 0)
             }
@@ -110,21 +128,10 @@ impl Walk {
                 .fields
                 .iter()
                 .all(|field| self.takes_no_bytes(&field.schema)),
-            Schema::Ref { name } => self.empty_records.contains(&name.fullname(None)),
+            Schema::Ref { name } => self.empty_named.contains(&name.fullname(None)),
             _ => false,
         }
     }
-}
-
-fn fixed_size(name: &apache_avro::schema::Name, size: usize) -> Result<(), String> {
-    if size > MAX_DECODE_ALLOCATION_BYTES {
-        return Err(format!(
-            "fixed {} declares {size} bytes, more than the {MAX_DECODE_ALLOCATION_BYTES} \
-             a decoded value may take",
-            name.fullname(None)
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -205,6 +212,16 @@ mod tests {
                 {"name": "many", "type": {"type": "array", "items": "Nothing"}}]}"#,
         );
         assert!(refusal(&schema).is_some());
+        // Through a reference to a fixed of no bytes defined before, as the items of an array
+        // nested in another: each inner array a few bytes, each reserving megabytes.
+        let schema = parse(
+            r#"{"type": "record", "name": "BookFactEvent", "fields": [
+                {"name": "z", "type": {"type": "fixed", "name": "Zero", "size": 0}},
+                {"name": "rows", "type": {"type": "array",
+                    "items": {"type": "array", "items": "Zero"}}}]}"#,
+        );
+        let reason = refusal(&schema).expect("an array of a zero-size fixed by reference");
+        assert!(reason.contains("items take no bytes"), "{reason}");
     }
 
     #[test]
