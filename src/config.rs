@@ -98,15 +98,19 @@ pub struct KafkaConfig {
         env = "BOOKSTORE_TOPIC_REPLICATION_FACTOR",
         default_value_t = -1,
         allow_negative_numbers = true,
+        value_parser = replication_factor,
         global = true
     )]
     pub replication_factor: i32,
 
-    /// How long a request to the cluster (metadata, topic creation) may take, in milliseconds.
+    /// How long a request to the cluster (metadata, topic creation) may take, in milliseconds
+    /// (1 s to 1 h). Sends that must fail in bounded time get twice this, and exactly-once
+    /// transactions time out after it.
     #[arg(
         long = "kafka-timeout-ms",
         env = "BOOKSTORE_KAFKA_TIMEOUT_MS",
         default_value_t = 30_000,
+        value_parser = clap::value_parser!(u64).range(1_000..=3_600_000),
         global = true
     )]
     pub request_timeout_ms: u64,
@@ -326,9 +330,44 @@ pub struct ClientOptions(pub Vec<(String, String)>);
 /// the OAUTHBEARER configuration (which may carry credentials).
 fn is_secret(key: &str) -> bool {
     key.contains("password")
+        || key.contains("passphrase")
         || key.contains("secret")
-        || key == "ssl.key.pem"
+        || key.ends_with(".pem")
         || key == "sasl.oauthbearer.config"
+}
+
+/// librdkafka's refusal of one option, worded without its value when the value may be secret:
+/// rdkafka's own error text ends with the value, whatever the property, and an unknown
+/// property is often a misspelt secret one (`sasl.pasword`).
+pub(crate) fn option_refusal(description: &str, key: &str, value: &str) -> String {
+    let unknown = description.starts_with("No such configuration property");
+    if (is_secret(key) || unknown) && !value.is_empty() {
+        format!(
+            "{key}: {} (the value is not shown: it may hold a secret)",
+            description.replace(value, "<value>")
+        )
+    } else {
+        format!("{key}: {description}")
+    }
+}
+
+/// Sets every option on a librdkafka configuration, as each client will, so that an unknown
+/// property or an invalid value fails when the options are read instead of at the first
+/// client, possibly minutes later, in a message that would quote the value.
+fn check_with_librdkafka(options: &ClientOptions) -> Result<(), String> {
+    for (key, value) in &options.0 {
+        let mut config = rdkafka::ClientConfig::new();
+        config.set(key, value);
+        if let Err(error) = config.create_native_config() {
+            return Err(match error {
+                rdkafka::error::KafkaError::ClientConfig(_, description, _, _) => {
+                    option_refusal(&description, key, value)
+                }
+                other => format!("{key}: {other}"),
+            });
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for ClientOptions {
@@ -417,7 +456,22 @@ impl clap::builder::TypedValueParser for ClientOptionsParser {
         let text = value
             .to_str()
             .ok_or_else(|| refuse("the value is not UTF-8".to_owned()))?;
-        parse_client_options(text).map_err(|error| refuse(error.to_string()))
+        let options = parse_client_options(text).map_err(|error| refuse(error.to_string()))?;
+        check_with_librdkafka(&options).map_err(refuse)?;
+        Ok(options)
+    }
+}
+
+/// clap's parser for `--topic-replication-factor`: -1 or at least 1. Zero and other negative
+/// numbers would pass the startup check of existing topics as "any" and fail only at topic
+/// creation.
+fn replication_factor(text: &str) -> Result<i32, String> {
+    match text.trim().parse::<i32>() {
+        Ok(factor) if factor == -1 || factor >= 1 => Ok(factor),
+        Ok(factor) => Err(format!(
+            "{factor} replicas: give at least 1, or -1 for the broker's default"
+        )),
+        Err(error) => Err(error.to_string()),
     }
 }
 
@@ -655,6 +709,78 @@ mod tests {
             shown.contains("\"security.protocol\", \"SASL_SSL\""),
             "{shown}"
         );
+    }
+
+    /// What `--kafka-option` and the other Kafka flags accept, parsed as the binary does.
+    fn parse_kafka_flags(args: &[&str]) -> Result<KafkaConfig, String> {
+        let args = std::iter::once("bookstore").chain(args.iter().copied());
+        <KafkaCommand as clap::Parser>::try_parse_from(args)
+            .map(|flags| flags.kafka)
+            .map_err(|error| error.to_string())
+    }
+
+    #[test]
+    fn options_librdkafka_refuses_fail_when_read_without_showing_secrets() {
+        // A misspelt secret property: rdkafka's own error would end with the password.
+        let error = parse_kafka_flags(&["--kafka-option", "sasl.pasword=hunter2"]).unwrap_err();
+        assert!(error.contains("sasl.pasword"), "{error}");
+        assert!(error.contains("No such configuration property"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+        // A comma in an unescaped password splits it into an unknown property.
+        let error = parse_kafka_flags(&["--kafka-option", "sasl.password=hun,ter=2a"]).unwrap_err();
+        assert!(error.contains("ter:"), "{error}");
+        assert!(!error.contains("2a"), "{error}");
+        // An invalid value of an ordinary property.
+        let error = parse_kafka_flags(&["--kafka-option", "acks=banana"]).unwrap_err();
+        assert!(error.contains("acks: Invalid value"), "{error}");
+
+        let kafka = parse_kafka_flags(&[
+            "--kafka-option",
+            "sasl.mechanism=PLAIN,linger.ms=5,debug=broker,eos",
+        ])
+        .unwrap();
+        assert_eq!(kafka.client_options[0].0.len(), 3);
+    }
+
+    #[test]
+    fn a_client_error_names_the_option_but_not_a_secret_value() {
+        // Options set programmatically are not checked when read.
+        let refused = rdkafka::ClientConfig::new()
+            .set("sasl.pasword", "hunter2")
+            .create_native_config()
+            .err()
+            .expect("an unknown property");
+        assert!(
+            refused.to_string().contains("hunter2"),
+            "rdkafka's own text"
+        );
+        let error = crate::kafka::KafkaSetupError::Client {
+            bootstrap_servers: "localhost:9092".into(),
+            source: refused,
+        }
+        .to_string();
+        assert!(error.contains("sasl.pasword"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
+
+    #[test]
+    fn kafka_timeouts_and_replication_factors_that_mean_nothing_are_refused() {
+        for timeout in ["0", "999", "3600001"] {
+            let refused = parse_kafka_flags(&["--kafka-timeout-ms", timeout]);
+            assert!(refused.is_err(), "timeout {timeout} accepted");
+        }
+        for timeout in ["1000", "30000", "3600000"] {
+            let kafka = parse_kafka_flags(&["--kafka-timeout-ms", timeout]).unwrap();
+            assert_eq!(kafka.request_timeout_ms.to_string(), timeout);
+        }
+        for factor in ["0", "-2", "-5", "three"] {
+            let refused = parse_kafka_flags(&["--topic-replication-factor", factor]);
+            assert!(refused.is_err(), "replication factor {factor} accepted");
+        }
+        for factor in ["-1", "1", "3"] {
+            let kafka = parse_kafka_flags(&["--topic-replication-factor", factor]).unwrap();
+            assert_eq!(kafka.replication_factor.to_string(), factor);
+        }
     }
 
     #[test]

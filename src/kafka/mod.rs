@@ -72,7 +72,10 @@ impl Default for Topics {
 
 #[derive(Debug, Error)]
 pub enum KafkaSetupError {
-    #[error("could not create a Kafka client for {bootstrap_servers}: {source}")]
+    #[error(
+        "could not create a Kafka client for {bootstrap_servers}: {}",
+        without_option_value(source)
+    )]
     Client {
         bootstrap_servers: String,
         source: KafkaError,
@@ -100,6 +103,17 @@ pub enum KafkaSetupError {
     },
     #[error("topic {topic} is missing after creation was requested")]
     TopicMissing { topic: String },
+}
+
+/// `error`'s text, but for a refused client option without the option's value (see
+/// [`crate::config::option_refusal`]).
+fn without_option_value(error: &KafkaError) -> String {
+    match error {
+        KafkaError::ClientConfig(_, description, key, value) => {
+            crate::config::option_refusal(description, key, value)
+        }
+        other => other.to_string(),
+    }
 }
 
 impl KafkaConfig {
