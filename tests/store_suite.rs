@@ -158,6 +158,7 @@ store_suite!(
     prune_deletes_only_published_events_past_retention,
     prune_keeps_what_a_lagging_relay_has_not_published,
     prune_in_chunks_deletes_exactly_what_retention_allows,
+    prune_stops_at_the_first_event_inside_retention,
     lease_is_held_by_one_holder_until_released_or_expired,
     commit_signal_fires_after_a_save,
 );
@@ -691,8 +692,8 @@ async fn prune_keeps_what_a_lagging_relay_has_not_published<S: Backdoor>(store: 
 }
 
 /// Retention deletes in chunks, each its own transaction (a run over millions of events would
-/// otherwise be one). Together the chunks must delete exactly what one DELETE of everything
-/// would, wherever the events that have to stay lie among those that may go.
+/// otherwise be one). Together the chunks must delete exactly the old events before the first
+/// one that has to stay, and never one past the lowest checkpoint.
 async fn prune_in_chunks_deletes_exactly_what_retention_allows<S: Backdoor>(store: S) {
     let store = store.pruning_in_chunks_of(3);
     for n in 0..8 {
@@ -704,21 +705,57 @@ async fn prune_in_chunks_deletes_exactly_what_retention_allows<S: Backdoor>(stor
     store.record_published("ahead", 16).await.unwrap();
     store.record_published("behind", 13).await.unwrap();
     // Commit times need not follow positions (on PostgreSQL a save's is when its transaction
-    // began), so a young event can lie among old ones: 10 here. It stays, and the run goes on
-    // past it. 14 is old but above the lowest checkpoint; 15 and 16 are neither.
+    // began), so a young event can lie among old ones: 10 here. The run stops there. 14 is
+    // old but above the lowest checkpoint; 15 and 16 are neither.
     store.backdate_events(1..=9).await;
     store.backdate_events(11..=14).await;
     let day = Duration::from_secs(24 * 3600);
 
-    // 12 events: four full chunks, then one that finds nothing.
-    assert_eq!(store.prune_published("ahead", day).await.unwrap(), 12);
-    assert_eq!(positions_in_outbox(&store).await, [10, 14, 15, 16]);
+    // 9 events: three full chunks, then one that starts with 10.
+    assert_eq!(store.prune_published("ahead", day).await.unwrap(), 9);
+    assert_eq!(
+        positions_in_outbox(&store).await,
+        [10, 11, 12, 13, 14, 15, 16]
+    );
     assert_eq!(store.prune_published("ahead", day).await.unwrap(), 0);
+
+    // Once 10 is old too, the run goes up to the lowest checkpoint: a full chunk, then one
+    // that ends at 13.
+    store.backdate_events(10..=10).await;
+    assert_eq!(store.prune_published("ahead", day).await.unwrap(), 4);
+    assert_eq!(positions_in_outbox(&store).await, [14, 15, 16]);
 
     // One event: a chunk that is not full ends the run.
     store.record_published("behind", 16).await.unwrap();
     assert_eq!(store.prune_published("behind", day).await.unwrap(), 1);
-    assert_eq!(positions_in_outbox(&store).await, [10, 15, 16]);
+    assert_eq!(positions_in_outbox(&store).await, [15, 16]);
+}
+
+/// Retention stops at the first event inside retention instead of looking past it for old
+/// ones: `committed_at` has no index, so looking past it would read every event inside
+/// retention on every run (and on SQLite hold the write lock meanwhile). An old event after a
+/// younger one, as clocks or a save whose transaction began earlier can leave, therefore
+/// stays until the younger one is old too: retention errs on keeping.
+async fn prune_stops_at_the_first_event_inside_retention<S: Backdoor>(store: S) {
+    for n in 0..4 {
+        store
+            .save(added(&new_book(&format!("Book {n}"), "1.00")))
+            .await
+            .unwrap();
+    }
+    store.record_published("relay", 8).await.unwrap();
+    store.backdate_events(1..=2).await;
+    store.backdate_events(4..=8).await;
+    let day = Duration::from_secs(24 * 3600);
+
+    assert_eq!(store.prune_published("relay", day).await.unwrap(), 2);
+    assert_eq!(positions_in_outbox(&store).await, [3, 4, 5, 6, 7, 8]);
+    assert_eq!(store.prune_published("relay", day).await.unwrap(), 0);
+    assert_eq!(positions_in_outbox(&store).await, [3, 4, 5, 6, 7, 8]);
+
+    store.backdate_events(3..=3).await;
+    assert_eq!(store.prune_published("relay", day).await.unwrap(), 6);
+    assert!(positions_in_outbox(&store).await.is_empty());
 }
 
 async fn lease_is_held_by_one_holder_until_released_or_expired<S: Backdoor>(store: S) {

@@ -186,6 +186,10 @@ pub trait Outbox: EventStore {
     ///
     /// Adapters delete in chunks of at most [`PRUNE_CHUNK`] events (unless set otherwise),
     /// each its own transaction, so a run that fails part way keeps what it deleted before.
+    /// They delete from the oldest event on and stop at the first that committed within
+    /// `older_than`, so a run reads at most a chunk of the events inside retention. Commit
+    /// times follow positions only nearly (clocks, transactions that began earlier), so an old
+    /// event after a younger one stays until that one is old too: pruning errs on keeping.
     fn prune_published(
         &self,
         relay: &str,

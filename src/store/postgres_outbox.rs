@@ -19,12 +19,21 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      WHERE relay_lease.holder = EXCLUDED.holder OR relay_lease.expires_at_ms < (extract(epoch from clock_timestamp()) * 1000)::bigint \
      RETURNING holder";
 
-/// One chunk of retention: deletes the first `$4` events after position `$1` that may go, and
-/// returns how many it deleted and the last of their positions.
+/// One chunk of retention: of the first `$4` events after position `$1` up to the lowest
+/// checkpoint of all relays, deletes those before the first that committed less than `$3`
+/// seconds ago, and none at all unless relay `$2` has a checkpoint itself; returns how many it
+/// deleted and the last of their positions.
 ///
-/// What may go is decided anew by each chunk, as one DELETE of everything would: events up to
-/// the lowest checkpoint of all relays that committed more than `$3` seconds ago, and none at
-/// all unless relay `$2` has a checkpoint itself. The next chunk starts after the last position
+/// It reads at most `$4` events by the primary key, whatever lies inside retention:
+/// `committed_at` has no index (one would cost every save), and a chunk that looked for old
+/// events anywhere below the checkpoint would read every event inside retention on every run.
+/// Positions are handed out in commit order, so `committed_at` grows with them, but not
+/// strictly: it is when the save's transaction began, and one that began earlier can take its
+/// positions after one that began later. An old event after a younger one therefore stays until
+/// the younger one is old too, erring on keeping; an event inside retention or past a relay's
+/// checkpoint is never deleted.
+///
+/// What may go is decided anew by each chunk. The next chunk starts after the last position
 /// deleted instead of at the start of the table: deleted rows stay in the primary key index,
 /// as dead entries, until vacuum, and every chunk would walk over all of them again.
 ///
@@ -32,14 +41,17 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
 /// positions against a sequential scan of the whole table (380 ms per chunk of 10,000 on 2
 /// million events), so every chunk read all of it; with an array it looks each position up in
 /// the primary key (30 ms).
-const PRUNE_CHUNK_AFTER: &str = "WITH deleted AS ( \
+const PRUNE_CHUNK_AFTER: &str = "WITH chunk AS MATERIALIZED ( \
+         SELECT position, committed_at FROM events \
+         WHERE position > $1 \
+           AND position <= (SELECT min(position) FROM relay_checkpoint) \
+           AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = $2) \
+         ORDER BY position LIMIT $4), \
+     deleted AS ( \
          DELETE FROM events WHERE position = ANY (ARRAY( \
-             SELECT position FROM events \
-             WHERE position > $1 \
-               AND position <= (SELECT min(position) FROM relay_checkpoint) \
-               AND EXISTS (SELECT 1 FROM relay_checkpoint WHERE name = $2) \
-               AND committed_at < now() - make_interval(secs => $3) \
-             ORDER BY position LIMIT $4)) \
+             SELECT position FROM chunk \
+             WHERE position < (SELECT coalesce(min(position), 9223372036854775807) FROM chunk \
+                               WHERE committed_at >= now() - make_interval(secs => $3)))) \
          RETURNING position) \
      SELECT count(*), max(position) FROM deleted";
 
@@ -90,6 +102,7 @@ impl Outbox for PostgresStore {
                 .await?;
             let chunk_deleted = to_u64(chunk_deleted, "deleted events")?;
             deleted += chunk_deleted;
+            // A chunk short of full met the checkpoint or an event inside retention.
             match last {
                 Some(last) if chunk_deleted >= chunk as u64 => after = last,
                 _ => return Ok(deleted),

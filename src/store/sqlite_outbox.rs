@@ -12,6 +12,23 @@ const ACQUIRE_LEASE: &str = "INSERT INTO relay_lease (name, holder, expires_at_m
      WHERE relay_lease.holder = excluded.holder OR relay_lease.expires_at_ms < CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER) \
      RETURNING holder";
 
+/// One chunk of retention: of the first `?3` events up to position `?1` (the lowest checkpoint
+/// of all relays), deletes those before the first that committed at or after `?2` (the cutoff,
+/// ISO-8601 text in UTC, so text order is time order).
+///
+/// It reads at most `?3` rows, walking the rowid from the oldest event left, whatever lies
+/// inside retention. Positions are handed out in commit order, so `committed_at` grows with
+/// them, but not strictly: it is the wall clock of whichever process saved, and clocks step
+/// back. An old event after a younger one stays until the younger one is old too, erring on
+/// keeping; an event inside retention or past a relay's checkpoint is never deleted.
+const PRUNE_CHUNK_SQL: &str = "WITH chunk AS ( \
+         SELECT position, committed_at FROM events \
+         WHERE position <= ?1 ORDER BY position LIMIT ?3) \
+     DELETE FROM events WHERE position IN ( \
+         SELECT position FROM chunk \
+         WHERE position < (SELECT coalesce(min(position), ?1 + 1) FROM chunk \
+                           WHERE committed_at >= ?2))";
+
 impl Outbox for SqliteStore {
     async fn store_id(&self) -> Result<String, StoreError> {
         let id = sqlx::query_scalar("SELECT store_id FROM store_identity WHERE id = 1")
@@ -45,6 +62,12 @@ impl Outbox for SqliteStore {
 
     /// Deletes in chunks of [`SqliteStore::with_prune_chunk`] events, each its own short
     /// transaction, pausing between them so that waiting saves take the write lock.
+    ///
+    /// Each chunk reads at most that many events, the oldest left, and deletes the leading run
+    /// of them that committed before the cutoff; the run ends at the first event that did not
+    /// (see `PRUNE_CHUNK_SQL`). `committed_at` has no index (one would cost every save), and a
+    /// chunk that looked for old events anywhere below the checkpoint would read every event
+    /// inside retention, holding the write lock all along, on every run.
     async fn prune_published(&self, relay: &str, older_than: Duration) -> Result<u64, StoreError> {
         // The lowest checkpoint of all relays, and none unless `relay` has one.
         let (lowest, own): (Option<i64>, Option<bool>) =
@@ -63,19 +86,15 @@ impl Outbox for SqliteStore {
         let chunk = self.prune_chunk();
         let mut deleted = 0;
         loop {
-            let chunk_deleted = sqlx::query(
-                "DELETE FROM events WHERE position IN ( \
-                     SELECT position FROM events \
-                     WHERE position <= ?1 AND committed_at < ?2 \
-                     ORDER BY position LIMIT ?3)",
-            )
-            .bind(lowest)
-            .bind(&cutoff)
-            .bind(i64::try_from(chunk).unwrap_or(i64::MAX))
-            .execute(self.pool())
-            .await?
-            .rows_affected();
+            let chunk_deleted = sqlx::query(PRUNE_CHUNK_SQL)
+                .bind(lowest)
+                .bind(&cutoff)
+                .bind(i64::try_from(chunk).unwrap_or(i64::MAX))
+                .execute(self.pool())
+                .await?
+                .rows_affected();
             deleted += chunk_deleted;
+            // A chunk short of full met the checkpoint or an event inside retention.
             if chunk_deleted < chunk as u64 {
                 return Ok(deleted);
             }
