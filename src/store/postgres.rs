@@ -23,6 +23,14 @@
 //! or the projection idles inside a transaction: their statements follow each other without
 //! waiting for anything else.
 //!
+//! That flush is only waited for under `synchronous_commit` `on` (or `local`, `remote_write`,
+//! `remote_apply`). Under `off`, set for the server, the role or the database, a commit is visible
+//! (and the relay publishes its events) before it is durable: a crash then loses events consumers
+//! have already seen, and the next saves hand out their positions again. So where a session of
+//! [`PostgresStore::connect`] starts with `off`, the store sets it to `on` for the session, and
+//! says so in a warning. The sessions of a pool given to [`PostgresStore::with_pool`] are left as
+//! they are; the store only warns at start if it finds `off` there.
+//!
 //! Each save also sends `NOTIFY bookstore_outbox, '<last position>'` ([`OUTBOX_CHANNEL`]).
 //! PostgreSQL delivers it only if and when the transaction commits, so a listening relay wakes
 //! up for exactly the committed appends and never reads ahead of them. The channel is per
@@ -30,6 +38,8 @@
 //! a wake-up only makes the relay poll).
 
 use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use chrono::{DateTime, Utc};
 use rust_decimal::Decimal;
@@ -63,7 +73,8 @@ impl PostgresStore {
 
     /// Connects with explicit options, e.g. a `search_path` that puts the tables in a schema of
     /// their own: `options.options([("search_path", "my_schema")])`. Sessions where nothing
-    /// sets `idle_in_transaction_session_timeout` get 60 s (see the module doc).
+    /// sets `idle_in_transaction_session_timeout` get 60 s, and sessions that start with
+    /// `synchronous_commit` `off` get `on` (see the module doc).
     pub async fn connect_with_options(options: PgConnectOptions) -> Result<Self, StoreError> {
         Self::connect_within(options, CONNECT_TIMEOUT).await
     }
@@ -76,9 +87,16 @@ impl PostgresStore {
         timeout: std::time::Duration,
     ) -> Result<Self, StoreError> {
         let address = format!("{}:{}", options.get_host(), options.get_port());
+        let warned = Arc::new(AtomicBool::new(false));
         let pool = PgPoolOptions::new()
             .acquire_timeout(timeout)
-            .after_connect(|conn, _| Box::pin(limit_idle_in_transaction(conn)))
+            .after_connect(move |conn, _| {
+                let warned = warned.clone();
+                Box::pin(async move {
+                    limit_idle_in_transaction(conn).await?;
+                    require_durable_commits(conn, &warned).await
+                })
+            })
             .connect_with(options)
             .await
             .map_err(|error| match error {
@@ -88,14 +106,38 @@ impl PostgresStore {
                 },
                 other => StoreError::Database(other),
             })?;
-        Self::with_pool(pool).await
+        Self::migrated(pool).await
     }
 
     /// Uses an existing pool (to choose its size or timeouts) and brings the schema up to date.
     /// The pool's sessions are left as they are: set `idle_in_transaction_session_timeout`
-    /// yourself (see the module doc).
+    /// yourself, and keep `synchronous_commit` on; a warning is logged if a session has it
+    /// `off` (see the module doc).
     pub async fn with_pool(pool: PgPool) -> Result<Self, StoreError> {
-        sqlx::migrate!("migrations/postgres").run(&pool).await?;
+        if let Some(source) = commits_not_durable(&mut *pool.acquire().await?).await? {
+            tracing::warn!(
+                %source,
+                "synchronous_commit is off in the sessions of the pool given to the PostgreSQL \
+                 store: saves become visible, and are relayed, before they are durable, so a \
+                 database crash can lose events consumers have already seen; set it to on"
+            );
+        }
+        Self::migrated(pool).await
+    }
+
+    /// Brings the schema of `pool`'s database up to date and makes the store of it.
+    async fn migrated(pool: PgPool) -> Result<Self, StoreError> {
+        let mut migrator = sqlx::migrate!("migrations/postgres");
+        // An older version must still start against a database a newer one migrated (a rolling
+        // deploy, or the old relay publishing what the new one cannot: see docs/contracts.md), so
+        // applied migrations this build does not know are ignored. That is only safe while every
+        // migration is additive, so that older versions' reads and writes work unchanged: new
+        // tables, indexes, and columns that are nullable or have a default; never a rename, a drop,
+        // a type change, a constraint that older versions' writes could break, or a new meaning for
+        // data they read or write (tests/store_migrations.rs checks the SQL). A migration both
+        // versions know still fails on a checksum mismatch (`VersionMismatch`).
+        migrator.set_ignore_missing(true);
+        migrator.run(&pool).await?;
         Ok(Self {
             pool,
             prune_chunk: PRUNE_CHUNK,
@@ -245,6 +287,40 @@ async fn limit_idle_in_transaction(conn: &mut PgConnection) -> Result<(), sqlx::
     .execute(conn)
     .await?;
     Ok(())
+}
+
+/// Sets `synchronous_commit` to `on` for the session if it is `off` (see the module doc), and
+/// says so once per pool (`warned`). Other values are as strong or chosen by the operator
+/// (`local`, `remote_write`, `remote_apply`), and are left alone.
+async fn require_durable_commits(
+    conn: &mut PgConnection,
+    warned: &AtomicBool,
+) -> Result<(), sqlx::Error> {
+    let Some(source) = commits_not_durable(conn).await? else {
+        return Ok(());
+    };
+    sqlx::query("SET synchronous_commit = on")
+        .execute(&mut *conn)
+        .await?;
+    if !warned.swap(true, Ordering::Relaxed) {
+        tracing::warn!(
+            %source,
+            "synchronous_commit is off for the PostgreSQL store's sessions; the store sets it \
+             to on in its own sessions, as saves would otherwise become visible, and be relayed, \
+             before they are durable"
+        );
+    }
+    Ok(())
+}
+
+/// Where the session's `synchronous_commit` `off` comes from (`database`, `user`, `client`,
+/// …), or `None` if it is not `off`.
+async fn commits_not_durable(conn: &mut PgConnection) -> Result<Option<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT source FROM pg_settings WHERE name = 'synchronous_commit' AND setting = 'off'",
+    )
+    .fetch_optional(conn)
+    .await
 }
 
 /// How a save begins its transaction: at READ COMMITTED whatever the database's default (see

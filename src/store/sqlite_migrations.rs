@@ -40,7 +40,17 @@ fn is_in_memory(database: &Path) -> bool {
 
 /// Runs the migrations of `migrations/sqlite` on `pool` (under [`lock`]).
 pub async fn run(pool: &SqlitePool) -> Result<(), StoreError> {
-    sqlx::migrate!("migrations/sqlite").run(pool).await?;
+    let mut migrator = sqlx::migrate!("migrations/sqlite");
+    // An older version must still open a database a newer one migrated (a rolling deploy, or the
+    // old relay publishing what the new one cannot: see docs/contracts.md), so applied migrations
+    // this build does not know are ignored. That is only safe while every migration is additive, so
+    // that older versions' reads and writes work unchanged: new tables, indexes, and columns that
+    // are nullable or have a default; never a rename, a drop, a type change, a constraint that
+    // older versions' writes could break, or a new meaning for data they read or write
+    // (tests/store_migrations.rs checks the SQL). A migration both versions know still fails on a
+    // checksum mismatch (`VersionMismatch`).
+    migrator.set_ignore_missing(true);
+    migrator.run(pool).await?;
     Ok(())
 }
 
