@@ -149,6 +149,7 @@ struct Reply {
     status: u16,
     content_type: String,
     location: Option<String>,
+    allow: Option<String>,
     body: String,
 }
 
@@ -198,10 +199,12 @@ async fn send(method: &'static str, url: String, body: Option<(&'static str, Str
         };
         let content_type = header("content-type").unwrap_or_default();
         let location = header("location");
+        let allow = header("allow");
         Reply {
             status: response.status().as_u16(),
             content_type,
             location,
+            allow,
             body: response.body_mut().read_to_string().unwrap(),
         }
     })
@@ -419,6 +422,15 @@ async fn unknown_books_are_404_and_removed_books_409() {
         .await
         .assert_error(404, None);
     server.get("/no/such/page").await.assert_error(404, None);
+    // A path that exists, with a method it does not take: the same JSON shape, and what it
+    // takes in `Allow`.
+    let refused = server.put("/api/books", json!({"price": "1.00"})).await;
+    refused.assert_error(405, None);
+    let allow = refused.allow.clone().unwrap_or_default();
+    assert!(
+        allow.contains("GET") && allow.contains("POST"),
+        "{refused:?}"
+    );
 
     let book_id = server.add_book("Soon gone", "3.00").await;
     let path = format!("/api/books/{book_id}");

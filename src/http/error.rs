@@ -8,6 +8,7 @@
 //! | a field breaks a rule ([`ValidationError`]) | 422, with `field` |
 //! | the database refuses a value of the change (e.g. a character its encoding lacks) | 422 |
 //! | no such book (or an id that cannot name one) | 404 |
+//! | a method the path does not take | 405 |
 //! | the book exists already, was removed, or keeps changing concurrently | 409 |
 //! | the database does not answer, or keeps aborting the save because of concurrent ones | 503 |
 //! | anything else (corrupt data, an event that cannot be encoded) | 500 |
@@ -143,6 +144,14 @@ impl IntoResponse for ApiError {
 /// Answers paths that name no route.
 pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("no such page")
+}
+
+/// A path that exists, asked with a method it does not take (axum adds the `Allow` header).
+pub(super) async fn method_not_allowed(method: axum::http::Method) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        format!("{method} is not allowed here"),
+    )
 }
 
 #[cfg(test)]

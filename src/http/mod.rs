@@ -80,6 +80,7 @@ pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
         .route("/readyz", get(ops::readyz::<S>))
         .route("/metrics", get(ops::metrics::<S>))
         .fallback(error::not_found)
+        .method_not_allowed_fallback(error::method_not_allowed)
         .layer(middleware::from_fn(ops::count_requests))
         .with_state(state)
 }
