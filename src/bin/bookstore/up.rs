@@ -91,7 +91,8 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
 
     let mut failure = None;
     while let Some(joined) = parts.join_next().await {
-        let (part, outcome) = joined.map_err(|join| anyhow!("a part panicked: {join}"))?;
+        // A panic is a failure like any other: the other parts still stop gracefully.
+        let (part, outcome) = joined.unwrap_or_else(|join| ("a part", Err(anyhow!("{join}"))));
         match outcome {
             Ok(()) => info!(part, "stopped"),
             Err(error) => {
