@@ -201,11 +201,13 @@ fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
                 .ok_or_else(|| ApiError::bad_request("X-Correlation-Id must be a UUID"))?,
         ),
     };
+    // W3C: a `traceparent` that does not parse is ignored (the request starts no trail), not
+    // refused, and certainly not passed on to every consumer of the events.
     let traceparent = headers
         .get("traceparent")
         .and_then(|value| value.to_str().ok())
         .map(str::trim)
-        .filter(|text| !text.is_empty() && text.len() <= 128)
+        .filter(|text| is_traceparent(text))
         .map(str::to_owned);
     Ok(CommandContext {
         correlation_id,
@@ -214,13 +216,74 @@ fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
     })
 }
 
+/// Whether `text` is a W3C trace context `traceparent`: `version-trace_id-parent_id-flags` in
+/// lower-case hex (2-32-16-2 digits), neither id all zeros, version `ff` never; a later version
+/// may add fields after the flags (version 00 may not).
+fn is_traceparent(text: &str) -> bool {
+    let hex = |part: &str, digits: usize| {
+        part.len() == digits && part.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
+    let not_zero = |part: &str| part.bytes().any(|b| b != b'0');
+    let mut parts = text.split('-');
+    let (Some(version), Some(trace_id), Some(parent_id), Some(flags)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    let later_fields = parts.next().is_some();
+    hex(version, 2)
+        && version != "ff"
+        && !(version == "00" && later_fields)
+        && hex(trace_id, 32)
+        && not_zero(trace_id)
+        && hex(parent_id, 16)
+        && not_zero(parent_id)
+        && hex(flags, 2)
+        && text.len() <= 512
+}
+
 /// A request body that is a JSON object, read field by field from each field's JSON text.
 ///
 /// Why the text and not a parsed `Value`: serde_json (without its `arbitrary_precision`
 /// feature) reads every non-integer number as an `f64`, so a price of `12.990000000000000001`
 /// arrived as 12.99 and `1e-400` as 0, silently accepted instead of refused, and `1e400` failed
 /// the whole body. Each field is parsed only when it is read, and a price's number as written.
+/// A field given twice is refused: which of the two counts would be a guess.
 struct JsonObject(BTreeMap<String, Box<RawValue>>);
+
+/// The fields of a JSON object, each name once (serde's map would keep the last silently).
+struct UniqueFields(BTreeMap<String, Box<RawValue>>);
+
+impl<'de> serde::Deserialize<'de> for UniqueFields {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Fields;
+        impl<'de> serde::de::Visitor<'de> for Fields {
+            type Value = UniqueFields;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<UniqueFields, A::Error> {
+                let mut fields = BTreeMap::new();
+                while let Some(name) = map.next_key::<String>()? {
+                    if fields.contains_key(&name) {
+                        return Err(serde::de::Error::custom(format!(
+                            "field {name:?} is given twice"
+                        )));
+                    }
+                    let value: Box<RawValue> = map.next_value()?;
+                    fields.insert(name, value);
+                }
+                Ok(UniqueFields(fields))
+            }
+        }
+        deserializer.deserialize_map(Fields)
+    }
+}
 
 impl JsonObject {
     /// Requires `Content-Type: application/json` (which also keeps plain HTML forms of other
@@ -239,7 +302,9 @@ impl JsonObject {
         if !value.get().starts_with('{') {
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
-        serde_json::from_str(value.get()).map(Self).map_err(invalid)
+        serde_json::from_str(value.get())
+            .map(|UniqueFields(fields)| Self(fields))
+            .map_err(invalid)
     }
 
     /// The JSON text of `field`, if the body has it.
@@ -339,6 +404,47 @@ mod tests {
 
     fn body(text: &str) -> JsonObject {
         JsonObject::parse(&json_headers(), text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn a_field_given_twice_is_refused() {
+        let error = JsonObject::parse(&json_headers(), br#"{"title": "A", "title": "B"}"#)
+            .err()
+            .expect("a field given twice");
+        assert_eq!(error.status, StatusCode::BAD_REQUEST);
+        assert!(
+            error.message.contains("\"title\" is given twice"),
+            "{error}"
+        );
+        // Nested objects are values, read only when a field is.
+        assert!(body(r#"{"a": {"x": 1}, "b": {"x": 2}}"#).raw("b").is_some());
+    }
+
+    #[test]
+    fn only_a_well_formed_traceparent_is_passed_on() {
+        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        let with = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("traceparent", value.parse().unwrap());
+            command_context(&headers).unwrap().traceparent
+        };
+        assert_eq!(with(valid).as_deref(), Some(valid));
+        assert_eq!(with(&format!(" {valid} ")).as_deref(), Some(valid));
+        let later = "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more";
+        assert_eq!(with(later).as_deref(), Some(later));
+        for invalid in [
+            "hello",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-more",
+            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1",
+        ] {
+            assert_eq!(with(invalid), None, "{invalid}");
+        }
     }
 
     #[test]
