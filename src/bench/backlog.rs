@@ -194,16 +194,11 @@ pub async fn drain_in_child(
     command
         .args(["relay", "--once", "--delivery", super::mode_label(delivery)])
         .args(["--batch-size", &batch_size.to_string()])
-        .args(["--database-url", database_url])
-        .args(kafka_arguments(kafka))
         .env("RUST_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .kill_on_drop(true);
-    // In the environment rather than on the command line, where `ps` would show it.
-    if let Some(user_info) = &kafka.schema_registry_basic_auth {
-        command.env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", user_info.expose());
-    }
+    configure_child(&mut command, database_url, kafka);
     let started = Instant::now();
     let mut child = command
         .spawn()
@@ -254,8 +249,35 @@ pub async fn drain_in_child(
     })
 }
 
-/// The flags that give a child `bookstore` the same broker settings as `kafka`.
-pub(super) fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
+/// Gives a child `bookstore` the database `database_url` and the broker settings of `kafka`:
+/// what may hold a secret (the database URL's password, client options such as
+/// `sasl.password`, the registry's credentials) in its environment, where only the same user
+/// can read it, and the rest as flags. A command line is readable by every local user (`ps`,
+/// `/proc/<pid>/cmdline`).
+pub(super) fn configure_child(
+    command: &mut tokio::process::Command,
+    database_url: &str,
+    kafka: &KafkaConfig,
+) {
+    command
+        .args(kafka_arguments(kafka))
+        .env("BOOKSTORE_DATABASE_URL", database_url);
+    let options: Vec<String> = kafka
+        .client_options
+        .iter()
+        .map(crate::config::ClientOptions::to_argument)
+        .collect();
+    // Set even when empty: the child would otherwise take the options of this process's
+    // environment, which `kafka` may have replaced.
+    command.env("BOOKSTORE_KAFKA_OPTIONS", options.join(","));
+    match &kafka.schema_registry_basic_auth {
+        Some(user_info) => command.env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", user_info.expose()),
+        None => command.env_remove("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO"),
+    };
+}
+
+/// The flags that give a child `bookstore` the broker settings of `kafka` that hold no secret.
+fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
     let mut arguments = vec![
         "--bootstrap-servers".to_owned(),
         kafka.bootstrap_servers.clone(),
@@ -267,10 +289,6 @@ pub(super) fn kafka_arguments(kafka: &KafkaConfig) -> Vec<String> {
         "--kafka-timeout-ms".to_owned(),
         kafka.request_timeout_ms.to_string(),
     ];
-    for options in &kafka.client_options {
-        arguments.push("--kafka-option".to_owned());
-        arguments.push(options.to_argument());
-    }
     if let Some(url) = kafka.schema_registry() {
         arguments.push("--schema-registry-url".to_owned());
         arguments.push(url.to_owned());

@@ -143,14 +143,10 @@ impl RunningRelay {
                     .args(["relay", "--delivery", super::mode_label(settings.delivery)])
                     .args(["--batch-size", &settings.batch_size.to_string()])
                     .args(["--batch-linger-ms", &settings.batch_linger_ms.to_string()])
-                    .args(["--database-url", &bench.url])
-                    .args(super::backlog::kafka_arguments(kafka))
                     .env("RUST_LOG", "warn")
                     .stdin(Stdio::null())
                     .kill_on_drop(true);
-                if let Some(user_info) = &kafka.schema_registry_basic_auth {
-                    command.env("SCHEMA_REGISTRY_BASIC_AUTH_USER_INFO", user_info.expose());
-                }
+                super::backlog::configure_child(&mut command, &bench.url, kafka);
                 let child = command
                     .spawn()
                     .map_err(BenchError::io(format!("starting {}", program.display())))?;
