@@ -388,9 +388,10 @@ impl RegistryClient {
 
     /// Sets the compatibility level the registry enforces on `subject`'s new versions.
     ///
-    /// Our contracts promise BACKWARD (see `docs/contracts.md`). Confluent's registry enforces
-    /// it by default; Apicurio's default is NONE, so whoever provisions the registry sets it —
-    /// globally, or per subject with this call.
+    /// Our contracts promise [`CONTRACT_COMPATIBILITY`] (FULL_TRANSITIVE, see
+    /// `docs/contracts.md`), which no registry enforces by default (Confluent's default is
+    /// BACKWARD, Apicurio's NONE), so whoever provisions the registry sets it — globally, or per
+    /// subject with this call.
     pub fn set_compatibility(
         &self,
         subject: &str,
