@@ -11,6 +11,7 @@
 //! | a method the path does not take | 405 |
 //! | the book exists already, was removed, or keeps changing concurrently | 409 |
 //! | the database does not answer, or keeps aborting the save because of concurrent ones | 503 |
+//! | the request took longer than `REQUEST_TIMEOUT` (30 s), its body included | 503 |
 //! | anything else (corrupt data, an event that cannot be encoded) | 500 |
 //!
 //! Messages of user errors are shown as they are; system errors are logged in full and
@@ -144,6 +145,23 @@ impl IntoResponse for ApiError {
 /// Answers paths that name no route.
 pub(super) async fn not_found() -> ApiError {
     ApiError::not_found("no such page")
+}
+
+/// Answers 503 when the request takes longer than `limit` (see
+/// [`super::HttpState::with_request_timeout`]).
+pub(super) async fn time_limit(
+    axum::extract::State(limit): axum::extract::State<std::time::Duration>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("the request took longer than {limit:?}"),
+        )
+        .into_response(),
+    }
 }
 
 /// A path that exists, asked with a method it does not take (axum adds the `Allow` header).

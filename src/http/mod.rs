@@ -29,13 +29,18 @@
 //! | `ops` | `/healthz`, `/readyz`, `/metrics` and the request counter |
 //! | `error` | how failures become status codes and `{"error", "field"}` bodies |
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
 use axum::middleware;
 use axum::routing::get;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tracing::warn;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
 
 use crate::shutdown::Shutdown;
 
@@ -60,6 +65,7 @@ pub enum HttpError {
 
 /// Every route of the dashboard, the API and the operational endpoints.
 pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
+    let request_timeout = state.request_timeout;
     Router::new()
         .route("/", get(dashboard::page::<S>))
         .route(
@@ -81,6 +87,10 @@ pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
         .route("/metrics", get(ops::metrics::<S>))
         .fallback(error::not_found)
         .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(
+            request_timeout,
+            error::time_limit,
+        ))
         .layer(middleware::from_fn(ops::count_requests))
         .with_state(state)
 }
@@ -88,24 +98,108 @@ pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
 /// How long requests in flight get to finish once shutdown fires.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
+/// How long a client may take to send a request's head (its request line and headers), from
+/// the first byte, or on a kept-alive connection from the end of the previous response. A
+/// client that takes longer is disconnected: connections that never finish a request would
+/// otherwise stay open for as long as the process, each holding a file descriptor that the
+/// relay, the projector and the database pool also need.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a request may take, from the end of its head to the response, by default (see
+/// [`HttpState::with_request_timeout`]): reading the body included (a client trickling it in),
+/// and a save waiting on a locked row. The client then gets a 503; a save that committed
+/// meanwhile stays committed (`BookService` commands can be sent again safely).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Most connections served at once; further clients wait in the listen backlog until one
+/// closes. Well below the common limit of 1,024 file descriptors per process.
+pub const MAX_CONNECTIONS: usize = 512;
+
+/// The limits [`serve_with`] holds connections to.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// See [`HEADER_READ_TIMEOUT`].
+    pub header_read_timeout: Duration,
+    /// See [`MAX_CONNECTIONS`].
+    pub max_connections: usize,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// Serves `router` on `listener` until `shutdown` fires, then stops accepting connections and
 /// waits for the requests in flight, for [`SHUTDOWN_GRACE`] at most: a client that opened a
 /// connection and never finished its request would otherwise keep the process from exiting.
+///
+/// Written over hyper rather than with `axum::serve`, which sets no timer on hyper's
+/// connections (so hyper's header read timeout never applies) and accepts connections without
+/// limit; neither can be configured there.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
     shutdown: Shutdown,
 ) -> Result<(), HttpError> {
-    let mut graceful = shutdown.clone();
-    let serving =
-        axum::serve(listener, router).with_graceful_shutdown(async move { graceful.wait().await });
-    let mut deadline = shutdown;
+    serve_with(listener, router, shutdown, ConnectionLimits::default()).await
+}
+
+/// [`serve`] with other [`ConnectionLimits`].
+pub async fn serve_with(
+    listener: TcpListener,
+    router: Router,
+    mut shutdown: Shutdown,
+    limits: ConnectionLimits,
+) -> Result<(), HttpError> {
+    let mut connection = hyper::server::conn::http1::Builder::new();
+    connection
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let permit = tokio::select! {
+            () = shutdown.wait() => break,
+            permit = open.clone().acquire_owned() => {
+                permit.expect("the connection limit is never closed")
+            }
+        };
+        let stream = tokio::select! {
+            () = shutdown.wait() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors, most likely: wait rather than spin or stop.
+                    warn!(%error, "could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        if let Err(error) = stream.set_nodelay(true) {
+            debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+        let served = graceful.watch(connection.serve_connection(
+            TokioIo::new(stream),
+            TowerToHyperService::new(router.clone()),
+        ));
+        tokio::spawn(async move {
+            if let Err(error) = served.await {
+                debug!(%error, "connection ended with an error");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
     tokio::select! {
-        served = serving => served?,
-        () = async {
-            deadline.wait().await;
-            tokio::time::sleep(SHUTDOWN_GRACE).await;
-        } => warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them"),
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(SHUTDOWN_GRACE) => {
+            warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+        }
     }
     Ok(())
 }

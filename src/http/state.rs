@@ -34,6 +34,7 @@ pub struct HttpState<S> {
     pub(super) relay_id: Arc<str>,
     pub(super) kafka: Option<Arc<KafkaConfig>>,
     pub(super) probe_timeout: Duration,
+    pub(super) request_timeout: Duration,
 }
 
 impl<S> Clone for HttpState<S> {
@@ -44,6 +45,7 @@ impl<S> Clone for HttpState<S> {
             relay_id: Arc::clone(&self.relay_id),
             kafka: self.kafka.clone(),
             probe_timeout: self.probe_timeout,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -58,6 +60,7 @@ impl<S: HttpStore> HttpState<S> {
             relay_id: Arc::from(DEFAULT_RELAY_ID),
             kafka: None,
             probe_timeout: DEFAULT_PROBE_TIMEOUT,
+            request_timeout: super::REQUEST_TIMEOUT,
         }
     }
 
@@ -77,6 +80,13 @@ impl<S: HttpStore> HttpState<S> {
     /// How long each readiness check may take (default [`DEFAULT_PROBE_TIMEOUT`]).
     pub fn with_probe_timeout(mut self, timeout: Duration) -> Self {
         self.probe_timeout = timeout;
+        self
+    }
+
+    /// How long a request may take from the end of its head, body included (default
+    /// [`super::REQUEST_TIMEOUT`]); longer ones are answered 503.
+    pub fn with_request_timeout(mut self, timeout: Duration) -> Self {
+        self.request_timeout = timeout;
         self
     }
 
