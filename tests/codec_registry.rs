@@ -283,3 +283,55 @@ fn an_unreachable_registry_is_retryable() {
     );
     assert!(error.is_retryable());
 }
+
+/// A producer registers a schema and sends a record framed with it at once; a registry replica
+/// behind the one it registered with answers 404 for a while. The projection asks again for a
+/// while (its batch held back) rather than dead-letter the record, and every later one of that
+/// schema, for good; after its patience it dead-letters them.
+#[tokio::test]
+async fn a_schema_id_the_registry_does_not_know_is_asked_for_again_before_dead_lettering() {
+    use bookstore::projection::FactReader;
+    use bookstore::projection::fact::FactOutcome;
+    use rdkafka::Timestamp;
+    use rdkafka::message::OwnedMessage;
+    use std::time::Duration;
+
+    const UNKNOWN: u32 = u32::MAX - 11;
+    let book_id = BookId::generate();
+    let datum = AvroCodec::new().encode(&fact()).unwrap();
+    let message = OwnedMessage::new(
+        Some(frame_confluent(UNKNOWN, &datum)),
+        Some(book_id.to_string().into_bytes()),
+        "t.book-fact".into(),
+        Timestamp::NotAvailable,
+        0,
+        7,
+        None,
+    );
+    let patience = Duration::from_millis(500);
+    let mut reader = FactReader::new(Some(registry())).with_missing_schema_patience(patience);
+
+    for _ in 0..2 {
+        let error = reader
+            .read(&message)
+            .await
+            .err()
+            .expect("asked again later");
+        assert!(
+            matches!(error, RegistryError::NotYetKnown { id: UNKNOWN, .. }),
+            "{error}"
+        );
+        assert!(error.is_retryable(), "{error}");
+    }
+    tokio::time::sleep(patience).await;
+    let Ok(FactOutcome::DeadLetter(rejection)) = reader.read(&message).await else {
+        panic!("not dead-lettered after the patience");
+    };
+    let reason = rejection.to_string();
+    assert!(reason.contains("not in the registry after"), "{reason}");
+    // Remembered: the next record of that schema is dead-lettered at once.
+    assert!(matches!(
+        reader.read(&message).await,
+        Ok(FactOutcome::DeadLetter(_))
+    ));
+}

@@ -91,14 +91,27 @@ pub enum RegistryError {
         url: String,
         reason: String,
     },
+    /// The registry does not know schema `id`, which a record is framed with: asked again later,
+    /// since a registry replica can answer before it has caught up with the one the producer
+    /// registered the schema with.
+    #[error(
+        "schema id {id} is not in the registry yet (asked for {waited:?}; a replica may lag \
+         behind the one it was registered with)"
+    )]
+    NotYetKnown { id: u32, waited: Duration },
 }
 
 impl RegistryError {
+    /// Whether the registry answered that what was asked for does not exist.
+    pub fn is_not_found(&self) -> bool {
+        matches!(self, RegistryError::Status { status: 404, .. })
+    }
+
     /// Whether trying again later may help (the registry is down or overloaded), as opposed to
     /// a request it will always refuse (an incompatible schema, a wrong URL).
     pub fn is_retryable(&self) -> bool {
         match self {
-            RegistryError::Unreachable { .. } => true,
+            RegistryError::Unreachable { .. } | RegistryError::NotYetKnown { .. } => true,
             RegistryError::Status { status, .. } => *status >= 500 || matches!(status, 408 | 429),
             _ => false,
         }

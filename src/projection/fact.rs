@@ -11,6 +11,7 @@
 //! reader just cannot tell yet.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Datelike, Utc};
 use rdkafka::Message;
@@ -87,7 +88,15 @@ pub struct FactReader {
     /// the life of the reader, so after registering a missing schema restart the projector
     /// (then `bookstore dlq replay`).
     unusable_ids: HashMap<u32, String>,
+    /// Schema ids the registry did not know when first asked, and since when: asked again
+    /// until [`Self::missing_schema_patience`] has passed, then unusable.
+    missing_since: HashMap<u32, Instant>,
+    missing_schema_patience: Duration,
 }
+
+/// How long a schema id the registry does not know is asked for again before the records
+/// framed with it are dead-lettered (see [`FactReader::with_missing_schema_patience`]).
+pub const MISSING_SCHEMA_PATIENCE: Duration = Duration::from_secs(60);
 
 impl FactReader {
     /// A reader of single-object frames, and of Confluent frames whose schema ids `registry`
@@ -97,7 +106,19 @@ impl FactReader {
             decoder: FramedDecoder::new(AvroCodec::new()),
             registry,
             unusable_ids: HashMap::new(),
+            missing_since: HashMap::new(),
+            missing_schema_patience: MISSING_SCHEMA_PATIENCE,
         }
+    }
+
+    /// How long a schema id the registry answers 404 for is asked for again, the batch held
+    /// back meanwhile, before its records are dead-lettered (default
+    /// [`MISSING_SCHEMA_PATIENCE`]). A producer registers a schema and sends the first record
+    /// framed with it at once; a registry replica that has not caught up yet would otherwise
+    /// have that record, and every later one of that schema, dead-lettered for good.
+    pub fn with_missing_schema_patience(mut self, patience: Duration) -> Self {
+        self.missing_schema_patience = patience;
+        self
     }
 
     /// What `message` asks of the read model, when that can be told without the schema
@@ -175,12 +196,25 @@ impl FactReader {
             .await
             .expect("the schema registry lookup panicked");
         let learned = match fetched {
-            Ok(schema) => self
-                .decoder
-                .add_writer_schema(id, &schema)
-                .map(|_| ())
-                .map_err(|error| format!("schema id {id}: {error}")),
+            Ok(schema) => {
+                self.missing_since.remove(&id);
+                self.decoder
+                    .add_writer_schema(id, &schema)
+                    .map(|_| ())
+                    .map_err(|error| format!("schema id {id}: {error}"))
+            }
             Err(error) if error.is_retryable() => return Err(error),
+            Err(error) if error.is_not_found() => {
+                let since = *self.missing_since.entry(id).or_insert_with(Instant::now);
+                let waited = since.elapsed();
+                if waited < self.missing_schema_patience {
+                    return Err(RegistryError::NotYetKnown { id, waited });
+                }
+                self.missing_since.remove(&id);
+                Err(format!(
+                    "schema id {id}: not in the registry after {waited:.0?} of asking ({error})"
+                ))
+            }
             Err(error) => Err(format!("schema id {id}: {error}")),
         };
         match learned {

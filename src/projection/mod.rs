@@ -37,10 +37,12 @@
 //! | `report_sqlite`, `report_postgres`, `report_any` | the [`ReportStore`] adapters |
 //! | [`metrics`] | the `bookstore_projection_*` metrics |
 
+use std::cmp::Ordering;
 use std::collections::HashMap;
 use std::future::Future;
 
 use chrono::{DateTime, Utc};
+use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::{BookFactEvent, BookId, Price};
@@ -57,7 +59,7 @@ mod report_postgres;
 mod report_sqlite;
 
 pub use dlq::{DeadLetter, DlqError, ReplayReport, list_dead_letters, replay_dead_letters};
-pub use fact::{FactReader, Rejection, UntimedChange};
+pub use fact::{FactReader, MISSING_SCHEMA_PATIENCE, Rejection, UntimedChange};
 pub use lag::{LagError, LagMeter, PartitionLag, ProjectionLag};
 pub use projector::{
     APPLY_GRACE, ProjectionConfig, ProjectionError, ProjectionMode, ProjectionReport,
@@ -153,6 +155,97 @@ impl Versioned for ReportChange {
     }
 }
 
+/// A position in the order of [`ReportStore::list_reports`]: the title and id of a row, where
+/// [`ReportStore::list_reports_page`] continues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReportKey {
+    pub title: String,
+    pub book_id: BookId,
+}
+
+impl ReportKey {
+    /// The position of `report`.
+    pub fn of(report: &BookReport) -> Self {
+        Self {
+            title: report.title.clone(),
+            book_id: report.book_id,
+        }
+    }
+
+    /// Whether `report` comes after this position (titles compared bytewise).
+    pub fn precedes(&self, report: &BookReport) -> bool {
+        (self.title.as_str(), self.book_id) < (report.title.as_str(), report.book_id)
+    }
+}
+
+/// A column [`ReportStore::list_reports_sorted`] sorts by.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ReportColumn {
+    #[default]
+    Title,
+    Author,
+    Price,
+    Isbn,
+    Version,
+}
+
+impl ReportColumn {
+    /// Ascending order of two rows by this column. Texts compare without regard to case;
+    /// books without an ISBN come after those with one.
+    fn compare(self, a: &BookReport, b: &BookReport) -> Ordering {
+        match self {
+            ReportColumn::Title => compare_text(&a.title, &b.title),
+            ReportColumn::Author => compare_text(&a.author, &b.author),
+            ReportColumn::Price => a.price.cmp(&b.price),
+            ReportColumn::Isbn => match (&a.isbn, &b.isbn) {
+                (Some(a), Some(b)) => compare_text(a, b),
+                (a, b) => a.is_none().cmp(&b.is_none()),
+            },
+            ReportColumn::Version => a.version.cmp(&b.version),
+        }
+    }
+}
+
+/// Case-insensitive, then bytewise so that texts differing only in case keep one order.
+fn compare_text(a: &str, b: &str) -> Ordering {
+    a.to_lowercase()
+        .cmp(&b.to_lowercase())
+        .then_with(|| a.cmp(b))
+}
+
+/// The order of [`ReportStore::list_reports_sorted`]: by `column` (descending if asked), then
+/// by title (ascending, case-insensitive) and id, so equal values keep one stable order.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReportOrder {
+    pub column: ReportColumn,
+    pub descending: bool,
+}
+
+impl ReportOrder {
+    /// The order of two rows, exactly (Unicode case folding by [`str::to_lowercase`]).
+    pub fn compare(self, a: &BookReport, b: &BookReport) -> Ordering {
+        let primary = self.column.compare(a, b);
+        let primary = if self.descending {
+            primary.reverse()
+        } else {
+            primary
+        };
+        primary
+            .then_with(|| compare_text(&a.title, &b.title))
+            .then_with(|| a.book_id.cmp(&b.book_id))
+    }
+}
+
+/// What [`ReportStore::report_totals`] counts, over every row of the read model.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReportTotals {
+    pub books: u64,
+    /// The exact sum of the prices.
+    pub price_sum: Decimal,
+    /// The newest [`BookReport::updated_at`]; `None` without books.
+    pub last_change: Option<DateTime<Utc>>,
+}
+
 /// The consumer position to store with a batch: next offset to read per partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PartitionOffset {
@@ -189,7 +282,75 @@ pub trait ReportStore: Send + Sync {
     ) -> impl Future<Output = Result<Vec<PartitionOffset>, StoreError>> + Send;
 
     /// Every row, ordered by title then id.
+    ///
+    /// Reads the whole read model into memory: for the command line and tests. What serves
+    /// requests reads a bounded part of it: [`list_reports_page`](Self::list_reports_page),
+    /// [`list_reports_sorted`](Self::list_reports_sorted) and
+    /// [`report_totals`](Self::report_totals).
     fn list_reports(&self) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send;
+
+    /// At most `limit` rows in the order of [`list_reports`](Self::list_reports) (title, then
+    /// id), starting right after `after` (from the first row without it): keyset pagination.
+    /// Walking the pages, each starting after the last row of the one before, yields every row
+    /// that exists throughout the walk exactly once, whatever is written meanwhile; `after`
+    /// need not be a row that still exists.
+    ///
+    /// The SQL adapters read it through the index on `(title, book_id)`: the cost is the page,
+    /// not the table. Text is in the database's order: bytewise in SQLite, the collation of the
+    /// column in PostgreSQL (the same for a `C` or `C.UTF-8` database, not for `en_US` and the
+    /// like). The default, for wrappers that do not forward it, filters
+    /// [`list_reports`](Self::list_reports) (bytewise).
+    fn list_reports_page(
+        &self,
+        after: Option<&ReportKey>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send {
+        async move {
+            let mut rows = self.list_reports().await?;
+            if let Some(after) = after {
+                rows.retain(|row| after.precedes(row));
+            }
+            rows.truncate(limit as usize);
+            Ok(rows)
+        }
+    }
+
+    /// The first `limit` rows in `order` (see [`ReportOrder`]), for a bounded view of the
+    /// report such as the dashboard.
+    ///
+    /// The SQL adapters sort in the database and send only these rows; no index serves these
+    /// orders, so the database still reads every row (a top-N sort, in memory bounded by
+    /// `limit`). Their case-insensitive comparison is the database's `lower()`, which SQLite
+    /// applies to ASCII letters only: which rows make the cut can differ from
+    /// [`ReportOrder::compare`] for titles that differ only in non-ASCII case, so a caller
+    /// showing them sorts them again with it. The default sorts
+    /// [`list_reports`](Self::list_reports).
+    fn list_reports_sorted(
+        &self,
+        order: ReportOrder,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send {
+        async move {
+            let mut rows = self.list_reports().await?;
+            rows.sort_by(|a, b| order.compare(a, b));
+            rows.truncate(limit as usize);
+            Ok(rows)
+        }
+    }
+
+    /// How many books the read model holds, the exact sum of their prices and the newest
+    /// change, computed in the database over every row. The default sums
+    /// [`list_reports`](Self::list_reports).
+    fn report_totals(&self) -> impl Future<Output = Result<ReportTotals, StoreError>> + Send {
+        async move {
+            let rows = self.list_reports().await?;
+            Ok(ReportTotals {
+                books: rows.len() as u64,
+                price_sum: rows.iter().map(|row| row.price.amount()).sum(),
+                last_change: rows.iter().map(|row| row.updated_at).max(),
+            })
+        }
+    }
 
     /// One book's row.
     fn report(
