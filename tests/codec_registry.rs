@@ -312,11 +312,9 @@ async fn a_schema_id_the_registry_does_not_know_is_asked_for_again_before_dead_l
     let mut reader = FactReader::new(Some(registry())).with_missing_schema_patience(patience);
 
     for _ in 0..2 {
-        let error = reader
-            .read(&message)
-            .await
-            .err()
-            .expect("asked again later");
+        let Err(error) = reader.read(&message).await else {
+            panic!("dead-lettered before its patience");
+        };
         assert!(
             matches!(error, RegistryError::NotYetKnown { id: UNKNOWN, .. }),
             "{error}"
