@@ -11,9 +11,9 @@ mod common;
 
 use std::time::Duration;
 
-use bookstore::domain::{BookFactEvent, BookId};
+use bookstore::domain::{BookFactEvent, BookId, Price};
 use bookstore::http::{self, HttpState, HttpStore};
-use bookstore::projection::ReportChange;
+use bookstore::projection::{BookReport, ReportChange, ReportStore};
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::{EventStore, Outbox, SqliteStore};
 use chrono::Utc;
@@ -150,6 +150,7 @@ struct Reply {
     content_type: String,
     location: Option<String>,
     allow: Option<String>,
+    link: Option<String>,
     body: String,
 }
 
@@ -200,11 +201,13 @@ async fn send(method: &'static str, url: String, body: Option<(&'static str, Str
         let content_type = header("content-type").unwrap_or_default();
         let location = header("location");
         let allow = header("allow");
+        let link = header("link");
         Reply {
             status: response.status().as_u16(),
             content_type,
             location,
             allow,
+            link,
             body: response.body_mut().read_to_string().unwrap(),
         }
     })
@@ -617,6 +620,272 @@ async fn dashboard_escapes_markup_sorts_and_totals() {
     assert!(by_price_asc.contains("href=\"?sort=price&amp;dir=desc\""));
     let garbled = server.get("/?sort=%ZZ&dir").await;
     assert_eq!(garbled.status, 200, "{garbled:?}");
+}
+
+/// Writes report rows straight into the read model, as the projector would (no commands): one
+/// per `(title, price)`, each a new book.
+async fn project_books<S: HttpStore>(store: &S, books: &[(String, Price)]) -> Vec<BookId> {
+    let changes: Vec<ReportChange> = books
+        .iter()
+        .map(|(title, price)| ReportChange::Upsert {
+            fact: BookFactEvent {
+                book_id: BookId::generate(),
+                title: title.clone(),
+                author: "Ann Author".into(),
+                isbn: None,
+                price: *price,
+                description: None,
+                version: 1,
+                removed: false,
+            },
+            changed_at: Utc::now(),
+        })
+        .collect();
+    store
+        .apply_batch("http-test", "http-test.book-fact", &changes, &[])
+        .await
+        .unwrap();
+    changes.iter().map(ReportChange::book_id).collect()
+}
+
+/// The path of the `Link: <…>; rel="next"` of a page, if it has one.
+fn next_page(reply: &Reply) -> Option<String> {
+    let link = reply.link.as_deref()?;
+    let (target, relation) = link.split_once(">; ")?;
+    assert_eq!(relation, "rel=\"next\"", "{reply:?}");
+    Some(target.strip_prefix('<')?.to_owned())
+}
+
+/// Every page of `GET /api/books` from `first`, following the next links: the ids, per page.
+async fn walk_pages<S: HttpStore + Clone>(
+    server: &Server<S>,
+    first: &str,
+) -> Vec<Vec<(String, BookId)>> {
+    let mut pages = Vec::new();
+    let mut path = Some(first.to_owned());
+    while let Some(current) = path {
+        let reply = server.get(&current).await;
+        assert_eq!(reply.status, 200, "{current}: {reply:?}");
+        let rows = reply.json().as_array().unwrap().clone();
+        pages.push(
+            rows.iter()
+                .map(|row| {
+                    let title = row["title"].as_str().unwrap().to_owned();
+                    (title, row["book_id"].as_str().unwrap().parse().unwrap())
+                })
+                .collect(),
+        );
+        path = next_page(&reply);
+        assert!(pages.len() <= 1000, "the pages never end");
+    }
+    pages
+}
+
+fn price(text: &str) -> Price {
+    text.parse().unwrap()
+}
+
+/// Walking the pages yields every book once, in the report's order (title, then id), with
+/// titles that tie across page boundaries; only the last page is short and has no next link.
+async fn pages_walk_every_book_once_in_order<S: HttpStore + Clone>(server: &Server<S>) {
+    let mut books: Vec<(String, Price)> = ["Same Title"; 8]
+        .iter()
+        .chain(&[
+            "A",
+            "a",
+            "B",
+            "b",
+            "Äpfel",
+            "Zeta",
+            "zeta",
+            "日本語",
+            "Same Title!",
+            "Sam",
+        ])
+        .map(|title| (title.to_string(), price("1.00")))
+        .collect();
+    books.push(("Same Title".into(), price("2.00")));
+    let ids = project_books(&server.store, &books).await;
+
+    let pages = walk_pages(server, "/api/books?limit=3").await;
+    assert_eq!(pages.len(), ids.len().div_ceil(3), "{pages:?}");
+    for page in &pages[..pages.len() - 1] {
+        assert_eq!(page.len(), 3, "{pages:?}");
+    }
+    let walked: Vec<(String, BookId)> = pages.concat();
+    // The order of the database (in PostgreSQL its collation's), exactly as `list_reports`.
+    let listed: Vec<(String, BookId)> = server
+        .store
+        .list_reports()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|report: BookReport| (report.title, report.book_id))
+        .collect();
+    assert_eq!(walked, listed);
+    let mut walked_ids: Vec<BookId> = walked.iter().map(|(_, id)| *id).collect();
+    walked_ids.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(walked_ids, expected, "every book exactly once");
+    // Nine books share a title: some page boundaries fall between two of them.
+    let ties = pages
+        .windows(2)
+        .filter(|pair| pair[0].last().unwrap().0 == pair[1][0].0)
+        .count();
+    assert!(ties >= 2, "{pages:?}");
+
+    // A page starts after its cursor's position even when that row has gone meanwhile.
+    let first = server.get("/api/books?limit=4").await;
+    let last_id: BookId = first.json()[3]["book_id"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    server
+        .store
+        .apply_batch(
+            "http-test",
+            "http-test.book-fact",
+            &[ReportChange::Delete {
+                book_id: last_id,
+                version: Some(2),
+            }],
+            &[],
+        )
+        .await
+        .unwrap();
+    let rest = walk_pages(server, &next_page(&first).unwrap())
+        .await
+        .concat();
+    assert_eq!(rest, listed[4..]);
+}
+
+#[tokio::test]
+async fn pages_walk_every_book_once_in_order_on_sqlite() {
+    let server = Server::sqlite().await;
+    pages_walk_every_book_once_in_order(&server).await;
+    // SQLite compares text bytewise, as Rust does.
+    let listed = server.store.list_reports().await.unwrap();
+    assert!(listed.is_sorted_by_key(|report| (report.title.clone(), report.book_id)));
+}
+
+#[tokio::test]
+async fn pages_walk_every_book_once_in_order_on_postgres() {
+    let server = Server::start(common::postgres_store().await, |state| state).await;
+    pages_walk_every_book_once_in_order(&server).await;
+}
+
+/// Pages are 100 rows unless asked otherwise, 1000 at most; an exactly full last page has no
+/// next link; a limit or cursor that is not one is refused with the API's JSON error.
+async fn page_limits_and_refusals<S: HttpStore + Clone>(server: &Server<S>) {
+    let books: Vec<(String, Price)> = (0..150)
+        .map(|n| (format!("Book {n:03}"), price("1.00")))
+        .collect();
+    project_books(&server.store, &books).await;
+
+    let rows = |reply: &Reply| reply.json().as_array().unwrap().len();
+    let default = server.get("/api/books").await;
+    assert_eq!(rows(&default), 100, "{default:?}");
+    let next = next_page(&default).unwrap();
+    assert!(next.starts_with("/api/books?limit=100&after="), "{next}");
+    assert_eq!(rows(&server.get(&next).await), 50);
+    for (limit, count, more) in [(1000, 150, false), (150, 150, false), (149, 149, true)] {
+        let reply = server.get(&format!("/api/books?limit={limit}")).await;
+        assert_eq!(reply.status, 200, "{reply:?}");
+        assert_eq!(
+            (rows(&reply), reply.link.is_some()),
+            (count, more),
+            "{limit}"
+        );
+    }
+    assert_eq!(rows(&server.get("/api/books?limit=1").await), 1);
+
+    for path in [
+        "/api/books?limit=0",
+        "/api/books?limit=1001",
+        "/api/books?limit=-5",
+        "/api/books?limit=many",
+        "/api/books?limit=",
+        "/api/books?limit=5&limit=6",
+    ] {
+        server.get(path).await.assert_error(422, Some("limit"));
+    }
+    for path in [
+        "/api/books?after=",
+        "/api/books?after=not-a-cursor!",
+        "/api/books?after=Zm9vYmFy",
+        "/api/books?after=%FF%FE",
+        &format!("/api/books?after={}", "A".repeat(10_000)),
+    ] {
+        server.get(path).await.assert_error(422, Some("after"));
+    }
+    server
+        .get("/api/books?limt=5")
+        .await
+        .assert_error(422, None);
+}
+
+#[tokio::test]
+async fn page_limits_and_refusals_on_sqlite() {
+    page_limits_and_refusals(&Server::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn page_limits_and_refusals_on_postgres() {
+    let server = Server::start(common::postgres_store().await, |state| state).await;
+    page_limits_and_refusals(&server).await;
+}
+
+/// With more books than the dashboard shows, it shows the first 500 in the chosen order, says
+/// so, and still totals every book.
+async fn dashboard_shows_a_bounded_page_and_totals_every_book<S: HttpStore + Clone>(
+    server: &Server<S>,
+) {
+    // 520 books at 1.00 … 520.00, titles in the opposite order of their prices.
+    let books: Vec<(String, Price)> = (1..=520)
+        .map(|n| {
+            (
+                format!("Book {:03}", 521 - n),
+                Price::from_cents(n * 100).unwrap(),
+            )
+        })
+        .collect();
+    let ids = project_books(&server.store, &books).await;
+
+    let shown = |body: &str| body.matches("<tr data-book-id=").count();
+    let page = server.get("/").await;
+    assert_eq!(page.status, 200, "{page:?}");
+    assert_eq!(shown(&page.body), 500, "{}", page.body);
+    assert!(page.body.contains("Showing the first 500 of 520 books"));
+    assert!(page.body.contains("<b id=\"total-books\">520</b>"));
+    // 1 + … + 520 = 520 × 521 / 2
+    assert!(page.body.contains("<b id=\"total-price\">135460.00</b>"));
+    assert!(page.body.contains("<b id=\"average-price\">260.50</b>"));
+    // By title the most expensive books come first (titles "Book 001" …); by price
+    // descending too; ascending, the 20 most expensive are cut.
+    let position = |body: &str, id: BookId| body.find(&id.to_string());
+    let (cheapest, dearest) = (ids[0], ids[519]);
+    for path in ["/", "/?sort=price&dir=desc"] {
+        let body = server.get(path).await.body;
+        assert!(position(&body, dearest).unwrap() < position(&body, ids[518]).unwrap());
+        assert_eq!(position(&body, cheapest), None, "{path}");
+    }
+    let ascending = server.get("/?sort=price&dir=asc").await.body;
+    assert!(position(&ascending, cheapest).unwrap() < position(&ascending, ids[1]).unwrap());
+    assert_eq!(position(&ascending, dearest), None);
+    assert_eq!(shown(&ascending), 500);
+}
+
+#[tokio::test]
+async fn dashboard_shows_a_bounded_page_and_totals_every_book_on_sqlite() {
+    dashboard_shows_a_bounded_page_and_totals_every_book(&Server::sqlite().await).await;
+}
+
+#[tokio::test]
+async fn dashboard_shows_a_bounded_page_and_totals_every_book_on_postgres() {
+    let server = Server::start(common::postgres_store().await, |state| state).await;
+    dashboard_shows_a_bounded_page_and_totals_every_book(&server).await;
 }
 
 #[tokio::test]

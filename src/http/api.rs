@@ -4,15 +4,23 @@
 //! answered with 422 and its name (`{"error": "title must not be empty", "field": "title"}`),
 //! and only a body that is not JSON at all gets 400. Unknown fields are refused rather than
 //! ignored, so a typo (`"prize"`) never silently leaves a value unchanged.
+//!
+//! `GET /api/books` answers a page of the report, a JSON array of rows ordered by title then
+//! id: `?limit=` rows (default [`DEFAULT_PAGE_ROWS`], at most [`MAX_PAGE_ROWS`]) after the
+//! opaque cursor `?after=`. When more rows follow, the `Link` header names the next page
+//! (`Link: </api/books?limit=100&after=…>; rel="next"`); the last page has none. Pages are
+//! keyset pages on the index of that order, so the thousandth page costs what the first does.
 
 use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
-use axum::extract::{Path, State};
-use axum::http::header::{CONTENT_TYPE, LOCATION};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header::{CONTENT_TYPE, LINK, LOCATION};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::Value;
@@ -22,7 +30,7 @@ use uuid::Uuid;
 use super::error::ApiError;
 use super::state::{HttpState, HttpStore};
 use crate::domain::{AddBook, BookCommand, BookId, Price, UpdateDetails, ValidationError};
-use crate::projection::BookReport;
+use crate::projection::{BookReport, ReportKey};
 use crate::service::{CommandContext, CommandOutcome};
 
 /// One row of the report, as the API shows it. The price is a string (`"12.99"`) so no client
@@ -71,11 +79,136 @@ impl From<CommandOutcome> for CommandReply {
     }
 }
 
+/// Rows of a page of `GET /api/books` when the request names no `limit`.
+pub(super) const DEFAULT_PAGE_ROWS: u32 = 100;
+
+/// The most rows a page of `GET /api/books` may ask for.
+pub(super) const MAX_PAGE_ROWS: u32 = 1000;
+
 pub(super) async fn list_books<S: HttpStore>(
     State(state): State<HttpState<S>>,
-) -> Result<Json<Vec<BookRow>>, ApiError> {
-    let reports = state.store().list_reports().await?;
-    Ok(Json(reports.into_iter().map(BookRow::from).collect()))
+    RawQuery(query): RawQuery,
+) -> Result<(HeaderMap, Json<Vec<BookRow>>), ApiError> {
+    let page = PageRequest::parse(query.as_deref().unwrap_or_default())?;
+    // One row more than asked tells whether a next page exists, without a request that
+    // would answer an empty last page.
+    let mut reports = state
+        .store()
+        .list_reports_page(page.after.as_ref(), page.limit + 1)
+        .await?;
+    let mut headers = HeaderMap::new();
+    if reports.len() > page.limit as usize {
+        reports.truncate(page.limit as usize);
+        if let Some(last) = reports.last() {
+            headers.insert(LINK, next_link(page.limit, &ReportKey::of(last))?);
+        }
+    }
+    Ok((
+        headers,
+        Json(reports.into_iter().map(BookRow::from).collect()),
+    ))
+}
+
+/// The `Link` header that leads to the page after `last`.
+fn next_link(limit: u32, last: &ReportKey) -> Result<HeaderValue, ApiError> {
+    let link = format!(
+        "</api/books?limit={limit}&after={}>; rel=\"next\"",
+        encode_cursor(last)
+    );
+    // The cursor is URL-safe base64, so this cannot fail; answered rather than unwrapped.
+    HeaderValue::try_from(link).map_err(|error| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("the next page link is no header value: {error}"),
+        )
+    })
+}
+
+/// The query of `GET /api/books`: `limit` and `after`, each at most once, nothing else.
+#[derive(Debug, PartialEq, Eq)]
+struct PageRequest {
+    limit: u32,
+    after: Option<ReportKey>,
+}
+
+impl PageRequest {
+    fn parse(query: &str) -> Result<Self, ApiError> {
+        let (mut limit, mut after) = (None, None);
+        for (name, value) in url::form_urlencoded::parse(query.as_bytes()) {
+            let (field, slot) = match name.as_ref() {
+                "limit" => ("limit", &mut limit),
+                "after" => ("after", &mut after),
+                unknown => {
+                    return Err(ApiError::new(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        format!("unknown query parameter {unknown:?}; known: limit, after"),
+                    ));
+                }
+            };
+            if slot.replace(value.into_owned()).is_some() {
+                return Err(ValidationError::new(field, "is given twice").into());
+            }
+        }
+        let limit = match limit {
+            None => DEFAULT_PAGE_ROWS,
+            Some(text) => text
+                .parse()
+                .ok()
+                .filter(|limit| (1..=MAX_PAGE_ROWS).contains(limit))
+                .ok_or_else(|| {
+                    ValidationError::new(
+                        "limit",
+                        format!("must be a whole number from 1 to {MAX_PAGE_ROWS}"),
+                    )
+                })?,
+        };
+        let after = after.as_deref().map(decode_cursor).transpose()?;
+        Ok(Self { limit, after })
+    }
+}
+
+/// Version byte that opens every cursor, so that a later format can tell its own apart.
+const CURSOR_VERSION: u8 = 1;
+
+/// The longest cursor accepted: a title of a few KB (titles have at most 200 characters).
+const CURSOR_MAX_CHARS: usize = 8192;
+
+/// The cursor of the page after `key`, opaque to clients: URL-safe base64 (no padding) of
+/// [`CURSOR_VERSION`], the 16 bytes of the book id and the UTF-8 title.
+fn encode_cursor(key: &ReportKey) -> String {
+    let mut bytes = Vec::with_capacity(17 + key.title.len());
+    bytes.push(CURSOR_VERSION);
+    bytes.extend_from_slice(key.book_id.as_uuid().as_bytes());
+    bytes.extend_from_slice(key.title.as_bytes());
+    URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The position an [`encode_cursor`] cursor stands for; anything else is refused as `after`.
+fn decode_cursor(text: &str) -> Result<ReportKey, ValidationError> {
+    let refused = || {
+        ValidationError::new(
+            "after",
+            "must be a cursor as given in the Link header of the previous page",
+        )
+    };
+    if text.is_empty() || text.len() > CURSOR_MAX_CHARS {
+        return Err(refused());
+    }
+    let bytes = URL_SAFE_NO_PAD.decode(text).map_err(|_| refused())?;
+    let [CURSOR_VERSION, rest @ ..] = bytes.as_slice() else {
+        return Err(refused());
+    };
+    let (id, title) = rest.split_at_checked(16).ok_or_else(refused)?;
+    let book_id = BookId::new(Uuid::from_slice(id).map_err(|_| refused())?);
+    let title = std::str::from_utf8(title).map_err(|_| refused())?;
+    // No title holds a NUL (PostgreSQL text cannot), so no row is at such a position.
+    if title.contains('\0') {
+        return Err(refused());
+    }
+    Ok(ReportKey {
+        title: title.to_owned(),
+        book_id,
+    })
 }
 
 pub(super) async fn show_book<S: HttpStore>(
@@ -500,6 +633,112 @@ mod tests {
         assert_eq!(body.price("g").unwrap().unwrap(), Price::ZERO);
         // The other fields still parse when read.
         assert_eq!(body.clearable_text("a").unwrap_err().field, "a");
+    }
+
+    fn key(title: &str) -> ReportKey {
+        ReportKey {
+            title: title.to_owned(),
+            book_id: BookId::generate(),
+        }
+    }
+
+    #[test]
+    fn cursors_round_trip_any_title_and_are_url_safe() {
+        for title in [
+            "",
+            "Dune",
+            "Same",
+            "Äpfel & <Birnen>/?+=",
+            "日本語",
+            &"x".repeat(800),
+        ] {
+            let key = key(title);
+            let cursor = encode_cursor(&key);
+            assert!(
+                cursor
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_'),
+                "{cursor}"
+            );
+            assert_eq!(decode_cursor(&cursor), Ok(key));
+        }
+        // The last page's link is a valid header value.
+        let link = next_link(100, &key("Dune")).unwrap();
+        let link = link.to_str().unwrap();
+        assert!(
+            link.starts_with("</api/books?limit=100&after=") && link.ends_with(">; rel=\"next\""),
+            "{link}"
+        );
+    }
+
+    #[test]
+    fn garbage_cursors_are_refused_as_after() {
+        let valid = encode_cursor(&key("Dune"));
+        let encode = |bytes: &[u8]| URL_SAFE_NO_PAD.encode(bytes);
+        let mut other_version = vec![2u8];
+        other_version.extend_from_slice(&[0; 16]);
+        let mut not_utf8 = vec![CURSOR_VERSION];
+        not_utf8.extend_from_slice(&[0; 16]);
+        not_utf8.extend_from_slice(&[0xff, 0xfe]);
+        let mut nul = vec![CURSOR_VERSION];
+        nul.extend_from_slice(&[0; 16]);
+        nul.extend_from_slice(b"a\0b");
+        let garbage = [
+            String::new(),
+            "!!!".to_owned(),
+            "not a cursor".to_owned(),
+            format!("{valid}="),
+            format!("{valid}+"),
+            "ab/+cd".to_owned(),
+            encode(b""),
+            encode(&[CURSOR_VERSION]),
+            encode(&[CURSOR_VERSION; 16]),
+            encode(&other_version),
+            encode(&not_utf8),
+            encode(&nul),
+            "A".repeat(CURSOR_MAX_CHARS + 4),
+        ];
+        for text in garbage {
+            let error = decode_cursor(&text).expect_err(&text);
+            assert_eq!(error.field, "after", "{text}");
+        }
+    }
+
+    #[test]
+    fn page_requests_read_limit_and_after_and_refuse_the_rest() {
+        let key = key("Dune");
+        let cursor = encode_cursor(&key);
+        assert_eq!(
+            PageRequest::parse("").unwrap(),
+            PageRequest {
+                limit: DEFAULT_PAGE_ROWS,
+                after: None
+            }
+        );
+        assert_eq!(
+            PageRequest::parse(&format!("limit=1000&after={cursor}")).unwrap(),
+            PageRequest {
+                limit: 1000,
+                after: Some(key)
+            }
+        );
+        assert_eq!(PageRequest::parse("limit=1").unwrap().limit, 1);
+        for (query, field) in [
+            ("limit=0", Some("limit")),
+            ("limit=1001", Some("limit")),
+            ("limit=-1", Some("limit")),
+            ("limit=ten", Some("limit")),
+            ("limit=", Some("limit")),
+            ("limit=99999999999999999999", Some("limit")),
+            ("limit=1&limit=2", Some("limit")),
+            ("after=", Some("after")),
+            ("after=%FF", Some("after")),
+            ("limt=10", None),
+        ] {
+            let error = PageRequest::parse(query).expect_err(query);
+            assert_eq!(error.status, StatusCode::UNPROCESSABLE_ENTITY, "{query}");
+            assert_eq!(error.field, field, "{query}");
+        }
     }
 
     #[test]

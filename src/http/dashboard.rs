@@ -4,8 +4,12 @@
 //! and the page reloads itself every few seconds through `<meta http-equiv="refresh">`, which
 //! keeps the query string and so the chosen order. Every text that comes from data goes
 //! through [`escape_html`]; nothing else is interpolated.
+//!
+//! The page is bounded, whatever the size of the read model: it shows the first
+//! [`DASHBOARD_ROWS`] rows in the chosen order (sorted and cut in the database), and says so
+//! when there are more; the totals are computed by the database over every book. The JSON API
+//! pages through all rows.
 
-use std::cmp::Ordering;
 use std::fmt::Write;
 
 use axum::extract::rejection::QueryRejection;
@@ -17,10 +21,13 @@ use serde::Deserialize;
 
 use super::error::ApiError;
 use super::state::{HttpState, HttpStore};
-use crate::projection::BookReport;
+use crate::projection::{BookReport, ReportColumn, ReportOrder, ReportTotals};
 
 /// Seconds between reloads of the page.
 const REFRESH_SECONDS: u32 = 5;
+
+/// The most rows the page shows: the first ones in the chosen order.
+const DASHBOARD_ROWS: u32 = 500;
 
 /// The query string of the page; anything unknown or malformed falls back to the default
 /// order rather than failing the page.
@@ -37,10 +44,17 @@ pub(super) async fn page<S: HttpStore>(
     let order = query
         .map(|Query(query)| SortOrder::from_query(&query))
         .unwrap_or_default();
-    match state.store().list_reports().await {
-        Ok(mut reports) => {
+    let store = state.store();
+    let read = tokio::try_join!(
+        store.list_reports_sorted(order.report_order(), DASHBOARD_ROWS),
+        store.report_totals(),
+    );
+    match read {
+        Ok((mut reports, totals)) => {
+            // The database's case folding can differ from ours outside ASCII: the rows shown
+            // are in exactly the order of `ReportOrder::compare`.
             order.sort(&mut reports);
-            Html(render_report(&reports, order)).into_response()
+            Html(render_report(&reports, &Totals::from(totals), order)).into_response()
         }
         Err(error) => {
             let error = ApiError::from(error);
@@ -98,26 +112,17 @@ impl Column {
         Column::ALL.into_iter().find(|column| column.key() == key)
     }
 
-    /// Ascending order of two rows by this column. Texts compare without regard to case;
-    /// books without an ISBN come after those with one.
-    fn compare(self, a: &BookReport, b: &BookReport) -> Ordering {
+    /// The column of the read model's order (see [`ReportOrder`] for how it compares rows:
+    /// texts without regard to case, books without an ISBN after those with one).
+    fn report_column(self) -> ReportColumn {
         match self {
-            Column::Title => compare_text(&a.title, &b.title),
-            Column::Author => compare_text(&a.author, &b.author),
-            Column::Price => a.price.cmp(&b.price),
-            Column::Isbn => match (&a.isbn, &b.isbn) {
-                (Some(a), Some(b)) => compare_text(a, b),
-                (a, b) => a.is_none().cmp(&b.is_none()),
-            },
-            Column::Version => a.version.cmp(&b.version),
+            Column::Title => ReportColumn::Title,
+            Column::Author => ReportColumn::Author,
+            Column::Price => ReportColumn::Price,
+            Column::Isbn => ReportColumn::Isbn,
+            Column::Version => ReportColumn::Version,
         }
     }
-}
-
-fn compare_text(a: &str, b: &str) -> Ordering {
-    a.to_lowercase()
-        .cmp(&b.to_lowercase())
-        .then_with(|| a.cmp(b))
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -163,19 +168,18 @@ impl SortOrder {
         SortOrder { column, direction }
     }
 
+    fn report_order(self) -> ReportOrder {
+        ReportOrder {
+            column: self.column.report_column(),
+            descending: self.direction == Direction::Descending,
+        }
+    }
+
     /// Sorts by the chosen column, then by title and id, so equal values keep a stable order
     /// across reloads.
     fn sort(self, reports: &mut [BookReport]) {
-        reports.sort_by(|a, b| {
-            let primary = self.column.compare(a, b);
-            let primary = match self.direction {
-                Direction::Ascending => primary,
-                Direction::Descending => primary.reverse(),
-            };
-            primary
-                .then_with(|| compare_text(&a.title, &b.title))
-                .then_with(|| a.book_id.cmp(&b.book_id))
-        });
+        let order = self.report_order();
+        reports.sort_by(|a, b| order.compare(a, b));
     }
 
     /// Where the header of `column` leads: the same column flips the direction, another
@@ -190,25 +194,24 @@ impl SortOrder {
     }
 }
 
-/// Number of books, sum and average of their prices.
+/// Number of books, sum and average of their prices: of every book, not only those shown.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Totals {
-    books: usize,
+    books: u64,
     sum: Decimal,
     average: Option<Decimal>,
     last_change: Option<DateTime<Utc>>,
 }
 
-impl Totals {
-    fn of(reports: &[BookReport]) -> Totals {
-        let sum: Decimal = reports.iter().map(|report| report.price.amount()).sum();
-        let average =
-            (!reports.is_empty()).then(|| (sum / Decimal::from(reports.len())).round_dp(2));
+impl From<ReportTotals> for Totals {
+    fn from(totals: ReportTotals) -> Totals {
+        let sum = totals.price_sum;
+        let average = (totals.books > 0).then(|| (sum / Decimal::from(totals.books)).round_dp(2));
         Totals {
-            books: reports.len(),
+            books: totals.books,
             sum,
             average,
-            last_change: reports.iter().map(|report| report.updated_at).max(),
+            last_change: totals.last_change,
         }
     }
 }
@@ -251,14 +254,23 @@ const STYLE: &str = "
   tbody tr:nth-child(even) { background: #fafbfc; }
   .num { text-align: right; font-variant-numeric: tabular-nums; }
   .empty { color: var(--muted); text-align: center; padding: 2rem; }
+  .note { color: var(--muted); margin: 0 0 .75rem; }
   .error { background: #fff1f0; border: 1px solid #ffccc7; border-radius: 6px; padding: 1rem; }
   footer { color: var(--muted); font-size: .85rem; margin-top: .75rem; }
 ";
 
-fn render_report(reports: &[BookReport], order: SortOrder) -> String {
-    let totals = Totals::of(reports);
+fn render_report(reports: &[BookReport], totals: &Totals, order: SortOrder) -> String {
     let mut body = String::new();
-    body.push_str(&render_totals(&totals));
+    body.push_str(&render_totals(totals));
+    if totals.books > reports.len() as u64 {
+        let _ = writeln!(
+            body,
+            "<p class=\"note\" id=\"rows-shown\">Showing the first {} of {} books in this \
+             order. The JSON API (<code>/api/books</code>) pages through all of them.</p>",
+            reports.len(),
+            totals.books
+        );
+    }
     body.push_str("<table>\n<thead><tr>");
     for column in Column::ALL {
         body.push_str(&render_header(column, order));
@@ -422,6 +434,14 @@ mod tests {
         );
     }
 
+    fn totals_of(reports: &[BookReport]) -> Totals {
+        Totals::from(ReportTotals {
+            books: reports.len() as u64,
+            price_sum: reports.iter().map(|report| report.price.amount()).sum(),
+            last_change: reports.iter().map(|report| report.updated_at).max(),
+        })
+    }
+
     #[test]
     fn totals_count_sum_and_average_exactly() {
         let reports = vec![
@@ -429,12 +449,28 @@ mod tests {
             report("b", "x", "0.20", None),
             report("c", "x", "0.05", None),
         ];
-        let totals = Totals::of(&reports);
+        let totals = totals_of(&reports);
         assert_eq!(totals.books, 3);
         assert_eq!(format!("{:.2}", totals.sum), "0.35");
         assert_eq!(format!("{:.2}", totals.average.unwrap()), "0.12");
-        assert_eq!(Totals::of(&[]).average, None);
+        assert_eq!(totals_of(&[]).average, None);
         assert_eq!(Price::ZERO.to_string(), "0.00");
+    }
+
+    #[test]
+    fn a_page_of_fewer_rows_than_books_says_so_and_totals_every_book() {
+        let reports = vec![report("a", "x", "1.00", None)];
+        let totals = Totals::from(ReportTotals {
+            books: 1234,
+            price_sum: "5000.00".parse().unwrap(),
+            last_change: None,
+        });
+        let html = render_report(&reports, &totals, SortOrder::default());
+        assert!(html.contains("Showing the first 1 of 1234 books"), "{html}");
+        assert!(html.contains("<b id=\"total-books\">1234</b>"));
+        assert!(html.contains("<b id=\"average-price\">4.05</b>"));
+        let all = render_report(&reports, &totals_of(&reports), SortOrder::default());
+        assert!(!all.contains("Showing the first"), "{all}");
     }
 
     #[test]
@@ -445,7 +481,7 @@ mod tests {
             "12.50",
             None,
         )];
-        let html = render_report(&reports, SortOrder::default());
+        let html = render_report(&reports, &totals_of(&reports), SortOrder::default());
         assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(!html.contains("<script>"));
         assert!(html.contains("O&#39;Brien &amp; Co"));

@@ -292,8 +292,9 @@ pub trait ReportStore: Send + Sync {
     /// At most `limit` rows in the order of [`list_reports`](Self::list_reports) (title, then
     /// id), starting right after `after` (from the first row without it): keyset pagination.
     /// Walking the pages, each starting after the last row of the one before, yields every row
-    /// that exists throughout the walk exactly once, whatever is written meanwhile; `after`
-    /// need not be a row that still exists.
+    /// that exists and keeps its title throughout the walk exactly once, whatever else is
+    /// written meanwhile (a row retitled during the walk moves: it can be missed or seen
+    /// twice); `after` need not be a row that still exists.
     ///
     /// The SQL adapters read it through the index on `(title, book_id)`: the cost is the page,
     /// not the table. Text is in the database's order: bytewise in SQLite, the collation of the

@@ -1,6 +1,8 @@
 //! [`ReportStore`] for [`AnyStore`]: whichever adapter the database URL chose.
 
-use super::{BookReport, PartitionOffset, ReportChange, ReportStore};
+use super::{
+    BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore, ReportTotals,
+};
 use crate::domain::BookId;
 use crate::store::{AnyStore, StoreError};
 
@@ -35,6 +37,26 @@ impl ReportStore for AnyStore {
 
     async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
         delegate!(self, store => store.list_reports())
+    }
+
+    async fn list_reports_page(
+        &self,
+        after: Option<&ReportKey>,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        delegate!(self, store => store.list_reports_page(after, limit))
+    }
+
+    async fn list_reports_sorted(
+        &self,
+        order: ReportOrder,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        delegate!(self, store => store.list_reports_sorted(order, limit))
+    }
+
+    async fn report_totals(&self) -> Result<ReportTotals, StoreError> {
+        delegate!(self, store => store.report_totals())
     }
 
     async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {

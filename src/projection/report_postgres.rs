@@ -16,7 +16,10 @@ use rust_decimal::Decimal;
 use sqlx::PgConnection;
 use uuid::Uuid;
 
-use super::{BatchPlan, BookReport, PartitionOffset, ReportChange, ReportStore};
+use super::{
+    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportColumn, ReportKey, ReportOrder,
+    ReportStore, ReportTotals,
+};
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
 
@@ -93,6 +96,65 @@ impl ReportStore for PostgresStore {
         rows.into_iter().map(ReportRow::into_report).collect()
     }
 
+    async fn list_reports_page(
+        &self,
+        after: Option<&ReportKey>,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        // Both read `book_report_listed_by_title` in order and stop after `limit` rows; the
+        // row comparison is an index condition on it. Titles compare in the column's
+        // collation, as they are ordered.
+        let query = match after {
+            None => sqlx::query_as(
+                "SELECT book_id, title, author, price, isbn, version, updated_at
+                 FROM book_report ORDER BY title, book_id LIMIT $1",
+            )
+            .bind(i64::from(limit)),
+            Some(after) => sqlx::query_as(
+                "SELECT book_id, title, author, price, isbn, version, updated_at
+                 FROM book_report WHERE (title, book_id) > ($2, $3)
+                 ORDER BY title, book_id LIMIT $1",
+            )
+            .bind(i64::from(limit))
+            .bind(after.title.as_str())
+            .bind(after.book_id.as_uuid()),
+        };
+        let rows: Vec<ReportRow> = query.fetch_all(self.pool()).await.map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn list_reports_sorted(
+        &self,
+        order: ReportOrder,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        let rows: Vec<ReportRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report ORDER BY {} LIMIT $1",
+            order_by(order)
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn report_totals(&self) -> Result<ReportTotals, StoreError> {
+        let (books, price_sum, last_change): (i64, Decimal, Option<DateTime<Utc>>) =
+            sqlx::query_as(
+                "SELECT count(*), coalesce(sum(price), 0), max(updated_at) FROM book_report",
+            )
+            .fetch_one(self.pool())
+            .await
+            .map_err(read_failed)?;
+        Ok(ReportTotals {
+            books: to_u64(books, "count of book_report")?,
+            price_sum,
+            last_change,
+        })
+    }
+
     async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {
         let row: Option<ReportRow> = sqlx::query_as(
             "SELECT book_id, title, author, price, isbn, version, updated_at
@@ -119,6 +181,22 @@ impl ReportStore for PostgresStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The ORDER BY of [`ReportOrder`]: `lower()` folds case as the database's `LC_CTYPE` does
+/// (the caller sorts the rows again exactly). Only fixed words go into the statement.
+fn order_by(order: ReportOrder) -> String {
+    let dir = if order.descending { "DESC" } else { "ASC" };
+    let then = "lower(title) ASC, title ASC, book_id ASC";
+    match order.column {
+        ReportColumn::Title => format!("lower(title) {dir}, title {dir}, book_id ASC"),
+        ReportColumn::Author => format!("lower(author) {dir}, author {dir}, {then}"),
+        ReportColumn::Price => format!("price {dir}, {then}"),
+        ReportColumn::Isbn => {
+            format!("isbn IS NULL {dir}, lower(isbn) {dir}, isbn {dir}, {then}")
+        }
+        ReportColumn::Version => format!("version {dir}, {then}"),
     }
 }
 

@@ -8,11 +8,15 @@
 use std::str::FromStr;
 
 use chrono::{DateTime, SubsecRound, Utc};
+use rust_decimal::Decimal;
 use sqlx::SqliteConnection;
 use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
-use super::{BatchPlan, BookReport, PartitionOffset, ReportChange, ReportStore};
+use super::{
+    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportColumn, ReportKey, ReportOrder,
+    ReportStore, ReportTotals,
+};
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{SqliteStore, StoreError, to_i64, to_u64};
 
@@ -83,6 +87,69 @@ impl ReportStore for SqliteStore {
         rows.into_iter().map(ReportRow::into_report).collect()
     }
 
+    async fn list_reports_page(
+        &self,
+        after: Option<&ReportKey>,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        // Both read `book_report_listed_by_title` in order and stop after `limit` rows; the
+        // row value comparison is a range on that index (SQLite 3.15+).
+        let query = match after {
+            None => sqlx::query_as(
+                "SELECT book_id, title, author, price, isbn, version, updated_at
+                 FROM book_report ORDER BY title, book_id LIMIT ?1",
+            )
+            .bind(i64::from(limit)),
+            Some(after) => sqlx::query_as(
+                "SELECT book_id, title, author, price, isbn, version, updated_at
+                 FROM book_report WHERE (title, book_id) > (?2, ?3)
+                 ORDER BY title, book_id LIMIT ?1",
+            )
+            .bind(i64::from(limit))
+            .bind(after.title.as_str())
+            .bind(after.book_id.as_uuid().hyphenated()),
+        };
+        let rows: Vec<ReportRow> = query.fetch_all(self.pool()).await.map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn list_reports_sorted(
+        &self,
+        order: ReportOrder,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        let rows: Vec<ReportRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT book_id, title, author, price, isbn, version, updated_at
+             FROM book_report ORDER BY {} LIMIT ?1",
+            order_by(order)
+        )))
+        .bind(i64::from(limit))
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)?;
+        rows.into_iter().map(ReportRow::into_report).collect()
+    }
+
+    async fn report_totals(&self) -> Result<ReportTotals, StoreError> {
+        // Prices are canonical decimal text: summed as integer cents, exactly (a REAL sum
+        // would round). `updated_at` is RFC 3339 UTC text as sqlx writes it (`+00:00`, the
+        // fraction only when there is one), whose text order is its time order.
+        let (books, cents, last_change): (i64, i64, Option<DateTime<Utc>>) = sqlx::query_as(
+            "SELECT count(*),
+                    coalesce(sum(CAST(round(CAST(price AS REAL) * 100) AS INTEGER)), 0),
+                    max(updated_at)
+             FROM book_report",
+        )
+        .fetch_one(self.pool())
+        .await
+        .map_err(read_failed)?;
+        Ok(ReportTotals {
+            books: to_u64(books, "count of book_report")?,
+            price_sum: Decimal::new(cents, 2),
+            last_change,
+        })
+    }
+
     async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {
         let row: Option<ReportRow> = sqlx::query_as(
             "SELECT book_id, title, author, price, isbn, version, updated_at
@@ -109,6 +176,23 @@ impl ReportStore for SqliteStore {
             .await?;
         tx.commit().await?;
         Ok(())
+    }
+}
+
+/// The ORDER BY of [`ReportOrder`]: `lower()` folds ASCII letters only (the caller sorts the
+/// rows again exactly), prices are ordered as numbers, not as their text. Only fixed words go
+/// into the statement.
+fn order_by(order: ReportOrder) -> String {
+    let dir = if order.descending { "DESC" } else { "ASC" };
+    let then = "lower(title) ASC, title ASC, book_id ASC";
+    match order.column {
+        ReportColumn::Title => format!("lower(title) {dir}, title {dir}, book_id ASC"),
+        ReportColumn::Author => format!("lower(author) {dir}, author {dir}, {then}"),
+        ReportColumn::Price => format!("CAST(price AS REAL) {dir}, {then}"),
+        ReportColumn::Isbn => {
+            format!("isbn IS NULL {dir}, lower(isbn) {dir}, isbn {dir}, {then}")
+        }
+        ReportColumn::Version => format!("version {dir}, {then}"),
     }
 }
 
