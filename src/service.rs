@@ -3,7 +3,9 @@
 //! It is the only place that reads the clock and draws ids for events, so the domain stays pure.
 //! A save that loses an optimistic-concurrency race, or that the database aborted because of
 //! concurrent transactions (a serialization failure or deadlock), is retried against the fresh
-//! state: the command is decided again, never blindly re-applied.
+//! state: the command is decided again, never blindly re-applied. A command whose sender named
+//! the versions it decided on ([`CommandContext::expected_versions`]) is refused instead once
+//! the book has moved past them.
 
 use chrono::Utc;
 use thiserror::Error;
@@ -30,6 +32,10 @@ pub struct CommandContext {
     pub command_id: Option<Uuid>,
     /// W3C `traceparent` of the request, carried into the events' headers.
     pub traceparent: Option<String>,
+    /// The versions of the book the command was decided on by its sender (HTTP `If-Match`):
+    /// the command is refused with [`ServiceError::VersionMismatch`] when the stored book is
+    /// at none of them, instead of overwriting a change the sender has not seen. `None`: any.
+    pub expected_versions: Option<Vec<u64>>,
 }
 
 /// What a command did.
@@ -50,6 +56,19 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Codec(#[from] CodecError),
+    /// The book is not at a version the command expected (see
+    /// [`CommandContext::expected_versions`]).
+    #[error("book {book_id} is at version {}, not {expected:?}: read it again and decide anew", display_version(*actual))]
+    VersionMismatch {
+        book_id: BookId,
+        expected: Vec<u64>,
+        /// `None` when there is no such book.
+        actual: Option<u64>,
+    },
+}
+
+fn display_version(version: Option<u64>) -> String {
+    version.map_or_else(|| "none (no such book)".to_owned(), |v| v.to_string())
 }
 
 impl ServiceError {
@@ -57,7 +76,9 @@ impl ServiceError {
     pub fn is_user_error(&self) -> bool {
         matches!(
             self,
-            ServiceError::Domain(_) | ServiceError::Store(StoreError::Rejected(_))
+            ServiceError::Domain(_)
+                | ServiceError::Store(StoreError::Rejected(_))
+                | ServiceError::VersionMismatch { .. }
         )
     }
 }
@@ -92,6 +113,16 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
         let mut attempt = 0;
         loop {
             let current = self.store.load_book(book_id).await?;
+            let actual = current.as_ref().map(|book| book.version);
+            if let Some(expected) = &context.expected_versions
+                && !actual.is_some_and(|version| expected.contains(&version))
+            {
+                return Err(ServiceError::VersionMismatch {
+                    book_id,
+                    expected: expected.clone(),
+                    actual,
+                });
+            }
             let Some(decision) = Book::execute(current.as_ref(), &command)? else {
                 return Ok(CommandOutcome {
                     book_id,
@@ -261,6 +292,7 @@ mod tests {
             correlation_id: Some(correlation_id),
             command_id: None,
             traceparent: Some(traceparent.clone()),
+            ..CommandContext::default()
         };
         let events = envelope(
             &AvroCodec::new(),

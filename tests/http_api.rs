@@ -151,6 +151,7 @@ struct Reply {
     location: Option<String>,
     allow: Option<String>,
     link: Option<String>,
+    etag: Option<String>,
     body: String,
 }
 
@@ -174,13 +175,26 @@ impl Reply {
 
 /// One request with ureq (blocking, so on the blocking pool); every status is a reply.
 async fn send(method: &'static str, url: String, body: Option<(&'static str, String)>) -> Reply {
+    send_with(method, url, body, vec![]).await
+}
+
+/// [`send`] with more request headers.
+async fn send_with(
+    method: &'static str,
+    url: String,
+    body: Option<(&'static str, String)>,
+    headers: Vec<(&'static str, String)>,
+) -> Reply {
     tokio::task::spawn_blocking(move || {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
             .build()
             .new_agent();
-        let request = ureq::http::Request::builder().method(method).uri(&url);
+        let mut request = ureq::http::Request::builder().method(method).uri(&url);
+        for (name, value) in headers {
+            request = request.header(name, value);
+        }
         let response = match body {
             Some((content_type, body)) => agent.run(
                 request
@@ -202,12 +216,14 @@ async fn send(method: &'static str, url: String, body: Option<(&'static str, Str
         let location = header("location");
         let allow = header("allow");
         let link = header("link");
+        let etag = header("etag");
         Reply {
             status: response.status().as_u16(),
             content_type,
             location,
             allow,
             link,
+            etag,
             body: response.body_mut().read_to_string().unwrap(),
         }
     })
@@ -455,6 +471,77 @@ async fn unknown_books_are_404_and_removed_books_409() {
 
 /// A client that names the new book can retry an add whose answer it lost: the retry is a
 /// 409 and the book exists once.
+/// A client that decided a change on what it read sends the version it read as `If-Match`: a
+/// change it has not seen refuses its command with 412 instead of being overwritten.
+#[tokio::test]
+async fn if_match_refuses_a_change_decided_on_a_stale_version() {
+    let server = Server::sqlite().await;
+    let price = |path: &str, if_match: &str, price: &str| {
+        send_with(
+            "PUT",
+            server.url(&format!("{path}/price")),
+            Some(("application/json", json!({ "price": price }).to_string())),
+            vec![("if-match", if_match.to_owned())],
+        )
+    };
+    let book_id = server.add_book("Contested", "10.00").await;
+    let path = format!("/api/books/{book_id}");
+    server.project(book_id).await;
+    let read = server.get(&path).await;
+    assert_eq!(read.etag.as_deref(), Some("\"1\""), "{read:?}");
+
+    // A reads version 1, B changes the price first, then A's change arrives.
+    let b = price(&path, "\"1\"", "12.00").await;
+    assert_eq!((b.status, b.etag.as_deref()), (200, Some("\"2\"")), "{b:?}");
+    let a = price(&path, "\"1\"", "11.00").await;
+    a.assert_error(412, None);
+    assert!(
+        a.json()["error"].as_str().unwrap().contains("version 2"),
+        "{a:?}"
+    );
+    let book = server.store.load_book(book_id).await.unwrap().unwrap();
+    assert_eq!(
+        (book.version, book.price.to_string()),
+        (2, "12.00".to_owned())
+    );
+
+    // A list matches any of its tags; `*` any version; a weak tag never matches.
+    assert_eq!(price(&path, "\"7\", \"2\"", "11.00").await.status, 200);
+    assert_eq!(price(&path, "*", "11.50").await.status, 200);
+    price(&path, "W/\"4\"", "13.00")
+        .await
+        .assert_error(412, None);
+    price(&path, "four", "13.00").await.assert_error(400, None);
+    // The other commands take it too.
+    let remove = |if_match: &str| {
+        send_with(
+            "DELETE",
+            server.url(&path),
+            None,
+            vec![("if-match", if_match.to_owned())],
+        )
+    };
+    remove("\"3\"").await.assert_error(412, None);
+    let removed = remove("\"4\"").await;
+    assert_eq!(
+        (removed.status, removed.etag.as_deref()),
+        (200, Some("\"5\"")),
+        "{removed:?}"
+    );
+    // An add expecting a version of a book that does not exist.
+    let added = send_with(
+        "POST",
+        server.url("/api/books"),
+        Some((
+            "application/json",
+            json!({"title": "T", "author": "A"}).to_string(),
+        )),
+        vec![("if-match", "\"1\"".to_owned())],
+    )
+    .await;
+    added.assert_error(412, None);
+}
+
 #[tokio::test]
 async fn an_add_with_the_clients_book_id_can_be_retried_without_adding_twice() {
     let server = Server::sqlite().await;

@@ -10,6 +10,13 @@
 //! opaque cursor `?after=`. When more rows follow, the `Link` header names the next page
 //! (`Link: </api/books?limit=100&after=…>; rel="next"`); the last page has none. Pages are
 //! keyset pages on the index of that order, so the thousandth page costs what the first does.
+//!
+//! `GET /api/books/{id}` and every command answer the book's version as a strong `ETag`
+//! (`"3"`). A client that decides a change on what it read sends that tag back as `If-Match`:
+//! if the book has changed since, the command is refused with 412 instead of overwriting a
+//! change the client has not seen. Without `If-Match` the last command wins, as before. The
+//! report lags the store by the time the pipeline takes, so a tag read from it can be stale
+//! for a moment: a 412 then means "read again", and so does one after a concurrent change.
 
 use std::collections::BTreeMap;
 
@@ -17,8 +24,8 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header::{CONTENT_TYPE, LINK, LOCATION};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::header::{CONTENT_TYPE, ETAG, IF_MATCH, LINK, LOCATION};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use chrono::{DateTime, Utc};
@@ -214,11 +221,11 @@ fn decode_cursor(text: &str) -> Result<ReportKey, ValidationError> {
 pub(super) async fn show_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
     path: Result<Path<String>, PathRejection>,
-) -> Result<Json<BookRow>, ApiError> {
+) -> Result<([(HeaderName, String); 1], Json<BookRow>), ApiError> {
     let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     match state.store().report(book_id).await? {
-        Some(report) => Ok(Json(report.into())),
+        Some(report) => Ok((etag(report.version), Json(report.into()))),
         None => Err(ApiError::not_found(format!(
             "book {book_id} is not in the report"
         ))),
@@ -229,14 +236,7 @@ pub(super) async fn add_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<
-    (
-        StatusCode,
-        [(axum::http::HeaderName, String); 1],
-        Json<CommandReply>,
-    ),
-    ApiError,
-> {
+) -> Result<(StatusCode, [(HeaderName, String); 2], Json<CommandReply>), ApiError> {
     let context = command_context(&headers)?;
     let body = JsonObject::parse(&headers, &body?)?;
     body.refuse_unknown(&["book_id", "title", "author", "isbn", "price", "description"])?;
@@ -257,7 +257,19 @@ pub(super) async fn add_book<S: HttpStore>(
     });
     let reply = CommandReply::from(state.service().execute(command, context).await?);
     let location = format!("/api/books/{}", reply.book_id);
-    Ok((StatusCode::CREATED, [(LOCATION, location)], Json(reply)))
+    let [etag] = etag(reply.version);
+    Ok((
+        StatusCode::CREATED,
+        [(LOCATION, location), etag],
+        Json(reply),
+    ))
+}
+
+/// A command's answer: its [`CommandReply`], and the book's version after it as the `ETag`
+/// to send as `If-Match` with the next command.
+fn replied(outcome: CommandOutcome) -> ([(HeaderName, String); 1], Json<CommandReply>) {
+    let reply = CommandReply::from(outcome);
+    (etag(reply.version), Json(reply))
 }
 
 pub(super) async fn update_price<S: HttpStore>(
@@ -265,7 +277,7 @@ pub(super) async fn update_price<S: HttpStore>(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<CommandReply>, ApiError> {
+) -> Result<([(HeaderName, String); 1], Json<CommandReply>), ApiError> {
     let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
@@ -275,9 +287,7 @@ pub(super) async fn update_price<S: HttpStore>(
         .price("price")?
         .ok_or_else(|| ValidationError::new("price", "is required"))?;
     let command = BookCommand::UpdatePrice { book_id, price };
-    Ok(Json(
-        state.service().execute(command, context).await?.into(),
-    ))
+    Ok(replied(state.service().execute(command, context).await?))
 }
 
 pub(super) async fn update_details<S: HttpStore>(
@@ -285,7 +295,7 @@ pub(super) async fn update_details<S: HttpStore>(
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<CommandReply>, ApiError> {
+) -> Result<([(HeaderName, String); 1], Json<CommandReply>), ApiError> {
     let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
@@ -297,23 +307,19 @@ pub(super) async fn update_details<S: HttpStore>(
     update.isbn = body.clearable_text("isbn")?;
     update.description = body.clearable_text("description")?;
     let command = BookCommand::UpdateDetails(update);
-    Ok(Json(
-        state.service().execute(command, context).await?.into(),
-    ))
+    Ok(replied(state.service().execute(command, context).await?))
 }
 
 pub(super) async fn remove_book<S: HttpStore>(
     State(state): State<HttpState<S>>,
     path: Result<Path<String>, PathRejection>,
     headers: HeaderMap,
-) -> Result<Json<CommandReply>, ApiError> {
+) -> Result<([(HeaderName, String); 1], Json<CommandReply>), ApiError> {
     let Path(id) = path?;
     let book_id = book_id_in_path(&id)?;
     let context = command_context(&headers)?;
     let command = BookCommand::Remove { book_id };
-    Ok(Json(
-        state.service().execute(command, context).await?.into(),
-    ))
+    Ok(replied(state.service().execute(command, context).await?))
 }
 
 /// A path segment that is not a UUID cannot name a book.
@@ -346,7 +352,49 @@ fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
         correlation_id,
         command_id: None,
         traceparent,
+        expected_versions: expected_versions(headers)?,
     })
+}
+
+/// The versions `If-Match` names, as the `ETag`s of this API spell them (`"3"`); `None` without
+/// the header or with `*` (any version of an existing book, which every command but an add
+/// requires anyway). Weak tags (`W/"3"`) never match, as RFC 9110 says of `If-Match`; an entity
+/// tag this API never gave out is refused with 400 rather than treated as "no version matches".
+fn expected_versions(headers: &HeaderMap) -> Result<Option<Vec<u64>>, ApiError> {
+    let values: Vec<&HeaderValue> = headers.get_all(IF_MATCH).iter().collect();
+    if values.is_empty() {
+        return Ok(None);
+    }
+    let refused = || {
+        ApiError::bad_request(
+            "If-Match must list entity tags as this API gives them in ETag (e.g. \"3\"), or be *",
+        )
+    };
+    let mut versions = Vec::new();
+    for value in values {
+        let text = value.to_str().map_err(|_| refused())?;
+        for tag in text.split(',').map(str::trim).filter(|tag| !tag.is_empty()) {
+            if tag == "*" {
+                return Ok(None);
+            }
+            if tag.starts_with("W/") {
+                continue;
+            }
+            let version = tag
+                .strip_prefix('"')
+                .and_then(|tag| tag.strip_suffix('"'))
+                .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|digits| digits.parse().ok())
+                .ok_or_else(refused)?;
+            versions.push(version);
+        }
+    }
+    Ok(Some(versions))
+}
+
+/// The `ETag` of a book at `version`: the version as a strong entity tag.
+fn etag(version: u64) -> [(HeaderName, String); 1] {
+    [(ETAG, format!("\"{version}\""))]
 }
 
 /// Whether `text` is a W3C trace context `traceparent`: `version-trace_id-parent_id-flags` in

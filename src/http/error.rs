@@ -10,6 +10,7 @@
 //! | no such book (or an id that cannot name one) | 404 |
 //! | a method the path does not take | 405 |
 //! | the book exists already, was removed, or keeps changing concurrently | 409 |
+//! | `If-Match` names versions the book is not at (a change the client has not seen) | 412 |
 //! | the database does not answer, or keeps aborting the save because of concurrent ones | 503 |
 //! | the request took longer than `REQUEST_TIMEOUT` (30 s), its body included | 503 |
 //! | anything else (corrupt data, an event that cannot be encoded) | 500 |
@@ -124,6 +125,9 @@ impl From<ServiceError> for ApiError {
             ServiceError::Store(error) => error.into(),
             ServiceError::Codec(error) => {
                 Self::new(StatusCode::INTERNAL_SERVER_ERROR, error.to_string())
+            }
+            error @ ServiceError::VersionMismatch { .. } => {
+                Self::new(StatusCode::PRECONDITION_FAILED, error.to_string())
             }
         }
     }
