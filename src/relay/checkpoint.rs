@@ -9,6 +9,7 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
@@ -66,7 +67,8 @@ pub async fn read_checkpoint(
     topic: &str,
     relay_id: &str,
 ) -> Result<Option<u64>, CheckpointError> {
-    let mut consumer_config = config.consumer_config(&format!("{relay_id}.checkpoint-reader"));
+    let mut consumer_config =
+        committed_reader_config(config, &format!("{relay_id}.checkpoint-reader"));
     consumer_config.set("enable.partition.eof", "true");
     let kafka_error = |source| CheckpointError::Kafka {
         topic: topic.to_owned(),
@@ -89,6 +91,16 @@ pub async fn read_checkpoint(
     })
     .await
     .expect("the checkpoint reader panicked")
+}
+
+/// A consumer configuration that reads only committed records, whatever the passthrough
+/// options say: they apply last, and with `isolation.level=read_uncommitted` among them (which
+/// a user may set for the projection) the checkpoint of a transaction that was aborted would be
+/// read as the last one, and the relay would resume after events it never published.
+pub(crate) fn committed_reader_config(config: &KafkaConfig, group_id: &str) -> ClientConfig {
+    let mut consumer_config = config.consumer_config(group_id);
+    consumer_config.set("isolation.level", "read_committed");
+    consumer_config
 }
 
 /// Waits until the checkpoint partition's last stable offset (where `read_committed` reading
@@ -230,5 +242,29 @@ fn last_in_range(
                 last = Some(position);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::ClientOptions;
+
+    #[test]
+    fn the_checkpoint_is_read_committed_whatever_the_passthrough_options_say() {
+        let mut kafka = KafkaConfig::new("localhost:9092");
+        kafka.client_options = vec![ClientOptions(vec![(
+            "isolation.level".into(),
+            "read_uncommitted".into(),
+        )])];
+        assert_eq!(
+            kafka.consumer_config("g").get("isolation.level"),
+            Some("read_uncommitted"),
+            "the options apply last"
+        );
+        assert_eq!(
+            committed_reader_config(&kafka, "g").get("isolation.level"),
+            Some("read_committed")
+        );
     }
 }

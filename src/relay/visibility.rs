@@ -76,9 +76,12 @@ impl VisibilityWatch {
         topic: &str,
         patience: Duration,
     ) -> Result<Self, KafkaError> {
-        let consumer: BaseConsumer = config
-            .consumer_config(&format!("{topic}.visibility-watch"))
-            .create()?;
+        // Its high watermark must be the last stable offset, whatever the passthrough options.
+        let consumer: BaseConsumer = super::checkpoint::committed_reader_config(
+            config,
+            &format!("{topic}.visibility-watch"),
+        )
+        .create()?;
         let (committed, commits) = watch::channel(None);
         let unreadable_ms = Arc::new(AtomicU64::new(0));
         let gauge = Arc::new(GaugeTurn::default());
