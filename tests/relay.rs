@@ -642,6 +642,40 @@ async fn wait_until_published(fixture: &Fixture, relay_id: &str, position: u64) 
     }
 }
 
+/// `relay --once` beside a running relay of the same id stands by, and finishes once that one
+/// has published everything committed when the run started, rather than waiting for it to stop
+/// (it may never).
+#[tokio::test]
+async fn a_run_once_beside_an_active_relay_finishes_when_that_one_has_published_it_all() {
+    let fixture = Fixture::new().await;
+    let relay_id = format!("{}.relay", fixture.kafka.topic_prefix);
+    let (stop_active, active_shutdown) = ShutdownTrigger::new();
+    let active = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    let active = tokio::spawn(active.run(RunMode::Follow, active_shutdown));
+    fixture.write_books(2, 1).await;
+    let head = fixture.all_events().await.last().unwrap().position;
+    wait_until_published(&fixture, &relay_id, head).await;
+    fixture.write_books(2, 1).await;
+    let head = fixture.all_events().await.last().unwrap().position;
+
+    let (_never, shutdown) = ShutdownTrigger::new();
+    let once = fixture.relay(DeliveryMode::ExactlyOnce).await;
+    let once = tokio::time::timeout(READ_TIMEOUT, once.run(RunMode::Once, shutdown))
+        .await
+        .expect("relay --once waited for the active relay to stop")
+        .unwrap();
+    assert!(once.finished, "{once:?}");
+    assert_eq!(once.published_events, 0, "{once:?}");
+    assert!(once.last_position >= head, "{once:?} before {head}");
+
+    stop_active.trigger();
+    let active = active.await.unwrap().unwrap();
+    let events = fixture.all_events().await;
+    assert_eq!(active.published_events, events.len() as u64);
+    let records = fixture.read_topics(events.len()).await;
+    assert_exactly_the_events_in_order(&events, &records);
+}
+
 /// `relay --once` is a job: a run stopped by shutdown must not look like one that published
 /// everything (the command then fails instead of printing what it published).
 #[tokio::test]

@@ -195,6 +195,17 @@ enum Ended {
     GraceOver,
 }
 
+/// How waiting for the lease ended.
+enum Leased {
+    /// This instance holds it, since the request sent at this instant.
+    Now(Instant),
+    /// Shutdown came first.
+    Never,
+    /// Another relay, active meanwhile, published up to the run's target (its position as
+    /// the store has it).
+    NotNeeded { published: u64 },
+}
+
 /// Why an active period ended.
 enum Stop {
     Shutdown,
@@ -232,8 +243,18 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             RunMode::Follow => None,
         };
         loop {
-            let Some(acquired_at) = self.wait_for_lease(&mut shutdown).await else {
-                break;
+            let acquired_at = match self.wait_for_lease(target, &mut shutdown).await {
+                Leased::Now(acquired_at) => acquired_at,
+                Leased::Never => break,
+                Leased::NotNeeded { published } => {
+                    info!(
+                        published,
+                        "another relay has published everything this run was to publish"
+                    );
+                    report.last_position = report.last_position.max(published);
+                    report.finished = true;
+                    break;
+                }
             };
             let outcome = self
                 .publish_while_leased(acquired_at, target, &mut report, &mut shutdown)
@@ -278,30 +299,53 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         )
     }
 
-    /// Waits until this instance holds the lease; returns when the successful request was
-    /// sent, or `None` if shutdown came first.
-    async fn wait_for_lease(&self, shutdown: &mut Shutdown) -> Option<Instant> {
+    /// Waits until this instance holds the lease (see [`Leased`]). With a `target` (a run
+    /// `Once`), standing by ends too when the active relay has published up to it: `relay
+    /// --once` beside a running relay would otherwise wait for as long as that one runs.
+    async fn wait_for_lease(&self, target: Option<u64>, shutdown: &mut Shutdown) -> Leased {
         let lease = self.lease();
         let mut announced = false;
         loop {
             if shutdown.is_triggered() {
-                return None;
+                return Leased::Never;
             }
             let asked_at = Instant::now();
             match lease.acquire().await {
                 Ok(true) => {
                     info!(relay_id = %self.config.relay_id, instance = %self.config.instance_id, "relay is active");
-                    return Some(asked_at);
+                    return Leased::Now(asked_at);
                 }
-                Ok(false) if !announced => {
-                    info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
-                    announced = true;
+                Ok(false) => {
+                    if !announced {
+                        info!(relay_id = %self.config.relay_id, "another relay is active; standing by");
+                        announced = true;
+                    }
+                    if let Some(target) = target {
+                        // Bounded, and given up for shutdown: a database that does not answer
+                        // must not keep a stop waiting.
+                        let progress = tokio::select! {
+                            _ = shutdown.wait() => return Leased::Never,
+                            progress = tokio::time::timeout(
+                                lease.retry_interval(),
+                                self.outbox.published_position(&self.config.relay_id),
+                            ) => progress,
+                        };
+                        match progress {
+                            Ok(Ok(published)) if published >= target => {
+                                return Leased::NotNeeded { published };
+                            }
+                            Ok(Ok(_)) => {}
+                            Ok(Err(error)) => {
+                                debug!(%error, "cannot read the active relay's progress");
+                            }
+                            Err(_) => debug!("reading the active relay's progress timed out"),
+                        }
+                    }
                 }
-                Ok(false) => {}
                 Err(error) => warn!(%error, "cannot take the relay lease; retrying"),
             }
             tokio::select! {
-                _ = shutdown.wait() => return None,
+                _ = shutdown.wait() => return Leased::Never,
                 _ = tokio::time::sleep(lease.retry_interval()) => {}
             }
         }
@@ -393,6 +437,9 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 // Finish what is in flight, so a restart does not send it again.
                 if let Err(error) = self.settle(&mut unconfirmed, report, recorder).await {
                     warn!(%error, "could not confirm the last batches before stopping; they will be sent again");
+                    // librdkafka still retries what was queued after the failed record: drop it
+                    // before the lease is released, or a successor's resend could be overtaken.
+                    self.abandon_in_flight().await;
                 }
                 return Ok(Stop::Shutdown);
             }
