@@ -88,11 +88,23 @@ pub struct FactReader {
     /// the life of the reader, so after registering a missing schema restart the projector
     /// (then `bookstore dlq replay`).
     unusable_ids: HashMap<u32, String>,
-    /// Schema ids the registry did not know when first asked, and since when: asked again
-    /// until [`Self::missing_schema_patience`] has passed, then unusable.
-    missing_since: HashMap<u32, Instant>,
+    /// Since when the registry has been answering 404 for schema ids, and when it last did:
+    /// one clock for all ids, so that records framed with many different unknown ids (garbage
+    /// that starts with the Confluent magic byte) hold the projection back for one patience,
+    /// not one each.
+    missing: Option<MissingSchemas>,
     missing_schema_patience: Duration,
 }
+
+/// An episode of schema ids the registry does not know (see [`FactReader::missing`]).
+#[derive(Debug, Clone, Copy)]
+struct MissingSchemas {
+    since: Instant,
+    last: Instant,
+}
+
+/// A 404 this long after the previous one starts a new episode, with a patience of its own.
+const MISSING_SCHEMAS_EPISODE_GAP: Duration = Duration::from_secs(600);
 
 /// How long a schema id the registry does not know is asked for again before the records
 /// framed with it are dead-lettered (see [`FactReader::with_missing_schema_patience`]).
@@ -106,16 +118,19 @@ impl FactReader {
             decoder: FramedDecoder::new(AvroCodec::new()),
             registry,
             unusable_ids: HashMap::new(),
-            missing_since: HashMap::new(),
+            missing: None,
             missing_schema_patience: MISSING_SCHEMA_PATIENCE,
         }
     }
 
-    /// How long a schema id the registry answers 404 for is asked for again, the batch held
-    /// back meanwhile, before its records are dead-lettered (default
+    /// How long schema ids the registry answers 404 for are asked for again, the batch held
+    /// back meanwhile, before their records are dead-lettered (default
     /// [`MISSING_SCHEMA_PATIENCE`]). A producer registers a schema and sends the first record
     /// framed with it at once; a registry replica that has not caught up yet would otherwise
-    /// have that record, and every later one of that schema, dead-lettered for good.
+    /// have that record, and every later one of that schema, dead-lettered for good. The
+    /// patience is one for all ids of an episode: it starts at the first 404 and ends when a
+    /// schema is fetched, or ten minutes after the last 404; meanwhile every unknown id gets
+    /// what is left of it.
     pub fn with_missing_schema_patience(mut self, patience: Duration) -> Self {
         self.missing_schema_patience = patience;
         self
@@ -197,7 +212,7 @@ impl FactReader {
             .expect("the schema registry lookup panicked");
         let learned = match fetched {
             Ok(schema) => {
-                self.missing_since.remove(&id);
+                self.missing = None;
                 self.decoder
                     .add_writer_schema(id, &schema)
                     .map(|_| ())
@@ -205,14 +220,25 @@ impl FactReader {
             }
             Err(error) if error.is_retryable() => return Err(error),
             Err(error) if error.is_not_found() => {
-                let since = *self.missing_since.entry(id).or_insert_with(Instant::now);
-                let waited = since.elapsed();
+                let now = Instant::now();
+                let episode = match self.missing {
+                    Some(episode) if now - episode.last < MISSING_SCHEMAS_EPISODE_GAP => episode,
+                    _ => MissingSchemas {
+                        since: now,
+                        last: now,
+                    },
+                };
+                self.missing = Some(MissingSchemas {
+                    last: now,
+                    ..episode
+                });
+                let waited = now - episode.since;
                 if waited < self.missing_schema_patience {
                     return Err(RegistryError::NotYetKnown { id, waited });
                 }
-                self.missing_since.remove(&id);
                 Err(format!(
-                    "schema id {id}: not in the registry after {waited:.0?} of asking ({error})"
+                    "schema id {id}: not in the registry after {waited:.0?} of asking for \
+                     unknown schema ids ({error})"
                 ))
             }
             Err(error) => Err(format!("schema id {id}: {error}")),
