@@ -53,6 +53,7 @@ per_read_model!(
     two_projectors_split_the_partitions_and_together_match_store,
     catching_up_counts_what_another_member_applied,
     until_caught_up_says_whether_it_caught_up_or_was_stopped,
+    a_batch_ends_at_its_byte_limit,
     undecodable_records_go_to_the_dlq_and_projection_goes_on,
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     a_flood_of_garbage_is_dead_lettered_whole_and_in_order,
@@ -947,6 +948,29 @@ async fn until_caught_up_says_whether_it_caught_up_or_was_stopped(world: &World)
 
     let finished = world.project(&group).await;
     assert!(finished.caught_up, "{finished:?}");
+    world.assert_report_equals_store().await;
+}
+
+/// A batch holds at most `batch_bytes` of keys and values (the record that reaches it is its
+/// last): here one byte, so every record is a batch of its own, and the model is still right.
+async fn a_batch_ends_at_its_byte_limit(world: &World) {
+    let history = world.write_random_history(3, 6, Rng::seed()).await;
+    world.relay_once().await;
+    let mut config = World::projection_config(&common::unique("bytes"));
+    config.batch_bytes = 1;
+    let (_never, shutdown) = ShutdownTrigger::new();
+    let report = kafka_projector(world.store.clone(), &world.kafka, config)
+        .await
+        .unwrap()
+        .run(ProjectionMode::UntilCaughtUp, shutdown)
+        .await
+        .unwrap();
+    assert!(report.caught_up, "{report:?}");
+    assert!(report.applied_facts >= history.fact_records(), "{report:?}");
+    assert!(
+        report.batches >= report.applied_facts,
+        "more than one record in a batch: {report:?}"
+    );
     world.assert_report_equals_store().await;
 }
 

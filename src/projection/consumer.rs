@@ -448,13 +448,13 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
         self.consumer().context().state().lag
     }
 
-    /// Starts collecting the next batch on the blocking pool (up to `max_records` records or
-    /// `max_wait`), so that the previous one can be applied meanwhile. Hold the
+    /// Starts collecting the next batch on the blocking pool (up to `limits` or `max_wait`),
+    /// so that the previous one can be applied meanwhile. Hold the
     /// [revocation gate](Self::hold_revocations) while applying; [`receive`](Self::receive)
     /// the batch before starting another.
     pub fn poll_batch(
         &self,
-        max_records: usize,
+        limits: BatchLimits,
         max_wait: Duration,
         reader: &FactReader,
     ) -> PendingBatch {
@@ -465,7 +465,7 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
         let reader = reader.clone();
         PendingBatch {
             polling: tokio::task::spawn_blocking(move || {
-                collect_batch(&consumer, &topic, &reader, max_records, max_wait)
+                collect_batch(&consumer, &topic, &reader, limits, max_wait)
             }),
         }
     }
@@ -639,7 +639,16 @@ impl<S: ReportStore + Clone + 'static> Drop for Session<S> {
     }
 }
 
-/// Polls until `max_records` records, or until nothing more is buffered once there is a record,
+/// How large a batch may grow.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Most records.
+    pub records: usize,
+    /// Most bytes of keys and values; the record that reaches it is the batch's last.
+    pub bytes: usize,
+}
+
+/// Polls until `limits` are reached, or until nothing more is buffered once there is a record,
 /// or `max_wait` for the first record (blocking; on the blocking pool). Records of partitions
 /// revoked meanwhile are dropped. Returns the batch and the assignment changes.
 ///
@@ -650,7 +659,7 @@ fn collect_batch<S: ReportStore>(
     consumer: &ProjectionConsumer<S>,
     topic: &str,
     reader: &FactReader,
-    max_records: usize,
+    limits: BatchLimits,
     max_wait: Duration,
 ) -> Result<(Batch, Vec<AssignmentChange>), ProjectionError> {
     let context = consumer.context();
@@ -659,7 +668,8 @@ fn collect_batch<S: ReportStore>(
     let mut batch = Batch::default();
     let mut changes = Vec::new();
     let mut first_poll = true;
-    while polled.len() < max_records {
+    let mut bytes = 0;
+    while polled.len() < limits.records && bytes < limits.bytes {
         let wait = if polled.is_empty() {
             // Poll at least once, even with no time left (a `max_wait` of zero: take what is
             // buffered, wait for nothing): only `poll` serves the rebalance callbacks and
@@ -686,6 +696,7 @@ fn collect_batch<S: ReportStore>(
             None => {}
             Some(Ok(message)) if message.topic() == topic && context.owns(message.partition()) => {
                 let known = reader.read_known(&message);
+                bytes += message.payload_len() + message.key_len();
                 polled.push(Polled { message, known });
             }
             Some(Ok(_)) => {}

@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use super::consumer::{Batch, PendingBatch, PolledRead, Session};
+use super::consumer::{Batch, BatchLimits, PendingBatch, PolledRead, Session};
 use super::dlq::{DeadLetterSender, DlqError, partition_ids};
 use super::fact::{FactOutcome, FactReader, Rejection};
 use super::{PartitionOffset, ReportChange, ReportStore, compact_changes, metrics};
@@ -47,6 +47,12 @@ pub struct ProjectionConfig {
     /// in few large transactions, while at low load a batch is whatever has arrived (see
     /// `batch_wait`), so the size costs no latency.
     pub batch_size: usize,
+    /// Most bytes of keys and values per batch (the batch ends with the record that reaches
+    /// it). Default [`DEFAULT_BATCH_BYTES`]: facts take a few hundred bytes, so it never cuts a
+    /// batch of them short, but 5,000 records near Kafka's size limit (garbage on the topic,
+    /// each copied out to be dead-lettered) would otherwise be held as gigabytes at once, and
+    /// the crash that follows would read the same batch again.
+    pub batch_bytes: usize,
     /// Longest wait for the first record of a batch. Default 100 ms. Once a batch has a record,
     /// it is applied as soon as the consumer has nothing more buffered, without waiting. Zero
     /// takes what is buffered and waits for nothing (so an idle projector polls without pause).
@@ -61,12 +67,16 @@ impl ProjectionConfig {
         Self {
             group_id: group_id.into(),
             batch_size: 5000,
+            batch_bytes: DEFAULT_BATCH_BYTES,
             batch_wait: Duration::from_millis(100),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
         }
     }
 }
+
+/// Default [`ProjectionConfig::batch_bytes`]: 32 MiB.
+pub const DEFAULT_BATCH_BYTES: usize = 32 * 1024 * 1024;
 
 /// The group the projection uses by default: `<topic prefix>.book-report`.
 pub fn default_group(topic_prefix: &str) -> String {
@@ -235,6 +245,7 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
         kafka: kafka.clone(),
         config: ProjectionConfig {
             batch_size: config.batch_size.max(1),
+            batch_bytes: config.batch_bytes.max(1),
             ..config
         },
         topic: topics.book_fact,
@@ -485,7 +496,14 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
     }
 
     fn poll_batch(&self, session: &Session<S>) -> PendingBatch {
-        session.poll_batch(self.config.batch_size, self.config.batch_wait, &self.reader)
+        session.poll_batch(
+            BatchLimits {
+                records: self.config.batch_size,
+                bytes: self.config.batch_bytes,
+            },
+            self.config.batch_wait,
+            &self.reader,
+        )
     }
 
     /// After a batch is applied: progress, status, and whether the run is caught up.
