@@ -28,6 +28,10 @@ as_pg() {
   if [[ $EUID -eq 0 ]]; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
+# The superuser of a cluster this script creates: the OS user that runs it (postgres under root,
+# else the caller), so that peer authentication on the Unix socket lets as_pg in.
+if [[ $EUID -eq 0 ]]; then SUPERUSER=postgres; else SUPERUSER="$(id -un)"; fi
+
 # Newest /usr/lib/postgresql/<version>/bin with a server in it.
 find_bin() {
   local d best=""
@@ -69,12 +73,14 @@ answers() { "${BIN:+$BIN/}pg_isready" -q -h 127.0.0.1 -p "$PORT" -t 2 2>/dev/nul
 # Superuser psql (SQL on stdin) through a Unix socket with peer authentication: ours in /tmp,
 # a Debian-managed one in /var/run/postgresql. Returns 3 when neither lets us in.
 su_psql() {
-  local dir
+  local dir user
   for dir in "$SOCKET_DIR" /var/run/postgresql; do
-    if as_pg "$BIN/psql" -h "$dir" -p "$PORT" -U postgres -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
-      as_pg "$BIN/psql" -h "$dir" -p "$PORT" -U postgres -d postgres -v ON_ERROR_STOP=1 -q
-      return
-    fi
+    for user in "$SUPERUSER" postgres; do
+      if as_pg "$BIN/psql" -h "$dir" -p "$PORT" -U "$user" -d postgres -Atqc 'select 1' >/dev/null 2>&1; then
+        as_pg "$BIN/psql" -h "$dir" -p "$PORT" -U "$user" -d postgres -v ON_ERROR_STOP=1 -q
+        return
+      fi
+    done
   done
   return 3
 }
@@ -121,7 +127,7 @@ start() {
     [[ $EUID -eq 0 ]] && chown postgres:postgres "$PG_ROOT"
     if [[ ! -f "$DATA/PG_VERSION" ]]; then
       say "creating cluster in $DATA ($("$BIN/postgres" --version))"
-      as_pg "$BIN/initdb" -D "$DATA" -U postgres -E UTF8 --locale=C.UTF-8 \
+      as_pg "$BIN/initdb" -D "$DATA" -U "$SUPERUSER" -E UTF8 --locale=C.UTF-8 \
         --auth-local=peer --auth-host=scram-sha-256 >"$PG_ROOT/initdb.log" 2>&1 ||
         { cat "$PG_ROOT/initdb.log"; die "initdb failed"; }
       as_pg tee -a "$DATA/postgresql.conf" >/dev/null <<'CONF'
