@@ -11,6 +11,10 @@ pub const PROGRESS_REFRESH: std::time::Duration = std::time::Duration::from_secs
 pub const PUBLISHED_EVENTS: &str = "bookstore_relay_published_events_total";
 pub const BATCHES: &str = "bookstore_relay_batches_total";
 pub const SEND_ERRORS: &str = "bookstore_relay_send_errors_total";
+/// Failures of the store (reading the outbox, its head or the relay's position) the relay
+/// waited out; counted apart from [`SEND_ERRORS`], so that a database outage does not look
+/// like Kafka refusing records.
+pub const STORE_ERRORS: &str = "bookstore_relay_store_errors_total";
 pub const BACKLOG: &str = "bookstore_relay_backlog_events";
 pub const LAST_POSITION: &str = "bookstore_relay_last_published_position";
 /// Exactly once: how long the oldest committed transaction not yet readable by `read_committed`
@@ -38,6 +42,10 @@ pub(crate) fn record_unreadable_commit(for_: std::time::Duration) {
 
 pub(crate) fn record_send_error() {
     metrics::counter!(SEND_ERRORS).increment(1);
+}
+
+pub(crate) fn record_store_error() {
+    metrics::counter!(STORE_ERRORS).increment(1);
 }
 
 /// Sets the backlog and last-position gauges from the store: what is committed but not yet

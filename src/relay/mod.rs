@@ -530,7 +530,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     return Ok(Stop::LeaseLost);
                 }
                 error => {
-                    metrics::record_send_error();
+                    count_error(&error);
                     warn!(%error, ?backoff, "publishing failed; retrying from the last confirmed position");
                     if !pause(shutdown, &mut backoff, self.config.max_backoff).await {
                         return Ok(Stop::Shutdown);
@@ -735,7 +735,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 }
                 Err(error) => RelayError::Publish(error),
             };
-            metrics::record_send_error();
+            count_error(&error);
             warn!(%error, ?backoff, "cannot start publishing; retrying");
             if !pause(shutdown, backoff, self.config.max_backoff).await {
                 return Ok(None);
@@ -750,6 +750,14 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             _ = tokio::time::sleep(self.config.poll_interval) => {}
             _ = shutdown.wait() => {}
         }
+    }
+}
+
+/// Counts an error the relay waits out as the store's or Kafka's.
+fn count_error(error: &RelayError) {
+    match error {
+        RelayError::Store(_) => metrics::record_store_error(),
+        _ => metrics::record_send_error(),
     }
 }
 
@@ -984,6 +992,30 @@ async fn pause(shutdown: &mut Shutdown, backoff: &mut Duration, max: Duration) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The value of the counter `name`, from the Prometheus text format.
+    fn counter(handle: &metrics_exporter_prometheus::PrometheusHandle, name: &str) -> Option<f64> {
+        handle.render().lines().find_map(|line| {
+            let value = line.strip_prefix(name)?.strip_prefix(' ')?;
+            Some(value.parse().unwrap())
+        })
+    }
+
+    #[test]
+    fn a_database_failure_is_counted_as_the_store_s_not_as_a_send_error() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let _local = ::metrics::set_default_local_recorder(&recorder);
+        count_error(&RelayError::Store(StoreError::Timeout(
+            Duration::from_secs(1),
+        )));
+        assert_eq!(counter(&handle, metrics::STORE_ERRORS), Some(1.0));
+        assert_eq!(counter(&handle, metrics::SEND_ERRORS), None);
+        count_error(&RelayError::Publish(PublishError::Retryable(
+            rdkafka::error::KafkaError::Canceled,
+        )));
+        assert_eq!(counter(&handle, metrics::SEND_ERRORS), Some(1.0));
+    }
     use crate::store::SqliteStore;
 
     fn batch(events: u64, last: u64) -> PublishedBatch {
