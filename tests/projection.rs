@@ -91,6 +91,44 @@ async fn projector_stops_promptly_on_sigterm_while_the_broker_is_down() {
     world.finish().await;
 }
 
+/// Assigned partitions while the database does not answer (here: the offsets table locked by
+/// hand), the projector gives up reading the stored offsets after a while instead of holding
+/// its polling thread, and a stop with it, for as long as the database stays silent.
+#[tokio::test]
+async fn a_projector_whose_stored_offsets_cannot_be_read_still_stops_promptly() {
+    let world = World::postgres().await;
+    world.write_random_history(3, 6, Rng::seed()).await;
+    world.relay_once().await;
+    let AnyStore::Postgres(store) = &world.store else {
+        unreachable!("a PostgreSQL world");
+    };
+    let mut lock = store.pool().begin().await.unwrap();
+    sqlx::query("LOCK TABLE projection_offsets IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let group = common::unique("locked");
+    let mut child = world
+        .bookstore(&["project", "--group", &group])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Joined, assigned, and waiting for the stored offsets.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    assert_stops_within(
+        &mut child,
+        Duration::from_secs(25),
+        "with its offsets locked",
+    )
+    .await;
+    lock.rollback().await.unwrap();
+    let report = world.project(&group).await;
+    assert!(report.caught_up, "{report:?}");
+    world.assert_report_equals_store().await;
+    world.finish().await;
+}
+
 /// Stopped while a dead letter waits for an acknowledgement that does not come (here its
 /// queue is gone, which librdkafka waits 30 s to believe; in an outage it would wait up to its
 /// message timeout), the projector abandons the batch after its grace rather than wait out the

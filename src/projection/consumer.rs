@@ -121,6 +121,10 @@ impl OutsideGroup {
     }
 }
 
+/// How long an assignment waits for the stored offsets before the member leaves the group
+/// (and joins again after a pause), as for any other failure to read them.
+const STORED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
+
 #[derive(Debug)]
 enum AssignFailure {
     Store(StoreError),
@@ -149,10 +153,16 @@ impl<S: ReportStore> ProjectionContext<S> {
     fn assign(&self, consumer: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let partitions = self.partitions_of(tpl);
         // Blocks the polling thread (never an async worker, see the module doc) until the
-        // database answers: the assignment must not start anywhere else.
+        // database answers: the assignment must not start anywhere else. Bounded: a database
+        // that does not answer (a connection cut without a reset) would otherwise hold the
+        // polling thread, and a stop waiting for it, until TCP gives up, minutes later.
         let stored = self
             .runtime
-            .block_on(self.store.stored_offsets(&self.group, &self.topic));
+            .block_on(tokio::time::timeout(
+                STORED_OFFSETS_TIMEOUT,
+                self.store.stored_offsets(&self.group, &self.topic),
+            ))
+            .unwrap_or(Err(StoreError::Timeout(STORED_OFFSETS_TIMEOUT)));
         let starts: HashMap<i32, i64> = match stored {
             Ok(offsets) => offsets
                 .into_iter()
