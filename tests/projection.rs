@@ -91,6 +91,64 @@ async fn projector_stops_promptly_on_sigterm_while_the_broker_is_down() {
     world.finish().await;
 }
 
+/// Records framed with many schema ids the registry does not know (garbage that starts with
+/// the Confluent magic byte, or schemas registered on a replica that lags): all are asked for
+/// before the batch is held back, so their patience runs once, together, not once per id.
+#[tokio::test]
+async fn many_unknown_schema_ids_hold_the_projection_back_once_not_once_each() {
+    const IDS: u32 = 10;
+    let patience = Duration::from_secs(4);
+    let world = World::sqlite().await;
+    let mut kafka = world.kafka.clone();
+    kafka.schema_registry_url = Some(std::env::var("SCHEMA_REGISTRY_URL").expect(
+        "SCHEMA_REGISTRY_URL names the test schema registry (`deploy/schema-registry/registry.sh \
+         start`)",
+    ));
+    world.write_random_history(3, 6, Rng::seed()).await;
+    world.relay_once().await;
+    let datum = AvroCodec::new()
+        .encode(&EventPayload::Fact(fact(BookId::generate(), 1, "Never")))
+        .unwrap();
+    let garbage: Vec<_> = (0..IDS)
+        .map(|i| {
+            let id = u32::MAX - 1_000 - i;
+            (
+                Some(BookId::generate().to_string()),
+                bookstore::codec::frame_confluent(id, &datum),
+            )
+        })
+        .collect();
+    produce_raw(&world, &garbage).await;
+
+    let mut config = World::projection_config(&common::unique("unknown-ids"));
+    config.missing_schema_patience = patience;
+    config.max_backoff = Duration::from_secs(1);
+    let started = std::time::Instant::now();
+    let report = tokio::time::timeout(
+        Duration::from_secs(120),
+        kafka_projector(world.store.clone(), &kafka, config)
+            .await
+            .unwrap()
+            .run(ProjectionMode::UntilCaughtUp, Shutdown::never()),
+    )
+    .await
+    .expect("did not catch up")
+    .unwrap();
+    let took = started.elapsed();
+    assert_eq!(report.dead_letters, u64::from(IDS), "{report:?}");
+    // One id after another would take IDS times the patience (40 s), and more.
+    assert!(
+        took < patience * 8,
+        "took {took:?} for {IDS} unknown ids at {patience:?} each"
+    );
+    assert!(
+        took >= patience,
+        "dead-lettered before the patience: {took:?}"
+    );
+    world.assert_report_equals_store().await;
+    world.finish().await;
+}
+
 /// Assigned partitions while the database does not answer (here: the offsets table locked by
 /// hand), the projector gives up reading the stored offsets after a while instead of holding
 /// its polling thread, and a stop with it, for as long as the database stays silent.

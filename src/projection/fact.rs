@@ -88,23 +88,13 @@ pub struct FactReader {
     /// the life of the reader, so after registering a missing schema restart the projector
     /// (then `bookstore dlq replay`).
     unusable_ids: HashMap<u32, String>,
-    /// Since when the registry has been answering 404 for schema ids, and when it last did:
-    /// one clock for all ids, so that records framed with many different unknown ids (garbage
-    /// that starts with the Confluent magic byte) hold the projection back for one patience,
-    /// not one each.
-    missing: Option<MissingSchemas>,
+    /// Schema ids the registry did not know when first asked, and since when: asked again
+    /// until [`Self::missing_schema_patience`] has passed, then unusable. The projector reads
+    /// every record of a batch before it holds the batch back, so the clocks of all unknown
+    /// ids of a batch start together (see `Projector::read`).
+    missing_since: HashMap<u32, Instant>,
     missing_schema_patience: Duration,
 }
-
-/// An episode of schema ids the registry does not know (see [`FactReader::missing`]).
-#[derive(Debug, Clone, Copy)]
-struct MissingSchemas {
-    since: Instant,
-    last: Instant,
-}
-
-/// A 404 this long after the previous one starts a new episode, with a patience of its own.
-const MISSING_SCHEMAS_EPISODE_GAP: Duration = Duration::from_secs(600);
 
 /// How long a schema id the registry does not know is asked for again before the records
 /// framed with it are dead-lettered (see [`FactReader::with_missing_schema_patience`]).
@@ -118,7 +108,7 @@ impl FactReader {
             decoder: FramedDecoder::new(AvroCodec::new()),
             registry,
             unusable_ids: HashMap::new(),
-            missing: None,
+            missing_since: HashMap::new(),
             missing_schema_patience: MISSING_SCHEMA_PATIENCE,
         }
     }
@@ -127,10 +117,8 @@ impl FactReader {
     /// back meanwhile, before their records are dead-lettered (default
     /// [`MISSING_SCHEMA_PATIENCE`]). A producer registers a schema and sends the first record
     /// framed with it at once; a registry replica that has not caught up yet would otherwise
-    /// have that record, and every later one of that schema, dead-lettered for good. The
-    /// patience is one for all ids of an episode: it starts at the first 404 and ends when a
-    /// schema is fetched, or ten minutes after the last 404; meanwhile every unknown id gets
-    /// what is left of it.
+    /// have that record, and every later one of that schema, dead-lettered for good. Each id
+    /// has its own patience, from its first 404.
     pub fn with_missing_schema_patience(mut self, patience: Duration) -> Self {
         self.missing_schema_patience = patience;
         self
@@ -212,7 +200,7 @@ impl FactReader {
             .expect("the schema registry lookup panicked");
         let learned = match fetched {
             Ok(schema) => {
-                self.missing = None;
+                self.missing_since.remove(&id);
                 self.decoder
                     .add_writer_schema(id, &schema)
                     .map(|_| ())
@@ -220,25 +208,14 @@ impl FactReader {
             }
             Err(error) if error.is_retryable() => return Err(error),
             Err(error) if error.is_not_found() => {
-                let now = Instant::now();
-                let episode = match self.missing {
-                    Some(episode) if now - episode.last < MISSING_SCHEMAS_EPISODE_GAP => episode,
-                    _ => MissingSchemas {
-                        since: now,
-                        last: now,
-                    },
-                };
-                self.missing = Some(MissingSchemas {
-                    last: now,
-                    ..episode
-                });
-                let waited = now - episode.since;
+                let since = *self.missing_since.entry(id).or_insert_with(Instant::now);
+                let waited = since.elapsed();
                 if waited < self.missing_schema_patience {
                     return Err(RegistryError::NotYetKnown { id, waited });
                 }
+                self.missing_since.remove(&id);
                 Err(format!(
-                    "schema id {id}: not in the registry after {waited:.0?} of asking for \
-                     unknown schema ids ({error})"
+                    "schema id {id}: not in the registry after {waited:.0?} of asking ({error})"
                 ))
             }
             Err(error) => Err(format!("schema id {id}: {error}")),

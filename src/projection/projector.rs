@@ -57,6 +57,10 @@ pub struct ProjectionConfig {
     /// it is applied as soon as the consumer has nothing more buffered, without waiting. Zero
     /// takes what is buffered and waits for nothing (so an idle projector polls without pause).
     pub batch_wait: Duration,
+    /// How long a schema id the registry does not know is asked for again before its records
+    /// are dead-lettered (see [`FactReader::with_missing_schema_patience`]). Default
+    /// [`super::MISSING_SCHEMA_PATIENCE`], 60 s.
+    pub missing_schema_patience: Duration,
     /// First pause after an error; doubles up to `max_backoff`. Defaults 200 ms and 10 s.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
@@ -69,6 +73,7 @@ impl ProjectionConfig {
             batch_size: 5000,
             batch_bytes: DEFAULT_BATCH_BYTES,
             batch_wait: Duration::from_millis(100),
+            missing_schema_patience: super::MISSING_SCHEMA_PATIENCE,
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
         }
@@ -240,6 +245,8 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
     )
     .await?;
     let registry = kafka.schema_registry_client()?;
+    let reader =
+        FactReader::new(registry).with_missing_schema_patience(config.missing_schema_patience);
     Ok(Projector {
         store,
         kafka: kafka.clone(),
@@ -249,7 +256,7 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
             ..config
         },
         topic: topics.book_fact,
-        reader: FactReader::new(registry),
+        reader,
         dead_letters: DeadLetterSender::new(kafka)?,
         status: watch::Sender::new(ProjectionStatus::default()),
     })
@@ -544,6 +551,11 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         let mut changes = Vec::with_capacity(polled);
         let mut superseded = Superseded::default();
         let mut rejected = Vec::new();
+        // Schema ids the registry does not know yet hold the batch back, but only after every
+        // record is read: each unknown id's patience starts now, together, rather than one id
+        // after another's has run out (records framed with a thousand made-up ids would
+        // otherwise hold the projection back a thousand times).
+        let mut not_yet_known = None;
         // In batch order: the changes of a book with a versionless deletion depend on it.
         for record in records {
             let message = match record.read {
@@ -557,7 +569,15 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 }
                 PolledRead::Unread(message) => message,
             };
-            match self.reader.read(&message).await? {
+            let outcome = match self.reader.read(&message).await {
+                Ok(outcome) => outcome,
+                Err(error @ RegistryError::NotYetKnown { .. }) => {
+                    not_yet_known.get_or_insert(error);
+                    continue;
+                }
+                Err(error) => return Err(error.into()),
+            };
+            match outcome {
                 FactOutcome::Apply(change) => changes.push(change),
                 FactOutcome::DeadLetter(rejection) => {
                     warn!(
@@ -569,6 +589,9 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                     rejected.push((message, rejection));
                 }
             }
+        }
+        if let Some(error) = not_yet_known {
+            return Err(error.into());
         }
         Ok(ReadBatch {
             offsets,
