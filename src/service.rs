@@ -4,7 +4,7 @@
 //! A save that loses an optimistic-concurrency race, or that the database aborted because of
 //! concurrent transactions (a serialization failure or deadlock), is retried against the fresh
 //! state: the command is decided again, never blindly re-applied. A command whose sender named
-//! the versions it decided on ([`CommandContext::expected_versions`]) is refused instead once
+//! the versions it decided on ([`CommandContext::expected`]) is refused instead once
 //! the book has moved past them.
 
 use chrono::Utc;
@@ -32,10 +32,28 @@ pub struct CommandContext {
     pub command_id: Option<Uuid>,
     /// W3C `traceparent` of the request, carried into the events' headers.
     pub traceparent: Option<String>,
-    /// The versions of the book the command was decided on by its sender (HTTP `If-Match`):
-    /// the command is refused with [`ServiceError::VersionMismatch`] when the stored book is
-    /// at none of them, instead of overwriting a change the sender has not seen. `None`: any.
-    pub expected_versions: Option<Vec<u64>>,
+    /// What the sender expects of the stored book (HTTP `If-Match`): the command is refused
+    /// with [`ServiceError::VersionMismatch`] otherwise, instead of overwriting a change the
+    /// sender has not seen. `None`: nothing.
+    pub expected: Option<Expected>,
+}
+
+/// A precondition on the stored book.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expected {
+    /// That it exists (and is not removed), at any version (`If-Match: *`).
+    Exists,
+    /// That it is at one of these versions (none: never).
+    OneOf(Vec<u64>),
+}
+
+impl Expected {
+    fn holds_for(&self, book: Option<&Book>) -> bool {
+        match self {
+            Expected::Exists => book.is_some_and(|book| !book.removed),
+            Expected::OneOf(versions) => book.is_some_and(|book| versions.contains(&book.version)),
+        }
+    }
 }
 
 /// What a command did.
@@ -56,19 +74,29 @@ pub enum ServiceError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    /// The book is not at a version the command expected (see
-    /// [`CommandContext::expected_versions`]).
-    #[error("book {book_id} is at version {}, not {expected:?}: read it again and decide anew", display_version(*actual))]
+    /// The book is not as the command expected (see [`CommandContext::expected`]).
+    #[error("book {book_id} is {}, not {}: read it again and decide anew", describe(*actual), expected_text(expected))]
     VersionMismatch {
         book_id: BookId,
-        expected: Vec<u64>,
-        /// `None` when there is no such book.
-        actual: Option<u64>,
+        expected: Expected,
+        /// The stored book's version and whether it is removed; `None` when there is none.
+        actual: Option<(u64, bool)>,
     },
 }
 
-fn display_version(version: Option<u64>) -> String {
-    version.map_or_else(|| "none (no such book)".to_owned(), |v| v.to_string())
+fn describe(actual: Option<(u64, bool)>) -> String {
+    match actual {
+        None => "not there".to_owned(),
+        Some((version, true)) => format!("removed at version {version}"),
+        Some((version, false)) => format!("at version {version}"),
+    }
+}
+
+fn expected_text(expected: &Expected) -> String {
+    match expected {
+        Expected::Exists => "there".to_owned(),
+        Expected::OneOf(versions) => format!("at version {versions:?}"),
+    }
 }
 
 impl ServiceError {
@@ -113,14 +141,13 @@ impl<S: EventStore, C: EventCodec> BookService<S, C> {
         let mut attempt = 0;
         loop {
             let current = self.store.load_book(book_id).await?;
-            let actual = current.as_ref().map(|book| book.version);
-            if let Some(expected) = &context.expected_versions
-                && !actual.is_some_and(|version| expected.contains(&version))
+            if let Some(expected) = &context.expected
+                && !expected.holds_for(current.as_ref())
             {
                 return Err(ServiceError::VersionMismatch {
                     book_id,
                     expected: expected.clone(),
-                    actual,
+                    actual: current.as_ref().map(|book| (book.version, book.removed)),
                 });
             }
             let Some(decision) = Book::execute(current.as_ref(), &command)? else {

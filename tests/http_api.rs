@@ -511,6 +511,9 @@ async fn if_match_refuses_a_change_decided_on_a_stale_version() {
     price(&path, "W/\"4\"", "13.00")
         .await
         .assert_error(412, None);
+    price(&path, "\"04\"", "13.00")
+        .await
+        .assert_error(412, None);
     price(&path, "four", "13.00").await.assert_error(400, None);
     // The other commands take it too.
     let remove = |if_match: &str| {
@@ -540,6 +543,19 @@ async fn if_match_refuses_a_change_decided_on_a_stale_version() {
     )
     .await;
     added.assert_error(412, None);
+    // `*`: the book must exist, and not be removed.
+    let added = send_with(
+        "POST",
+        server.url("/api/books"),
+        Some((
+            "application/json",
+            json!({"title": "T", "author": "A"}).to_string(),
+        )),
+        vec![("if-match", "*".to_owned())],
+    )
+    .await;
+    added.assert_error(412, None);
+    price(&path, "*", "13.00").await.assert_error(412, None);
 }
 
 #[tokio::test]

@@ -38,7 +38,7 @@ use super::error::ApiError;
 use super::state::{HttpState, HttpStore};
 use crate::domain::{AddBook, BookCommand, BookId, Price, UpdateDetails, ValidationError};
 use crate::projection::{BookReport, ReportKey};
-use crate::service::{CommandContext, CommandOutcome};
+use crate::service::{CommandContext, CommandOutcome, Expected};
 
 /// One row of the report, as the API shows it. The price is a string (`"12.99"`) so no client
 /// ever reads money as a binary float.
@@ -352,44 +352,66 @@ fn command_context(headers: &HeaderMap) -> Result<CommandContext, ApiError> {
         correlation_id,
         command_id: None,
         traceparent,
-        expected_versions: expected_versions(headers)?,
+        expected: expected(headers)?,
     })
 }
 
-/// The versions `If-Match` names, as the `ETag`s of this API spell them (`"3"`); `None` without
-/// the header or with `*` (any version of an existing book, which every command but an add
-/// requires anyway). Weak tags (`W/"3"`) never match, as RFC 9110 says of `If-Match`; an entity
-/// tag this API never gave out is refused with 400 rather than treated as "no version matches".
-fn expected_versions(headers: &HeaderMap) -> Result<Option<Vec<u64>>, ApiError> {
+/// What `If-Match` asks of the book (RFC 9110, 13.1.1): `*`, that it exists; a list of entity
+/// tags, that its `ETag` is one of them, compared strongly: a weak tag (`W/"3"`), or one this
+/// API would not give out (`"03"`, `"x"`), matches no version. `None` without the header. A
+/// header that is no list of entity tags is refused with 400.
+fn expected(headers: &HeaderMap) -> Result<Option<Expected>, ApiError> {
     let values: Vec<&HeaderValue> = headers.get_all(IF_MATCH).iter().collect();
     if values.is_empty() {
         return Ok(None);
     }
     let refused = || {
         ApiError::bad_request(
-            "If-Match must list entity tags as this API gives them in ETag (e.g. \"3\"), or be *",
+            "If-Match must be * or a list of entity tags, as this API gives them in ETag \
+             (e.g. \"3\")",
         )
     };
     let mut versions = Vec::new();
     for value in values {
         let text = value.to_str().map_err(|_| refused())?;
-        for tag in text.split(',').map(str::trim).filter(|tag| !tag.is_empty()) {
-            if tag == "*" {
-                return Ok(None);
+        if text.trim() == "*" {
+            return Ok(Some(Expected::Exists));
+        }
+        for (weak, opaque) in entity_tags(text).ok_or_else(refused)? {
+            if let Some(version) = version_of_tag(weak, opaque) {
+                versions.push(version);
             }
-            if tag.starts_with("W/") {
-                continue;
-            }
-            let version = tag
-                .strip_prefix('"')
-                .and_then(|tag| tag.strip_suffix('"'))
-                .filter(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
-                .and_then(|digits| digits.parse().ok())
-                .ok_or_else(refused)?;
-            versions.push(version);
         }
     }
-    Ok(Some(versions))
+    Ok(Some(Expected::OneOf(versions)))
+}
+
+/// The entity tags of a list (`W/"a", "b,c"`): whether each is weak, and its opaque part.
+/// Commas inside quotes belong to the tag. `None` if `text` is no such list.
+fn entity_tags(text: &str) -> Option<Vec<(bool, &str)>> {
+    let mut tags = Vec::new();
+    let mut rest = text.trim_start_matches([' ', '\t', ',']);
+    while !rest.is_empty() {
+        let (weak, quoted) = match rest.strip_prefix("W/") {
+            Some(quoted) => (true, quoted),
+            None => (false, rest),
+        };
+        let inside = quoted.strip_prefix('"')?;
+        let end = inside.find('"')?;
+        tags.push((weak, &inside[..end]));
+        let after = inside[end + 1..].trim_start_matches([' ', '\t']);
+        if !(after.is_empty() || after.starts_with(',')) {
+            return None;
+        }
+        rest = after.trim_start_matches([' ', '\t', ',']);
+    }
+    if tags.is_empty() { None } else { Some(tags) }
+}
+
+/// The version a strong tag names, spelled exactly as [`etag`] spells it; `None` otherwise.
+fn version_of_tag(weak: bool, opaque: &str) -> Option<u64> {
+    let version: u64 = opaque.parse().ok().filter(|_| !weak)?;
+    (version.to_string() == opaque).then_some(version)
 }
 
 /// The `ETag` of a book at `version`: the version as a strong entity tag.
@@ -585,6 +607,37 @@ mod tests {
 
     fn body(text: &str) -> JsonObject {
         JsonObject::parse(&json_headers(), text.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn if_match_is_read_as_rfc_9110_says() {
+        let read = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(IF_MATCH, value.parse().unwrap());
+            expected(&headers)
+        };
+        assert_eq!(read("*").unwrap(), Some(Expected::Exists));
+        assert_eq!(read("\"3\"").unwrap(), Some(Expected::OneOf(vec![3])));
+        assert_eq!(
+            read(" \"3\" ,\"12\",, W/\"4\", \"03\", \"a,b\"").unwrap(),
+            Some(Expected::OneOf(vec![3, 12])),
+            "weak and unknown tags match nothing; commas inside quotes belong to the tag"
+        );
+        assert_eq!(
+            read("W/\"3\"").unwrap(),
+            Some(Expected::OneOf(vec![])),
+            "a weak tag never matches"
+        );
+        for garbage in ["3", "\"3", "\"3\" \"4\"", "", ",", "W/3", "\"3\"x"] {
+            let refused = read(garbage);
+            assert!(
+                refused
+                    .as_ref()
+                    .is_err_and(|error| error.status == StatusCode::BAD_REQUEST),
+                "{garbage:?}: {refused:?}"
+            );
+        }
+        assert_eq!(expected(&HeaderMap::new()).unwrap(), None);
     }
 
     #[test]
