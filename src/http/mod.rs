@@ -99,8 +99,8 @@ pub fn router<S: HttpStore>(state: HttpState<S>) -> Router {
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 /// How long a client may take to send a request's head (its request line and headers), from
-/// the first byte, or on a kept-alive connection from the end of the previous response. A
-/// client that takes longer is disconnected: connections that never finish a request would
+/// the moment the connection is accepted, or on a kept-alive connection from the end of the
+/// previous response. A client that takes longer is disconnected: connections that never finish a request would
 /// otherwise stay open for as long as the process, each holding a file descriptor that the
 /// relay, the projector and the database pool also need.
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,7 +108,9 @@ pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a request may take, from the end of its head to the response, by default (see
 /// [`HttpState::with_request_timeout`]): reading the body included (a client trickling it in),
 /// and a save waiting on a locked row. The client then gets a 503; a save that committed
-/// meanwhile stays committed (`BookService` commands can be sent again safely).
+/// meanwhile stays committed, and sending the command again writes nothing twice (an add that
+/// names its book id gets 409, a command with `If-Match` 412, the others change nothing or
+/// set the same again).
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Most connections served at once; further clients wait in the listen backlog until one
@@ -161,7 +163,10 @@ pub async fn serve_with(
         .header_read_timeout(limits.header_read_timeout);
     let open = Arc::new(Semaphore::new(limits.max_connections.max(1)));
     let graceful = GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        // Forget the connections that have ended.
+        while connections.try_join_next().is_some() {}
         let permit = tokio::select! {
             () = shutdown.wait() => break,
             permit = open.clone().acquire_owned() => {
@@ -172,10 +177,12 @@ pub async fn serve_with(
             () = shutdown.wait() => break,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
+                // A client that gave up before its connection was accepted: nothing to wait for.
+                Err(error) if is_connection_error(&error) => continue,
                 Err(error) => {
                     // Out of file descriptors, most likely: wait rather than spin or stop.
-                    warn!(%error, "could not accept a connection");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    warn!(%error, "could not accept a connection; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
                     continue;
                 }
             },
@@ -187,7 +194,7 @@ pub async fn serve_with(
             TokioIo::new(stream),
             TowerToHyperService::new(router.clone()),
         ));
-        tokio::spawn(async move {
+        connections.spawn(async move {
             if let Err(error) = served.await {
                 debug!(%error, "connection ended with an error");
             }
@@ -199,7 +206,19 @@ pub async fn serve_with(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(SHUTDOWN_GRACE) => {
             warn!(grace = ?SHUTDOWN_GRACE, "connections still open after the grace period; closing them");
+            connections.abort_all();
         }
     }
     Ok(())
+}
+
+/// Errors of `accept` that concern one client only (it reset or aborted its connection before
+/// it was accepted), after which accepting goes on at once.
+fn is_connection_error(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::ConnectionRefused
+            | std::io::ErrorKind::ConnectionAborted
+            | std::io::ErrorKind::ConnectionReset
+    )
 }
