@@ -342,7 +342,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                         }
                     }
                 }
-                Err(error) => warn!(%error, "cannot take the relay lease; retrying"),
+                Err(error) => {
+                    metrics::record_store_error();
+                    warn!(%error, "cannot take the relay lease; retrying");
+                }
             }
             tokio::select! {
                 _ = shutdown.wait() => return Leased::Never,
@@ -413,6 +416,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
             match self.outbox.commit_signal().await {
                 Ok(signal) => break signal,
                 Err(error) => {
+                    metrics::record_store_error();
                     warn!(%error, ?backoff, "cannot listen for commits; retrying");
                     if !pause(shutdown, &mut backoff, self.config.max_backoff).await {
                         return Ok(Stop::Shutdown);
