@@ -117,3 +117,46 @@ async fn connections_beyond_the_limit_wait_until_one_closes() {
         .unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_is_cut_off_and_frees_its_connection() {
+    let limits = ConnectionLimits {
+        write_stall_timeout: Duration::from_secs(1),
+        max_connections: 1,
+        ..ConnectionLimits::default()
+    };
+    let (address, _trigger, _dir) = serve(limits, http::REQUEST_TIMEOUT).await;
+
+    // A small receive window, and pipelined requests whose answers fill every buffer between
+    // the server and a client that never reads them.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let stubborn = socket.connect(address.parse().unwrap()).await.unwrap();
+    let (_never_read, mut writer) = stubborn.into_split();
+    let flood = tokio::spawn(async move {
+        let request = b"GET /healthz HTTP/1.1\r\nHost: test\r\n\r\n";
+        let chunk: Vec<u8> = request.repeat(1_000);
+        for _ in 0..2_000 {
+            if writer.write_all(&chunk).await.is_err() {
+                return true;
+            }
+        }
+        false
+    });
+
+    // The limit is one connection: the next client is served once the stubborn one is cut off.
+    let mut next = TcpStream::connect(&address).await.unwrap();
+    next.write_all(HEALTHZ).await.unwrap();
+    let answer = read_until_closed(&mut next, Duration::from_secs(20))
+        .await
+        .expect("not served while a client that stopped reading held the only connection");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let cut_off = tokio::time::timeout(Duration::from_secs(20), flood)
+        .await
+        .expect("the stubborn client's connection stayed open")
+        .unwrap();
+    assert!(
+        cut_off,
+        "all requests were answered: the writes never stalled"
+    );
+}

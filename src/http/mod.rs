@@ -117,11 +117,18 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 /// closes. Well below the common limit of 1,024 file descriptors per process.
 pub const MAX_CONNECTIONS: usize = 512;
 
+/// How long writing to a client may make no progress before the connection is closed: a
+/// client that stops reading (a zero receive window) would otherwise hold its connection, and
+/// one of the [`MAX_CONNECTIONS`], for as long as it likes.
+pub const WRITE_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The limits [`serve_with`] holds connections to.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
     /// See [`HEADER_READ_TIMEOUT`].
     pub header_read_timeout: Duration,
+    /// See [`WRITE_STALL_TIMEOUT`].
+    pub write_stall_timeout: Duration,
     /// See [`MAX_CONNECTIONS`].
     pub max_connections: usize,
 }
@@ -130,6 +137,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             header_read_timeout: HEADER_READ_TIMEOUT,
+            write_stall_timeout: WRITE_STALL_TIMEOUT,
             max_connections: MAX_CONNECTIONS,
         }
     }
@@ -191,7 +199,7 @@ pub async fn serve_with(
             debug!(%error, "could not set TCP_NODELAY on a connection");
         }
         let served = graceful.watch(connection.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(WriteStallLimit::new(stream, limits.write_stall_timeout)),
             TowerToHyperService::new(router.clone()),
         ));
         connections.spawn(async move {
@@ -210,6 +218,103 @@ pub async fn serve_with(
         }
     }
     Ok(())
+}
+
+/// A connection whose writes fail once one has made no progress for `limit`. Written here
+/// because hyper has no write timeout and tokio none for a stream; a timeout around the whole
+/// response would also cut a slow but steady download.
+struct WriteStallLimit {
+    stream: tokio::net::TcpStream,
+    limit: Duration,
+    /// Armed when a write could not proceed; disarmed by any progress.
+    stalled: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteStallLimit {
+    fn new(stream: tokio::net::TcpStream, limit: Duration) -> Self {
+        Self {
+            stream,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// `poll`'s outcome, or a timeout error once writing has stalled for the limit.
+    fn limited<T>(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+        poll: impl FnOnce(
+            std::pin::Pin<&mut tokio::net::TcpStream>,
+            &mut std::task::Context<'_>,
+        ) -> std::task::Poll<std::io::Result<T>>,
+    ) -> std::task::Poll<std::io::Result<T>> {
+        use std::task::Poll;
+        match poll(std::pin::Pin::new(&mut self.stream), cx) {
+            Poll::Ready(outcome) => {
+                self.stalled = None;
+                Poll::Ready(outcome)
+            }
+            Poll::Pending => {
+                let limit = self.limit;
+                let stalled = self
+                    .stalled
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+                match stalled.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("the client read nothing for {limit:?}"),
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for WriteStallLimit {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for WriteStallLimit {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.limited(cx, |stream, cx| stream.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        self.limited(cx, |stream, cx| stream.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.limited(cx, |stream, cx| stream.poll_flush(cx))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.limited(cx, |stream, cx| stream.poll_shutdown(cx))
+    }
 }
 
 /// Errors of `accept` that concern one client only (it reset or aborted its connection before
