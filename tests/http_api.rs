@@ -531,30 +531,21 @@ async fn if_match_refuses_a_change_decided_on_a_stale_version() {
         (200, Some("\"5\"")),
         "{removed:?}"
     );
+    let add = |if_match: &str| {
+        send_with(
+            "POST",
+            server.url("/api/books"),
+            Some((
+                "application/json",
+                json!({"title": "T", "author": "A"}).to_string(),
+            )),
+            vec![("if-match", if_match.to_owned())],
+        )
+    };
     // An add expecting a version of a book that does not exist.
-    let added = send_with(
-        "POST",
-        server.url("/api/books"),
-        Some((
-            "application/json",
-            json!({"title": "T", "author": "A"}).to_string(),
-        )),
-        vec![("if-match", "\"1\"".to_owned())],
-    )
-    .await;
-    added.assert_error(412, None);
+    add("\"1\"").await.assert_error(412, None);
     // `*`: the book must exist, and not be removed.
-    let added = send_with(
-        "POST",
-        server.url("/api/books"),
-        Some((
-            "application/json",
-            json!({"title": "T", "author": "A"}).to_string(),
-        )),
-        vec![("if-match", "*".to_owned())],
-    )
-    .await;
-    added.assert_error(412, None);
+    add("*").await.assert_error(412, None);
     price(&path, "*", "13.00").await.assert_error(412, None);
 }
 

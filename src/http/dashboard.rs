@@ -63,66 +63,45 @@ pub(super) async fn page<S: HttpStore>(
     }
 }
 
-/// A column the table can be sorted by.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-enum Column {
-    #[default]
-    Title,
-    Author,
-    Price,
-    Isbn,
-    Version,
+/// The columns the table shows, each sortable, in their order.
+const COLUMNS: [ReportColumn; 5] = [
+    ReportColumn::Title,
+    ReportColumn::Author,
+    ReportColumn::Price,
+    ReportColumn::Isbn,
+    ReportColumn::Version,
+];
+
+/// A column's name in the query string (see [`ReportOrder`] for how it compares rows: texts
+/// without regard to case, books without an ISBN after those with one).
+fn column_key(column: ReportColumn) -> &'static str {
+    match column {
+        ReportColumn::Title => "title",
+        ReportColumn::Author => "author",
+        ReportColumn::Price => "price",
+        ReportColumn::Isbn => "isbn",
+        ReportColumn::Version => "version",
+    }
 }
 
-impl Column {
-    const ALL: [Column; 5] = [
-        Column::Title,
-        Column::Author,
-        Column::Price,
-        Column::Isbn,
-        Column::Version,
-    ];
-
-    /// The name in the query string.
-    fn key(self) -> &'static str {
-        match self {
-            Column::Title => "title",
-            Column::Author => "author",
-            Column::Price => "price",
-            Column::Isbn => "isbn",
-            Column::Version => "version",
-        }
+fn column_label(column: ReportColumn) -> &'static str {
+    match column {
+        ReportColumn::Title => "Title",
+        ReportColumn::Author => "Author",
+        ReportColumn::Price => "Price",
+        ReportColumn::Isbn => "ISBN",
+        ReportColumn::Version => "Version",
     }
+}
 
-    fn label(self) -> &'static str {
-        match self {
-            Column::Title => "Title",
-            Column::Author => "Author",
-            Column::Price => "Price",
-            Column::Isbn => "ISBN",
-            Column::Version => "Version",
-        }
-    }
+fn column_is_numeric(column: ReportColumn) -> bool {
+    matches!(column, ReportColumn::Price | ReportColumn::Version)
+}
 
-    fn is_numeric(self) -> bool {
-        matches!(self, Column::Price | Column::Version)
-    }
-
-    fn parse(key: &str) -> Option<Column> {
-        Column::ALL.into_iter().find(|column| column.key() == key)
-    }
-
-    /// The column of the read model's order (see [`ReportOrder`] for how it compares rows:
-    /// texts without regard to case, books without an ISBN after those with one).
-    fn report_column(self) -> ReportColumn {
-        match self {
-            Column::Title => ReportColumn::Title,
-            Column::Author => ReportColumn::Author,
-            Column::Price => ReportColumn::Price,
-            Column::Isbn => ReportColumn::Isbn,
-            Column::Version => ReportColumn::Version,
-        }
-    }
+fn column_named(key: &str) -> Option<ReportColumn> {
+    COLUMNS
+        .into_iter()
+        .find(|&column| column_key(column) == key)
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -150,7 +129,7 @@ impl Direction {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct SortOrder {
-    column: Column,
+    column: ReportColumn,
     direction: Direction,
 }
 
@@ -159,7 +138,7 @@ impl SortOrder {
         let column = query
             .sort
             .as_deref()
-            .and_then(Column::parse)
+            .and_then(column_named)
             .unwrap_or_default();
         let direction = match query.dir.as_deref() {
             Some("desc") => Direction::Descending,
@@ -170,7 +149,7 @@ impl SortOrder {
 
     fn report_order(self) -> ReportOrder {
         ReportOrder {
-            column: self.column.report_column(),
+            column: self.column,
             descending: self.direction == Direction::Descending,
         }
     }
@@ -184,13 +163,13 @@ impl SortOrder {
 
     /// Where the header of `column` leads: the same column flips the direction, another
     /// column starts ascending.
-    fn link(self, column: Column) -> String {
+    fn link(self, column: ReportColumn) -> String {
         let direction = if column == self.column {
             self.direction.reversed()
         } else {
             Direction::Ascending
         };
-        format!("?sort={}&dir={}", column.key(), direction.key())
+        format!("?sort={}&dir={}", column_key(column), direction.key())
     }
 }
 
@@ -272,7 +251,7 @@ fn render_report(reports: &[BookReport], totals: &Totals, order: SortOrder) -> S
         );
     }
     body.push_str("<table>\n<thead><tr>");
-    for column in Column::ALL {
+    for column in COLUMNS {
         body.push_str(&render_header(column, order));
     }
     body.push_str("</tr></thead>\n<tbody>\n");
@@ -314,8 +293,8 @@ fn render_totals(totals: &Totals) -> String {
     )
 }
 
-fn render_header(column: Column, order: SortOrder) -> String {
-    let class = if column.is_numeric() {
+fn render_header(column: ReportColumn, order: SortOrder) -> String {
+    let class = if column_is_numeric(column) {
         " class=\"num\""
     } else {
         ""
@@ -328,7 +307,7 @@ fn render_header(column: Column, order: SortOrder) -> String {
     format!(
         "<th scope=\"col\"{class}{aria}><a href=\"{}\">{}{arrow}</a></th>",
         escape_html(&order.link(column)),
-        column.label()
+        column_label(column)
     )
 }
 
@@ -426,10 +405,10 @@ mod tests {
     #[test]
     fn header_of_the_sorted_column_flips_the_direction() {
         let current = order("price", "asc");
-        assert_eq!(current.link(Column::Price), "?sort=price&dir=desc");
-        assert_eq!(current.link(Column::Title), "?sort=title&dir=asc");
+        assert_eq!(current.link(ReportColumn::Price), "?sort=price&dir=desc");
+        assert_eq!(current.link(ReportColumn::Title), "?sort=title&dir=asc");
         assert_eq!(
-            order("price", "desc").link(Column::Price),
+            order("price", "desc").link(ReportColumn::Price),
             "?sort=price&dir=asc"
         );
     }
