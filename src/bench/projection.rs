@@ -30,7 +30,8 @@ use crate::config::KafkaConfig;
 use crate::domain::BookId;
 use crate::projection::{
     BookReport, PartitionOffset, ProjectionConfig, ProjectionError, ProjectionMode,
-    ProjectionReport, ReportChange, ReportStore, kafka_projector,
+    ProjectionReport, ReportChange, ReportKey, ReportOrder, ReportStore, ReportTotals,
+    kafka_projector,
 };
 use crate::shutdown::{Shutdown, ShutdownTrigger};
 use crate::store::{AnyStore, StoreError};
@@ -335,6 +336,26 @@ impl ReportStore for TimedReports<AnyStore> {
 
     async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
         self.inner.list_reports().await
+    }
+
+    async fn list_reports_page(
+        &self,
+        after: Option<&ReportKey>,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        self.inner.list_reports_page(after, limit).await
+    }
+
+    async fn list_reports_sorted(
+        &self,
+        order: ReportOrder,
+        limit: u32,
+    ) -> Result<Vec<BookReport>, StoreError> {
+        self.inner.list_reports_sorted(order, limit).await
+    }
+
+    async fn report_totals(&self) -> Result<ReportTotals, StoreError> {
+        self.inner.report_totals().await
     }
 
     async fn report(&self, book_id: BookId) -> Result<Option<BookReport>, StoreError> {

@@ -171,11 +171,6 @@ impl ReportKey {
             book_id: report.book_id,
         }
     }
-
-    /// Whether `report` comes after this position (titles compared bytewise).
-    pub fn precedes(&self, report: &BookReport) -> bool {
-        (self.title.as_str(), self.book_id) < (report.title.as_str(), report.book_id)
-    }
 }
 
 /// A column [`ReportStore::list_reports_sorted`] sorts by.
@@ -299,22 +294,12 @@ pub trait ReportStore: Send + Sync {
     /// The SQL adapters read it through the index on `(title, book_id)`: the cost is the page,
     /// not the table. Text is in the database's order: bytewise in SQLite, the collation of the
     /// column in PostgreSQL (the same for a `C` or `C.UTF-8` database, not for `en_US` and the
-    /// like). The default, for wrappers that do not forward it, filters
-    /// [`list_reports`](Self::list_reports) (bytewise).
+    /// like).
     fn list_reports_page(
         &self,
         after: Option<&ReportKey>,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send {
-        async move {
-            let mut rows = self.list_reports().await?;
-            if let Some(after) = after {
-                rows.retain(|row| after.precedes(row));
-            }
-            rows.truncate(limit as usize);
-            Ok(rows)
-        }
-    }
+    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send;
 
     /// The first `limit` rows in `order` (see [`ReportOrder`]), for a bounded view of the
     /// report such as the dashboard.
@@ -324,34 +309,16 @@ pub trait ReportStore: Send + Sync {
     /// `limit`). Their case-insensitive comparison is the database's `lower()`, which SQLite
     /// applies to ASCII letters only: which rows make the cut can differ from
     /// [`ReportOrder::compare`] for titles that differ only in non-ASCII case, so a caller
-    /// showing them sorts them again with it. The default sorts
-    /// [`list_reports`](Self::list_reports).
+    /// showing them sorts them again with it.
     fn list_reports_sorted(
         &self,
         order: ReportOrder,
         limit: u32,
-    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send {
-        async move {
-            let mut rows = self.list_reports().await?;
-            rows.sort_by(|a, b| order.compare(a, b));
-            rows.truncate(limit as usize);
-            Ok(rows)
-        }
-    }
+    ) -> impl Future<Output = Result<Vec<BookReport>, StoreError>> + Send;
 
     /// How many books the read model holds, the exact sum of their prices and the newest
-    /// change, computed in the database over every row. The default sums
-    /// [`list_reports`](Self::list_reports).
-    fn report_totals(&self) -> impl Future<Output = Result<ReportTotals, StoreError>> + Send {
-        async move {
-            let rows = self.list_reports().await?;
-            Ok(ReportTotals {
-                books: rows.len() as u64,
-                price_sum: rows.iter().map(|row| row.price.amount()).sum(),
-                last_change: rows.iter().map(|row| row.updated_at).max(),
-            })
-        }
-    }
+    /// change, computed in the database over every row.
+    fn report_totals(&self) -> impl Future<Output = Result<ReportTotals, StoreError>> + Send;
 
     /// One book's row.
     fn report(
