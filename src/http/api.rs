@@ -410,7 +410,10 @@ fn entity_tags(text: &str) -> Option<Vec<(bool, &str)>> {
 
 /// The version a strong tag names, spelled exactly as [`etag`] spells it; `None` otherwise.
 fn version_of_tag(weak: bool, opaque: &str) -> Option<u64> {
-    let version: u64 = opaque.parse().ok().filter(|_| !weak)?;
+    if weak {
+        return None;
+    }
+    let version: u64 = opaque.parse().ok()?;
     (version.to_string() == opaque).then_some(version)
 }
 
