@@ -243,6 +243,24 @@ async fn delete_topic(world: &World, topic: &str) {
     for result in results {
         result.unwrap();
     }
+    // The deletion is accepted before the brokers drop the partitions; until they have, a
+    // producer that knows the topic still gets its records acknowledged there.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let metadata = world.kafka.fetch_metadata(Some(topic)).await.unwrap();
+        let gone = metadata
+            .topics()
+            .iter()
+            .all(|listed| listed.error().is_some() || listed.partitions().is_empty());
+        if gone {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{topic} still listed 30 s after its deletion"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// The lines a child writes to stderr, as they come.
