@@ -606,19 +606,17 @@ async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World
     );
     assert_eq!(store.stored_offsets("a", "other").await.unwrap(), vec![]);
 
-    store.reset("a").await.unwrap();
+    assert_eq!(store.reset().await.unwrap(), vec!["a", "b"]);
     assert_eq!(
         store.list_reports().await.unwrap(),
         Vec::<BookReport>::new()
     );
     assert_eq!(store.stored_offsets("a", topic).await.unwrap(), vec![]);
-    assert_eq!(
-        store.stored_offsets("b", topic).await.unwrap(),
-        vec![at(1, 3)]
-    );
+    // Another group's offsets go too: they named rows that are gone.
+    assert_eq!(store.stored_offsets("b", topic).await.unwrap(), vec![]);
     // Remembered deletions go too: the rebuild starts from nothing.
     apply(world, &[delete(book_id, Some(9))]).await;
-    store.reset("a").await.unwrap();
+    assert_eq!(store.reset().await.unwrap(), Vec::<String>::new());
     apply(world, &[upsert(book_id, 2, "after reset")]).await;
     assert_eq!(row(world, book_id).await, Some((2, "after reset".into())));
 }
@@ -1496,6 +1494,41 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
         world.reports().await.len() + 5,
         books.len(),
         "rows changed anyway"
+    );
+    stop.trigger();
+    run.await.unwrap().unwrap();
+
+    // A projector of another group into the same read model, active while the rows go: its
+    // offsets are forgotten with them, but it goes on from where it stood, so the rebuild
+    // says so rather than succeed.
+    let other = common::unique("other-group");
+    let running = kafka_projector(
+        world.store.clone(),
+        &world.kafka,
+        World::projection_config(&other),
+    )
+    .await
+    .unwrap();
+    let mut status = running.status();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let run = tokio::spawn(running.run(ProjectionMode::Follow, shutdown));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|s| !s.owned.is_empty() && s.batches > 0),
+    )
+    .await
+    .expect("the other group's projector never applied a batch")
+    .unwrap();
+    let refused = world
+        .bookstore(&["project", "--rebuild", "--until-caught-up"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!refused.status.success());
+    let error = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        error.contains(&other) && error.contains("while the read model was emptied"),
+        "{error}"
     );
     stop.trigger();
     run.await.unwrap().unwrap();

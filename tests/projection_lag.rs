@@ -161,7 +161,7 @@ async fn the_lag_counts_from_the_offsets_the_read_model_stored(world: &World) {
     }
 
     // Forgetting the stored offsets (what `--rebuild` does) brings the whole topic back.
-    world.store.reset(&group).await.unwrap();
+    world.store.reset().await.unwrap();
     assert_eq!(measure(world, &group).await, before);
 }
 

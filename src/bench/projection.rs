@@ -362,7 +362,7 @@ impl ReportStore for TimedReports<AnyStore> {
         self.inner.report(book_id).await
     }
 
-    async fn reset(&self, group: &str) -> Result<(), StoreError> {
-        self.inner.reset(group).await
+    async fn reset(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.reset().await
     }
 }

@@ -326,8 +326,12 @@ pub trait ReportStore: Send + Sync {
         book_id: BookId,
     ) -> impl Future<Output = Result<Option<BookReport>, StoreError>> + Send;
 
-    /// Deletes every row, remembered version and stored offset of `group` (for `--rebuild`).
-    fn reset(&self, group: &str) -> impl Future<Output = Result<(), StoreError>> + Send;
+    /// Deletes every row, every remembered version and the stored offsets of every group (for
+    /// `--rebuild`), in one transaction; returns the groups whose offsets it deleted. Every
+    /// group's offsets go, not only the rebuilding one's: the rows are shared, so offsets kept
+    /// by another group (of another topic, say) would name rows that are gone, and that group
+    /// would never read them again.
+    fn reset(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
 }
 
 /// The changes of a batch with everything dropped that cannot affect the outcome: per book,

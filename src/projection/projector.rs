@@ -123,6 +123,13 @@ pub enum ProjectionError {
          group before rebuilding"
     )]
     GroupActive { group: String, members: usize },
+    #[error(
+        "consumer group(s) {} had active members while the read model was emptied: rows \
+         before where those members stood will not come back; stop every projector of them \
+         and rebuild again",
+        groups.join(", ")
+    )]
+    ActiveDuringRebuild { groups: Vec<String> },
     /// librdkafka left this member outside a steady group membership for longer than a join
     /// can take (see `Session::stuck_outside_group`); a new consumer joins again.
     #[error(
@@ -300,6 +307,22 @@ enum Stop {
     CaughtUp,
 }
 
+/// How many members `group` has right now.
+async fn active_members(
+    kafka: &KafkaConfig,
+    client: Arc<BaseConsumer>,
+    group: &str,
+) -> Result<usize, ProjectionError> {
+    let group = group.to_owned();
+    let timeout = kafka.request_timeout();
+    run_blocking(move || {
+        let groups = client.fetch_group_list(Some(&group), timeout)?;
+        Ok(groups.groups().iter().map(|g| g.members().len()).sum())
+    })
+    .await
+    .map_err(ProjectionError::Kafka)
+}
+
 /// The end of each partition when the run started: (low, high) watermarks.
 type Ends = HashMap<i32, (i64, i64)>;
 
@@ -313,20 +336,36 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         self.status.subscribe()
     }
 
-    /// Empties the read model and forgets the group's offsets, in the database and in Kafka,
-    /// so the next run reads the compacted topic from the beginning. Refuses while any member
-    /// of the group is active: it would go on storing offsets of rows just deleted.
+    /// Empties the read model and forgets the stored offsets of every group (see
+    /// [`ReportStore::reset`]), and this group's offsets in Kafka, so the next run reads the
+    /// compacted topic from the beginning. Refuses while any member of the group is active: it
+    /// would go on storing offsets of rows just deleted. The check cannot lock members out, so
+    /// it is made again once the rows are gone, for every group whose offsets were forgotten:
+    /// a member that joined in between (or one of another group) is reported as an error, as
+    /// the rows it had passed are lost to it.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
         let group = &self.config.group_id;
         let client = Arc::new(self.group_client()?);
-        let members = self.active_members(client.clone()).await?;
+        let members = active_members(&self.kafka, client.clone(), group).await?;
         if members > 0 {
             return Err(ProjectionError::GroupActive {
                 group: group.clone(),
                 members,
             });
         }
-        self.store.reset(group).await?;
+        let mut forgotten = self.store.reset().await?;
+        if !forgotten.contains(group) {
+            forgotten.push(group.clone());
+        }
+        let mut active = Vec::new();
+        for forgotten in forgotten {
+            if active_members(&self.kafka, client.clone(), &forgotten).await? > 0 {
+                active.push(forgotten);
+            }
+        }
+        if !active.is_empty() {
+            return Err(ProjectionError::ActiveDuringRebuild { groups: active });
+        }
         // The database alone decides where reading starts; the group offsets only feed lag
         // tooling until the first batch commits new ones, so failing here is no reason to stop.
         if let Err(error) = self.rewind_group_offsets(client).await {
@@ -345,18 +384,6 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 bootstrap_servers: self.kafka.bootstrap_servers.clone(),
                 cause,
             })
-    }
-
-    /// How many members the group has right now.
-    async fn active_members(&self, client: Arc<BaseConsumer>) -> Result<usize, ProjectionError> {
-        let group = self.config.group_id.clone();
-        let timeout = self.kafka.request_timeout();
-        run_blocking(move || {
-            let groups = client.fetch_group_list(Some(&group), timeout)?;
-            Ok(groups.groups().iter().map(|g| g.members().len()).sum())
-        })
-        .await
-        .map_err(ProjectionError::Kafka)
     }
 
     /// Commits the low watermark of every partition as the group's offset.

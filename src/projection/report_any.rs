@@ -63,7 +63,7 @@ impl ReportStore for AnyStore {
         delegate!(self, store => store.report(book_id))
     }
 
-    async fn reset(&self, group: &str) -> Result<(), StoreError> {
-        delegate!(self, store => store.reset(group))
+    async fn reset(&self) -> Result<Vec<String>, StoreError> {
+        delegate!(self, store => store.reset())
     }
 }

@@ -167,7 +167,7 @@ impl ReportStore for PostgresStore {
         row.map(ReportRow::into_report).transpose()
     }
 
-    async fn reset(&self, group: &str) -> Result<(), StoreError> {
+    async fn reset(&self) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
         sqlx::query("DELETE FROM book_report")
             .execute(&mut *tx)
@@ -175,12 +175,14 @@ impl ReportStore for PostgresStore {
         sqlx::query("DELETE FROM book_report_deleted")
             .execute(&mut *tx)
             .await?;
-        sqlx::query("DELETE FROM projection_offsets WHERE consumer_group = $1")
-            .bind(group)
-            .execute(&mut *tx)
-            .await?;
+        let mut groups: Vec<String> =
+            sqlx::query_scalar("DELETE FROM projection_offsets RETURNING consumer_group")
+                .fetch_all(&mut *tx)
+                .await?;
         tx.commit().await?;
-        Ok(())
+        groups.sort_unstable();
+        groups.dedup();
+        Ok(groups)
     }
 }
 
