@@ -54,7 +54,8 @@ impl Shutdown {
     }
 }
 
-async fn wait_for_signal() {
+/// Returns when Ctrl-C or SIGTERM arrives.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -163,3 +163,59 @@ async fn backlog_can_be_drained_at_least_once() {
     assert!(positive_finite(&figure["value"]), "{figure}");
     assert_eq!(figure["extra"]["events"], 2000.0);
 }
+
+/// SIGTERM stops a run where it is and still removes what it made: its stores' folder (and
+/// schemas and topics, by the same path). Without the handler the signal's default action
+/// killed it and left them behind.
+#[tokio::test]
+async fn sigterm_stops_the_bench_and_it_cleans_up() {
+    let work_dir = tempfile::tempdir().unwrap();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("bench")
+        .args(["--only", "append", "--stores", "sqlite"])
+        // Minutes of saves, far more than the seconds it is given; small enough to build
+        // its workload (synchronously, so a signal waits for it) in a few seconds.
+        .args(["--append-events", "300000"])
+        .args(["--bootstrap-servers", &common::bootstrap_servers()])
+        .args(["--work-dir", work_dir.path().to_str().unwrap()])
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    // The run's folder, once its first store is in it.
+    let has_store = |dir: &std::path::Path| {
+        std::fs::read_dir(dir).unwrap().any(|entry| {
+            let folder = entry.unwrap().path();
+            folder.is_dir() && std::fs::read_dir(folder).unwrap().next().is_some()
+        })
+    };
+    let started = tokio::time::Instant::now();
+    while !has_store(work_dir.path()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the bench made no store within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .expect("the bench did not stop within 30 s of SIGTERM")
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: interrupted"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(work_dir.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+}

@@ -317,6 +317,36 @@ fn kafka_check_and_provision_talk_to_the_broker() {
     assert!(String::from_utf8_lossy(&unreachable.stderr).contains("deploy/kafka/kafka.sh start"));
 }
 
+/// A job is stopped by SIGTERM where it stands, with an error line and exit code 1: as the
+/// first process of a container (PID 1) it would otherwise ignore the signal, which the kernel
+/// does not act on by default there. Here `kafka check` waits for a broker that never answers.
+#[test]
+fn sigterm_stops_a_job_with_an_error_line() {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .args(["kafka", "check", "--bootstrap-servers", "127.0.0.1:1"])
+        .args(["--kafka-timeout-ms", "120000"])
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let started = std::time::Instant::now();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(10),
+        "stopped {:?} after SIGTERM",
+        started.elapsed()
+    );
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert_eq!(stderr.trim(), "error: interrupted");
+}
+
 /// librdkafka values may hold commas (a server list, `debug` contexts): such an option must
 /// reach the client whole, and an empty `BOOKSTORE_KAFKA_OPTIONS` means no options.
 #[test]

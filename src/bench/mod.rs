@@ -36,6 +36,7 @@ use crate::config::KafkaConfig;
 use crate::domain::DomainError;
 use crate::kafka::{KafkaSetupError, Topics};
 use crate::relay::{DeliveryMode, RelayError, RelaySetupError};
+use crate::shutdown::Shutdown;
 use crate::store::StoreError;
 
 pub mod append;
@@ -202,6 +203,8 @@ pub enum BenchError {
     Incomplete(String),
     #[error("invalid setting: {0}")]
     Setting(String),
+    #[error("interrupted")]
+    Interrupted,
 }
 
 impl BenchError {
@@ -211,14 +214,19 @@ impl BenchError {
     }
 }
 
-/// Runs every selected measurement and returns the figures. Leaves no stores, schemas or
-/// topics behind (best effort: a failed cleanup is logged).
-pub async fn run(config: &BenchConfig) -> Result<BenchReport, BenchError> {
+/// Runs every selected measurement and returns the figures, or stops early when `shutdown`
+/// is triggered ([`BenchError::Interrupted`]; the child relays are killed as their handles are
+/// dropped). Either way it leaves no stores, schemas or topics behind (best effort: a failed
+/// cleanup is logged).
+pub async fn run(config: &BenchConfig, mut shutdown: Shutdown) -> Result<BenchReport, BenchError> {
     validate(config)?;
     let mut report = BenchReport::new(config);
     let mut kafka = KafkaRun::new(&config.kafka);
     let mut factory = stores::StoreFactory::new(config).await?;
-    let outcome = run_measurements(config, &mut report, &mut kafka, &mut factory).await;
+    let outcome = tokio::select! {
+        outcome = run_measurements(config, &mut report, &mut kafka, &mut factory) => outcome,
+        () = shutdown.wait() => Err(BenchError::Interrupted),
+    };
     factory.cleanup().await;
     kafka.delete_topics().await;
     outcome?;

@@ -8,11 +8,14 @@ use anyhow::{Context, Result};
 use bookstore::bench::{BenchConfig, BenchReport, Figure, Unit};
 use bookstore::cli::BenchArgs;
 use bookstore::config::KafkaConfig;
+use bookstore::shutdown::ShutdownTrigger;
 
 pub async fn run(kafka: &KafkaConfig, args: BenchArgs) -> Result<()> {
     let json = args.json;
     let config = config_from(kafka, args)?;
-    let report = bookstore::bench::run(&config).await?;
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    let report = bookstore::bench::run(&config, shutdown).await?;
     if json {
         println!("{}", serde_json::to_string(&report.to_json())?);
     } else {

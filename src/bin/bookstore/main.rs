@@ -54,18 +54,34 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    let (store, kafka) = (&cli.store, &cli.kafka);
     match cli.command {
-        Command::Books(command) => books::run(&cli.store, command).await,
-        Command::Events(args) => events::run(&cli.store, args).await,
-        Command::Kafka(command) => kafka::run(&cli.kafka, command).await,
-        Command::Relay(args) => relay::run(&cli.store, &cli.kafka, args).await,
-        Command::Project(args) => project::run(&cli.store, &cli.kafka, args).await,
-        Command::Report(args) => report::run(&cli.store, args).await,
-        Command::Dlq(command) => dlq::run(&cli.kafka, command).await,
-        Command::Serve(args) => serve::run(&cli.store, &cli.kafka, args).await,
-        Command::Up(args) => up::run(&cli.store, &cli.kafka, args).await,
-        Command::Demo(args) => demo::run(&cli.store, &cli.kafka, args).await,
-        Command::Bench(args) => bench::run(&cli.kafka, args).await,
+        // These stop on Ctrl-C / SIGTERM themselves, finishing or safely abandoning their work.
+        Command::Relay(args) => relay::run(store, kafka, args).await,
+        Command::Project(args) => project::run(store, kafka, args).await,
+        Command::Serve(args) => serve::run(store, kafka, args).await,
+        Command::Up(args) => up::run(store, kafka, args).await,
+        Command::Demo(args) => demo::run(store, kafka, args).await,
+        Command::Bench(args) => bench::run(kafka, args).await,
+        // Jobs with nothing to finish: a signal stops them where they are.
+        Command::Books(command) => interruptible(books::run(store, command)).await,
+        Command::Events(args) => interruptible(events::run(store, args)).await,
+        Command::Kafka(command) => interruptible(kafka::run(kafka, command)).await,
+        Command::Report(args) => interruptible(report::run(store, args)).await,
+        Command::Dlq(command) => interruptible(dlq::run(kafka, command)).await,
+    }
+}
+
+/// Runs a job until it returns or Ctrl-C / SIGTERM arrives, and then drops it where it stands,
+/// as the signal's default action would: every await of these jobs is a safe place to stop (a
+/// database transaction rolls back, a replayed dead letter's offset is committed after its
+/// send). Handling the signal is still needed: the kernel applies no default action to the first
+/// process of a container (PID 1), so a SIGTERM from an orchestrator would be ignored until its
+/// SIGKILL.
+async fn interruptible(job: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::select! {
+        outcome = job => outcome,
+        () = bookstore::shutdown::wait_for_signal() => anyhow::bail!("interrupted"),
     }
 }
 
