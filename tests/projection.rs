@@ -58,6 +58,7 @@ per_read_model!(
     records_the_database_would_refuse_go_to_the_dlq_and_projection_goes_on,
     a_flood_of_garbage_is_dead_lettered_whole_and_in_order,
     dlq_replay_sends_each_dead_letter_back_once,
+    dlq_replay_skips_letters_a_later_record_of_their_book_supersedes,
     a_record_too_large_to_carry_is_dead_lettered_by_reference_and_replayed_whole,
     records_with_huge_keys_are_dead_lettered_and_projection_goes_on,
     report_json_has_the_documented_shape,
@@ -682,15 +683,7 @@ async fn tombstone_on_the_topic_deletes_the_report_row(world: &World) {
     assert!(!ids.contains(&removed), "a removed book has a row");
 
     // A bare tombstone, as another producer or an operator would write it: no headers.
-    let producer = world.kafka.producer().unwrap();
-    let key = tombstoned.to_string();
-    producer
-        .send(
-            FutureRecord::<str, [u8]>::to(&world.kafka.topics().book_fact).key(&key),
-            Duration::from_secs(10),
-        )
-        .await
-        .unwrap();
+    tombstone(world, tombstoned).await;
     world.project(&group).await;
     let ids: Vec<BookId> = world.reports().await.iter().map(|r| r.book_id).collect();
     assert_eq!(ids, vec![kept]);
@@ -1017,6 +1010,19 @@ async fn produce_raw(world: &World, records: &[(Option<String>, Vec<u8>)]) {
             .await
             .unwrap();
     }
+}
+
+/// A bare tombstone of `book` on the fact topic.
+async fn tombstone(world: &World, book: BookId) {
+    let producer = world.kafka.producer().unwrap();
+    let key = book.to_string();
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&world.kafka.topics().book_fact).key(&key),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
 }
 
 /// Four records the projector cannot apply: garbage, a truncated fact, a fact framed with a
@@ -1388,13 +1394,15 @@ async fn records_with_huge_keys_are_dead_lettered_and_projection_goes_on(world: 
 async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {
     world.add_book("Fine", "1.00", None).await;
     world.relay_once().await;
-    produce_raw(world, &bad_records()[..2]).await;
+    // The last two bad records: different keys, nothing after either.
+    produce_raw(world, &bad_records()[2..]).await;
     let group = common::unique("replay");
     assert_eq!(world.project(&group).await.dead_letters, 2);
 
     let output = world.run_bookstore(&["dlq", "replay"]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("replayed 2 dead letter(s)"), "{stdout}");
+    assert!(!stdout.contains("skipped"), "{stdout}");
     let output = world.run_bookstore(&["dlq", "replay"]).await;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("replayed 0 dead letter(s)"), "{stdout}");
@@ -1404,16 +1412,83 @@ async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {
     assert_eq!(world.project(&group).await.dead_letters, 2);
     let letters = list_dead_letters(&world.kafka).await.unwrap();
     assert_eq!(letters.len(), 4);
-    assert_eq!(letters[0].reason, letters[2].reason);
-    assert_eq!(letters[1].reason, letters[3].reason);
-    assert_eq!(letters[0].key, letters[2].key);
-    assert_eq!(letters[0].value_bytes, letters[2].value_bytes);
-    let origin = |letter: &dlq::DeadLetter| (letter.partition, letter.offset);
-    assert_ne!(
-        origin(&letters[0]),
-        origin(&letters[2]),
-        "not re-read from the topic"
+    // Different keys, so the letters may sit on different partitions of the queue: each
+    // key's two letters, in the order of their partition.
+    let keys: BTreeSet<_> = letters.iter().map(|letter| letter.key.clone()).collect();
+    assert_eq!(keys.len(), 2);
+    for key in keys {
+        let pair: Vec<_> = letters.iter().filter(|letter| letter.key == key).collect();
+        let [first, again] = pair[..] else {
+            panic!("not two letters of {key:?}: {pair:?}");
+        };
+        assert_eq!(first.reason, again.reason);
+        assert_eq!(first.value_bytes, again.value_bytes);
+        let origin = |letter: &dlq::DeadLetter| (letter.partition, letter.offset);
+        assert_ne!(origin(first), origin(again), "not re-read from the topic");
+    }
+}
+
+/// The fact topic is compacted: a dead letter sent back after a later record of its book would
+/// become the record compaction keeps, and a reader from the beginning would get the book's
+/// older state (or a removed book) back. Such letters are skipped; the rest are replayed.
+async fn dlq_replay_skips_letters_a_later_record_of_their_book_supersedes(world: &World) {
+    let kept = world.add_book("Kept", "1.00", None).await;
+    world.relay_once().await;
+    let fact_of = |book: BookId, version: u64, title: &str| {
+        let codec = AvroCodec::new();
+        let datum = codec
+            .encode(&EventPayload::Fact(fact(book, version, title)))
+            .unwrap();
+        frame_single_object(codec.fingerprint(BookFactEvent::TYPE).unwrap(), &datum)
+    };
+    let (superseded, removed, alone) = (BookId::generate(), BookId::generate(), BookId::generate());
+    let key = |book: BookId| Some(book.to_string());
+    produce_raw(
+        world,
+        &[
+            // Unreadable, then a good fact of the same book: the letter is superseded.
+            (key(superseded), b"not avro".to_vec()),
+            (key(superseded), fact_of(superseded, 2, "Newer")),
+            // Unreadable, then the book's tombstone: replaying would bring it back.
+            (key(removed), b"not avro either".to_vec()),
+            // Unreadable and the book's last record: replayed.
+            (key(alone), b"still not avro".to_vec()),
+        ],
+    )
+    .await;
+    tombstone(world, removed).await;
+    let group = common::unique("replay-superseded");
+    assert_eq!(world.project(&group).await.dead_letters, 3);
+
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 1 dead letter(s)"), "{stdout}");
+    assert!(
+        stdout.contains("skipped 2 dead letter(s) whose book has a later record"),
+        "{stdout}"
     );
+    // Neither replayed nor skipped again.
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("replayed 0 dead letter(s)") && !stdout.contains("skipped"),
+        "{stdout}"
+    );
+    // Only the lone book's record was sent back: it is dead-lettered once more.
+    assert_eq!(world.project(&group).await.dead_letters, 1);
+    let letters = list_dead_letters(&world.kafka).await.unwrap();
+    let alone_key = Some(alone.to_string());
+    assert_eq!(letters.len(), 4);
+    assert_eq!(
+        letters
+            .iter()
+            .filter(|letter| letter.key == alone_key)
+            .count(),
+        2
+    );
+    assert_eq!(row(world, superseded).await, Some((2, "Newer".into())));
+    assert_eq!(row(world, removed).await, None);
+    assert!(row(world, kept).await.is_some());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -20,9 +20,11 @@
 //! once the cause is fixed (a schema registered, a projector upgraded): it resumes from the
 //! offsets of the consumer group `<prefix>.book-fact.dlq-replay` and commits each record's
 //! offset right after the record is acknowledged, so each is replayed once (twice at worst if
-//! it crashes between the two). Run one replay at a time.
+//! it crashes between the two). Run one replay at a time. A letter whose original a later
+//! record of its key follows is not sent back (the fact topic is compacted: see
+//! [`replay_dead_letters`]).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -342,7 +344,7 @@ pub async fn list_dead_letters(kafka: &KafkaConfig) -> Result<Vec<DeadLetter>, D
         kafka.topic_prefix,
         uuid::Uuid::new_v4().simple()
     );
-    let mut reader = QueueReader::open(kafka, &group, StartAt::Beginning).await?;
+    let mut reader = QueueReader::open(kafka, &group, StartAt::Beginning, None).await?;
     let mut letters = Vec::new();
     while let Some(message) = reader.next().await? {
         letters.push(DeadLetter::of(&message));
@@ -355,6 +357,9 @@ pub async fn list_dead_letters(kafka: &KafkaConfig) -> Result<Vec<DeadLetter>, D
 pub struct ReplayReport {
     /// Records sent back, per topic.
     pub replayed: HashMap<String, u64>,
+    /// Letters not sent back because a later record of their key follows their original on
+    /// its topic (see [`replay_dead_letters`]).
+    pub superseded: u64,
 }
 
 impl ReplayReport {
@@ -366,13 +371,42 @@ impl ReplayReport {
 /// Sends every dead letter not replayed before back to the topic it came from (its original
 /// key, value and headers), committing the replay group's offset after each. See the module
 /// documentation.
+///
+/// A letter whose original is no longer the last record of its key on its topic is skipped
+/// (and counted as superseded): the fact topic is compacted, so a record sent after the newer
+/// fact of its book, or after its tombstone, would become the one compaction keeps, and a
+/// consumer reading the topic from the beginning (or a `--rebuild`) would get the book's older
+/// state back, or a removed book. Facts are whole states, so the newer one already says all the
+/// skipped one would. The check reads the letters once for where their originals are, then the
+/// originals' partitions from the earliest of them to their end; a record of the same key
+/// written after that read (the relay running meanwhile) is not seen, so stop the relay for
+/// the few seconds of a replay where that matters. Letters whose key was left out are sent
+/// back unchecked: theirs cannot be a book's.
 pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
     let topics = kafka.topics();
     let group = format!("{}-replay", topics.book_fact_dlq);
-    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed).await?;
+    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, None).await?;
+    let bounds = reader.bounds.clone();
+    let mut wanted = WantedKeys::default();
+    while let Some(letter) = reader.next().await? {
+        if let Some((origin, key)) = Origin::of(&letter, &topics.book_fact) {
+            wanted.add(&origin, key);
+        }
+    }
+    drop(reader);
+    let latest = wanted.scan(kafka).await?;
+
+    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, Some(bounds)).await?;
     let producer = dead_letter_producer(kafka)?;
     let mut report = ReplayReport::default();
     while let Some(letter) = reader.next().await? {
+        if let Some((origin, key)) = Origin::of(&letter, &topics.book_fact)
+            && latest.supersede(&origin, key)
+        {
+            reader.commit_past(&letter).await?;
+            report.superseded += 1;
+            continue;
+        }
         let target = header(&letter, ORIGIN_TOPIC)
             .unwrap_or(&topics.book_fact)
             .to_owned();
@@ -402,6 +436,154 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
         *report.replayed.entry(target).or_default() += 1;
     }
     Ok(report)
+}
+
+/// Where a dead letter's original is.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Origin {
+    topic: String,
+    partition: i32,
+    offset: i64,
+}
+
+impl Origin {
+    /// The letter's origin and key, if it names both (its original topic defaulting to
+    /// `fact_topic`, as in replay).
+    fn of<'l>(letter: &'l OwnedMessage, fact_topic: &str) -> Option<(Origin, &'l [u8])> {
+        if header(letter, KEY_LEFT_OUT).is_some() {
+            return None;
+        }
+        let origin = Origin {
+            topic: header(letter, ORIGIN_TOPIC)
+                .unwrap_or(fact_topic)
+                .to_owned(),
+            partition: header(letter, ORIGIN_PARTITION)?.parse().ok()?,
+            offset: header(letter, ORIGIN_OFFSET)?.parse().ok()?,
+        };
+        Some((origin, letter.key()?))
+    }
+}
+
+/// The keys of the letters' originals, per partition.
+#[derive(Debug, Default)]
+struct WantedKeys {
+    partitions: HashMap<(String, i32), Wanted>,
+}
+
+/// The keys wanted of one partition, and the offset of the earliest original there.
+#[derive(Debug)]
+struct Wanted {
+    from: i64,
+    keys: HashSet<Vec<u8>>,
+}
+
+/// Per partition and wanted key, the offset of the last record of that key found.
+#[derive(Debug, Default)]
+struct LatestOfKeys {
+    partitions: HashMap<(String, i32), HashMap<Vec<u8>, i64>>,
+}
+
+impl WantedKeys {
+    fn add(&mut self, origin: &Origin, key: &[u8]) {
+        let wanted = self
+            .partitions
+            .entry((origin.topic.clone(), origin.partition))
+            .or_insert_with(|| Wanted {
+                from: origin.offset,
+                keys: HashSet::new(),
+            });
+        wanted.from = wanted.from.min(origin.offset);
+        wanted.keys.insert(key.to_vec());
+    }
+
+    /// Reads every partition from its earliest original to its end (as a `read_committed`
+    /// reader sees it) and notes where each wanted key was last.
+    async fn scan(self, kafka: &KafkaConfig) -> Result<LatestOfKeys, DlqError> {
+        let mut by_topic: HashMap<String, HashMap<i32, Wanted>> = HashMap::new();
+        for ((topic, partition), wanted) in self.partitions {
+            by_topic.entry(topic).or_default().insert(partition, wanted);
+        }
+        let mut latest = LatestOfKeys::default();
+        for (topic, partitions) in by_topic {
+            for (partition, keys) in scan_topic(kafka, &topic, partitions).await? {
+                latest.partitions.insert((topic.clone(), partition), keys);
+            }
+        }
+        Ok(latest)
+    }
+}
+
+/// [`WantedKeys::scan`] of one topic (a partition's end names no topic).
+async fn scan_topic(
+    kafka: &KafkaConfig,
+    topic: &str,
+    partitions: HashMap<i32, Wanted>,
+) -> Result<HashMap<i32, HashMap<Vec<u8>, i64>>, DlqError> {
+    let mut config = kafka.consumer_config(&format!("{}.dlq-scan", kafka.topic_prefix));
+    config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
+    let mut assignment = TopicPartitionList::new();
+    for (&partition, wanted) in &partitions {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(wanted.from))
+            .map_err(|cause| kafka_error(topic, cause))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|cause| kafka_error(topic, cause))?;
+    let idle_timeout = kafka.request_timeout();
+    let topic = topic.to_owned();
+    // The consumer's calls block.
+    tokio::task::spawn_blocking(move || {
+        let mut latest: HashMap<i32, HashMap<Vec<u8>, i64>> = HashMap::new();
+        let mut open: HashSet<i32> = partitions.keys().copied().collect();
+        let mut idle_until = std::time::Instant::now() + idle_timeout;
+        while !open.is_empty() {
+            if std::time::Instant::now() >= idle_until {
+                return Err(DlqError::Timeout {
+                    topic,
+                    timeout: idle_timeout,
+                });
+            }
+            let message = match consumer.poll(Duration::from_millis(200)) {
+                None => continue,
+                Some(Ok(message)) => message,
+                Some(Err(KafkaError::PartitionEOF(partition))) => {
+                    open.remove(&partition);
+                    idle_until = std::time::Instant::now() + idle_timeout;
+                    continue;
+                }
+                Some(Err(cause)) => return Err(kafka_error(&topic, cause)),
+            };
+            idle_until = std::time::Instant::now() + idle_timeout;
+            let (Some(wanted), Some(key)) = (partitions.get(&message.partition()), message.key())
+            else {
+                continue;
+            };
+            if wanted.keys.contains(key) {
+                latest
+                    .entry(message.partition())
+                    .or_default()
+                    .insert(key.to_vec(), message.offset());
+            }
+        }
+        Ok(latest)
+    })
+    .await
+    .expect("reading the originals' partitions panicked")
+}
+
+impl LatestOfKeys {
+    /// Whether a later record of `key` follows the original at `origin`, or the original is
+    /// gone with nothing of its key after it (compaction removed it and the tombstone that
+    /// followed it).
+    fn supersede(&self, origin: &Origin, key: &[u8]) -> bool {
+        let last = self
+            .partitions
+            .get(&(origin.topic.clone(), origin.partition))
+            .and_then(|keys| keys.get(key));
+        last.is_none_or(|&last| last > origin.offset)
+    }
 }
 
 /// The original of a dead letter that left it out, read back from `topic` where the letter
@@ -488,11 +670,20 @@ struct QueueReader {
     topic: String,
     /// Per partition not read to the end yet: the end offset measured when opened.
     remaining: HashMap<i32, i64>,
+    /// What `remaining` was when opened.
+    bounds: HashMap<i32, i64>,
     idle_timeout: Duration,
 }
 
 impl QueueReader {
-    async fn open(kafka: &KafkaConfig, group: &str, start: StartAt) -> Result<Self, DlqError> {
+    /// Opens the queue at `start`, to be read up to its end now, or up to `until` (the
+    /// [`bounds`](Self::bounds) of an earlier reader) where given.
+    async fn open(
+        kafka: &KafkaConfig,
+        group: &str,
+        start: StartAt,
+        until: Option<HashMap<i32, i64>>,
+    ) -> Result<Self, DlqError> {
         let topic = kafka.topics().book_fact_dlq;
         let partitions = match partition_ids(kafka, &topic).await {
             Err(KafkaSetupError::TopicMissing { topic }) => {
@@ -516,6 +707,7 @@ impl QueueReader {
             .await
             .expect("reading the dead-letter queue's offsets panicked")?
         };
+        let ends = until.unwrap_or(ends);
         let mut assignment = TopicPartitionList::new();
         let mut remaining = HashMap::new();
         for (partition, start_offset) in starts {
@@ -529,6 +721,7 @@ impl QueueReader {
                 .map_err(|cause| kafka_error(&topic, cause))?;
             remaining.insert(partition, end);
         }
+        let bounds = remaining.clone();
         consumer
             .assign(&assignment)
             .map_err(|cause| kafka_error(&topic, cause))?;
@@ -536,6 +729,7 @@ impl QueueReader {
             consumer,
             topic,
             remaining,
+            bounds,
             idle_timeout: timeout,
         })
     }

@@ -50,6 +50,12 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                 println!("{topic}: {count} replayed");
             }
             println!("replayed {} dead letter(s)", report.total());
+            if report.superseded > 0 {
+                println!(
+                    "skipped {} dead letter(s) whose book has a later record on the topic",
+                    report.superseded
+                );
+            }
         }
     }
     Ok(())
