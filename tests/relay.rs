@@ -716,33 +716,77 @@ async fn a_publisher_that_lost_its_transactional_id_is_fenced() {
     assert_exactly_the_events_in_order(&events, &records);
 }
 
+/// Settings under which only the commit signal can wake a following relay soon: it polls once
+/// a minute, and renews its lease (a write to the store, which an SQLite file watch would see
+/// as a commit) every 200 s.
+fn settings_without_other_wake_ups() -> RelaySettings {
+    RelaySettings {
+        poll_interval_ms: 60_000,
+        lease_ttl_ms: 600_000,
+        ..RelaySettings::default()
+    }
+}
+
+/// How long a commit may take to reach a reader through the commit signal: far below the
+/// minute of polling and the lease renewals of [`settings_without_other_wake_ups`].
+const PROMPTLY: Duration = Duration::from_secs(5);
+
+/// A `read_committed` reader subscribed before what it measures, so that joining its group is
+/// not part of the measurement.
+struct Reader(rdkafka::consumer::StreamConsumer);
+
+impl Reader {
+    fn subscribe(kafka: &KafkaConfig, topics: &[&str]) -> Self {
+        use rdkafka::consumer::Consumer;
+        let consumer = kafka.consumer(&common::unique("prompt-reader")).unwrap();
+        consumer.subscribe(topics).unwrap();
+        Self(consumer)
+    }
+
+    /// The next `count` records, within `timeout`.
+    async fn next(&self, count: usize, timeout: Duration) -> Vec<Received> {
+        let mut received = Vec::new();
+        let deadline = tokio::time::Instant::now() + timeout;
+        while received.len() < count {
+            let message = tokio::time::timeout_at(deadline, self.0.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "only {} of {count} records within {timeout:?}",
+                        received.len()
+                    )
+                })
+                .expect("consumer error");
+            received.push(Received::of(&message));
+        }
+        received
+    }
+}
+
 #[tokio::test]
 async fn a_following_relay_publishes_a_new_commit_promptly_without_polling() {
     let fixture = Fixture::new().await;
-    let settings = RelaySettings {
-        poll_interval_ms: 60_000,
-        ..RelaySettings::default()
-    };
-    let relay = kafka_relay(fixture.store(), &fixture.kafka, &settings)
-        .await
-        .unwrap();
+    let relay = kafka_relay(
+        fixture.store(),
+        &fixture.kafka,
+        &settings_without_other_wake_ups(),
+    )
+    .await
+    .unwrap();
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
-    tokio::time::sleep(Duration::from_secs(3)).await;
-
+    let topics = fixture.kafka.topics();
+    let reader = Reader::subscribe(&fixture.kafka, &[&topics.book]);
+    // A first book shows the relay and the reader are live (the relay's first read, made at
+    // its start, may have caught it); the second can only come through the commit signal.
+    fixture.add_book("First", "1.00").await;
+    reader.next(1, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let started = std::time::Instant::now();
     fixture.add_book("Fresh", "1.00").await;
-    let topics = fixture.kafka.topics();
-    common::consume_committed(
-        &fixture.kafka,
-        &[&topics.book],
-        1,
-        Duration::from_secs(20),
-        Duration::ZERO,
-    )
-    .await;
+    reader.next(1, Duration::from_secs(30)).await;
     assert!(
-        started.elapsed() < Duration::from_secs(15),
+        started.elapsed() < PROMPTLY,
         "took {:?} with a 60 s poll interval",
         started.elapsed()
     );
@@ -1029,14 +1073,28 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
     let store = common::postgres_store().await;
     let service = BookService::new(store.clone(), AvroCodec::new());
     let kafka = common::kafka_config();
-    let settings = RelaySettings {
-        poll_interval_ms: 60_000,
-        ..RelaySettings::default()
-    };
-    let relay = kafka_relay(store.clone(), &kafka, &settings).await.unwrap();
+    let relay = kafka_relay(store.clone(), &kafka, &settings_without_other_wake_ups())
+        .await
+        .unwrap();
     let (stop, shutdown) = ShutdownTrigger::new();
     let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    let topics = kafka.topics();
+    let reader = Reader::subscribe(&kafka, &[&topics.book, &topics.book_fact]);
+    // A first book shows the relay and the reader are live (its first read may have caught it).
+    let first = BookCommand::Add(AddBook {
+        book_id: BookId::generate(),
+        title: "Listened first".into(),
+        author: "PG".into(),
+        isbn: None,
+        price: Price::ZERO,
+        description: None,
+    });
+    service
+        .execute(first, CommandContext::default())
+        .await
+        .unwrap();
+    reader.next(2, Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
 
     let started = std::time::Instant::now();
     for index in 0..5 {
@@ -1053,20 +1111,21 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
             .await
             .unwrap();
     }
-    let topics = kafka.topics();
+    reader.next(10, Duration::from_secs(30)).await;
+    assert!(
+        started.elapsed() < PROMPTLY,
+        "took {:?} with a 60 s poll interval",
+        started.elapsed()
+    );
+    // No more than those: nothing is published twice.
     let records = common::consume_committed(
         &kafka,
         &[&topics.book, &topics.book_fact],
-        10,
+        12,
         Duration::from_secs(30),
         QUIET,
     )
     .await;
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "took {:?} with a 60 s poll interval",
-        started.elapsed()
-    );
     let events = store.read_after(0, 1000).await.unwrap();
     assert_exactly_the_events_in_order(&events, &records);
     stop.trigger();

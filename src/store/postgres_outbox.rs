@@ -208,10 +208,21 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 /// that finds the relay busy is kept for its next wait). When the listener fails, it signals
 /// as well (the relay polls, covering the gap) and listens anew on a fresh session, pausing
 /// between attempts while the database is out of reach. Ends when the pool is closed.
+///
+/// `try_recv`, not `recv`: when the session's connection breaks (end of stream, reset, time
+/// out), sqlx listens again on a new one by itself, and `recv` hides that, so the commits
+/// made in between, whose notifications went nowhere, woke nobody. `try_recv` says so.
 async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>) {
     loop {
-        let error = match listener.recv().await {
-            Ok(_) => {
+        let error = match listener.try_recv().await {
+            Ok(Some(_)) => {
+                commits.notify_one();
+                continue;
+            }
+            Ok(None) => {
+                // sqlx has connected and listens again (it reconnects eagerly, before this
+                // returns); what committed while nobody listened is found by this poll.
+                tracing::warn!("outbox listener lost its session and listens on a new one");
                 commits.notify_one();
                 continue;
             }
