@@ -58,7 +58,8 @@ pub struct KafkaConfig {
 
     /// Extra librdkafka client properties, `key=value`, comma separated or repeated
     /// (e.g. `security.protocol=SASL_SSL,sasl.mechanism=PLAIN`). Applied to every client last,
-    /// so they can override any default this program sets. A value may hold commas: text after
+    /// so they can override any default this program sets, except the `partitioner`, which is
+    /// part of the topics' contract. A value may hold commas: text after
     /// a comma without a `=` continues the value (`debug=broker,eos`), and `\,` is always a
     /// comma of the value.
     #[arg(
@@ -467,9 +468,27 @@ impl clap::builder::TypedValueParser for ClientOptionsParser {
             .to_str()
             .ok_or_else(|| refuse("the value is not UTF-8".to_owned()))?;
         let options = parse_client_options(text).map_err(|error| refuse(error.to_string()))?;
+        refuse_contract_options(&options).map_err(refuse)?;
         check_with_librdkafka(&options).map_err(refuse)?;
         Ok(options)
     }
+}
+
+/// librdkafka properties an option must not set, with why: they would break the public
+/// contract of the topics (docs/contracts.md), which other options cannot.
+const CONTRACT_PROPERTIES: [(&str, &str); 1] = [(
+    "partitioner",
+    "a book's partition is murmur2 over its key, as with the Java client's default \
+     partitioner, so that producers in any language agree on it (docs/contracts.md)",
+)];
+
+fn refuse_contract_options(options: &ClientOptions) -> Result<(), String> {
+    for (key, _) in &options.0 {
+        if let Some((_, why)) = CONTRACT_PROPERTIES.iter().find(|(name, _)| name == key) {
+            return Err(format!("{key} cannot be set: {why}"));
+        }
+    }
+    Ok(())
 }
 
 /// clap's parser for `--topic-replication-factor`: -1 or at least 1. Zero and other negative
@@ -743,6 +762,9 @@ mod tests {
         // An invalid value of an ordinary property.
         let error = parse_kafka_flags(&["--kafka-option", "acks=banana"]).unwrap_err();
         assert!(error.contains("acks: Invalid value"), "{error}");
+        // A valid value, but the partitioner is part of the topics' contract.
+        let error = parse_kafka_flags(&["--kafka-option", "partitioner=consistent"]).unwrap_err();
+        assert!(error.contains("partitioner cannot be set"), "{error}");
 
         let kafka = parse_kafka_flags(&[
             "--kafka-option",
