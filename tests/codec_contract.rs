@@ -697,3 +697,232 @@ proptest! {
         let _ = codec.decode(event.event_type(), &datum);
     }
 }
+
+/// `schemas/history/<Record>/v<n>.avsc`: every published version of the record, numbered from
+/// 1 without gaps, in order.
+fn published_versions(record: &str) -> Vec<(String, serde_json::Value)> {
+    let folder = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("schemas/history")
+        .join(record);
+    let mut versions: Vec<(u32, String, serde_json::Value)> = std::fs::read_dir(&folder)
+        .unwrap_or_else(|error| panic!("{}: {error}", folder.display()))
+        .map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_name().unwrap().to_string_lossy().into_owned();
+            let number = name
+                .strip_prefix('v')
+                .and_then(|rest| rest.strip_suffix(".avsc"))
+                .and_then(|number| number.parse().ok())
+                .unwrap_or_else(|| panic!("{}: not v<n>.avsc", path.display()));
+            let json = serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
+            (number, format!("{record}/{name}"), json)
+        })
+        .collect();
+    versions.sort_by_key(|(number, ..)| *number);
+    let numbers: Vec<u32> = versions.iter().map(|(number, ..)| *number).collect();
+    let expected: Vec<u32> = (1..=u32::try_from(numbers.len()).unwrap()).collect();
+    assert_eq!(numbers, expected, "{}: versions 1 to n", folder.display());
+    versions
+        .into_iter()
+        .map(|(_, name, json)| (name, json))
+        .collect()
+}
+
+/// The schema without its `doc` texts, which a version may change freely.
+fn without_docs(json: &serde_json::Value) -> serde_json::Value {
+    match json {
+        serde_json::Value::Object(map) => map
+            .iter()
+            .filter(|(key, _)| *key != "doc")
+            .map(|(key, value)| (key.clone(), without_docs(value)))
+            .collect(),
+        serde_json::Value::Array(items) => items.iter().map(without_docs).collect(),
+        other => other.clone(),
+    }
+}
+
+/// Every `(precision, scale)` of a decimal in the schema, in order.
+fn decimals(json: &serde_json::Value, found: &mut Vec<(u64, u64)>) {
+    match json {
+        serde_json::Value::Object(map) => {
+            if map.get("logicalType").and_then(|t| t.as_str()) == Some("decimal") {
+                let number = |key: &str| map.get(key).and_then(serde_json::Value::as_u64);
+                found.push((number("precision").unwrap(), number("scale").unwrap_or(0)));
+            }
+            map.values().for_each(|value| decimals(value, found));
+        }
+        serde_json::Value::Array(items) => items.iter().for_each(|item| decimals(item, found)),
+        _ => {}
+    }
+}
+
+/// The evolution rules of docs/contracts.md, enforced: the current file of every record is its
+/// latest published version (docs aside), every version reads what every other wrote
+/// (FULL_TRANSITIVE, by apache-avro's resolution rules), and no decimal's precision or scale
+/// ever changes (the Parsing Canonical Form, and so the fingerprint, leaves them out). A change
+/// to a schema fails here until it is added to `schemas/history/` as the next version.
+#[test]
+fn every_schema_is_its_latest_published_version_and_compatible_with_all_others() {
+    let codec = AvroCodec::new();
+    for contract in codec.contracts() {
+        let record = contract.full_name().rsplit('.').next().unwrap().to_owned();
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("schemas")
+            .join(format!("{record}.avsc"));
+        let current: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let versions = published_versions(&record);
+        let (latest_name, latest) = versions.last().expect("at least version 1");
+        assert_eq!(
+            without_docs(latest),
+            without_docs(&current),
+            "{} differs from its latest published version {latest_name}: add it to \
+             schemas/history/{record}/ as the next version",
+            path.display()
+        );
+        let mut expected_decimals = Vec::new();
+        decimals(&current, &mut expected_decimals);
+        let parsed: Vec<(String, Schema)> = versions
+            .iter()
+            .map(|(name, json)| (name.clone(), Schema::parse(json).unwrap()))
+            .collect();
+        for (name, json) in &versions {
+            let mut found = Vec::new();
+            decimals(json, &mut found);
+            assert_eq!(
+                found, expected_decimals,
+                "{name}: precision or scale changed"
+            );
+        }
+        for (a_name, a) in &parsed {
+            for (b_name, b) in &parsed {
+                if let Err(error) =
+                    apache_avro::schema_compatibility::SchemaCompatibility::can_read(a, b)
+                {
+                    panic!("{b_name} cannot read what {a_name} wrote: {error}");
+                }
+            }
+        }
+    }
+}
+
+/// The check above catches what the rules forbid and lets through what they allow.
+#[test]
+fn the_compatibility_check_refuses_a_removed_required_field_and_allows_an_added_optional_one() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/BookAdded.avsc");
+    let original: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let with_fields = |edit: &dyn Fn(&mut Vec<serde_json::Value>)| {
+        let mut json = original.clone();
+        edit(json["fields"].as_array_mut().unwrap());
+        Schema::parse(&json).unwrap()
+    };
+    let original = Schema::parse(&original).unwrap();
+    let check = |writer: &Schema, reader: &Schema| {
+        apache_avro::schema_compatibility::SchemaCompatibility::can_read(writer, reader).is_ok()
+    };
+
+    let without_author = with_fields(&|fields| fields.retain(|f| f["name"] != "author"));
+    assert!(check(&without_author, &without_author));
+    assert!(
+        !check(&without_author, &original),
+        "a reader that needs author read data without it"
+    );
+
+    let with_publisher = with_fields(&|fields| {
+        fields.push(serde_json::json!({
+            "name": "publisher", "type": ["null", "string"], "default": null
+        }));
+    });
+    assert!(check(&with_publisher, &original) && check(&original, &with_publisher));
+
+    let publisher_required = with_fields(&|fields| {
+        fields.push(serde_json::json!({"name": "publisher", "type": "string"}));
+    });
+    assert!(
+        !check(&original, &publisher_required),
+        "a required field without a default read old data"
+    );
+}
+
+/// The other direction of `tests/interop/read_topics.py` (fastavro reads what the service
+/// wrote): datums fastavro wrote from the `.avsc` files alone (`tests/interop/make_vectors.py`,
+/// committed as `fastavro_vectors.json`) decode to the events they hold, the service writes the
+/// very same bytes for them, and fastavro's fingerprints are the service's in frame order.
+#[test]
+fn datums_fastavro_wrote_decode_and_encode_back_byte_for_byte() {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/interop/fastavro_vectors.json");
+    let document: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let title = "Dune \u{2014} \u{e4}\u{f6}\u{fc} \u{1d11e}";
+    let expected = [
+        EventPayload::Delta(BookEvent::Added(BookAdded {
+            book_id: book_id(),
+            title: title.into(),
+            author: "Frank Herbert".into(),
+            isbn: Some("9780441013593".into()),
+            price: price("12.99"),
+            description: Some("Line one\nLine two\twith a tab".into()),
+        })),
+        EventPayload::Delta(BookEvent::PriceUpdated(BookPriceUpdated {
+            book_id: book_id(),
+            old_price: price("9999999999.99"),
+            new_price: price("0.00"),
+        })),
+        EventPayload::Delta(BookEvent::DetailsUpdated(BookDetailsUpdated {
+            book_id: book_id(),
+            title: "Dune Messiah".into(),
+            author: "Frank Herbert".into(),
+            isbn: None,
+            description: None,
+            changed: vec![
+                DetailField::Title,
+                DetailField::Isbn,
+                DetailField::Description,
+            ],
+        })),
+        EventPayload::Delta(BookEvent::Removed(BookRemoved {
+            book_id: book_id(),
+            title: "Dune Messiah".into(),
+            author: "Frank Herbert".into(),
+        })),
+        EventPayload::Fact(BookFactEvent {
+            book_id: book_id(),
+            title: "Dune Messiah".into(),
+            author: "Frank Herbert".into(),
+            isbn: None,
+            price: price("0.01"),
+            description: None,
+            version: 9_007_199_254_740_993,
+            removed: true,
+        }),
+    ];
+    let codec = AvroCodec::new();
+    let vectors = document["vectors"].as_array().unwrap();
+    assert_eq!(vectors.len(), expected.len());
+    let decode_hex = |text: &str| -> Vec<u8> {
+        (0..text.len())
+            .step_by(2)
+            .map(|at| u8::from_str_radix(&text[at..at + 2], 16).unwrap())
+            .collect()
+    };
+    for (vector, event) in vectors.iter().zip(expected) {
+        let event_type = event.event_type();
+        assert_eq!(vector["record"], event_type);
+        let datum = decode_hex(vector["datum_hex"].as_str().unwrap());
+        assert_eq!(
+            codec.decode(event_type, &datum).unwrap(),
+            event,
+            "{event_type}"
+        );
+        assert_eq!(codec.encode(&event).unwrap(), datum, "{event_type}");
+        let fingerprint = codec.fingerprint(event_type).unwrap();
+        assert_eq!(
+            decode_hex(vector["fingerprint_hex"].as_str().unwrap()),
+            fingerprint.to_le_bytes(),
+            "{event_type}"
+        );
+    }
+}
