@@ -172,8 +172,25 @@ async fn a_projector_whose_stored_offsets_cannot_be_read_still_stops_promptly() 
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    // Joined, assigned, and waiting for the stored offsets.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // Joined, assigned, and waiting for the stored offsets: its query waits for the lock.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_locks \
+             WHERE relation = 'projection_offsets'::regclass AND NOT granted",
+        )
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the projector never waited for its stored offsets"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     assert_stops_within(
         &mut child,
@@ -778,6 +795,7 @@ async fn projector_stops_gracefully_on_sigterm_with_offsets_committed_and_metric
     let topic = world.kafka.topics().book_fact;
     let stored = world.store.stored_offsets(&group, &topic).await.unwrap();
     let committed = committed_offsets(world, &group).await;
+    assert!(!stored.is_empty(), "no offsets stored");
     for offset in stored {
         assert_eq!(
             committed.get(&offset.partition),

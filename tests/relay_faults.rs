@@ -236,7 +236,8 @@ async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once(
     let kafka = common::kafka_config();
     let relay_id = format!("{}.relay", kafka.topic_prefix);
 
-    let mut kills = 0;
+    // Kills that left events to publish: the restart had something to resume.
+    let mut kills_mid_stream = 0;
     for round in 1..=3u64 {
         let before = published(&store, &relay_id).await;
         let mut child = relay_process(&database, &kafka, false).spawn().unwrap();
@@ -249,13 +250,22 @@ async fn relay_killed_mid_batch_and_restarted_publishes_each_event_exactly_once(
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         tokio::time::sleep(Duration::from_millis(30 * round)).await;
-        child.kill().await.unwrap(); // SIGKILL
-        kills += 1;
+        child.start_kill().unwrap(); // SIGKILL
+        let status = child.wait().await.unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9),
+            "round {round}: the relay ended before it was killed: {status}"
+        );
         if published(&store, &relay_id).await >= head {
             break;
         }
+        kills_mid_stream += 1;
     }
-    assert!(kills >= 1);
+    assert!(
+        kills_mid_stream >= 1,
+        "every kill came after the last batch"
+    );
 
     let output = relay_process(&database, &kafka, true)
         .output()

@@ -185,6 +185,12 @@ impl World {
                     }
                     BookCommand::UpdateDetails(update)
                 }
+                // The last live book stays: a history with no book left has nothing to
+                // compare (a small one ran into that now and then).
+                _ if live.len() == 1 => BookCommand::UpdatePrice {
+                    book_id,
+                    price: rng.price(),
+                },
                 _ => {
                     live.swap_remove(slot);
                     history.removals += 1;
