@@ -164,9 +164,9 @@ async fn backlog_can_be_drained_at_least_once() {
     assert_eq!(figure["extra"]["events"], 2000.0);
 }
 
-/// SIGTERM stops a run where it is and still removes what it made: its stores' folder (and
-/// schemas and topics, by the same path). Without the handler the signal's default action
-/// killed it and left them behind.
+/// SIGTERM stops a run where it is and still runs its cleanup: its stores' folder is gone (the
+/// same cleanup drops its PostgreSQL schemas and deletes its topics). Without the handler the
+/// signal's default action killed it and left them behind.
 #[tokio::test]
 async fn sigterm_stops_the_bench_and_it_cleans_up() {
     let work_dir = tempfile::tempdir().unwrap();

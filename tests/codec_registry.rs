@@ -311,7 +311,8 @@ async fn a_schema_id_the_registry_does_not_know_is_asked_for_again_before_dead_l
         )
     };
     let message = framed_with(UNKNOWN);
-    let patience = Duration::from_millis(500);
+    // Long enough for the two asks below on a loaded machine (each a registry round trip).
+    let patience = Duration::from_secs(3);
     let mut reader = FactReader::new(Some(registry())).with_missing_schema_patience(patience);
 
     for _ in 0..2 {

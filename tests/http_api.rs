@@ -469,8 +469,6 @@ async fn unknown_books_are_404_and_removed_books_409() {
     );
 }
 
-/// A client that names the new book can retry an add whose answer it lost: the retry is a
-/// 409 and the book exists once.
 /// A client that decided a change on what it read sends the version it read as `If-Match`: a
 /// change it has not seen refuses its command with 412 instead of being overwritten.
 #[tokio::test]
@@ -549,6 +547,8 @@ async fn if_match_refuses_a_change_decided_on_a_stale_version() {
     price(&path, "*", "13.00").await.assert_error(412, None);
 }
 
+/// A client that names the new book can retry an add whose answer it lost: the retry is a
+/// 409 and the book exists once.
 #[tokio::test]
 async fn an_add_with_the_clients_book_id_can_be_retried_without_adding_twice() {
     let server = Server::sqlite().await;

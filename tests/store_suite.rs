@@ -774,10 +774,11 @@ async fn lease_is_held_by_one_holder_until_released_or_expired<S: Backdoor>(stor
     store.release_lease("relay", "a").await.unwrap();
     assert!(store.try_acquire_lease("relay", "b", long).await.unwrap());
 
-    let short = Duration::from_millis(50);
+    // Long enough that the second call comes before it expires on a loaded machine.
+    let short = Duration::from_secs(2);
     assert!(store.try_acquire_lease("other", "a", short).await.unwrap());
     assert!(!store.try_acquire_lease("other", "b", long).await.unwrap());
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    tokio::time::sleep(short + Duration::from_millis(500)).await;
     assert!(
         store.try_acquire_lease("other", "b", long).await.unwrap(),
         "expired"
