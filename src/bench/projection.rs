@@ -326,6 +326,10 @@ impl ReportStore for TimedReports<AnyStore> {
         Ok(())
     }
 
+    async fn stored_groups(&self) -> Result<Vec<String>, StoreError> {
+        self.inner.stored_groups().await
+    }
+
     async fn stored_offsets(
         &self,
         group: &str,

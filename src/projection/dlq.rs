@@ -358,8 +358,13 @@ pub struct ReplayReport {
     /// Records sent back, per topic.
     pub replayed: HashMap<String, u64>,
     /// Letters not sent back because a later record of their key follows their original on
-    /// its topic (see [`replay_dead_letters`]).
+    /// its topic, or because this replay sent the same original back already (see
+    /// [`replay_dead_letters`]).
     pub superseded: u64,
+    /// Letters not sent back because neither their original nor any later record of its key
+    /// is on the topic any more: compaction removed it with the tombstone that followed it (or
+    /// records were deleted by hand).
+    pub gone: u64,
 }
 
 impl ReplayReport {
@@ -379,9 +384,11 @@ impl ReplayReport {
 /// state back, or a removed book. Facts are whole states, so the newer one already says all the
 /// skipped one would. The check reads the letters once for where their originals are, then the
 /// originals' partitions from the earliest of them to their end; a record of the same key
-/// written after that read (the relay running meanwhile) is not seen, so stop the relay for
-/// the few seconds of a replay where that matters. Letters whose key was left out are sent
-/// back unchecked: theirs cannot be a book's.
+/// written after that read and before the letter is sent back (the relay running meanwhile)
+/// is not seen, so stop the relay for the replay where that matters. A letter goes back to its
+/// original's partition, where the check looked. Letters whose key was left out (theirs cannot
+/// be a book's), or whose origin is not on the topic's partitions (a topic deleted or made
+/// again since), are sent back unchecked, by key.
 pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
     let topics = kafka.topics();
     let group = format!("{}-replay", topics.book_fact_dlq);
@@ -399,13 +406,27 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
     let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, Some(bounds)).await?;
     let producer = dead_letter_producer(kafka)?;
     let mut report = ReplayReport::default();
+    // Originals sent back by this run: a second letter of one (dead-lettered twice across a
+    // crash) is superseded by the first's copy.
+    let mut sent = HashSet::new();
     while let Some(letter) = reader.next().await? {
-        if let Some((origin, key)) = Origin::of(&letter, &topics.book_fact)
-            && latest.supersede(&origin, key)
-        {
-            reader.commit_past(&letter).await?;
-            report.superseded += 1;
-            continue;
+        let origin = Origin::of(&letter, &topics.book_fact);
+        let verdict = match &origin {
+            Some((origin, _)) if sent.contains(origin) => Verdict::Superseded,
+            Some((origin, key)) => latest.verdict(origin, key),
+            None => Verdict::Unchecked,
+        };
+        match verdict {
+            Verdict::Superseded | Verdict::Gone => {
+                reader.commit_past(&letter).await?;
+                if verdict == Verdict::Gone {
+                    report.gone += 1;
+                } else {
+                    report.superseded += 1;
+                }
+                continue;
+            }
+            Verdict::Last | Verdict::Unchecked => {}
         }
         let target = header(&letter, ORIGIN_TOPIC)
             .unwrap_or(&topics.book_fact)
@@ -419,6 +440,9 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
             None => &letter,
         };
         let mut record = FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(message));
+        if let (Verdict::Last, Some((origin, _))) = (verdict, &origin) {
+            record = record.partition(origin.partition);
+        }
         if let Some(key) = message.key() {
             record = record.key(key);
         }
@@ -434,8 +458,24 @@ pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, Dl
             })?;
         reader.commit_past(&letter).await?;
         *report.replayed.entry(target).or_default() += 1;
+        if let Some((origin, _)) = origin {
+            sent.insert(origin);
+        }
     }
     Ok(report)
+}
+
+/// What the check of a letter against its original's partition found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The original is still the last record of its key: send it back.
+    Last,
+    /// A later record of its key follows it.
+    Superseded,
+    /// Neither it nor a later record of its key is there.
+    Gone,
+    /// Not checked (no key or origin, or an origin the topic does not have): sent back by key.
+    Unchecked,
 }
 
 /// Where a dead letter's original is.
@@ -460,6 +500,9 @@ impl Origin {
             partition: header(letter, ORIGIN_PARTITION)?.parse().ok()?,
             offset: header(letter, ORIGIN_OFFSET)?.parse().ok()?,
         };
+        if origin.partition < 0 || origin.offset < 0 {
+            return None;
+        }
         Some((origin, letter.key()?))
     }
 }
@@ -477,7 +520,7 @@ struct Wanted {
     keys: HashSet<Vec<u8>>,
 }
 
-/// Per partition and wanted key, the offset of the last record of that key found.
+/// Per partition read and wanted key, the offset of the last record of that key found.
 #[derive(Debug, Default)]
 struct LatestOfKeys {
     partitions: HashMap<(String, i32), HashMap<Vec<u8>, i64>>,
@@ -504,8 +547,19 @@ impl WantedKeys {
             by_topic.entry(topic).or_default().insert(partition, wanted);
         }
         let mut latest = LatestOfKeys::default();
-        for (topic, partitions) in by_topic {
-            for (partition, keys) in scan_topic(kafka, &topic, partitions).await? {
+        for (topic, mut partitions) in by_topic {
+            // Origins the topic does not have (deleted, or made again with fewer partitions)
+            // are not read: their letters go back unchecked, as before there was a check.
+            let existing = match partition_ids(kafka, &topic).await {
+                Ok(existing) => existing,
+                Err(KafkaSetupError::TopicMissing { .. }) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            partitions.retain(|partition, _| existing.contains(partition));
+            let read: Vec<i32> = partitions.keys().copied().collect();
+            let mut found = scan_topic(kafka, &topic, partitions).await?;
+            for partition in read {
+                let keys = found.remove(&partition).unwrap_or_default();
                 latest.partitions.insert((topic.clone(), partition), keys);
             }
         }
@@ -520,7 +574,12 @@ async fn scan_topic(
     partitions: HashMap<i32, Wanted>,
 ) -> Result<HashMap<i32, HashMap<Vec<u8>, i64>>, DlqError> {
     let mut config = kafka.consumer_config(&format!("{}.dlq-scan", kafka.topic_prefix));
-    config.set("enable.partition.eof", "true");
+    // After the user's options: what the check relies on. An original below the log start
+    // (records deleted) reads from the start, and a record no committed reader sees is none.
+    config
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "earliest")
+        .set("isolation.level", "read_committed");
     let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
     let mut assignment = TopicPartitionList::new();
     for (&partition, wanted) in &partitions {
@@ -555,7 +614,11 @@ async fn scan_topic(
                 }
                 Some(Err(cause)) => return Err(kafka_error(&topic, cause)),
             };
-            idle_until = std::time::Instant::now() + idle_timeout;
+            // Records of a partition read to its end (written since) are no progress: a
+            // busy relay must not keep a scan stuck on another partition alive for ever.
+            if open.contains(&message.partition()) {
+                idle_until = std::time::Instant::now() + idle_timeout;
+            }
             let (Some(wanted), Some(key)) = (partitions.get(&message.partition()), message.key())
             else {
                 continue;
@@ -574,15 +637,21 @@ async fn scan_topic(
 }
 
 impl LatestOfKeys {
-    /// Whether a later record of `key` follows the original at `origin`, or the original is
-    /// gone with nothing of its key after it (compaction removed it and the tombstone that
-    /// followed it).
-    fn supersede(&self, origin: &Origin, key: &[u8]) -> bool {
-        let last = self
+    /// What the scan says of the original at `origin` with `key`.
+    fn verdict(&self, origin: &Origin, key: &[u8]) -> Verdict {
+        let Some(keys) = self
             .partitions
             .get(&(origin.topic.clone(), origin.partition))
-            .and_then(|keys| keys.get(key));
-        last.is_none_or(|&last| last > origin.offset)
+        else {
+            return Verdict::Unchecked;
+        };
+        match keys.get(key) {
+            Some(&last) if last > origin.offset => Verdict::Superseded,
+            Some(&last) if last == origin.offset => Verdict::Last,
+            // Only older records of the key: the original itself was removed (by hand, as
+            // compaction keeps the last record of a key), and nothing followed it.
+            Some(_) | None => Verdict::Gone,
+        }
     }
 }
 

@@ -276,6 +276,10 @@ pub trait ReportStore: Send + Sync {
         topic: &str,
     ) -> impl Future<Output = Result<Vec<PartitionOffset>, StoreError>> + Send;
 
+    /// Every consumer group with stored offsets, in order: the groups projecting into this
+    /// read model.
+    fn stored_groups(&self) -> impl Future<Output = Result<Vec<String>, StoreError>> + Send;
+
     /// Every row, ordered by title then id.
     ///
     /// Reads the whole read model into memory: for the command line and tests. What serves

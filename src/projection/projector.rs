@@ -338,20 +338,26 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
 
     /// Empties the read model and forgets the stored offsets of every group (see
     /// [`ReportStore::reset`]), and this group's offsets in Kafka, so the next run reads the
-    /// compacted topic from the beginning. Refuses while any member of the group is active: it
-    /// would go on storing offsets of rows just deleted. The check cannot lock members out, so
-    /// it is made again once the rows are gone, for every group whose offsets were forgotten:
-    /// a member that joined in between (or one of another group) is reported as an error, as
-    /// the rows it had passed are lost to it.
+    /// compacted topic from the beginning. Refuses while a member of this group, or of any
+    /// group with offsets stored in the read model, is active: it would go on storing offsets
+    /// of rows just deleted. The check cannot lock members out, so it is made again once the
+    /// rows are gone, for every group whose offsets were forgotten: a member that joined in
+    /// between is reported as an error, as the rows it had passed may be lost to it.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
         let group = &self.config.group_id;
         let client = Arc::new(self.group_client()?);
-        let members = active_members(&self.kafka, client.clone(), group).await?;
-        if members > 0 {
-            return Err(ProjectionError::GroupActive {
-                group: group.clone(),
-                members,
-            });
+        let mut groups = self.store.stored_groups().await?;
+        if !groups.contains(group) {
+            groups.insert(0, group.clone());
+        }
+        for checked in &groups {
+            let members = active_members(&self.kafka, client.clone(), checked).await?;
+            if members > 0 {
+                return Err(ProjectionError::GroupActive {
+                    group: checked.clone(),
+                    members,
+                });
+            }
         }
         let mut forgotten = self.store.reset().await?;
         if !forgotten.contains(group) {

@@ -27,6 +27,10 @@ impl ReportStore for AnyStore {
         delegate!(self, store => store.apply_batch(group, topic, changes, offsets))
     }
 
+    async fn stored_groups(&self) -> Result<Vec<String>, StoreError> {
+        delegate!(self, store => store.stored_groups())
+    }
+
     async fn stored_offsets(
         &self,
         group: &str,

@@ -53,6 +53,15 @@ impl ReportStore for SqliteStore {
         Ok(())
     }
 
+    async fn stored_groups(&self) -> Result<Vec<String>, StoreError> {
+        sqlx::query_scalar(
+            "SELECT DISTINCT consumer_group FROM projection_offsets ORDER BY consumer_group",
+        )
+        .fetch_all(self.pool())
+        .await
+        .map_err(read_failed)
+    }
+
     async fn stored_offsets(
         &self,
         group: &str,

@@ -209,9 +209,10 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 /// as well (the relay polls, covering the gap) and listens anew on a fresh session, pausing
 /// between attempts while the database is out of reach. Ends when the pool is closed.
 ///
-/// `try_recv`, not `recv`: when the session's connection breaks (end of stream, reset, time
-/// out), sqlx listens again on a new one by itself, and `recv` hides that, so the commits
-/// made in between, whose notifications went nowhere, woke nobody. `try_recv` says so.
+/// `try_recv`, not `recv`: when the session's connection ends in some ways (end of stream,
+/// aborted, timed out, broken pipe), sqlx listens again on a new one by itself, and `recv`
+/// hides that, so the commits made in between, whose notifications went nowhere, woke nobody.
+/// `try_recv` says so; other failures (a reset, a FATAL from the server) are errors here.
 async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>) {
     loop {
         let error = match listener.try_recv().await {

@@ -56,6 +56,12 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     report.superseded
                 );
             }
+            if report.gone > 0 {
+                println!(
+                    "skipped {} dead letter(s) whose original and book are no longer on the topic",
+                    report.gone
+                );
+            }
         }
     }
     Ok(())

@@ -73,11 +73,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Runs a job until it returns or Ctrl-C / SIGTERM arrives, and then drops it where it stands,
-/// as the signal's default action would: every await of these jobs is a safe place to stop (a
-/// database transaction rolls back, a replayed dead letter's offset is committed after its
-/// send). Handling the signal is still needed: the kernel applies no default action to the first
-/// process of a container (PID 1), so a SIGTERM from an orchestrator would be ignored until its
-/// SIGKILL.
+/// as the signal's default action would: every await of these jobs is a safe place to stop (an
+/// unfinished database transaction rolls back, a replayed dead letter's offset is committed
+/// after its send). A commit already on its way may still succeed after `interrupted` is
+/// printed, as with a killed process: a `books add` to be retried should name its book
+/// (`--id`). Handling the signal is still needed: the kernel applies no default action to the
+/// first process of a container (PID 1), so a SIGTERM from an orchestrator would be ignored
+/// until its SIGKILL.
 async fn interruptible(job: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::select! {
         outcome = job => outcome,
