@@ -253,12 +253,14 @@ pub struct RelaySettings {
     pub batch_size: usize,
 
     /// Exactly-once only: after catching up, how long (ms) new events may gather before the
-    /// next transaction. A transaction begun while the coordinator still completes the
-    /// previous one is refused and retried by librdkafka only after 20 ms.
+    /// next transaction: fewer, larger transactions at low load, for that much latency. None
+    /// by default: the two transactional producers take turns, so a transaction never begins
+    /// while the coordinator still completes the previous one of its id (docs/benchmarks.md,
+    /// items 7 and 29).
     #[arg(
         long = "batch-linger-ms",
         env = "BOOKSTORE_RELAY_BATCH_LINGER_MS",
-        default_value_t = 5
+        default_value_t = 0
     )]
     pub batch_linger_ms: u64,
 
@@ -301,7 +303,7 @@ impl Default for RelaySettings {
         Self {
             delivery: DeliveryMode::ExactlyOnce,
             batch_size: 5_000,
-            batch_linger_ms: 5,
+            batch_linger_ms: 0,
             relay_id: None,
             poll_interval_ms: 250,
             retention_hours: 168,

@@ -109,7 +109,7 @@ pub mod defaults {
     pub const POSTGRES_URL: &str = "postgres://bookstore:bookstore@127.0.0.1:5432/bookstore_test";
     pub const RELAY_EVENTS: u64 = 20_000;
     pub const BATCH_SIZE: usize = 5_000;
-    pub const BATCH_LINGER_MS: u64 = 5;
+    pub const BATCH_LINGER_MS: u64 = 0;
     pub const ROUNDS: usize = 9;
     pub const BROKER_WARM_UP_EVENTS: u64 = 20_000;
     pub const WRITERS: usize = 4;
