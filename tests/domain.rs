@@ -256,6 +256,7 @@ fn price() -> impl Strategy<Value = Price> {
 enum Step {
     Price(Price),
     Title(String),
+    Author(String),
     Isbn(Option<String>),
     Description(Option<String>),
     Remove,
@@ -265,6 +266,7 @@ fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => price().prop_map(Step::Price),
         2 => text(200).prop_map(Step::Title),
+        1 => text(150).prop_map(Step::Author),
         1 => proptest::option::of(text(13)).prop_map(Step::Isbn),
         1 => proptest::option::of(text(300)).prop_map(Step::Description),
         1 => Just(Step::Remove),
@@ -277,6 +279,7 @@ fn command(book_id: BookId, step: Step) -> BookCommand {
         Step::Price(price) => return BookCommand::UpdatePrice { book_id, price },
         Step::Remove => return BookCommand::Remove { book_id },
         Step::Title(title) => update.title = Some(title),
+        Step::Author(author) => update.author = Some(author),
         Step::Isbn(isbn) => update.isbn = Some(isbn),
         Step::Description(description) => update.description = Some(description),
     }
@@ -322,6 +325,7 @@ impl Expected {
         let changed = match step {
             Step::Price(price) => set(&mut self.price, *price),
             Step::Title(title) => set(&mut self.title, title.trim().to_owned()),
+            Step::Author(author) => set(&mut self.author, author.trim().to_owned()),
             Step::Isbn(isbn) => set(&mut self.isbn, trimmed(isbn)),
             Step::Description(description) => set(&mut self.description, trimmed(description)),
             Step::Remove => set(&mut self.removed, true),
@@ -331,6 +335,53 @@ impl Expected {
             Outcome::Changed
         } else {
             Outcome::Unchanged
+        }
+    }
+
+    /// The one delta event a changing `step` must raise, given the book before it (`self`
+    /// already holds the book after it).
+    fn assert_event(&self, before: &Expected, step: &Step, events: &[BookEvent]) {
+        let [event] = events else {
+            panic!("one delta event per command, got {events:?}");
+        };
+        match (step, event) {
+            (Step::Price(_), BookEvent::PriceUpdated(update)) => {
+                assert_eq!(
+                    (update.old_price, update.new_price),
+                    (before.price, self.price)
+                );
+            }
+            (Step::Remove, BookEvent::Removed(removed)) => {
+                assert_eq!(
+                    (&removed.title, &removed.author),
+                    (&before.title, &before.author)
+                );
+            }
+            (_, BookEvent::DetailsUpdated(update)) => {
+                let changed: Vec<DetailField> = [
+                    (DetailField::Title, before.title != self.title),
+                    (DetailField::Author, before.author != self.author),
+                    (DetailField::Isbn, before.isbn != self.isbn),
+                    (
+                        DetailField::Description,
+                        before.description != self.description,
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(field, changed)| changed.then_some(field))
+                .collect();
+                assert_eq!(update.changed, changed);
+                assert_eq!(
+                    (
+                        &update.title,
+                        &update.author,
+                        &update.isbn,
+                        &update.description
+                    ),
+                    (&self.title, &self.author, &self.isbn, &self.description)
+                );
+            }
+            (step, event) => panic!("{step:?} raised {event:?}"),
         }
     }
 
@@ -379,10 +430,12 @@ proptest! {
         expected.assert_is(book_id, &first.fact);
         let mut state = first.state;
         for step in steps {
+            let before = expected.clone();
             let outcome = expected.take(&step);
-            match Book::execute(Some(&state), &command(book_id, step)) {
+            match Book::execute(Some(&state), &command(book_id, step.clone())) {
                 Ok(Some(decision)) => {
                     prop_assert_eq!(outcome, Outcome::Changed);
+                    expected.assert_event(&before, &step, &decision.events);
                     expected.assert_is(book_id, &decision.fact);
                     state = decision.state;
                 }
