@@ -926,3 +926,56 @@ fn datums_fastavro_wrote_decode_and_encode_back_byte_for_byte() {
         );
     }
 }
+
+/// Every published version, with the fingerprint it was published with. A published version
+/// never changes (consumers decode with it), so its file must keep that fingerprint; a new
+/// version is added here as it is published. Version 1 of each is what the service wrote
+/// before the outbox recorded fingerprints (`writer_fingerprint` without one).
+const PUBLISHED: [(&str, u64); 5] = [
+    ("BookAdded/v1.avsc", 0xb0cd_b8c9_73ba_4f5f),
+    ("BookPriceUpdated/v1.avsc", 0xd719_3e63_16e5_8a66),
+    ("BookDetailsUpdated/v1.avsc", 0xc15c_b209_35d9_8a62),
+    ("BookRemoved/v1.avsc", 0x8951_fbe4_2f74_7fa0),
+    ("BookFactEvent/v1.avsc", 0x0a0d_018b_cfc9_94c3),
+];
+
+#[test]
+fn published_versions_never_change() {
+    let history = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("schemas/history");
+    let mut files = BTreeSet::new();
+    for record in std::fs::read_dir(&history).unwrap() {
+        let record = record.unwrap();
+        for version in std::fs::read_dir(record.path()).unwrap() {
+            let version = version.unwrap();
+            files.insert(format!(
+                "{}/{}",
+                record.file_name().to_string_lossy(),
+                version.file_name().to_string_lossy()
+            ));
+        }
+    }
+    let listed: BTreeSet<String> = PUBLISHED
+        .iter()
+        .map(|(file, _)| (*file).to_owned())
+        .collect();
+    assert_eq!(
+        files, listed,
+        "schemas/history/ and PUBLISHED list different versions"
+    );
+    for (file, published) in PUBLISHED {
+        let json = std::fs::read_to_string(history.join(file)).unwrap();
+        assert_eq!(
+            schema_fingerprint(&json).unwrap(),
+            published,
+            "{file} changed after it was published"
+        );
+        let record = file.split('/').next().unwrap();
+        if file.ends_with("/v1.avsc") {
+            assert_eq!(
+                bookstore::codec::contract::writer_fingerprint(record, None),
+                Some(published),
+                "{file}"
+            );
+        }
+    }
+}
