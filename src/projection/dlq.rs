@@ -577,19 +577,12 @@ async fn scan_topic(
     // After the user's options: what the check relies on. An original below the log start
     // (records deleted) reads from the start, and a record no committed reader sees is none.
     config
-        .set("enable.partition.eof", "true")
         .set("auto.offset.reset", "earliest")
         .set("isolation.level", "read_committed");
-    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
-    let mut assignment = TopicPartitionList::new();
-    for (&partition, wanted) in &partitions {
-        assignment
-            .add_partition_offset(topic, partition, Offset::Offset(wanted.from))
-            .map_err(|cause| kafka_error(topic, cause))?;
-    }
-    consumer
-        .assign(&assignment)
-        .map_err(|cause| kafka_error(topic, cause))?;
+    let starts = partitions
+        .iter()
+        .map(|(&partition, wanted)| (partition, wanted.from));
+    let consumer = reader_at(config, topic, starts)?;
     let idle_timeout = kafka.request_timeout();
     let topic = topic.to_owned();
     // The consumer's calls block.
@@ -673,16 +666,8 @@ async fn read_original(
         return Err(gone(format!("{topic} (no partition or offset given)")));
     };
     let origin = format!("{topic}[{partition}]@{offset}");
-    let mut config = kafka.consumer_config(&format!("{}.dlq-original", kafka.topic_prefix));
-    config.set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
-    let mut assignment = TopicPartitionList::new();
-    assignment
-        .add_partition_offset(topic, partition, Offset::Offset(offset))
-        .map_err(|cause| kafka_error(topic, cause))?;
-    consumer
-        .assign(&assignment)
-        .map_err(|cause| kafka_error(topic, cause))?;
+    let config = kafka.consumer_config(&format!("{}.dlq-original", kafka.topic_prefix));
+    let consumer = reader_at(config, topic, [(partition, offset)])?;
     let timeout = kafka.request_timeout();
     let topic = topic.to_owned();
     // The consumer's calls block.
@@ -860,6 +845,27 @@ impl QueueReader {
         .expect("committing the replay offset panicked")
         .map_err(|cause| kafka_error(&self.topic, cause))
     }
+}
+
+/// A consumer of `config` assigned `topic` at each `(partition, offset)`, that reports the end
+/// of each partition.
+fn reader_at(
+    mut config: rdkafka::ClientConfig,
+    topic: &str,
+    starts: impl IntoIterator<Item = (i32, i64)>,
+) -> Result<BaseConsumer, DlqError> {
+    config.set("enable.partition.eof", "true");
+    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
+    let mut assignment = TopicPartitionList::new();
+    for (partition, offset) in starts {
+        assignment
+            .add_partition_offset(topic, partition, Offset::Offset(offset))
+            .map_err(|cause| kafka_error(topic, cause))?;
+    }
+    consumer
+        .assign(&assignment)
+        .map_err(|cause| kafka_error(topic, cause))?;
+    Ok(consumer)
 }
 
 /// The partitions of `topic`.

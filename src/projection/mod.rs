@@ -229,6 +229,23 @@ impl ReportOrder {
             .then_with(|| compare_text(&a.title, &b.title))
             .then_with(|| a.book_id.cmp(&b.book_id))
     }
+
+    /// The same order as an SQL `ORDER BY` list over `book_report`, `price` spelled as
+    /// `price_as_number` (the adapter's column as a number). `lower()` folds case as the
+    /// database does, so the caller sorts the rows again exactly. Only fixed words go into it.
+    pub(crate) fn sql(self, price_as_number: &str) -> String {
+        let dir = if self.descending { "DESC" } else { "ASC" };
+        let then = "lower(title) ASC, title ASC, book_id ASC";
+        match self.column {
+            ReportColumn::Title => format!("lower(title) {dir}, title {dir}, book_id ASC"),
+            ReportColumn::Author => format!("lower(author) {dir}, author {dir}, {then}"),
+            ReportColumn::Price => format!("{price_as_number} {dir}, {then}"),
+            ReportColumn::Isbn => {
+                format!("isbn IS NULL {dir}, lower(isbn) {dir}, isbn {dir}, {then}")
+            }
+            ReportColumn::Version => format!("version {dir}, {then}"),
+        }
+    }
 }
 
 /// What [`ReportStore::report_totals`] counts, over every row of the read model.

@@ -17,8 +17,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportColumn, ReportKey, ReportOrder,
-    ReportStore, ReportTotals,
+    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore,
+    ReportTotals,
 };
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
@@ -140,7 +140,7 @@ impl ReportStore for PostgresStore {
         let rows: Vec<ReportRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT book_id, title, author, price, isbn, version, updated_at
              FROM book_report ORDER BY {} LIMIT $1",
-            order_by(order)
+            order.sql("price")
         )))
         .bind(i64::from(limit))
         .fetch_all(self.pool())
@@ -192,22 +192,6 @@ impl ReportStore for PostgresStore {
         groups.sort_unstable();
         groups.dedup();
         Ok(groups)
-    }
-}
-
-/// The ORDER BY of [`ReportOrder`]: `lower()` folds case as the database's `LC_CTYPE` does
-/// (the caller sorts the rows again exactly). Only fixed words go into the statement.
-fn order_by(order: ReportOrder) -> String {
-    let dir = if order.descending { "DESC" } else { "ASC" };
-    let then = "lower(title) ASC, title ASC, book_id ASC";
-    match order.column {
-        ReportColumn::Title => format!("lower(title) {dir}, title {dir}, book_id ASC"),
-        ReportColumn::Author => format!("lower(author) {dir}, author {dir}, {then}"),
-        ReportColumn::Price => format!("price {dir}, {then}"),
-        ReportColumn::Isbn => {
-            format!("isbn IS NULL {dir}, lower(isbn) {dir}, isbn {dir}, {then}")
-        }
-        ReportColumn::Version => format!("version {dir}, {then}"),
     }
 }
 

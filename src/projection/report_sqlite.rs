@@ -14,8 +14,8 @@ use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
 use super::{
-    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportColumn, ReportKey, ReportOrder,
-    ReportStore, ReportTotals,
+    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore,
+    ReportTotals,
 };
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{SqliteStore, StoreError, to_i64, to_u64};
@@ -130,7 +130,8 @@ impl ReportStore for SqliteStore {
         let rows: Vec<ReportRow> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT book_id, title, author, price, isbn, version, updated_at
              FROM book_report ORDER BY {} LIMIT ?1",
-            order_by(order)
+            // Prices are ordered as numbers, not as their text.
+            order.sql("CAST(price AS REAL)")
         )))
         .bind(i64::from(limit))
         .fetch_all(self.pool())
@@ -187,23 +188,6 @@ impl ReportStore for SqliteStore {
         groups.sort_unstable();
         groups.dedup();
         Ok(groups)
-    }
-}
-
-/// The ORDER BY of [`ReportOrder`]: `lower()` folds ASCII letters only (the caller sorts the
-/// rows again exactly), prices are ordered as numbers, not as their text. Only fixed words go
-/// into the statement.
-fn order_by(order: ReportOrder) -> String {
-    let dir = if order.descending { "DESC" } else { "ASC" };
-    let then = "lower(title) ASC, title ASC, book_id ASC";
-    match order.column {
-        ReportColumn::Title => format!("lower(title) {dir}, title {dir}, book_id ASC"),
-        ReportColumn::Author => format!("lower(author) {dir}, author {dir}, {then}"),
-        ReportColumn::Price => format!("CAST(price AS REAL) {dir}, {then}"),
-        ReportColumn::Isbn => {
-            format!("isbn IS NULL {dir}, lower(isbn) {dir}, isbn {dir}, {then}")
-        }
-        ReportColumn::Version => format!("version {dir}, {then}"),
     }
 }
 
