@@ -22,12 +22,12 @@ use bookstore::config::ClientOptions;
 use bookstore::domain::{BookFactEvent, BookId, EventPayload, Price};
 use bookstore::kafka::provision_topics;
 use bookstore::projection::{
-    BookReport, PartitionOffset, ProjectionError, ProjectionMode, ProjectionReport,
+    BookReport, OffsetAdvance, PartitionOffset, ProjectionError, ProjectionMode, ProjectionReport,
     ProjectionStatus, ReportChange, ReportStore, default_group, dlq, kafka_projector,
     list_dead_letters, replay_dead_letters,
 };
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
-use bookstore::store::AnyStore;
+use bookstore::store::{AnyStore, StoreError};
 use chrono::{DateTime, Utc};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -44,6 +44,7 @@ per_read_model!(
     older_fact_cannot_bring_back_a_deleted_book,
     versionless_tombstone_deletes_whatever_version_and_remembers_it,
     batch_stores_offsets_with_the_rows_and_reset_forgets_them,
+    a_batch_from_a_position_no_longer_stored_writes_nothing,
     a_batch_of_many_books_follows_the_version_rules_for_each,
     projection_equals_store_after_random_commands,
     replaying_the_topic_in_a_fresh_group_changes_nothing,
@@ -63,6 +64,7 @@ per_read_model!(
     records_with_huge_keys_are_dead_lettered_and_projection_goes_on,
     report_json_has_the_documented_shape,
     rebuild_restores_rows_deleted_by_hand,
+    a_projector_reads_its_partitions_again_after_a_reset_under_it,
     confluent_framed_facts_are_decoded_through_the_schema_registry,
 );
 
@@ -606,16 +608,16 @@ async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World
             "a",
             topic,
             &[upsert(book_id, 1, "v1")],
-            &[at(0, 10), at(2, 4)],
+            &[OffsetAdvance::first(0, 10), OffsetAdvance::first(2, 4)],
         )
         .await
         .unwrap();
     store
-        .apply_batch("a", topic, &[], &[at(0, 12)])
+        .apply_batch("a", topic, &[], &[OffsetAdvance::from(0, 10, 12)])
         .await
         .unwrap();
     store
-        .apply_batch("b", topic, &[], &[at(1, 3)])
+        .apply_batch("b", topic, &[], &[OffsetAdvance::first(1, 3)])
         .await
         .unwrap();
     assert_eq!(
@@ -637,6 +639,96 @@ async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World
     assert_eq!(store.reset().await.unwrap(), Vec::<String>::new());
     apply(world, &[upsert(book_id, 2, "after reset")]).await;
     assert_eq!(row(world, book_id).await, Some((2, "after reset".into())));
+}
+
+/// A batch read from a position that is no longer the stored one writes nothing: not after a
+/// reset (its rows before that position are gone), not over another member's position.
+async fn a_batch_from_a_position_no_longer_stored_writes_nothing(world: &World) {
+    let store = &world.store;
+    let topic = "t.book-fact";
+    let (first, second) = (BookId::generate(), BookId::generate());
+    store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(first, 1, "applied")],
+            &[OffsetAdvance::first(0, 5), OffsetAdvance::first(1, 7)],
+        )
+        .await
+        .unwrap();
+    let refused = |partition, expected: Option<i64>, found: Option<i64>| {
+        move |error: StoreError| match error {
+            StoreError::PositionMoved {
+                partition: p,
+                expected: e,
+                found: f,
+                ..
+            } => assert_eq!((p, e, f), (partition, expected, found)),
+            other => panic!("not PositionMoved: {other:?}"),
+        }
+    };
+
+    // Another member stored partition 1 at 7; this one believes nothing is stored.
+    let error = store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(second, 1, "stale")],
+            &[OffsetAdvance::from(0, 5, 9), OffsetAdvance::first(1, 3)],
+        )
+        .await
+        .unwrap_err();
+    assert!(error.to_string().contains("partition 1"), "{error}");
+    refused(1, None, Some(7))(error);
+    // This one believes partition 0 is at 4.
+    let error = store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(second, 1, "stale")],
+            &[OffsetAdvance::from(0, 4, 9)],
+        )
+        .await
+        .unwrap_err();
+    refused(0, Some(4), Some(5))(error);
+    assert_eq!(row(world, second).await, None, "a refused batch wrote rows");
+    let at = |partition, next_offset| PartitionOffset {
+        partition,
+        next_offset,
+    };
+    assert_eq!(
+        store.stored_offsets("a", topic).await.unwrap(),
+        vec![at(0, 5), at(1, 7)]
+    );
+
+    // After a reset, a member that stood at 5 must read the partition again from the start.
+    store.reset().await.unwrap();
+    let error = store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(second, 1, "after reset")],
+            &[OffsetAdvance::from(0, 5, 9)],
+        )
+        .await
+        .unwrap_err();
+    refused(0, Some(5), None)(error);
+    assert_eq!(store.list_reports().await.unwrap(), vec![]);
+    assert_eq!(store.stored_offsets("a", topic).await.unwrap(), vec![]);
+    // Read again from the beginning, it is stored.
+    store
+        .apply_batch(
+            "a",
+            topic,
+            &[upsert(first, 1, "again")],
+            &[OffsetAdvance::first(0, 9)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.stored_offsets("a", topic).await.unwrap(),
+        vec![at(0, 9)]
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1558,8 +1650,8 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
     let (reports, books) = world.report_and_store().await;
     assert_eq!(reports.len() + 5, books.len());
 
-    // Not while another member of the group is running: it would store offsets of rows
-    // the rebuild just deleted.
+    // Not while another member of the group is running: the dashboard it feeds would be
+    // emptied under it.
     let group = default_group(&world.kafka.topic_prefix);
     let running = kafka_projector(
         world.store.clone(),
@@ -1596,8 +1688,7 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
     run.await.unwrap().unwrap();
 
     // Nor while a projector of another group into the same read model runs: the rows are
-    // shared, its offsets would be forgotten with them, and it would go on from where it
-    // stood.
+    // shared, and its offsets would be forgotten with them.
     let other = common::unique("other-group");
     let running = kafka_projector(
         world.store.clone(),
@@ -1644,6 +1735,53 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
         .run_bookstore(&["project", "--rebuild", "--until-caught-up"])
         .await;
     world.assert_report_equals_store().await;
+}
+
+/// A reset that races with a running projector (a `--rebuild` whose check for active members
+/// came before the member joined, or a member still applying after it left its group): the
+/// member finds its positions gone and reads its partitions again from the beginning, so the
+/// rows it had applied come back, even with nothing new on the topic.
+async fn a_projector_reads_its_partitions_again_after_a_reset_under_it(world: &World) {
+    world.write_random_history(20, 40, Rng::seed()).await;
+    world.relay_once().await;
+    let group = common::unique("reset-under");
+    let facts = world.project(&group).await.applied_facts;
+    let projector = kafka_projector(
+        world.store.clone(),
+        &world.kafka,
+        World::projection_config(&group),
+    )
+    .await
+    .unwrap();
+    let mut status = projector.status();
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let run = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|status| !status.owned.is_empty()),
+    )
+    .await
+    .expect("the projector never got partitions")
+    .unwrap();
+
+    assert_eq!(world.store.reset().await.unwrap(), vec![group.clone()]);
+    assert!(world.reports().await.is_empty());
+    // Nothing new is on the topic: the idle check finds the positions gone.
+    world.wait_until_report_equals_store().await;
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        status.wait_for(|status| status.applied_facts >= facts),
+    )
+    .await
+    .expect("the partitions were not read again from the beginning")
+    .unwrap();
+    // And it goes on following.
+    world.write_random_history(5, 10, Rng::seed()).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+
+    stop.trigger();
+    run.await.unwrap().unwrap();
 }
 
 // ---------------------------------------------------------------------------------------------

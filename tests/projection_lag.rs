@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use bookstore::config::RelaySettings;
 use bookstore::projection::metrics::{LAG, LAG_MEASURED_AT};
-use bookstore::projection::{LagError, LagMeter, PartitionOffset, ProjectionLag, ReportStore};
+use bookstore::projection::{LagError, LagMeter, OffsetAdvance, ProjectionLag, ReportStore};
 use bookstore::relay::{DeliveryMode, RunMode, kafka_relay};
 use bookstore::shutdown::Shutdown;
 use metrics_exporter_prometheus::PrometheusBuilder;
@@ -141,10 +141,7 @@ async fn the_lag_counts_from_the_offsets_the_read_model_stored(world: &World) {
     assert!(busiest.records > 1, "{before:?}");
 
     // As if a projector had applied one record of the partition and then stopped.
-    let one_applied = PartitionOffset {
-        partition: busiest.partition,
-        next_offset: busiest.beginning + 1,
-    };
+    let one_applied = OffsetAdvance::first(busiest.partition, busiest.beginning + 1);
     world
         .store
         .apply_batch(&group, &topic, &[], &[one_applied])
@@ -241,15 +238,7 @@ async fn refreshing_sets_the_gauge_of_every_partition() {
     // One partition partly applied, so the gauges differ from the partitions' sizes.
     world
         .store
-        .apply_batch(
-            &group,
-            &topic,
-            &[],
-            &[PartitionOffset {
-                partition: 1,
-                next_offset: 1,
-            }],
-        )
+        .apply_batch(&group, &topic, &[], &[OffsetAdvance::first(1, 1)])
         .await
         .unwrap();
     let recorder = PrometheusBuilder::new().build_recorder();

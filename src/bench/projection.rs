@@ -29,7 +29,7 @@ use super::{BenchConfig, BenchError, BenchReport, Figure, StoreKind, Target, Uni
 use crate::config::KafkaConfig;
 use crate::domain::BookId;
 use crate::projection::{
-    BookReport, PartitionOffset, ProjectionConfig, ProjectionError, ProjectionMode,
+    BookReport, OffsetAdvance, PartitionOffset, ProjectionConfig, ProjectionError, ProjectionMode,
     ProjectionReport, ReportChange, ReportKey, ReportOrder, ReportStore, ReportTotals,
     kafka_projector,
 };
@@ -240,12 +240,7 @@ impl ReportClock {
         u64::try_from(at.duration_since(self.origin.0).as_nanos()).unwrap_or(u64::MAX - 1) + 1
     }
 
-    fn batch_applied(
-        &self,
-        started: Instant,
-        changes: &[ReportChange],
-        offsets: &[PartitionOffset],
-    ) {
+    fn batch_applied(&self, started: Instant, changes: &[ReportChange], offsets: &[OffsetAdvance]) {
         let ended = Instant::now();
         let stamp = self.stamp(ended);
         if self
@@ -314,7 +309,7 @@ impl ReportStore for TimedReports<AnyStore> {
         group: &str,
         topic: &str,
         changes: &[ReportChange],
-        offsets: &[PartitionOffset],
+        offsets: &[OffsetAdvance],
     ) -> Result<(), StoreError> {
         let started = Instant::now();
         self.inner

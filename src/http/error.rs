@@ -110,9 +110,12 @@ impl From<StoreError> for ApiError {
             | StoreError::Cancelled
             | StoreError::Timeout(_)
             | StoreError::Unreachable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            StoreError::UnsupportedUrl(_) | StoreError::Corrupt(_) | StoreError::Migration(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            // The API never applies projection batches; should one's error reach it, it is
+            // a fault of the server, not of the request.
+            StoreError::UnsupportedUrl(_)
+            | StoreError::Corrupt(_)
+            | StoreError::Migration(_)
+            | StoreError::PositionMoved { .. } => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, error.to_string())
     }

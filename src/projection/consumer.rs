@@ -48,7 +48,7 @@ use tracing::{debug, info, warn};
 
 use super::fact::{FactReader, UntimedChange};
 use super::projector::ProjectionError;
-use super::{PartitionOffset, ReportChange, ReportStore, Versioned};
+use super::{OffsetAdvance, PartitionOffset, ReportChange, ReportStore, Versioned};
 use crate::config::KafkaConfig;
 use crate::store::StoreError;
 
@@ -355,8 +355,9 @@ pub struct PendingBatch {
 pub struct Session<S: ReportStore + Clone + 'static> {
     consumer: Option<Arc<ProjectionConsumer<S>>>,
     topic: String,
-    /// The next offset stored in the database per owned partition, as far as this member knows.
-    stored: HashMap<i32, i64>,
+    /// Per partition this member owns (as of the last batch received): the next offset stored
+    /// in the database, as far as this member knows; `None` when nothing is stored for it.
+    stored: HashMap<i32, Option<i64>>,
     /// Longer than any healthy join takes (see [`Session::stuck_outside_group`]).
     stuck_after: Duration,
 }
@@ -500,14 +501,10 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             .expect("polling the consumer panicked")?;
         for change in changes {
             match change {
-                AssignmentChange::Assigned {
-                    partition,
-                    start: Some(start),
-                } => {
+                AssignmentChange::Assigned { partition, start } => {
                     self.stored.insert(partition, start);
                 }
-                AssignmentChange::Assigned { partition, .. }
-                | AssignmentChange::Revoked { partition } => {
+                AssignmentChange::Revoked { partition } => {
                     self.stored.remove(&partition);
                 }
             }
@@ -520,8 +517,8 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     }
 
     /// The offsets to store with `batch`: per owned partition whose position moved, the
-    /// position (never below what the batch's records need).
-    pub fn offsets_to_store(&self, batch: &Batch) -> Vec<PartitionOffset> {
+    /// position (never below what the batch's records need), and the one stored before.
+    pub fn offsets_to_store(&self, batch: &Batch) -> Vec<OffsetAdvance> {
         let mut next: HashMap<i32, i64> = batch
             .positions
             .iter()
@@ -531,12 +528,15 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             let after = next.entry(record.partition).or_default();
             *after = (*after).max(record.offset + 1);
         }
-        let mut offsets: Vec<PartitionOffset> = next
+        let mut offsets: Vec<OffsetAdvance> = next
             .into_iter()
-            .filter(|(partition, next_offset)| self.stored.get(partition) != Some(next_offset))
-            .map(|(partition, next_offset)| PartitionOffset {
-                partition,
-                next_offset,
+            .filter_map(|(partition, next_offset)| {
+                let stored = self.stored.get(&partition).copied().flatten();
+                (stored != Some(next_offset)).then_some(OffsetAdvance {
+                    partition,
+                    stored,
+                    next_offset,
+                })
             })
             .collect();
         offsets.sort_unstable_by_key(|offset| offset.partition);
@@ -545,20 +545,39 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
 
     /// Records that `offsets` are stored in the database, and commits them to the group for
     /// lag tooling (asynchronously: the database is what counts).
-    pub fn stored(&mut self, offsets: &[PartitionOffset]) {
-        for offset in offsets {
-            self.stored.insert(offset.partition, offset.next_offset);
+    pub fn stored(&mut self, offsets: &[OffsetAdvance]) {
+        let positions: Vec<PartitionOffset> = offsets
+            .iter()
+            .map(|offset| PartitionOffset {
+                partition: offset.partition,
+                next_offset: offset.next_offset,
+            })
+            .collect();
+        for offset in &positions {
+            self.stored
+                .insert(offset.partition, Some(offset.next_offset));
         }
-        if let Some(list) = self.offset_list(offsets)
+        if let Some(list) = self.offset_list(&positions)
             && let Err(error) = self.consumer().commit(&list, CommitMode::Async)
         {
             debug!(%error, "could not commit the group offsets");
         }
     }
 
-    /// The next offset stored per owned partition, as far as this member knows.
-    pub fn stored_offsets(&self) -> &HashMap<i32, i64> {
-        &self.stored
+    /// The next offset stored per owned partition that has one, as far as this member knows.
+    pub fn stored_offsets(&self) -> HashMap<i32, i64> {
+        self.stored
+            .iter()
+            .filter_map(|(&partition, &stored)| Some((partition, stored?)))
+            .collect()
+    }
+
+    /// Per owned partition (as of the last batch received), the position this member believes
+    /// stored: `None` for nothing stored.
+    pub fn believed_positions(&self) -> impl Iterator<Item = (i32, Option<i64>)> + '_ {
+        self.stored
+            .iter()
+            .map(|(&partition, &stored)| (partition, stored))
     }
 
     fn offset_list(&self, offsets: &[PartitionOffset]) -> Option<TopicPartitionList> {
@@ -587,9 +606,9 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     /// waits for its blocking tasks when it shuts down, so a stuck one would hold the process.
     pub async fn leave(mut self) {
         let offsets: Vec<PartitionOffset> = self
-            .stored
-            .iter()
-            .map(|(&partition, &next_offset)| PartitionOffset {
+            .stored_offsets()
+            .into_iter()
+            .map(|(partition, next_offset)| PartitionOffset {
                 partition,
                 next_offset,
             })

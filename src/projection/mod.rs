@@ -258,11 +258,72 @@ pub struct ReportTotals {
     pub last_change: Option<DateTime<Utc>>,
 }
 
-/// The consumer position to store with a batch: next offset to read per partition.
+/// A stored consumer position: the next offset to read of a partition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PartitionOffset {
     pub partition: i32,
     pub next_offset: i64,
+}
+
+/// The position a batch stores for a partition, and the one it was read from.
+///
+/// `stored` is what the member last stored for the partition, or the position it was assigned
+/// at (`None`: nothing was stored, it read from the beginning). [`ReportStore::apply_batch`]
+/// writes nothing when the database holds another position: the read model was reset under the
+/// member (`--rebuild`), or another member applied the partition meanwhile (a member that lost
+/// its partitions while paused). Storing over it would claim rows the reset deleted, or move
+/// another member's position back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OffsetAdvance {
+    pub partition: i32,
+    pub stored: Option<i64>,
+    pub next_offset: i64,
+}
+
+impl OffsetAdvance {
+    /// The first advance of a partition nothing is stored for.
+    pub fn first(partition: i32, next_offset: i64) -> Self {
+        Self {
+            partition,
+            stored: None,
+            next_offset,
+        }
+    }
+
+    /// The advance of a partition from `stored` to `next_offset`.
+    pub fn from(partition: i32, stored: i64, next_offset: i64) -> Self {
+        Self {
+            partition,
+            stored: Some(stored),
+            next_offset,
+        }
+    }
+}
+
+/// Checks that each of `expected` (partition, position) is the position `stored` holds; the
+/// first that is not is the error [`ReportStore::apply_batch`] returns for it.
+pub(crate) fn check_positions(
+    group: &str,
+    topic: &str,
+    expected: impl IntoIterator<Item = (i32, Option<i64>)>,
+    stored: &[PartitionOffset],
+) -> Result<(), StoreError> {
+    for (partition, expected) in expected {
+        let found = stored
+            .iter()
+            .find(|offset| offset.partition == partition)
+            .map(|offset| offset.next_offset);
+        if found != expected {
+            return Err(StoreError::PositionMoved {
+                group: group.to_owned(),
+                topic: topic.to_owned(),
+                partition,
+                expected,
+                found,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Reads and writes the read model.
@@ -278,12 +339,17 @@ pub struct PartitionOffset {
 pub trait ReportStore: Send + Sync {
     /// Applies `changes` in order and stores `offsets` for `group`/`topic`, all in ONE
     /// transaction: the rows and the position they reflect are durable together.
+    ///
+    /// Fails with [`StoreError::PositionMoved`], writing nothing, when a partition's stored
+    /// position is not the one its [`OffsetAdvance`] was read from. A [`reset`](Self::reset)
+    /// and a batch are serialised: the batch is either wholly before it (and emptied by it) or
+    /// after it (and then finds its positions gone).
     fn apply_batch(
         &self,
         group: &str,
         topic: &str,
         changes: &[ReportChange],
-        offsets: &[PartitionOffset],
+        offsets: &[OffsetAdvance],
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
     /// The stored next offsets of `group` on `topic`, per partition.

@@ -11,10 +11,16 @@
 //! down) abandons the batch, leaves the group, backs off and joins again: the stored offsets
 //! say where to resume, and what was applied already is applied again harmlessly (see the
 //! [module doc](super)).
+//!
+//! So does a stored position that moved under the member ([`StoreError::PositionMoved`]): a
+//! reset of the read model (a `--rebuild` that raced with this member) or a member that took
+//! its partitions over. Every batch checks the positions it advances; an idle member checks
+//! every position it owns once per [`IDLE_POSITION_CHECK`], so that a reset is noticed even
+//! where nothing new arrives, and the rows it deleted are read again from the beginning.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
@@ -26,7 +32,7 @@ use tracing::{info, warn};
 use super::consumer::{Batch, BatchLimits, PendingBatch, PolledRead, Session};
 use super::dlq::{DeadLetterSender, DlqError, partition_ids};
 use super::fact::{FactOutcome, FactReader, Rejection};
-use super::{PartitionOffset, ReportChange, ReportStore, compact_changes, metrics};
+use super::{OffsetAdvance, ReportChange, ReportStore, check_positions, compact_changes, metrics};
 use crate::codec::RegistryError;
 use crate::config::KafkaConfig;
 use crate::kafka::{KafkaSetupError, provision_topics};
@@ -35,6 +41,10 @@ use crate::store::StoreError;
 
 /// How long a stop waits for the batch being applied before abandoning it.
 pub const APPLY_GRACE: Duration = Duration::from_secs(10);
+
+/// How often a member with nothing to apply checks that the positions it owns are still the
+/// ones stored (see the module doc).
+pub const IDLE_POSITION_CHECK: Duration = Duration::from_secs(1);
 
 /// How the projector runs. [`ProjectionConfig::new`] gives defaults for a laptop and
 /// production alike.
@@ -123,13 +133,6 @@ pub enum ProjectionError {
          group before rebuilding"
     )]
     GroupActive { group: String, members: usize },
-    #[error(
-        "consumer group(s) {} had active members while the read model was emptied: rows \
-         before where those members stood will not come back; stop every projector of them \
-         and rebuild again",
-        groups.join(", ")
-    )]
-    ActiveDuringRebuild { groups: Vec<String> },
     /// librdkafka left this member outside a steady group membership for longer than a join
     /// can take (see `Session::stuck_outside_group`); a new consumer joins again.
     #[error(
@@ -173,7 +176,10 @@ impl ProjectionError {
     pub fn is_retryable(&self) -> bool {
         match self {
             ProjectionError::Store(
-                StoreError::Database(_) | StoreError::Timeout(_) | StoreError::Unreachable { .. },
+                StoreError::Database(_)
+                | StoreError::Timeout(_)
+                | StoreError::Unreachable { .. }
+                | StoreError::PositionMoved { .. },
             ) => true,
             ProjectionError::Setup(KafkaSetupError::Unreachable { .. }) => true,
             ProjectionError::Kafka(_) | ProjectionError::OutsideGroup { .. } => true,
@@ -236,6 +242,8 @@ pub struct Projector<S> {
     reader: FactReader,
     dead_letters: DeadLetterSender,
     status: watch::Sender<ProjectionStatus>,
+    /// When an idle batch last checked the stored positions.
+    positions_checked: Instant,
 }
 
 /// A projector from the Kafka cluster of `kafka` into `store`, ready to run: the topics are
@@ -266,12 +274,13 @@ pub async fn kafka_projector<S: ReportStore + Clone + 'static>(
         reader,
         dead_letters: DeadLetterSender::new(kafka)?,
         status: watch::Sender::new(ProjectionStatus::default()),
+        positions_checked: Instant::now(),
     })
 }
 
 /// A batch read: what to apply, what to dead-letter, and the offsets to store with it.
 struct ReadBatch {
-    offsets: Vec<PartitionOffset>,
+    offsets: Vec<OffsetAdvance>,
     /// Records polled.
     polled: usize,
     changes: Vec<ReportChange>,
@@ -339,10 +348,11 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
     /// Empties the read model and forgets the stored offsets of every group (see
     /// [`ReportStore::reset`]), and this group's offsets in Kafka, so the next run reads the
     /// compacted topic from the beginning. Refuses while a member of this group, or of any
-    /// group with offsets stored in the read model, is active: it would go on storing offsets
-    /// of rows just deleted. The check cannot lock members out, so it is made again once the
-    /// rows are gone, for every group whose offsets were forgotten: a member that joined in
-    /// between is reported as an error, as the rows it had passed may be lost to it.
+    /// group with offsets stored in the read model, is active: the dashboard it feeds would be
+    /// emptied under it. The check cannot lock members out; one that joins in between, or one
+    /// still applying after it left its group, finds its positions gone at its next batch (or
+    /// idle check) and reads its partitions again from the beginning, so the rows it had
+    /// passed come back.
     pub async fn rebuild(&self) -> Result<(), ProjectionError> {
         let group = &self.config.group_id;
         let client = Arc::new(self.group_client()?);
@@ -359,19 +369,8 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 });
             }
         }
-        let mut forgotten = self.store.reset().await?;
-        if !forgotten.contains(group) {
-            forgotten.push(group.clone());
-        }
-        let mut active = Vec::new();
-        for forgotten in forgotten {
-            if active_members(&self.kafka, client.clone(), &forgotten).await? > 0 {
-                active.push(forgotten);
-            }
-        }
-        if !active.is_empty() {
-            return Err(ProjectionError::ActiveDuringRebuild { groups: active });
-        }
+        let forgotten = self.store.reset().await?;
+        info!(groups = ?forgotten, "forgot the stored offsets");
         // The database alone decides where reading starts; the group offsets only feed lag
         // tooling until the first batch commits new ones, so failing here is no reason to stop.
         if let Err(error) = self.rewind_group_offsets(client).await {
@@ -661,7 +660,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             report.dead_letters += rejected.len() as u64;
         }
         if changes.is_empty() && offsets.is_empty() {
-            return Ok(());
+            return self.check_positions_when_idle(session).await;
         }
         let deletes = superseded.deletes
             + changes
@@ -679,6 +678,23 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             report.applied_facts += applied as u64;
             report.batches += 1;
         }
+        Ok(())
+    }
+
+    /// At most once per [`IDLE_POSITION_CHECK`]: an error when a position this member owns is
+    /// no longer the one stored. Called under the revocation gate, like a batch: no partition
+    /// changes owner meanwhile.
+    async fn check_positions_when_idle(
+        &mut self,
+        session: &Session<S>,
+    ) -> Result<(), ProjectionError> {
+        if self.positions_checked.elapsed() < IDLE_POSITION_CHECK {
+            return Ok(());
+        }
+        self.positions_checked = Instant::now();
+        let group = &self.config.group_id;
+        let stored = self.store.stored_offsets(group, &self.topic).await?;
+        check_positions(group, &self.topic, session.believed_positions(), &stored)?;
         Ok(())
     }
 
@@ -702,7 +718,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         ends: &Ends,
         reached: &HashSet<i32>,
     ) -> Result<bool, ProjectionError> {
-        let mut progress = session.stored_offsets().clone();
+        let mut progress = session.stored_offsets();
         let is_done = |partition: &i32, progress: &HashMap<i32, i64>| {
             let (low, high) = ends[partition];
             high <= low

@@ -1,7 +1,8 @@
 //! [`ReportStore`] for [`AnyStore`]: whichever adapter the database URL chose.
 
 use super::{
-    BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore, ReportTotals,
+    BookReport, OffsetAdvance, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore,
+    ReportTotals,
 };
 use crate::domain::BookId;
 use crate::store::{AnyStore, StoreError};
@@ -22,7 +23,7 @@ impl ReportStore for AnyStore {
         group: &str,
         topic: &str,
         changes: &[ReportChange],
-        offsets: &[PartitionOffset],
+        offsets: &[OffsetAdvance],
     ) -> Result<(), StoreError> {
         delegate!(self, store => store.apply_batch(group, topic, changes, offsets))
     }

@@ -17,8 +17,8 @@ use sqlx::PgConnection;
 use uuid::Uuid;
 
 use super::{
-    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore,
-    ReportTotals,
+    BatchPlan, BookReport, OffsetAdvance, PartitionOffset, ReportChange, ReportKey, ReportOrder,
+    ReportStore, ReportTotals, check_positions,
 };
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{PostgresStore, StoreError, to_i64, to_u64};
@@ -34,9 +34,17 @@ impl ReportStore for PostgresStore {
         group: &str,
         topic: &str,
         changes: &[ReportChange],
-        offsets: &[PartitionOffset],
+        offsets: &[OffsetAdvance],
     ) -> Result<(), StoreError> {
         let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
+        // First, before any row is written: see `lock_offsets`.
+        if !offsets.is_empty() {
+            let stored = lock_offsets(&mut tx, group, topic, offsets).await?;
+            let expected = offsets
+                .iter()
+                .map(|offset| (offset.partition, offset.stored));
+            check_positions(group, topic, expected, &stored)?;
+        }
         lock_books(&mut tx, changes).await?;
         let now = Utc::now().trunc_subsecs(6);
         let plan = BatchPlan::new(changes);
@@ -178,6 +186,12 @@ impl ReportStore for PostgresStore {
 
     async fn reset(&self) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
+        // Waits for the batches that checked their positions already (they hold a row-share
+        // lock) and holds off the others until the reset commits, when they find their
+        // positions gone (see `lock_offsets`). Readers are not blocked.
+        sqlx::query("LOCK TABLE projection_offsets IN EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM book_report")
             .execute(&mut *tx)
             .await?;
@@ -417,11 +431,45 @@ async fn delete_any(
 }
 
 /// Stores every partition's next offset in one statement.
+/// The stored positions of `offsets`' partitions, locked until the batch ends.
+///
+/// Under READ COMMITTED a reset committed in the middle of a batch would otherwise leave a mix:
+/// rows the batch inserted (invisible to the reset's deletes) and its new positions kept, rows
+/// it updated deleted. `FOR UPDATE` takes a row-share lock on the table even where no row
+/// matches, which conflicts with the reset's `EXCLUSIVE` lock: a batch and a reset run one
+/// after the other, and a batch after a reset sees the positions gone. It comes first in the
+/// batch, before any write a reset's deletes could wait for (which would be a deadlock).
+async fn lock_offsets(
+    conn: &mut PgConnection,
+    group: &str,
+    topic: &str,
+    offsets: &[OffsetAdvance],
+) -> Result<Vec<PartitionOffset>, StoreError> {
+    let partitions: Vec<i32> = offsets.iter().map(|offset| offset.partition).collect();
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM projection_offsets
+         WHERE consumer_group = $1 AND topic = $2 AND partition = ANY($3)
+         FOR UPDATE",
+    )
+    .bind(group)
+    .bind(topic)
+    .bind(partitions)
+    .fetch_all(conn)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(partition, next_offset)| PartitionOffset {
+            partition,
+            next_offset,
+        })
+        .collect())
+}
+
 async fn store_offsets(
     conn: &mut PgConnection,
     group: &str,
     topic: &str,
-    offsets: &[PartitionOffset],
+    offsets: &[OffsetAdvance],
 ) -> Result<(), StoreError> {
     if offsets.is_empty() {
         return Ok(());

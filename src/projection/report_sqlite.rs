@@ -14,8 +14,8 @@ use uuid::Uuid;
 use uuid::fmt::Hyphenated;
 
 use super::{
-    BatchPlan, BookReport, PartitionOffset, ReportChange, ReportKey, ReportOrder, ReportStore,
-    ReportTotals,
+    BatchPlan, BookReport, OffsetAdvance, PartitionOffset, ReportChange, ReportKey, ReportOrder,
+    ReportStore, ReportTotals, check_positions,
 };
 use crate::domain::{BookFactEvent, BookId, Price};
 use crate::store::{SqliteStore, StoreError, to_i64, to_u64};
@@ -26,9 +26,18 @@ impl ReportStore for SqliteStore {
         group: &str,
         topic: &str,
         changes: &[ReportChange],
-        offsets: &[PartitionOffset],
+        offsets: &[OffsetAdvance],
     ) -> Result<(), StoreError> {
+        // IMMEDIATE: the write lock from the start, so the positions checked first cannot
+        // change (a reset takes the same lock) before the batch commits.
         let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        if !offsets.is_empty() {
+            let stored = select_offsets(&mut tx, group, topic).await?;
+            let expected = offsets
+                .iter()
+                .map(|offset| (offset.partition, offset.stored));
+            check_positions(group, topic, expected, &stored)?;
+        }
         let now = Utc::now().trunc_subsecs(6);
         let plan = BatchPlan::new(changes);
         upsert_all(&mut tx, &plan.upserts).await?;
@@ -67,22 +76,8 @@ impl ReportStore for SqliteStore {
         group: &str,
         topic: &str,
     ) -> Result<Vec<PartitionOffset>, StoreError> {
-        let rows: Vec<(i32, i64)> = sqlx::query_as(
-            "SELECT partition, next_offset FROM projection_offsets
-             WHERE consumer_group = ? AND topic = ? ORDER BY partition",
-        )
-        .bind(group)
-        .bind(topic)
-        .fetch_all(self.pool())
-        .await
-        .map_err(read_failed)?;
-        Ok(rows
-            .into_iter()
-            .map(|(partition, next_offset)| PartitionOffset {
-                partition,
-                next_offset,
-            })
-            .collect())
+        let mut conn = self.pool().acquire().await.map_err(read_failed)?;
+        select_offsets(&mut conn, group, topic).await
     }
 
     async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
@@ -396,11 +391,35 @@ async fn delete_any(
 }
 
 /// Stores every partition's next offset in one statement.
+/// The stored positions of `group` on `topic`, in partition order.
+async fn select_offsets(
+    conn: &mut SqliteConnection,
+    group: &str,
+    topic: &str,
+) -> Result<Vec<PartitionOffset>, StoreError> {
+    let rows: Vec<(i32, i64)> = sqlx::query_as(
+        "SELECT partition, next_offset FROM projection_offsets
+         WHERE consumer_group = ? AND topic = ? ORDER BY partition",
+    )
+    .bind(group)
+    .bind(topic)
+    .fetch_all(conn)
+    .await
+    .map_err(read_failed)?;
+    Ok(rows
+        .into_iter()
+        .map(|(partition, next_offset)| PartitionOffset {
+            partition,
+            next_offset,
+        })
+        .collect())
+}
+
 async fn store_offsets(
     conn: &mut SqliteConnection,
     group: &str,
     topic: &str,
-    offsets: &[PartitionOffset],
+    offsets: &[OffsetAdvance],
 ) -> Result<(), StoreError> {
     if offsets.is_empty() {
         return Ok(());

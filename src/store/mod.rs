@@ -117,6 +117,24 @@ pub enum StoreError {
     },
     #[error("database migration failed: {0}")]
     Migration(#[from] sqlx::migrate::MigrateError),
+    /// A projection batch found another position stored for a partition than the one it was
+    /// read from (see `projection::OffsetAdvance`): the read model was reset, or another
+    /// member applied the partition meanwhile. Nothing of the batch was written; reading again
+    /// from the stored position fixes it.
+    #[error(
+        "the stored position of {topic} partition {partition} for group {group} is {}, not {} \
+         as this member last knew it: the read model was reset or another member applied the \
+         partition; nothing of the batch was written",
+        offset_text(*.found),
+        offset_text(*.expected)
+    )]
+    PositionMoved {
+        group: String,
+        topic: String,
+        partition: i32,
+        expected: Option<i64>,
+        found: Option<i64>,
+    },
 }
 
 /// Reads and writes books and their events. One `save` is one transaction.
@@ -264,6 +282,14 @@ fn version_text(version: Option<u64>) -> String {
     match version {
         Some(version) => format!("version {version}"),
         None => "no book".to_owned(),
+    }
+}
+
+/// A stored position in a message: "offset 12", or "none" for none.
+fn offset_text(offset: Option<i64>) -> String {
+    match offset {
+        Some(offset) => format!("offset {offset}"),
+        None => "none".to_owned(),
     }
 }
 
