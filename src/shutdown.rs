@@ -42,8 +42,10 @@ impl Shutdown {
         Shutdown(receiver)
     }
 
+    /// Whether the task should stop: shutdown was triggered, or every trigger is gone (as
+    /// for [`wait`](Self::wait): nobody can ask to stop any more).
     pub fn is_triggered(&self) -> bool {
-        *self.0.borrow()
+        *self.0.borrow() || self.0.has_changed().is_err()
     }
 
     /// Completes once shutdown was triggered (at once if it already was).
@@ -74,5 +76,34 @@ pub async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_shutdown_fires_when_triggered_or_when_every_trigger_is_gone() {
+        let (trigger, mut shutdown) = ShutdownTrigger::new();
+        let copy = trigger.clone();
+        assert!(!shutdown.is_triggered());
+        drop(copy);
+        assert!(!shutdown.is_triggered(), "one trigger is left");
+        trigger.trigger();
+        assert!(shutdown.is_triggered());
+        shutdown.wait().await;
+
+        let (trigger, mut shutdown) = ShutdownTrigger::new();
+        drop(trigger);
+        assert!(shutdown.is_triggered());
+        tokio::time::timeout(Duration::from_secs(1), shutdown.wait())
+            .await
+            .expect("wait did not return once every trigger was gone");
+
+        let never = Shutdown::never();
+        assert!(!never.is_triggered());
     }
 }
