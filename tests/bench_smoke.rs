@@ -219,3 +219,80 @@ async fn sigterm_stops_the_bench_and_it_cleans_up() {
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
 }
+
+/// SIGTERM during the latency measurement, whose relay and projector run as tasks of the
+/// bench's own process: both are stopped and waited for before the cleanup deletes the stores
+/// and topics they use. Without the wait the cleanup began at once, beside them still running,
+/// and the process exit cut them off.
+#[tokio::test]
+async fn sigterm_waits_for_the_benchs_own_relay_and_projector_before_cleaning_up() {
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let work_dir = tempfile::tempdir().unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .arg("bench")
+        .args(["--only", "latency,projection", "--stores", "sqlite"])
+        .args([
+            "--relay-events",
+            "500",
+            "--rounds",
+            "1",
+            "--batch-size",
+            "100",
+        ])
+        .args(["--broker-warm-up-events", "0", "--backlog-events", "0"])
+        .args(["--latency-seconds", "120"])
+        .args(["--bootstrap-servers", &common::bootstrap_servers()])
+        .args(["--work-dir", work_dir.path().to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    let started = tokio::time::Instant::now();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(120), lines.next_line())
+            .await
+            .expect("the bench went quiet before its latency measurement")
+            .unwrap()
+            .unwrap_or_else(|| panic!("the bench ended early: {seen:#?}"));
+        let measuring = line.contains("measuring latency at a fixed offered load");
+        seen.push(line);
+        if measuring {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(180), "{seen:#?}");
+    }
+    // Long enough for the relay and the projector to be running.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let pid = child.id().unwrap().to_string();
+    let kill = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let rest = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut rest = Vec::new();
+        while let Some(line) = lines.next_line().await.unwrap() {
+            rest.push(line);
+        }
+        rest
+    })
+    .await
+    .expect("the bench did not stop within 60 s of SIGTERM");
+    let status = child.wait().await.unwrap();
+    assert_eq!(status.code(), Some(1), "{rest:#?}");
+    let at = |text: &str| {
+        rest.iter()
+            .position(|line| line.contains(text))
+            .unwrap_or_else(|| panic!("no {text:?} after SIGTERM: {rest:#?}"))
+    };
+    let cleanup = at("cleaning up the run's stores and topics");
+    assert!(at("relay stopped") < cleanup, "{rest:#?}");
+    assert!(at("projection stopped") < cleanup, "{rest:#?}");
+    assert!(rest.iter().any(|line| line.contains("error: interrupted")));
+}

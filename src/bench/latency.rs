@@ -119,6 +119,7 @@ impl RunningRelay {
         bench: &super::stores::BenchStore,
         kafka: &KafkaConfig,
         settings: &RelaySettings,
+        run: &KafkaRun,
     ) -> Result<Self, BenchError> {
         match placement {
             Placement::InProcess => {
@@ -126,7 +127,7 @@ impl RunningRelay {
                 let clock = outbox.clock();
                 let relay = kafka_relay(outbox, kafka, settings).await?;
                 let (trigger, shutdown) = ShutdownTrigger::new();
-                let task = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+                let task = run.spawn(relay.run(RunMode::Follow, shutdown));
                 Ok(Self::InProcess {
                     task,
                     trigger,
@@ -192,21 +193,21 @@ impl RunningRelay {
 async fn measure_mode(
     config: &BenchConfig,
     factory: &mut StoreFactory,
-    kafka: &mut KafkaRun,
+    run: &mut KafkaRun,
     kind: StoreKind,
     mode: DeliveryMode,
     placement: Placement<'_>,
     report: &mut BenchReport,
 ) -> Result<(), BenchError> {
     let bench = factory.fresh(kind).await?;
-    let kafka = kafka.fresh();
+    let kafka = run.fresh();
     let settings = RelaySettings {
         delivery: mode,
         batch_size: config.batch_size,
         batch_linger_ms: config.batch_linger_ms,
         ..RelaySettings::default()
     };
-    let relay = RunningRelay::start(placement, &bench, &kafka, &settings).await?;
+    let relay = RunningRelay::start(placement, &bench, &kafka, &settings, run).await?;
 
     let saves_per_second = config.latency_events_per_second / 2;
     let saves = (f64::from(saves_per_second) * config.latency_duration.as_secs_f64()) as usize;
@@ -218,7 +219,7 @@ async fn measure_mode(
         && mode == DeliveryMode::ExactlyOnce
         && config.runs(super::Measurement::Projection)
     {
-        Some(RunningProjection::start(&kafka, factory, kind).await?)
+        Some(RunningProjection::start(&kafka, factory, kind, run).await?)
     } else {
         None
     };

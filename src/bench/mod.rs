@@ -24,11 +24,14 @@
 //! Nothing here prints: [`run`] returns a [`BenchReport`], logs progress with `tracing`, and the
 //! binary renders the report as a table or as one JSON object.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use rdkafka::admin::AdminOptions;
 use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use crate::codec::CodecError;
@@ -216,8 +219,8 @@ impl BenchError {
 
 /// Runs every selected measurement and returns the figures, or stops early when `shutdown`
 /// is triggered ([`BenchError::Interrupted`]; the child relays are killed as their handles are
-/// dropped). Either way it leaves no stores, schemas or topics behind (best effort: a failed
-/// cleanup is logged).
+/// dropped, and the relays and projectors running as tasks are stopped and waited for). Either
+/// way it leaves no stores, schemas or topics behind (best effort: a failed cleanup is logged).
 pub async fn run(config: &BenchConfig, mut shutdown: Shutdown) -> Result<BenchReport, BenchError> {
     validate(config)?;
     let mut report = BenchReport::new(config);
@@ -227,6 +230,8 @@ pub async fn run(config: &BenchConfig, mut shutdown: Shutdown) -> Result<BenchRe
         outcome = run_measurements(config, &mut report, &mut kafka, &mut factory) => outcome,
         () = shutdown.wait() => Err(BenchError::Interrupted),
     };
+    kafka.wait_for_tasks().await;
+    info!("cleaning up the run's stores and topics");
     factory.cleanup().await;
     kafka.delete_topics().await;
     outcome?;
@@ -326,22 +331,69 @@ pub(crate) fn mode_label(mode: DeliveryMode) -> &'static str {
     }
 }
 
-/// Fresh topic prefixes for one bench run, and the topics to delete at its end.
+/// Fresh topic prefixes for one bench run, the relays and projectors that use them as tasks of
+/// this process, and the topics to delete at its end.
 pub struct KafkaRun {
     base: KafkaConfig,
     run_id: String,
     next: usize,
     prefixes: Vec<String>,
+    /// Cloned into every task [`spawn`](Self::spawn) starts and dropped when it ends: once
+    /// this one is dropped too, `ended` sees the channel closed when the last task has ended.
+    /// (tokio-util's `TaskTracker` does this; it is not a dependency of the library.)
+    alive: Option<mpsc::Sender<()>>,
+    ended: mpsc::Receiver<()>,
 }
+
+/// How long [`KafkaRun::wait_for_tasks`] waits: a projector leaves its group within
+/// [`crate::projection::consumer::LEAVE_DEADLINE`], a relay aborts its transaction within its
+/// request timeout.
+const TASKS_STOP_DEADLINE: Duration = Duration::from_secs(40);
 
 impl KafkaRun {
     pub fn new(base: &KafkaConfig) -> Self {
         let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+        let (alive, ended) = mpsc::channel(1);
         Self {
             base: base.clone(),
             run_id,
             next: 0,
             prefixes: vec![],
+            alive: Some(alive),
+            ended,
+        }
+    }
+
+    /// Runs `task` (a relay or projector on this run's topics) on the runtime, to be waited
+    /// for by [`wait_for_tasks`](Self::wait_for_tasks).
+    pub fn spawn<F>(&self, task: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        let alive = self.alive.clone();
+        tokio::spawn(async move {
+            let output = task.await;
+            drop(alive);
+            output
+        })
+    }
+
+    /// Waits for every task [`spawn`](Self::spawn) started to end. After an interruption the
+    /// measurement that owned them is dropped with their triggers, which stops them, but a
+    /// task can take seconds to stop (a projector leaves its group, a relay ends its
+    /// transaction); until then it still uses the stores and topics about to be deleted, and
+    /// on a broker that creates topics on use, it could bring one back.
+    pub async fn wait_for_tasks(&mut self) {
+        drop(self.alive.take());
+        if tokio::time::timeout(TASKS_STOP_DEADLINE, self.ended.recv())
+            .await
+            .is_err()
+        {
+            warn!(
+                deadline = ?TASKS_STOP_DEADLINE,
+                "a relay or projector of the run did not stop in time; cleaning up anyway"
+            );
         }
     }
 

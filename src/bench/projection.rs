@@ -25,7 +25,9 @@ use tracing::info;
 use super::latency::Timelines;
 use super::relay_drain::PublishedFacts;
 use super::stores::{BenchStore, StoreFactory};
-use super::{BenchConfig, BenchError, BenchReport, Figure, StoreKind, Target, Unit, median};
+use super::{
+    BenchConfig, BenchError, BenchReport, Figure, KafkaRun, StoreKind, Target, Unit, median,
+};
 use crate::config::KafkaConfig;
 use crate::domain::BookId;
 use crate::projection::{
@@ -168,6 +170,7 @@ impl RunningProjection {
         kafka: &KafkaConfig,
         factory: &mut StoreFactory,
         kind: StoreKind,
+        run: &KafkaRun,
     ) -> Result<Self, BenchError> {
         let read_model = factory.fresh(kind).await?;
         let reports = TimedReports::new(read_model.store.clone());
@@ -177,7 +180,7 @@ impl RunningProjection {
             .await
             .map_err(projection_error)?;
         let (trigger, shutdown) = ShutdownTrigger::new();
-        let task = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
+        let task = run.spawn(projector.run(ProjectionMode::Follow, shutdown));
         Ok(Self {
             clock,
             trigger,

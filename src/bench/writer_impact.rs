@@ -44,7 +44,7 @@ pub async fn measure(
     };
     let relay = kafka_relay(outbox, &kafka.fresh(), &settings).await?;
     let (trigger, shutdown) = ShutdownTrigger::new();
-    let relay = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    let relay = kafka.spawn(relay.run(RunMode::Follow, shutdown));
     // Writers start once the relay is publishing, not while its producer initialises.
     clock.wait_for_first_read().await;
     let draining = save_for(
