@@ -200,12 +200,7 @@ async fn sigterm_stops_the_bench_and_it_cleans_up() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    common::send_sigterm(&child, "the bench");
     let output = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
         .expect("the bench did not stop within 30 s of SIGTERM")
@@ -269,12 +264,7 @@ async fn sigterm_waits_for_the_benchs_own_relay_and_projector_before_cleaning_up
     }
     // Long enough for the relay and the projector to be running.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let pid = child.id().unwrap().to_string();
-    let kill = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(kill.success());
+    common::send_sigterm(&child, "the bench");
     let rest = tokio::time::timeout(Duration::from_secs(60), async {
         let mut rest = Vec::new();
         while let Some(line) = lines.next_line().await.unwrap() {

@@ -996,6 +996,19 @@ impl Follower {
             run,
         }
     }
+
+    /// Waits (a minute at most) until its status satisfies `ready`.
+    async fn wait_for(&mut self, what: &str, ready: impl FnMut(&ProjectionStatus) -> bool) {
+        tokio::time::timeout(Duration::from_secs(60), self.status.wait_for(ready))
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .unwrap();
+    }
+
+    async fn stop(self) -> ProjectionReport {
+        self.trigger.trigger();
+        self.run.await.unwrap().unwrap()
+    }
 }
 
 /// Waits (a minute at most) until what each projector owns satisfies `done`.
@@ -1653,23 +1666,12 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
     // Not while another member of the group is running: the dashboard it feeds would be
     // emptied under it.
     let group = default_group(&world.kafka.topic_prefix);
-    let running = kafka_projector(
-        world.store.clone(),
-        &world.kafka,
-        World::projection_config(&group),
-    )
-    .await
-    .unwrap();
-    let mut status = running.status();
-    let (stop, shutdown) = ShutdownTrigger::new();
-    let run = tokio::spawn(running.run(ProjectionMode::Follow, shutdown));
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|s| !s.owned.is_empty()),
-    )
-    .await
-    .expect("the running projector never got partitions")
-    .unwrap();
+    let mut running = Follower::start(world, &group).await;
+    running
+        .wait_for("the running projector never got partitions", |s| {
+            !s.owned.is_empty()
+        })
+        .await;
     let refused = world
         .bookstore(&["project", "--rebuild", "--until-caught-up"])
         .output()
@@ -1684,29 +1686,17 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
         books.len(),
         "rows changed anyway"
     );
-    stop.trigger();
-    run.await.unwrap().unwrap();
+    running.stop().await;
 
     // Nor while a projector of another group into the same read model runs: the rows are
     // shared, and its offsets would be forgotten with them.
     let other = common::unique("other-group");
-    let running = kafka_projector(
-        world.store.clone(),
-        &world.kafka,
-        World::projection_config(&other),
-    )
-    .await
-    .unwrap();
-    let mut status = running.status();
-    let (stop, shutdown) = ShutdownTrigger::new();
-    let run = tokio::spawn(running.run(ProjectionMode::Follow, shutdown));
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|s| !s.owned.is_empty() && s.batches > 0),
-    )
-    .await
-    .expect("the other group's projector never applied a batch")
-    .unwrap();
+    let mut running = Follower::start(world, &other).await;
+    running
+        .wait_for("the other group's projector never applied a batch", |s| {
+            !s.owned.is_empty() && s.batches > 0
+        })
+        .await;
     let refused = world
         .bookstore(&["project", "--rebuild", "--until-caught-up"])
         .output()
@@ -1728,8 +1718,7 @@ async fn rebuild_restores_rows_deleted_by_hand(world: &World) {
             .unwrap()
             .is_empty()
     );
-    stop.trigger();
-    run.await.unwrap().unwrap();
+    running.stop().await;
 
     world
         .run_bookstore(&["project", "--rebuild", "--until-caught-up"])
@@ -1746,42 +1735,28 @@ async fn a_projector_reads_its_partitions_again_after_a_reset_under_it(world: &W
     world.relay_once().await;
     let group = common::unique("reset-under");
     let facts = world.project(&group).await.applied_facts;
-    let projector = kafka_projector(
-        world.store.clone(),
-        &world.kafka,
-        World::projection_config(&group),
-    )
-    .await
-    .unwrap();
-    let mut status = projector.status();
-    let (stop, shutdown) = ShutdownTrigger::new();
-    let run = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|status| !status.owned.is_empty()),
-    )
-    .await
-    .expect("the projector never got partitions")
-    .unwrap();
+    let mut following = Follower::start(world, &group).await;
+    following
+        .wait_for("the projector never got partitions", |s| {
+            !s.owned.is_empty()
+        })
+        .await;
 
     assert_eq!(world.store.reset().await.unwrap(), vec![group.clone()]);
     assert!(world.reports().await.is_empty());
     // Nothing new is on the topic: the idle check finds the positions gone.
     world.wait_until_report_equals_store().await;
-    tokio::time::timeout(
-        Duration::from_secs(30),
-        status.wait_for(|status| status.applied_facts >= facts),
-    )
-    .await
-    .expect("the partitions were not read again from the beginning")
-    .unwrap();
+    following
+        .wait_for(
+            "the partitions were not read again from the beginning",
+            |s| s.applied_facts >= facts,
+        )
+        .await;
     // And it goes on following.
     world.write_random_history(5, 10, Rng::seed()).await;
     world.relay_once().await;
     world.wait_until_report_equals_store().await;
-
-    stop.trigger();
-    run.await.unwrap().unwrap();
+    following.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -265,6 +265,16 @@ pub struct PartitionOffset {
     pub next_offset: i64,
 }
 
+impl From<(i32, i64)> for PartitionOffset {
+    /// A `(partition, next_offset)` row.
+    fn from((partition, next_offset): (i32, i64)) -> Self {
+        Self {
+            partition,
+            next_offset,
+        }
+    }
+}
+
 /// The position a batch stores for a partition, and the one it was read from.
 ///
 /// `stored` is what the member last stored for the partition, or the position it was assigned

@@ -93,13 +93,7 @@ impl ReportStore for PostgresStore {
         .fetch_all(self.pool())
         .await
         .map_err(read_failed)?;
-        Ok(rows
-            .into_iter()
-            .map(|(partition, next_offset)| PartitionOffset {
-                partition,
-                next_offset,
-            })
-            .collect())
+        Ok(rows.into_iter().map(PartitionOffset::from).collect())
     }
 
     async fn list_reports(&self) -> Result<Vec<BookReport>, StoreError> {
@@ -456,13 +450,7 @@ async fn lock_offsets(
     .bind(partitions)
     .fetch_all(conn)
     .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(partition, next_offset)| PartitionOffset {
-            partition,
-            next_offset,
-        })
-        .collect())
+    Ok(rows.into_iter().map(PartitionOffset::from).collect())
 }
 
 async fn store_offsets(

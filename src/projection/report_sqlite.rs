@@ -406,13 +406,7 @@ async fn select_offsets(
     .fetch_all(conn)
     .await
     .map_err(read_failed)?;
-    Ok(rows
-        .into_iter()
-        .map(|(partition, next_offset)| PartitionOffset {
-            partition,
-            next_offset,
-        })
-        .collect())
+    Ok(rows.into_iter().map(PartitionOffset::from).collect())
 }
 
 async fn store_offsets(

@@ -305,9 +305,8 @@ pub async fn postgres_store_with_url() -> (bookstore::store::PostgresStore, Stri
     (store, schema_url)
 }
 
-/// Sends SIGTERM to `child` (a `bookstore` service) and asserts it exits successfully within
-/// 30 s: the graceful shutdown every service promises.
-pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str) {
+/// Sends SIGTERM to `child`, still running.
+pub fn send_sigterm(child: &tokio::process::Child, name: &str) {
     let pid = child
         .id()
         .expect("the process is still running")
@@ -317,6 +316,12 @@ pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str)
         .status()
         .unwrap();
     assert!(status.success(), "could not signal {name}");
+}
+
+/// Sends SIGTERM to `child` (a `bookstore` service) and asserts it exits successfully within
+/// 30 s: the graceful shutdown every service promises.
+pub async fn terminate_gracefully(child: &mut tokio::process::Child, name: &str) {
+    send_sigterm(child, name);
     let exit = tokio::time::timeout(Duration::from_secs(30), child.wait())
         .await
         .unwrap_or_else(|_| panic!("{name} did not stop within 30 s of SIGTERM"))
