@@ -23,7 +23,7 @@ use bookstore::domain::{BookFactEvent, BookId, EventPayload, Price};
 use bookstore::kafka::provision_topics;
 use bookstore::projection::{
     BookReport, OffsetAdvance, PartitionOffset, ProjectionError, ProjectionMode, ProjectionReport,
-    ProjectionStatus, ReportChange, ReportStore, default_group, dlq, kafka_projector,
+    ProjectionStatus, ReplayPlan, ReportChange, ReportStore, default_group, dlq, kafka_projector,
     list_dead_letters, replay_dead_letters,
 };
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
@@ -1557,13 +1557,6 @@ async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {
 async fn dlq_replay_skips_letters_a_later_record_of_their_book_supersedes(world: &World) {
     let kept = world.add_book("Kept", "1.00", None).await;
     world.relay_once().await;
-    let fact_of = |book: BookId, version: u64, title: &str| {
-        let codec = AvroCodec::new();
-        let datum = codec
-            .encode(&EventPayload::Fact(fact(book, version, title)))
-            .unwrap();
-        frame_single_object(codec.fingerprint(BookFactEvent::TYPE).unwrap(), &datum)
-    };
     let (superseded, removed, alone) = (BookId::generate(), BookId::generate(), BookId::generate());
     let key = |book: BookId| Some(book.to_string());
     produce_raw(
@@ -1571,7 +1564,7 @@ async fn dlq_replay_skips_letters_a_later_record_of_their_book_supersedes(world:
         &[
             // Unreadable, then a good fact of the same book: the letter is superseded.
             (key(superseded), b"not avro".to_vec()),
-            (key(superseded), fact_of(superseded, 2, "Newer")),
+            (key(superseded), framed_fact(superseded, 2, "Newer")),
             // Unreadable, then the book's tombstone: replaying would bring it back.
             (key(removed), b"not avro either".to_vec()),
             // Unreadable and the book's last record: replayed.
@@ -1616,6 +1609,138 @@ async fn dlq_replay_skips_letters_a_later_record_of_their_book_supersedes(world:
     assert_eq!(row(world, superseded).await, Some((2, "Newer".into())));
     assert_eq!(row(world, removed).await, None);
     assert!(row(world, kept).await.is_some());
+}
+
+/// A fact of `book` as the relay frames it.
+fn framed_fact(book: BookId, version: u64, title: &str) -> Vec<u8> {
+    let codec = AvroCodec::new();
+    let datum = codec
+        .encode(&EventPayload::Fact(fact(book, version, title)))
+        .unwrap();
+    frame_single_object(codec.fingerprint(BookFactEvent::TYPE).unwrap(), &datum)
+}
+
+/// A record of a letter's book that arrives between a replay's check and its send (the relay
+/// publishing meanwhile): the letter goes back after it, so the replay sends the newer record
+/// (a fact, or a tombstone) again after the letter, and the newest state stays the one
+/// compaction keeps.
+#[tokio::test]
+async fn a_record_written_during_a_replay_stays_the_last_of_its_book() {
+    let world = World::sqlite().await;
+    // Nothing to publish yet; it makes the topics.
+    world.relay_once().await;
+    let (updated, removed) = (BookId::generate(), BookId::generate());
+    let key = |book: BookId| Some(book.to_string());
+    produce_raw(
+        &world,
+        &[
+            (key(updated), b"not avro".to_vec()),
+            (key(removed), b"not avro either".to_vec()),
+        ],
+    )
+    .await;
+    let group = common::unique("replay-race");
+    assert_eq!(world.project(&group).await.dead_letters, 2);
+
+    let plan = ReplayPlan::prepare(&world.kafka).await.unwrap();
+    let newer = framed_fact(updated, 2, "Written during the replay");
+    produce_raw(&world, &[(key(updated), newer.clone())]).await;
+    tombstone(&world, removed).await;
+    let report = plan.carry_out(&world.kafka).await.unwrap();
+    assert_eq!((report.total(), report.resent_newer), (2, 2), "{report:?}");
+
+    let topic = world.kafka.topics().book_fact;
+    let records = common::consume_committed(
+        &world.kafka,
+        &[&topic],
+        8,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await;
+    let of = |book: BookId| -> Vec<Option<Vec<u8>>> {
+        let key = book.to_string();
+        records
+            .iter()
+            .filter(|record| record.key == key)
+            .map(|record| record.value.clone())
+            .collect()
+    };
+    // Original, newer record, replayed letter, newer record again.
+    let garbage = Some(b"not avro".to_vec());
+    let newer = Some(newer);
+    assert_eq!(
+        of(updated),
+        [garbage.clone(), newer.clone(), garbage, newer]
+    );
+    let garbage = Some(b"not avro either".to_vec());
+    assert_eq!(of(removed), [garbage.clone(), None, garbage, None]);
+    // The projection took the newer fact, and the replayed letters again to the queue.
+    assert_eq!(world.project(&group).await.dead_letters, 2);
+    assert_eq!(
+        row(&world, updated).await,
+        Some((2, "Written during the replay".into()))
+    );
+    assert_eq!(row(&world, removed).await, None);
+    world.finish().await;
+}
+
+/// The same, with the newer record in a transaction still open when the letter is sent (as a
+/// relay's can be): a `read_committed` reader sees neither until it commits, so the replay waits
+/// for its letter to become readable before it looks for records before it.
+#[tokio::test]
+async fn a_record_in_a_transaction_open_during_a_replay_stays_the_last_of_its_book() {
+    use rdkafka::producer::Producer as _;
+
+    let world = World::sqlite().await;
+    world.relay_once().await;
+    let book = BookId::generate();
+    let key = book.to_string();
+    produce_raw(&world, &[(Some(key.clone()), b"not avro".to_vec())]).await;
+    let group = common::unique("replay-open-transaction");
+    assert_eq!(world.project(&group).await.dead_letters, 1);
+
+    let plan = ReplayPlan::prepare(&world.kafka).await.unwrap();
+    let producer =
+        common::transactional_producer(&world.kafka, &common::unique("open-during-replay")).await;
+    producer.begin_transaction().unwrap();
+    let topic = world.kafka.topics().book_fact;
+    let newer = framed_fact(book, 2, "In a transaction");
+    producer
+        .send(
+            FutureRecord::<str, [u8]>::to(&topic)
+                .key(&key)
+                .payload(&newer),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    let kafka = world.kafka.clone();
+    let replay = tokio::spawn(async move { plan.carry_out(&kafka).await });
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !replay.is_finished(),
+        "the replay did not wait for its letter to become readable"
+    );
+    tokio::task::spawn_blocking(move || producer.commit_transaction(Duration::from_secs(10)))
+        .await
+        .unwrap()
+        .unwrap();
+    let report = replay.await.unwrap().unwrap();
+    assert_eq!((report.total(), report.resent_newer), (1, 1), "{report:?}");
+
+    let records = common::consume_committed(
+        &world.kafka,
+        &[&topic],
+        4,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await;
+    let values: Vec<_> = records.into_iter().map(|record| record.value).collect();
+    let (garbage, newer) = (Some(b"not avro".to_vec()), Some(newer));
+    assert_eq!(values, [garbage.clone(), newer.clone(), garbage, newer]);
+    world.finish().await;
 }
 
 // ---------------------------------------------------------------------------------------------

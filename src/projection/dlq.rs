@@ -21,8 +21,8 @@
 //! offsets of the consumer group `<prefix>.book-fact.dlq-replay` and commits each record's
 //! offset right after the record is acknowledged, so each is replayed once (twice at worst if
 //! it crashes between the two). Run one replay at a time. A letter whose original a later
-//! record of its key follows is not sent back (the fact topic is compacted: see
-//! [`replay_dead_letters`]).
+//! record of its key follows is not sent back, and a record of its key that arrives while it
+//! is sent back is sent again after it (the fact topic is compacted: see [`ReplayPlan`]).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -365,6 +365,10 @@ pub struct ReplayReport {
     /// is on the topic any more: compaction removed it with the tombstone that followed it (or
     /// records were deleted by hand).
     pub gone: u64,
+    /// Records of a replayed letter's key that arrived on its partition during the replay
+    /// (the relay publishing meanwhile) and were sent again after the letter, so that the
+    /// newest record of the book stays the last one (see [`ReplayPlan::carry_out`]).
+    pub resent_newer: u64,
 }
 
 impl ReplayReport {
@@ -374,95 +378,275 @@ impl ReplayReport {
 }
 
 /// Sends every dead letter not replayed before back to the topic it came from (its original
-/// key, value and headers), committing the replay group's offset after each. See the module
-/// documentation.
+/// key, value and headers), committing the replay group's offset after each: a
+/// [`ReplayPlan`] prepared and carried out at once. See the module documentation.
+pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
+    ReplayPlan::prepare(kafka).await?.carry_out(kafka).await
+}
+
+/// A replay checked and ready to send: which letters are still to be replayed, and where the
+/// last record of each one's key was on its original's partition.
 ///
 /// A letter whose original is no longer the last record of its key on its topic is skipped
 /// (and counted as superseded): the fact topic is compacted, so a record sent after the newer
 /// fact of its book, or after its tombstone, would become the one compaction keeps, and a
 /// consumer reading the topic from the beginning (or a `--rebuild`) would get the book's older
 /// state back, or a removed book. Facts are whole states, so the newer one already says all the
-/// skipped one would. The check reads the letters once for where their originals are, then the
-/// originals' partitions from the earliest of them to their end; a record of the same key
-/// written after that read and before the letter is sent back (the relay running meanwhile)
-/// is not seen, so stop the relay for the replay where that matters. A letter goes back to its
-/// original's partition, where the check looked. Letters whose key was left out (theirs cannot
-/// be a book's), or whose origin is not on the topic's partitions (a topic deleted or made
-/// again since), are sent back unchecked, by key.
-pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
-    let topics = kafka.topics();
-    let group = format!("{}-replay", topics.book_fact_dlq);
-    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, None).await?;
-    let bounds = reader.bounds.clone();
-    let mut wanted = WantedKeys::default();
-    while let Some(letter) = reader.next().await? {
-        if let Some((origin, key)) = Origin::of(&letter, &topics.book_fact) {
-            wanted.add(&origin, key);
-        }
-    }
-    drop(reader);
-    let latest = wanted.scan(kafka).await?;
+/// skipped one would. A letter goes back to its original's partition, where the check looked.
+/// Letters whose key was left out (theirs cannot be a book's), or whose origin is not on the
+/// topic's partitions (a topic deleted or made again since), are sent back unchecked, by key.
+#[derive(Debug)]
+pub struct ReplayPlan {
+    group: String,
+    /// The end of every partition of the queue when the letters were read: the letters
+    /// checked, and so the only ones sent.
+    bounds: HashMap<i32, i64>,
+    latest: LatestOfKeys,
+}
 
-    let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, Some(bounds)).await?;
-    let producer = dead_letter_producer(kafka)?;
-    let mut report = ReplayReport::default();
-    // Originals sent back by this run: a second letter of one (dead-lettered twice across a
-    // crash) is superseded by the first's copy.
-    let mut sent = HashSet::new();
-    while let Some(letter) = reader.next().await? {
-        let origin = Origin::of(&letter, &topics.book_fact);
-        let verdict = match &origin {
-            Some((origin, _)) if sent.contains(origin) => Verdict::Superseded,
-            Some((origin, key)) => latest.verdict(origin, key),
-            None => Verdict::Unchecked,
-        };
-        match verdict {
-            Verdict::Superseded | Verdict::Gone => {
-                reader.commit_past(&letter).await?;
-                if verdict == Verdict::Gone {
-                    report.gone += 1;
-                } else {
-                    report.superseded += 1;
+/// A letter sent back to its original's partition: what [`settle`] checks.
+struct SentBack {
+    origin: Origin,
+    key: Vec<u8>,
+    /// The offset of the copy sent.
+    copy: i64,
+}
+
+/// Rounds of [`settle`] before it gives up (each sends again what arrived during the one
+/// before; the relay would have to publish a book again within milliseconds, every round).
+const SETTLE_ROUNDS: usize = 3;
+
+impl ReplayPlan {
+    /// Reads the letters not replayed yet for where their originals are, then the originals'
+    /// partitions from the earliest of them to their end, noting where each letter's key was
+    /// last.
+    pub async fn prepare(kafka: &KafkaConfig) -> Result<Self, DlqError> {
+        let topics = kafka.topics();
+        let group = format!("{}-replay", topics.book_fact_dlq);
+        let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, None).await?;
+        let bounds = reader.bounds.clone();
+        let mut wanted = WantedKeys::default();
+        while let Some(letter) = reader.next().await? {
+            if let Some((origin, key)) = Origin::of(&letter, &topics.book_fact) {
+                wanted.add(&origin, key);
+            }
+        }
+        drop(reader);
+        let latest = wanted.scan(kafka, &HashSet::new()).await?;
+        Ok(Self {
+            group,
+            bounds,
+            latest,
+        })
+    }
+
+    /// Sends back every letter the plan found still the last record of its key, or could not
+    /// check, and skips the others.
+    ///
+    /// A record of a letter's key may arrive on its partition after [`prepare`](Self::prepare)
+    /// read it and before the letter is sent (the relay publishing meanwhile). The letter
+    /// would then follow a newer record of its book and become the one compaction keeps. So
+    /// once every letter is sent, their partitions are read again, and where a letter sent
+    /// back is now the last record of its key although another record of the key came after
+    /// its original, that newer record is sent again after it (the same key, value and
+    /// headers: a duplicate, which consumers of the topic already tolerate).
+    pub async fn carry_out(self, kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
+        let Self {
+            group,
+            bounds,
+            latest,
+        } = self;
+        let topics = kafka.topics();
+        let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, Some(bounds)).await?;
+        let producer = dead_letter_producer(kafka)?;
+        let mut report = ReplayReport::default();
+        // Originals sent back by this run: a second letter of one (dead-lettered twice across
+        // a crash) is superseded by the first's copy.
+        let mut sent = HashSet::new();
+        let mut sent_back = Vec::new();
+        // Where the copies of this run are (a record there is not one written meanwhile), and
+        // the offset of the record each copies.
+        let mut copies = HashMap::new();
+        while let Some(letter) = reader.next().await? {
+            let origin = Origin::of(&letter, &topics.book_fact);
+            let verdict = match &origin {
+                Some((origin, _)) if sent.contains(origin) => Verdict::Superseded,
+                Some((origin, key)) => latest.verdict(origin, key),
+                None => Verdict::Unchecked,
+            };
+            match verdict {
+                Verdict::Superseded | Verdict::Gone => {
+                    reader.commit_past(&letter).await?;
+                    if verdict == Verdict::Gone {
+                        report.gone += 1;
+                    } else {
+                        report.superseded += 1;
+                    }
+                    continue;
                 }
+                Verdict::Last | Verdict::Unchecked => {}
+            }
+            let target = header(&letter, ORIGIN_TOPIC)
+                .unwrap_or(&topics.book_fact)
+                .to_owned();
+            let original;
+            let message = match header(&letter, LEFT_OUT) {
+                Some(_) => {
+                    original = read_original(kafka, &letter, &target).await?;
+                    &original
+                }
+                None => &letter,
+            };
+            let mut record =
+                FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(message));
+            if let (Verdict::Last, Some((origin, _))) = (verdict, &origin) {
+                record = record.partition(origin.partition);
+            }
+            if let Some(key) = message.key() {
+                record = record.key(key);
+            }
+            if let Some(value) = message.payload() {
+                record = record.payload(value);
+            }
+            let delivered = producer
+                .send(record, kafka.request_timeout())
+                .await
+                .map_err(|(cause, _)| DlqError::Kafka {
+                    topic: target.clone(),
+                    cause,
+                })?;
+            reader.commit_past(&letter).await?;
+            *report.replayed.entry(target).or_default() += 1;
+            if let Some((origin, key)) = origin {
+                if verdict == Verdict::Last {
+                    copies.insert(
+                        (origin.topic.clone(), delivered.partition, delivered.offset),
+                        origin.offset,
+                    );
+                    sent_back.push(SentBack {
+                        origin: origin.clone(),
+                        key: key.to_vec(),
+                        copy: delivered.offset,
+                    });
+                }
+                sent.insert(origin);
+            }
+        }
+        report.resent_newer = settle(kafka, &producer, &sent_back, copies).await?;
+        Ok(report)
+    }
+}
+
+/// Sends again, after the letters sent back, the records of their keys that arrived during the
+/// replay (see [`ReplayPlan::carry_out`]), until every letter's partition ends in its book's
+/// newest record again; returns how many it sent. `copies` holds where this run's own records
+/// are, and the offset of the record each copies.
+///
+/// A copy the `read_committed` scan has not reached lies behind a transaction still open (the
+/// relay's, begun before the copy was written), which may hold a record of the same key: the
+/// partition is read again until the copy is visible, for the request timeout at most.
+async fn settle(
+    kafka: &KafkaConfig,
+    producer: &FutureProducer,
+    sent_back: &[SentBack],
+    mut copies: HashMap<(String, i32, i64), i64>,
+) -> Result<u64, DlqError> {
+    // Per partition and key, where this run's last copy of it is.
+    let mut last_copy: HashMap<(String, i32, Vec<u8>), i64> = HashMap::new();
+    for letter in sent_back {
+        let at = (
+            letter.origin.topic.clone(),
+            letter.origin.partition,
+            letter.key.clone(),
+        );
+        let copy = last_copy.entry(at).or_insert(letter.copy);
+        *copy = (*copy).max(letter.copy);
+    }
+    let invisible_until = Instant::now() + kafka.request_timeout();
+    let mut resent = 0;
+    let mut rounds = 0;
+    loop {
+        let mut wanted = WantedKeys::default();
+        for letter in sent_back {
+            wanted.add(&letter.origin, &letter.key);
+        }
+        let found = wanted
+            .scan(kafka, &copies.keys().cloned().collect())
+            .await?;
+        let mut newer: HashMap<(String, i32, Vec<u8>), OwnedMessage> = HashMap::new();
+        let mut invisible = false;
+        for ((topic, partition, key), &copy) in &last_copy {
+            let seen = found
+                .partitions
+                .get(&(topic.clone(), *partition))
+                .and_then(|keys| keys.get(key));
+            let Some(seen) = seen.filter(|seen| seen.last >= copy) else {
+                invisible = true;
                 continue;
+            };
+            // The last record is a copy of an older one than a record written meanwhile.
+            let copied = copies.get(&(topic.clone(), *partition, seen.last));
+            if let (Some(&copied), Some(other)) = (copied, &seen.newest_other)
+                && other.offset() > copied
+            {
+                newer.insert((topic.clone(), *partition, key.clone()), other.clone());
             }
-            Verdict::Last | Verdict::Unchecked => {}
         }
-        let target = header(&letter, ORIGIN_TOPIC)
-            .unwrap_or(&topics.book_fact)
-            .to_owned();
-        let original;
-        let message = match header(&letter, LEFT_OUT) {
-            Some(_) => {
-                original = read_original(kafka, &letter, &target).await?;
-                &original
+        if newer.is_empty() && !invisible {
+            return Ok(resent);
+        }
+        if newer.is_empty() {
+            if Instant::now() >= invisible_until {
+                warn!(
+                    timeout = ?kafka.request_timeout(),
+                    "a transaction kept a replayed letter unreadable; a record of its book in \
+                     it may come before the letter (publish the book again to put its newest \
+                     state last)"
+                );
+                return Ok(resent);
             }
-            None => &letter,
-        };
-        let mut record = FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(message));
-        if let (Verdict::Last, Some((origin, _))) = (verdict, &origin) {
-            record = record.partition(origin.partition);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
         }
-        if let Some(key) = message.key() {
-            record = record.key(key);
+        rounds += 1;
+        if rounds > SETTLE_ROUNDS {
+            warn!(
+                rounds = SETTLE_ROUNDS,
+                "records of replayed letters' books kept arriving during the replay; a letter \
+                 may follow a newer record of its book until the book's next change"
+            );
+            return Ok(resent);
         }
-        if let Some(value) = message.payload() {
-            record = record.payload(value);
-        }
-        producer
-            .send(record, kafka.request_timeout())
-            .await
-            .map_err(|(cause, _)| DlqError::Kafka {
-                topic: target.clone(),
-                cause,
-            })?;
-        reader.commit_past(&letter).await?;
-        *report.replayed.entry(target).or_default() += 1;
-        if let Some((origin, _)) = origin {
-            sent.insert(origin);
+        for ((topic, partition, key), record) in newer {
+            warn!(
+                %topic,
+                partition,
+                offset = record.offset(),
+                "a record of a replayed letter's key arrived during the replay; sending it again after the letter"
+            );
+            let mut copy = FutureRecord::<[u8], [u8]>::to(&topic)
+                .partition(partition)
+                .key(&key)
+                .headers(original_headers(&record));
+            if let Some(value) = record.payload() {
+                copy = copy.payload(value);
+            }
+            let delivered =
+                producer
+                    .send(copy, kafka.request_timeout())
+                    .await
+                    .map_err(|(cause, _)| DlqError::Kafka {
+                        topic: topic.clone(),
+                        cause,
+                    })?;
+            copies.insert(
+                (topic.clone(), delivered.partition, delivered.offset),
+                record.offset(),
+            );
+            last_copy.insert((topic, partition, key), delivered.offset);
+            resent += 1;
         }
     }
-    Ok(report)
 }
 
 /// What the check of a letter against its original's partition found.
@@ -520,10 +704,19 @@ struct Wanted {
     keys: HashSet<Vec<u8>>,
 }
 
-/// Per partition read and wanted key, the offset of the last record of that key found.
+/// Per partition read and wanted key, what was found of that key.
 #[derive(Debug, Default)]
 struct LatestOfKeys {
-    partitions: HashMap<(String, i32), HashMap<Vec<u8>, i64>>,
+    partitions: HashMap<(String, i32), HashMap<Vec<u8>, Seen>>,
+}
+
+/// What a scan found of a key on a partition.
+#[derive(Debug)]
+struct Seen {
+    /// The offset of its last record.
+    last: i64,
+    /// Its last record that is none of the copies the scan was told of.
+    newest_other: Option<OwnedMessage>,
 }
 
 impl WantedKeys {
@@ -540,8 +733,13 @@ impl WantedKeys {
     }
 
     /// Reads every partition from its earliest original to its end (as a `read_committed`
-    /// reader sees it) and notes where each wanted key was last.
-    async fn scan(self, kafka: &KafkaConfig) -> Result<LatestOfKeys, DlqError> {
+    /// reader sees it) and notes what it found of each wanted key, telling the records at
+    /// `copies` (topic, partition, offset) apart.
+    async fn scan(
+        self,
+        kafka: &KafkaConfig,
+        copies: &HashSet<(String, i32, i64)>,
+    ) -> Result<LatestOfKeys, DlqError> {
         let mut by_topic: HashMap<String, HashMap<i32, Wanted>> = HashMap::new();
         for ((topic, partition), wanted) in self.partitions {
             by_topic.entry(topic).or_default().insert(partition, wanted);
@@ -557,7 +755,12 @@ impl WantedKeys {
             };
             partitions.retain(|partition, _| existing.contains(partition));
             let read: Vec<i32> = partitions.keys().copied().collect();
-            let mut found = scan_topic(kafka, &topic, partitions).await?;
+            let copies: HashSet<(i32, i64)> = copies
+                .iter()
+                .filter(|(of, _, _)| *of == topic)
+                .map(|&(_, partition, offset)| (partition, offset))
+                .collect();
+            let mut found = scan_topic(kafka, &topic, partitions, copies).await?;
             for partition in read {
                 let keys = found.remove(&partition).unwrap_or_default();
                 latest.partitions.insert((topic.clone(), partition), keys);
@@ -572,7 +775,8 @@ async fn scan_topic(
     kafka: &KafkaConfig,
     topic: &str,
     partitions: HashMap<i32, Wanted>,
-) -> Result<HashMap<i32, HashMap<Vec<u8>, i64>>, DlqError> {
+    copies: HashSet<(i32, i64)>,
+) -> Result<HashMap<i32, HashMap<Vec<u8>, Seen>>, DlqError> {
     let mut config = kafka.consumer_config(&format!("{}.dlq-scan", kafka.topic_prefix));
     // After the user's options: what the check relies on. An original below the log start
     // (records deleted) reads from the start, and a record no committed reader sees is none.
@@ -587,7 +791,7 @@ async fn scan_topic(
     let topic = topic.to_owned();
     // The consumer's calls block.
     tokio::task::spawn_blocking(move || {
-        let mut latest: HashMap<i32, HashMap<Vec<u8>, i64>> = HashMap::new();
+        let mut latest: HashMap<i32, HashMap<Vec<u8>, Seen>> = HashMap::new();
         let mut open: HashSet<i32> = partitions.keys().copied().collect();
         let mut idle_until = std::time::Instant::now() + idle_timeout;
         while !open.is_empty() {
@@ -617,10 +821,18 @@ async fn scan_topic(
                 continue;
             };
             if wanted.keys.contains(key) {
-                latest
+                let seen = latest
                     .entry(message.partition())
                     .or_default()
-                    .insert(key.to_vec(), message.offset());
+                    .entry(key.to_vec())
+                    .or_insert(Seen {
+                        last: message.offset(),
+                        newest_other: None,
+                    });
+                seen.last = message.offset();
+                if !copies.contains(&(message.partition(), message.offset())) {
+                    seen.newest_other = Some(message.detach());
+                }
             }
         }
         Ok(latest)
@@ -638,9 +850,9 @@ impl LatestOfKeys {
         else {
             return Verdict::Unchecked;
         };
-        match keys.get(key) {
-            Some(&last) if last > origin.offset => Verdict::Superseded,
-            Some(&last) if last == origin.offset => Verdict::Last,
+        match keys.get(key).map(|seen| seen.last) {
+            Some(last) if last > origin.offset => Verdict::Superseded,
+            Some(last) if last == origin.offset => Verdict::Last,
             // Only older records of the key: the original itself was removed (by hand, as
             // compaction keeps the last record of a key), and nothing followed it.
             Some(_) | None => Verdict::Gone,

@@ -58,7 +58,9 @@ mod report_any;
 mod report_postgres;
 mod report_sqlite;
 
-pub use dlq::{DeadLetter, DlqError, ReplayReport, list_dead_letters, replay_dead_letters};
+pub use dlq::{
+    DeadLetter, DlqError, ReplayPlan, ReplayReport, list_dead_letters, replay_dead_letters,
+};
 pub use fact::{FactReader, MISSING_SCHEMA_PATIENCE, Rejection, UntimedChange};
 pub use lag::{LagError, LagMeter, PartitionLag, ProjectionLag};
 pub use projector::{

@@ -62,6 +62,13 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                     report.gone
                 );
             }
+            if report.resent_newer > 0 {
+                println!(
+                    "sent {} record(s) that arrived during the replay again after the letters \
+                     of their book, so that the newest stays last",
+                    report.resent_newer
+                );
+            }
         }
     }
     Ok(())
