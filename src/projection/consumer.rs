@@ -546,18 +546,14 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     /// Records that `offsets` are stored in the database, and commits them to the group for
     /// lag tooling (asynchronously: the database is what counts).
     pub fn stored(&mut self, offsets: &[OffsetAdvance]) {
-        let positions: Vec<PartitionOffset> = offsets
-            .iter()
-            .map(|offset| PartitionOffset {
-                partition: offset.partition,
-                next_offset: offset.next_offset,
-            })
-            .collect();
-        for offset in &positions {
+        for offset in offsets {
             self.stored
                 .insert(offset.partition, Some(offset.next_offset));
         }
-        if let Some(list) = self.offset_list(&positions)
+        let positions = offsets
+            .iter()
+            .map(|offset| (offset.partition, offset.next_offset));
+        if let Some(list) = self.offset_list(positions)
             && let Err(error) = self.consumer().commit(&list, CommitMode::Async)
         {
             debug!(%error, "could not commit the group offsets");
@@ -580,15 +576,15 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
             .map(|(&partition, &stored)| (partition, stored))
     }
 
-    fn offset_list(&self, offsets: &[PartitionOffset]) -> Option<TopicPartitionList> {
+    /// `(partition, next offset)` pairs as a list to commit.
+    fn offset_list(
+        &self,
+        offsets: impl IntoIterator<Item = (i32, i64)>,
+    ) -> Option<TopicPartitionList> {
         let mut list = TopicPartitionList::new();
-        for offset in offsets {
-            list.add_partition_offset(
-                &self.topic,
-                offset.partition,
-                Offset::Offset(offset.next_offset),
-            )
-            .ok()?;
+        for (partition, next_offset) in offsets {
+            list.add_partition_offset(&self.topic, partition, Offset::Offset(next_offset))
+                .ok()?;
         }
         (list.count() > 0).then_some(list)
     }
@@ -605,15 +601,7 @@ impl<S: ReportStore + Clone + 'static> Session<S> {
     /// The leave runs on a thread of its own rather than the blocking pool because the runtime
     /// waits for its blocking tasks when it shuts down, so a stuck one would hold the process.
     pub async fn leave(mut self) {
-        let offsets: Vec<PartitionOffset> = self
-            .stored_offsets()
-            .into_iter()
-            .map(|(partition, next_offset)| PartitionOffset {
-                partition,
-                next_offset,
-            })
-            .collect();
-        let list = self.offset_list(&offsets);
+        let list = self.offset_list(self.stored_offsets());
         let Some(consumer) = self.consumer.take() else {
             return;
         };
