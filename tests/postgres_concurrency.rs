@@ -2,9 +2,10 @@
 //! `position > last_seen`: it must see every committed event exactly once, in gapless order.
 //!
 //! That only holds because positions come from the `outbox_head` row (see `store/mod.rs`). Two
-//! tests show the mechanism, and what a plain sequence would get wrong; the last ones show that
+//! tests show the mechanism, and what a plain sequence would get wrong; the next ones show that
 //! saves do not depend on the database's default isolation level, and that a save the database
-//! aborts to break a deadlock is retried.
+//! aborts to break a deadlock is retried. The last one shows that a reset of the read model
+//! waits for a projection batch in flight instead of deadlocking with it.
 
 mod common;
 #[path = "store_suite/fixtures.rs"]
@@ -422,6 +423,84 @@ async fn a_save_aborted_to_break_a_deadlock_is_retried_by_the_service() {
             .collect::<Vec<_>>(),
         [3, 4]
     );
+    store.pool().close().await;
+    schema.drop().await;
+}
+
+/// A read-model reset and a projection batch in flight run one after the other. The batch has
+/// locked its position row and waits (here for its books' advisory locks, held by the test);
+/// the reset must wait for the whole batch rather than delete the book row the batch is about
+/// to write and then queue for the position row the batch holds: that deadlock would abort one
+/// of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_model_reset_waits_for_a_projection_batch_in_flight() {
+    use bookstore::domain::{BookFactEvent, Price};
+    use bookstore::projection::{OffsetAdvance, ReportChange, ReportStore};
+
+    let schema = PgSchema::create().await;
+    let store = schema.store().await;
+    let (group, topic) = ("g", "t.book-fact");
+    let upsert = |book_id, version| ReportChange::Upsert {
+        fact: BookFactEvent {
+            book_id,
+            title: format!("Version {version}"),
+            author: "Ursula K. Le Guin".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+            version,
+            removed: false,
+        },
+        changed_at: Utc::now(),
+    };
+    let book = BookId::generate();
+    store
+        .apply_batch(
+            group,
+            topic,
+            &[upsert(book, 1)],
+            &[OffsetAdvance::first(0, 5)],
+        )
+        .await
+        .unwrap();
+
+    // Every bucket of the projection's advisory locks (namespace "bkrp"), so the next batch
+    // stops right after it has locked its positions.
+    let mut holder = store.pool().begin().await.unwrap();
+    let holder_pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_xact_lock(1651208816, b) FROM generate_series(0, 255) AS b")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let batch = tokio::spawn({
+        let store = store.clone();
+        async move {
+            store
+                .apply_batch(
+                    group,
+                    topic,
+                    &[upsert(book, 2)],
+                    &[OffsetAdvance::from(0, 5, 9)],
+                )
+                .await
+        }
+    });
+    wait_until_blocked_by(store.pool(), holder_pid).await;
+    let reset = tokio::spawn({
+        let store = store.clone();
+        async move { store.reset().await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!reset.is_finished(), "the reset ran beside the batch");
+    holder.commit().await.unwrap();
+
+    batch.await.unwrap().unwrap();
+    assert_eq!(reset.await.unwrap().unwrap(), vec![group.to_owned()]);
+    assert_eq!(store.list_reports().await.unwrap(), vec![]);
+    assert_eq!(store.stored_offsets(group, topic).await.unwrap(), vec![]);
     store.pool().close().await;
     schema.drop().await;
 }

@@ -180,8 +180,8 @@ impl ReportStore for PostgresStore {
 
     async fn reset(&self) -> Result<Vec<String>, StoreError> {
         let mut tx = self.pool().begin_with(BEGIN_BATCH).await?;
-        // Waits for the batches that checked their positions already (they hold a row-share
-        // lock) and holds off the others until the reset commits, when they find their
+        // Waits for the batches that locked their positions already (a row-share lock on the
+        // table) and holds off the others until the reset commits, when they find their
         // positions gone (see `lock_offsets`). Readers are not blocked.
         sqlx::query("LOCK TABLE projection_offsets IN EXCLUSIVE MODE")
             .execute(&mut *tx)
@@ -427,12 +427,12 @@ async fn delete_any(
 /// Stores every partition's next offset in one statement.
 /// The stored positions of `offsets`' partitions, locked until the batch ends.
 ///
-/// Under READ COMMITTED a reset committed in the middle of a batch would otherwise leave a mix:
-/// rows the batch inserted (invisible to the reset's deletes) and its new positions kept, rows
-/// it updated deleted. `FOR UPDATE` takes a row-share lock on the table even where no row
-/// matches, which conflicts with the reset's `EXCLUSIVE` lock: a batch and a reset run one
-/// after the other, and a batch after a reset sees the positions gone. It comes first in the
-/// batch, before any write a reset's deletes could wait for (which would be a deadlock).
+/// The lock makes a batch and a reset run one after the other: `FOR UPDATE` also takes a
+/// row-share lock on the table, even where no row matches, which conflicts with the reset's
+/// `EXCLUSIVE` lock, so a batch after a reset sees its positions gone. Without it, a reset
+/// could delete a row the batch is about to write and then queue for the position row the
+/// batch holds: a deadlock, which PostgreSQL breaks by aborting one of them (a test shows it).
+/// It comes first in the batch, before any write a reset's deletes could wait for.
 async fn lock_offsets(
     conn: &mut PgConnection,
     group: &str,
