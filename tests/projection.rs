@@ -414,6 +414,14 @@ fn fact(book_id: BookId, version: u64, title: &str) -> BookFactEvent {
     }
 }
 
+/// The stored position `next_offset` of `partition`.
+fn at(partition: i32, next_offset: i64) -> PartitionOffset {
+    PartitionOffset {
+        partition,
+        next_offset,
+    }
+}
+
 fn upsert(book_id: BookId, version: u64, title: &str) -> ReportChange {
     ReportChange::Upsert {
         fact: fact(book_id, version, title),
@@ -598,10 +606,6 @@ async fn a_batch_of_many_books_follows_the_version_rules_for_each(world: &World)
 async fn batch_stores_offsets_with_the_rows_and_reset_forgets_them(world: &World) {
     let store = &world.store;
     let topic = "t.book-fact";
-    let at = |partition, next_offset| PartitionOffset {
-        partition,
-        next_offset,
-    };
     let book_id = BookId::generate();
     store
         .apply_batch(
@@ -692,10 +696,6 @@ async fn a_batch_from_a_position_no_longer_stored_writes_nothing(world: &World) 
         .unwrap_err();
     refused(0, Some(4), Some(5))(error);
     assert_eq!(row(world, second).await, None, "a refused batch wrote rows");
-    let at = |partition, next_offset| PartitionOffset {
-        partition,
-        next_offset,
-    };
     assert_eq!(
         store.stored_offsets("a", topic).await.unwrap(),
         vec![at(0, 5), at(1, 7)]

@@ -31,6 +31,7 @@ use std::time::Duration;
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, OwnedHeaders, OwnedMessage};
+use rdkafka::producer::future_producer::Delivery;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Serialize;
@@ -497,24 +498,11 @@ impl ReplayPlan {
                 }
                 None => &letter,
             };
-            let mut record =
-                FutureRecord::<[u8], [u8]>::to(&target).headers(original_headers(message));
-            if let (Verdict::Last, Some((origin, _))) = (verdict, &origin) {
-                record = record.partition(origin.partition);
-            }
-            if let Some(key) = message.key() {
-                record = record.key(key);
-            }
-            if let Some(value) = message.payload() {
-                record = record.payload(value);
-            }
-            let delivered = producer
-                .send(record, kafka.request_timeout())
-                .await
-                .map_err(|(cause, _)| DlqError::Kafka {
-                    topic: target.clone(),
-                    cause,
-                })?;
+            let partition = match (verdict, &origin) {
+                (Verdict::Last, Some((origin, _))) => Some(origin.partition),
+                _ => None,
+            };
+            let delivered = send_copy(&producer, kafka, &target, partition, message).await?;
             reader.commit_past(&letter).await?;
             *report.replayed.entry(target).or_default() += 1;
             if let Some((origin, key)) = origin {
@@ -624,21 +612,7 @@ async fn settle(
                 offset = record.offset(),
                 "a record of a replayed letter's key arrived during the replay; sending it again after the letter"
             );
-            let mut copy = FutureRecord::<[u8], [u8]>::to(&topic)
-                .partition(partition)
-                .key(&key)
-                .headers(original_headers(&record));
-            if let Some(value) = record.payload() {
-                copy = copy.payload(value);
-            }
-            let delivered =
-                producer
-                    .send(copy, kafka.request_timeout())
-                    .await
-                    .map_err(|(cause, _)| DlqError::Kafka {
-                        topic: topic.clone(),
-                        cause,
-                    })?;
+            let delivered = send_copy(producer, kafka, &topic, Some(partition), &record).await?;
             copies.insert(
                 (topic.clone(), delivered.partition, delivered.offset),
                 record.offset(),
@@ -647,6 +621,34 @@ async fn settle(
             resent += 1;
         }
     }
+}
+
+/// Sends `message`'s key, value and headers (without the queue's own) to `topic`, to
+/// `partition` where given (else by key), and waits for the acknowledgement.
+async fn send_copy(
+    producer: &FutureProducer,
+    kafka: &KafkaConfig,
+    topic: &str,
+    partition: Option<i32>,
+    message: &OwnedMessage,
+) -> Result<Delivery, DlqError> {
+    let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(original_headers(message));
+    if let Some(partition) = partition {
+        record = record.partition(partition);
+    }
+    if let Some(key) = message.key() {
+        record = record.key(key);
+    }
+    if let Some(value) = message.payload() {
+        record = record.payload(value);
+    }
+    producer
+        .send(record, kafka.request_timeout())
+        .await
+        .map_err(|(cause, _)| DlqError::Kafka {
+            topic: topic.to_owned(),
+            cause,
+        })
 }
 
 /// What the check of a letter against its original's partition found.
