@@ -10,6 +10,8 @@ mod fixtures;
 
 use std::future::Future;
 use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bookstore::codec::{AvroCodec, CodecError};
@@ -1261,6 +1263,53 @@ async fn sqlite_a_save_commits_while_a_large_prune_runs() {
     let positions: Vec<u64> = saved.iter().map(|e| e.position).collect();
     assert_eq!(positions, [EVENTS as u64 + 1, EVENTS as u64 + 2]);
     assert_eq!(store.read_after(0, 10).await.unwrap(), saved);
+}
+
+/// SQLite keeps no queue for its write lock: a writer that finds it taken sleeps in its busy
+/// handler (1, 2, 5, … up to 100 ms a try) and tries again. Against a writer that takes the
+/// lock back to back, as a projection catching up does, it kept waking into the next
+/// transaction (saves waited up to a second behind 20 ms batches, and here until the busy
+/// timeout). Writers of one store take turns in arrival order, so a save waits for the
+/// transaction in progress and nothing after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_a_save_is_not_overtaken_by_a_writer_taking_the_lock_back_to_back() {
+    let (store, _dir) = sqlite_store().await;
+    let committed = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = tokio::spawn({
+        let (store, committed, stop) = (store.clone(), committed.clone(), stop.clone());
+        async move {
+            while !stop.load(Ordering::Relaxed) {
+                // `BEGIN IMMEDIATE`: the write lock is held from here to the commit.
+                let transaction = store.begin_write().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                transaction.commit().await.unwrap();
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    while committed.load(Ordering::Relaxed) == 0 {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+
+    for title in ["One", "Two", "Three", "Four", "Five"] {
+        let before = committed.load(Ordering::Relaxed);
+        let saved = tokio::time::timeout(
+            Duration::from_secs(5),
+            store.save(added(&new_book(title, "1.00"))),
+        )
+        .await
+        .expect("the save waited more than 5 s");
+        saved.unwrap();
+        let waited = committed.load(Ordering::Relaxed) - before;
+        // The transaction in progress, and one more if the save arrived just as it committed.
+        assert!(
+            waited <= 2,
+            "the save of {title} waited for {waited} transactions of the busy writer"
+        );
+    }
+    stop.store(true, Ordering::Relaxed);
+    busy.await.unwrap();
 }
 
 /// `bookstore serve` and `bookstore relay` may run as separate processes on one SQLite file.

@@ -30,7 +30,7 @@ impl ReportStore for SqliteStore {
     ) -> Result<(), StoreError> {
         // IMMEDIATE: the write lock from the start, so the positions checked first cannot
         // change (a reset takes the same lock) before the batch commits.
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         if !offsets.is_empty() {
             let stored = select_offsets(&mut tx, group, topic).await?;
             let expected = offsets
@@ -168,7 +168,7 @@ impl ReportStore for SqliteStore {
     }
 
     async fn reset(&self) -> Result<Vec<String>, StoreError> {
-        let mut tx = self.pool().begin_with("BEGIN IMMEDIATE").await?;
+        let mut tx = self.begin_write().await?;
         sqlx::query("DELETE FROM book_report")
             .execute(&mut *tx)
             .await?;

@@ -37,7 +37,7 @@ mod sqlite_reader;
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
 pub use postgres_outbox::PgCommitSignal;
-pub use sqlite::SqliteStore;
+pub use sqlite::{SqliteStore, SqliteWrite};
 pub use sqlite_commit_watch::{SqliteCommitWatch, WATCH_INTERVAL as SQLITE_WATCH_INTERVAL};
 
 /// Most events one retention transaction deletes, on either store (see

@@ -47,6 +47,7 @@ impl Outbox for SqliteStore {
     }
 
     async fn record_published(&self, relay: &str, position: u64) -> Result<(), StoreError> {
+        let _turn = self.writer_turn().await;
         sqlx::query(
             "INSERT INTO relay_checkpoint (name, position) VALUES (?1, ?2) \
              ON CONFLICT (name) DO UPDATE \
@@ -86,6 +87,7 @@ impl Outbox for SqliteStore {
         let chunk = self.prune_chunk();
         let mut deleted = 0;
         loop {
+            let turn = self.writer_turn().await;
             let chunk_deleted = sqlx::query(PRUNE_CHUNK_SQL)
                 .bind(lowest)
                 .bind(&cutoff)
@@ -93,6 +95,7 @@ impl Outbox for SqliteStore {
                 .execute(self.pool())
                 .await?
                 .rows_affected();
+            drop(turn);
             deleted += chunk_deleted;
             // A chunk short of full met the checkpoint or an event inside retention.
             if chunk_deleted < chunk as u64 {
@@ -108,6 +111,7 @@ impl Outbox for SqliteStore {
         holder: &str,
         ttl: Duration,
     ) -> Result<bool, StoreError> {
+        let _turn = self.writer_turn().await;
         let acquired: Option<String> = sqlx::query_scalar(ACQUIRE_LEASE)
             .bind(name)
             .bind(holder)
@@ -118,6 +122,7 @@ impl Outbox for SqliteStore {
     }
 
     async fn release_lease(&self, name: &str, holder: &str) -> Result<(), StoreError> {
+        let _turn = self.writer_turn().await;
         sqlx::query("DELETE FROM relay_lease WHERE name = ?1 AND holder = ?2")
             .bind(name)
             .bind(holder)
