@@ -151,7 +151,8 @@ impl SqliteStore {
 
     /// Waits for this process's writer turn (first come, first served), then begins a
     /// transaction holding SQLite's write lock (`BEGIN IMMEDIATE`). Every write of this store
-    /// and of the read model kept in its file goes through here or [`Self::writer_turn`].
+    /// and of the read model kept in its file goes through here, or takes the same turn for a
+    /// single statement.
     pub async fn begin_write(&self) -> Result<SqliteWrite, StoreError> {
         let turn = self.writer_turn().await;
         let tx = self.pool.begin_with("BEGIN IMMEDIATE").await?;
