@@ -1312,6 +1312,39 @@ async fn sqlite_a_save_is_not_overtaken_by_a_writer_taking_the_lock_back_to_back
     busy.await.unwrap();
 }
 
+/// Saves queued behind a long write must not take every connection of the pool while they
+/// wait, or reads, which WAL never makes wait for the writer, have nothing to run on. Waiting
+/// for their turn, saves hold no connection; waiting in SQLite's busy handler, each held one,
+/// and ten of them (the pool's size) held a read off until the write ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqlite_reads_go_on_while_saves_queue_behind_a_long_write() {
+    let (store, _dir) = sqlite_store().await;
+    let book = new_book("Read meanwhile", "1.00");
+    store.save(added(&book)).await.unwrap();
+    let long_write = store.begin_write().await.unwrap();
+    let queued: Vec<_> = (0..20)
+        .map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .save(added(&new_book(&format!("Queued {n}"), "1.00")))
+                    .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+
+    let read = tokio::time::timeout(Duration::from_secs(2), store.load_book(book.book_id))
+        .await
+        .expect("the read waited for a connection behind the queued saves");
+    assert_eq!(read.unwrap(), Some(book));
+    assert!(queued.iter().all(|save| !save.is_finished()));
+    long_write.commit().await.unwrap();
+    for save in queued {
+        save.await.unwrap().unwrap();
+    }
+}
+
 /// `bookstore serve` and `bookstore relay` may run as separate processes on one SQLite file.
 /// A save through another store on the file (as from another process: its own connections and
 /// its own in-process signal) wakes the relay's signal too, which only the watch of the file's

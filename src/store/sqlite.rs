@@ -13,8 +13,10 @@
 //!   lock taken sleeps in its busy handler (1, 2, 5, … up to 100 ms a try) and tries again, so
 //!   under back-to-back transactions of another writer (a projection catching up) it keeps
 //!   waking into the next one. A save then waited up to a second behind 20 ms batches; in
-//!   turns it waits for the writers ahead of it only. Writers in other processes still meet
-//!   at SQLite's lock and its busy timeout.
+//!   turns it waits for the writers ahead of it only. And a writer waiting for its turn holds
+//!   no connection, whereas each one in the busy handler held one of the pool's ten, so ten
+//!   queued saves left reads (which WAL never makes wait for the writer) without a connection.
+//!   Writers in other processes still meet at SQLite's lock and its busy timeout.
 //! * UUIDs are stored as hyphenated text, prices as their canonical decimal text ("15.99"),
 //!   timestamps as RFC 3339 UTC text; `committed_at` has one fixed width, so its text order is
 //!   time order, which retention relies on.
@@ -74,11 +76,13 @@ pub struct SqliteWrite {
 }
 
 impl SqliteWrite {
+    /// Commits, then passes the turn on.
     pub async fn commit(self) -> Result<(), StoreError> {
         self.tx.commit().await?;
         Ok(())
     }
 
+    /// Rolls back, then passes the turn on.
     pub async fn rollback(self) -> Result<(), StoreError> {
         self.tx.rollback().await?;
         Ok(())
@@ -165,7 +169,9 @@ impl SqliteStore {
         self.writer_turn.clone().lock_owned().await
     }
 
-    /// The connection pool, for modules that keep their own tables in the same file.
+    /// The connection pool, for modules that keep their own tables in the same file. Their
+    /// writes belong in [`Self::begin_write`]: one straight on the pool skips this process's
+    /// writer turn and waits in SQLite's busy handler instead.
     pub fn pool(&self) -> &SqlitePool {
         &self.pool
     }
