@@ -21,7 +21,8 @@ use bookstore::domain::{
 };
 use bookstore::service::{BookService, CommandContext, ReadEvent};
 use bookstore::store::{
-    AnyStore, EventStore, OUTBOX_CHANNEL, Outbox, PostgresStore, SqliteStore, StoreError,
+    AnyStore, EventStore, ListenerCheck, OUTBOX_CHANNEL, Outbox, PostgresStore, SqliteStore,
+    StoreError,
 };
 use sqlx::postgres::PgListener;
 
@@ -1039,6 +1040,174 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
     drop(signal);
     store.pool().close().await;
     schema.drop().await;
+}
+
+/// A listening session whose connection dies without a word (a NAT gateway that forgot it, a
+/// failover that moved the address) is not listened to for good: once silent for the check's
+/// time it must answer a query, and when it does not, the relay is woken and a new session
+/// listens. Through a proxy that stops passing bytes on the connections it has while keeping
+/// them open, which is what such a death looks like to the client. In a database of its own, so
+/// that no other test's saves notify it.
+#[tokio::test]
+async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
+    let database = PgDatabase::create("").await;
+    let direct = database.options();
+    let proxy = FreezingProxy::start((direct.get_host().to_owned(), direct.get_port())).await;
+    let application = common::unique("listener");
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(3)
+        .connect_with(
+            direct
+                .clone()
+                .host("127.0.0.1")
+                .port(proxy.port)
+                .application_name(&application),
+        )
+        .await
+        .unwrap();
+    let check = ListenerCheck {
+        silent_for: Duration::from_secs(1),
+        answer_within: Duration::from_secs(1),
+    };
+    let listening_store = PostgresStore::with_pool(through_proxy)
+        .await
+        .unwrap()
+        .with_listener_check(check);
+    let mut signal = listening_store.commit_signal().await.unwrap();
+    let saving_store = PostgresStore::with_pool(
+        sqlx::postgres::PgPoolOptions::new()
+            .max_connections(2)
+            .connect_with(direct)
+            .await
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    let listening = || async {
+        sqlx::query_scalar::<_, i32>(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+        )
+        .bind(&application)
+        .fetch_optional(saving_store.pool())
+        .await
+        .unwrap()
+    };
+    // The check's query, answered, leaves the session as it was.
+    tokio::time::sleep(check.silent_for * 3).await;
+    saving_store
+        .save(added(&new_book("Before", "1.00")))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("a commit wakes the relay");
+    let first = listening().await.expect("a listening session");
+
+    proxy.freeze();
+    saving_store
+        .save(added(&new_book("Unheard", "1.00")))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), signal.committed())
+        .await
+        .expect("a session that stopped answering wakes the relay, so that it polls");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listening().await.is_none_or(|pid| pid == first) {
+        assert!(std::time::Instant::now() < deadline, "nobody listens again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Any wake-up for listening again first, so that the last one is the commit's.
+    while tokio::time::timeout(Duration::from_millis(500), signal.committed())
+        .await
+        .is_ok()
+    {}
+    saving_store
+        .save(added(&new_book("After", "1.00")))
+        .await
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(5), signal.committed())
+        .await
+        .expect("a commit after listening again wakes the relay");
+
+    drop(signal);
+    drop(proxy);
+    listening_store.pool().close().await;
+    saving_store.pool().close().await;
+    database.drop().await;
+}
+
+/// A TCP proxy whose connections can be frozen: from then on they pass no byte either way,
+/// yet stay open, as a connection that a NAT gateway forgot looks to both ends. Connections
+/// made after the freeze pass bytes as usual. Dropping it closes every connection.
+struct FreezingProxy {
+    port: u16,
+    frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl FreezingProxy {
+    async fn start(target: (String, u16)) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(std::sync::Mutex::new(Vec::<Arc<AtomicBool>>::new()));
+        let connections = frozen.clone();
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(async move {
+            let mut pumps = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let server = tokio::net::TcpStream::connect((target.0.as_str(), target.1))
+                    .await
+                    .unwrap();
+                let flag = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(flag.clone());
+                let (client_reads, client_writes) = client.into_split();
+                let (server_reads, server_writes) = server.into_split();
+                pumps.spawn(pump(client_reads, server_writes, flag.clone()));
+                pumps.spawn(pump(server_reads, client_writes, flag));
+            }
+        });
+        Self {
+            port,
+            frozen,
+            tasks,
+        }
+    }
+
+    /// Freezes every connection open now.
+    fn freeze(&self) {
+        for flag in self.frozen.lock().unwrap().iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `frozen`, swallows what it reads and holds
+/// both open.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// A database in LATIN1 cannot hold every character a title may have. Saving one fails with

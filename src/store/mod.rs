@@ -36,7 +36,7 @@ mod sqlite_reader;
 
 pub use any::AnyStore;
 pub use postgres::PostgresStore;
-pub use postgres_outbox::PgCommitSignal;
+pub use postgres_outbox::{ListenerCheck, PgCommitSignal};
 pub use sqlite::{SqliteStore, SqliteWrite};
 pub use sqlite_commit_watch::{SqliteCommitWatch, WATCH_INTERVAL as SQLITE_WATCH_INTERVAL};
 

@@ -47,6 +47,7 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions};
 use sqlx::{Postgres, QueryBuilder};
 use uuid::Uuid;
 
+use super::postgres_outbox::ListenerCheck;
 use super::{
     BookChange, EventStore, INSERT_EVENTS, OUTBOX_CHANNEL, PRUNE_CHUNK, StoreError, event_columns,
     fingerprint_of_column, to_i64, to_u64, with_positions,
@@ -63,6 +64,8 @@ pub struct PostgresStore {
     pool: PgPool,
     /// Most events one retention transaction deletes.
     prune_chunk: usize,
+    /// When the relay's listening session must prove it is still connected.
+    listener_check: ListenerCheck,
 }
 
 impl PostgresStore {
@@ -141,6 +144,7 @@ impl PostgresStore {
         Ok(Self {
             pool,
             prune_chunk: PRUNE_CHUNK,
+            listener_check: ListenerCheck::default(),
         })
     }
 
@@ -158,6 +162,17 @@ impl PostgresStore {
 
     pub(crate) fn prune_chunk(&self) -> usize {
         self.prune_chunk
+    }
+
+    /// Sets when the relay's listening session must show that it is still connected
+    /// ([`ListenerCheck::default`] unless set).
+    pub fn with_listener_check(mut self, check: ListenerCheck) -> Self {
+        self.listener_check = check;
+        self
+    }
+
+    pub(crate) fn listener_check(&self) -> ListenerCheck {
+        self.listener_check
     }
 
     /// The connection pool, for modules that keep their own tables in the same database.

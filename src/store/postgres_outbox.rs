@@ -146,6 +146,7 @@ impl Outbox for PostgresStore {
         Ok(CommitSignal::Postgres(PgCommitSignal::spawn(
             self.pool().clone(),
             listener,
+            self.listener_check(),
         )))
     }
 }
@@ -160,6 +161,9 @@ impl Outbox for PostgresStore {
 /// queue grow with every save, until every COMMIT that notifies fails with "too many
 /// notifications in the NOTIFY queue".
 ///
+/// A session that is silent for long is asked a query (see [`ListenerCheck`]), so that a
+/// connection that died without a word is replaced rather than listened to for good.
+///
 /// Dropping it ends the task and with it the listening session (its connection goes back to
 /// the pool); closing the pool ends the task too.
 pub struct PgCommitSignal {
@@ -171,10 +175,69 @@ pub struct PgCommitSignal {
 const RELISTEN_MIN_PAUSE: Duration = Duration::from_millis(500);
 const RELISTEN_MAX_PAUSE: Duration = Duration::from_secs(5);
 
+/// When the listening session must show that it is still connected: after `silent_for`
+/// without a notification, it must answer a query within `answer_within`, or it is replaced by
+/// a new one (and the relay polls over the gap).
+///
+/// A connection can die without a word: a NAT gateway or load balancer that forgets an idle
+/// connection (AWS's NAT gateway does after 350 s), a failover that moves the server's address,
+/// a cable pulled. The client learns of it only when it sends something, and a listening
+/// session only ever reads; sqlx sets no TCP keepalive. Without the check such a session was
+/// listened to for good, and every commit after it waited for the relay's next poll (250 ms by
+/// default) instead of waking it. The query also keeps an idle connection from being forgotten
+/// in the first place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenerCheck {
+    pub silent_for: Duration,
+    pub answer_within: Duration,
+}
+
+impl Default for ListenerCheck {
+    /// 30 s silent, 10 s to answer: well inside the idle timeouts of NAT gateways and load
+    /// balancers (4 min and more), and a query every 30 s costs nothing.
+    fn default() -> Self {
+        Self {
+            silent_for: Duration::from_secs(30),
+            answer_within: Duration::from_secs(10),
+        }
+    }
+}
+
+impl ListenerCheck {
+    /// Whether `listener`'s session answers a query in time. A notification that arrives
+    /// meanwhile is kept for the next `try_recv`. The query is the session's `LISTEN` again,
+    /// which changes nothing (PostgreSQL ignores a LISTEN for a channel the session listens
+    /// on) and keeps it named in `pg_stat_activity` as the session that listens.
+    async fn ask(&self, listener: &mut PgListener) -> Result<(), ListenerBroke> {
+        let listen_again = format!("LISTEN \"{OUTBOX_CHANNEL}\"");
+        let query = sqlx::query(sqlx::AssertSqlSafe(listen_again)).execute(&mut *listener);
+        match tokio::time::timeout(self.answer_within, query).await {
+            Ok(answer) => answer.map(drop).map_err(ListenerBroke::Database),
+            Err(_) => Err(ListenerBroke::Unanswered(*self)),
+        }
+    }
+}
+
+/// Why the listening session is given up.
+#[derive(Debug, thiserror::Error)]
+enum ListenerBroke {
+    #[error("{0}")]
+    Database(sqlx::Error),
+    /// The session's connection is most likely dead. Dropping the listener makes sqlx send
+    /// `UNLISTEN *` on it from a task of its own, which holds the connection (one of the pool's)
+    /// until the operating system gives the connection up.
+    #[error(
+        "its session did not answer a query within {:?} after {:?} without a notification",
+        .0.answer_within,
+        .0.silent_for
+    )]
+    Unanswered(ListenerCheck),
+}
+
 impl PgCommitSignal {
-    fn spawn(pool: PgPool, listener: PgListener) -> Self {
+    fn spawn(pool: PgPool, listener: PgListener, check: ListenerCheck) -> Self {
         let commits = Arc::new(Notify::new());
-        let task = tokio::spawn(drain(pool, listener, commits.clone()));
+        let task = tokio::spawn(drain(pool, listener, commits.clone(), check));
         Self { commits, task }
     }
 
@@ -212,23 +275,31 @@ async fn listen(pool: &PgPool) -> Result<PgListener, sqlx::Error> {
 /// `try_recv`, not `recv`: when the session's connection ends in some ways (end of stream,
 /// aborted, timed out, broken pipe), sqlx listens again on a new one by itself, and `recv`
 /// hides that, so the commits made in between, whose notifications went nowhere, woke nobody.
-/// `try_recv` says so; other failures (a reset, a FATAL from the server) are errors here.
-async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>) {
+/// `try_recv` says so; other failures (a reset, a FATAL from the server) are errors here, and
+/// so is a session that stays silent and then does not answer `check`'s query in time.
+///
+/// Waiting for `try_recv` under a timeout is safe: sqlx keeps what it has read of a message
+/// in the connection's buffer until the whole message is there, so a wait cut short loses none.
+async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>, check: ListenerCheck) {
     loop {
-        let error = match listener.try_recv().await {
-            Ok(Some(_)) => {
+        let error = match tokio::time::timeout(check.silent_for, listener.try_recv()).await {
+            Ok(Ok(Some(_notification))) => {
                 commits.notify_one();
                 continue;
             }
-            Ok(None) => {
+            Ok(Ok(None)) => {
                 // sqlx has connected and listens again (it reconnects eagerly, before this
                 // returns); what committed while nobody listened is found by this poll.
                 tracing::warn!("outbox listener lost its session and listens on a new one");
                 commits.notify_one();
                 continue;
             }
-            Err(_) if pool.is_closed() => return,
-            Err(error) => error,
+            Ok(Err(_)) if pool.is_closed() => return,
+            Ok(Err(error)) => ListenerBroke::Database(error),
+            Err(_silent) => match check.ask(&mut listener).await {
+                Ok(()) => continue,
+                Err(error) => error,
+            },
         };
         tracing::warn!(%error, "outbox listener failed; polling until it listens again");
         commits.notify_one();
@@ -236,14 +307,19 @@ async fn drain(pool: PgPool, mut listener: PgListener, commits: Arc<Notify>) {
         let mut pause = RELISTEN_MIN_PAUSE;
         listener = loop {
             tokio::time::sleep(pause).await;
-            match listen(&pool).await {
-                Ok(listener) => break listener,
-                Err(_) if pool.is_closed() => return,
-                Err(error) => {
-                    tracing::debug!(%error, "outbox listener cannot listen yet");
-                    pause = (pause * 2).min(RELISTEN_MAX_PAUSE);
-                }
+            // Bounded too: the pool's idle connections may have died with the listener's,
+            // and a dead one takes a ping or a LISTEN that never comes back. Giving up on it
+            // drops it, so the next attempt takes another one or connects anew.
+            match tokio::time::timeout(check.answer_within, listen(&pool)).await {
+                Ok(Ok(listener)) => break listener,
+                Ok(Err(_)) if pool.is_closed() => return,
+                Ok(Err(error)) => tracing::debug!(%error, "outbox listener cannot listen yet"),
+                Err(_) => tracing::debug!(
+                    waited = ?check.answer_within,
+                    "outbox listener got no answer when it listened again; trying again"
+                ),
             }
+            pause = (pause * 2).min(RELISTEN_MAX_PAUSE);
         };
         tracing::info!("outbox listener listens again");
         // What committed while nobody listened is found by the poll this triggers.
