@@ -1052,7 +1052,11 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
 async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     let database = PgDatabase::create("").await;
     let direct = database.options();
-    let proxy = FreezingProxy::start((direct.get_host().to_owned(), direct.get_port())).await;
+    let proxy = common::freezing_proxy::FreezingProxy::start((
+        direct.get_host().to_owned(),
+        direct.get_port(),
+    ))
+    .await;
     let application = common::unique("listener");
     let through_proxy = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
@@ -1134,80 +1138,6 @@ async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     listening_store.pool().close().await;
     saving_store.pool().close().await;
     database.drop().await;
-}
-
-/// A TCP proxy whose connections can be frozen: from then on they pass no byte either way,
-/// yet stay open, as a connection that a NAT gateway forgot looks to both ends. Connections
-/// made after the freeze pass bytes as usual. Dropping it closes every connection.
-struct FreezingProxy {
-    port: u16,
-    frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
-    tasks: tokio::task::JoinSet<()>,
-}
-
-impl FreezingProxy {
-    async fn start(target: (String, u16)) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let frozen = Arc::new(std::sync::Mutex::new(Vec::<Arc<AtomicBool>>::new()));
-        let connections = frozen.clone();
-        let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(async move {
-            let mut pumps = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let server = tokio::net::TcpStream::connect((target.0.as_str(), target.1))
-                    .await
-                    .unwrap();
-                let flag = Arc::new(AtomicBool::new(false));
-                connections.lock().unwrap().push(flag.clone());
-                let (client_reads, client_writes) = client.into_split();
-                let (server_reads, server_writes) = server.into_split();
-                pumps.spawn(pump(client_reads, server_writes, flag.clone()));
-                pumps.spawn(pump(server_reads, client_writes, flag));
-            }
-        });
-        Self {
-            port,
-            frozen,
-            tasks,
-        }
-    }
-
-    /// Freezes every connection open now.
-    fn freeze(&self) {
-        for flag in self.frozen.lock().unwrap().iter() {
-            flag.store(true, Ordering::SeqCst);
-        }
-    }
-}
-
-impl Drop for FreezingProxy {
-    fn drop(&mut self) {
-        self.tasks.abort_all();
-    }
-}
-
-/// Copies `from` to `to` until either ends; once `frozen`, swallows what it reads and holds
-/// both open.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    frozen: Arc<AtomicBool>,
-) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut buffer = vec![0; 16 * 1024];
-    loop {
-        let read = match from.read(&mut buffer).await {
-            Ok(0) | Err(_) => return,
-            Ok(read) => read,
-        };
-        if frozen.load(Ordering::SeqCst) {
-            std::future::pending::<()>().await;
-        }
-        if to.write_all(&buffer[..read]).await.is_err() {
-            return;
-        }
-    }
 }
 
 /// A database in LATIN1 cannot hold every character a title may have. Saving one fails with

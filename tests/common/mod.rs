@@ -7,6 +7,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod broker;
+pub mod freezing_proxy;
 
 use std::sync::OnceLock;
 use std::time::Duration;

@@ -1,0 +1,78 @@
+//! A TCP proxy that can make its connections die without a word, for the code that must notice.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+
+/// A TCP proxy whose connections can be frozen: from then on they pass no byte either way,
+/// yet stay open, as a connection that a NAT gateway forgot looks to both ends. Connections
+/// made after the freeze pass bytes as usual. Dropping it closes every connection.
+pub struct FreezingProxy {
+    pub port: u16,
+    frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    tasks: JoinSet<()>,
+}
+
+impl FreezingProxy {
+    pub async fn start(target: (String, u16)) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let frozen = Arc::new(Mutex::new(Vec::<Arc<AtomicBool>>::new()));
+        let connections = frozen.clone();
+        let mut tasks = JoinSet::new();
+        tasks.spawn(async move {
+            let mut pumps = JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let server = TcpStream::connect((target.0.as_str(), target.1))
+                    .await
+                    .unwrap();
+                let flag = Arc::new(AtomicBool::new(false));
+                connections.lock().unwrap().push(flag.clone());
+                let (client_reads, client_writes) = client.into_split();
+                let (server_reads, server_writes) = server.into_split();
+                pumps.spawn(pump(client_reads, server_writes, flag.clone()));
+                pumps.spawn(pump(server_reads, client_writes, flag));
+            }
+        });
+        Self {
+            port,
+            frozen,
+            tasks,
+        }
+    }
+
+    /// Freezes every connection open now.
+    pub fn freeze(&self) {
+        for flag in self.frozen.lock().unwrap().iter() {
+            flag.store(true, Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for FreezingProxy {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+/// Copies `from` to `to` until either ends; once `frozen`, swallows what it reads and holds
+/// both open.
+async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+    let mut buffer = vec![0; 16 * 1024];
+    loop {
+        let read = match from.read(&mut buffer).await {
+            Ok(0) | Err(_) => return,
+            Ok(read) => read,
+        };
+        if frozen.load(Ordering::SeqCst) {
+            std::future::pending::<()>().await;
+        }
+        if to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
