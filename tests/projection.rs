@@ -14,6 +14,7 @@ mod fixtures;
 mod world;
 
 use std::collections::{BTreeSet, HashSet};
+use std::str::FromStr;
 use std::time::Duration;
 
 use bookstore::codec::headers as h;
@@ -27,16 +28,18 @@ use bookstore::projection::{
     list_dead_letters, replay_dead_letters,
 };
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
-use bookstore::store::{AnyStore, StoreError};
+use bookstore::store::{AnyStore, PostgresStore, StoreError};
 use chrono::{DateTime, Utc};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use common::freezing_proxy::FreezingProxy;
 use world::{Rng, World};
 
 per_read_model!(
@@ -204,6 +207,46 @@ async fn a_projector_whose_stored_offsets_cannot_be_read_still_stops_promptly() 
     let report = world.project(&group).await;
     assert!(report.caught_up, "{report:?}");
     world.assert_report_equals_store().await;
+    world.finish().await;
+}
+
+/// A database connection that dies without a word while the projector follows the topic (a
+/// failover that moved the server's address, a host that is gone) holds it up for its store
+/// timeout, not until TCP gives up (about 15 minutes): the batch is abandoned and applied again
+/// through another connection. Through a proxy that stops passing bytes on the connections it
+/// has, and a pool that does not ping a connection before lending it, so that the next batch
+/// gets a dead one.
+#[tokio::test]
+async fn a_projector_whose_database_connection_died_without_a_word_goes_on() {
+    let world = World::postgres().await;
+    let direct = PgConnectOptions::from_str(&world.url).unwrap();
+    let proxy = FreezingProxy::start((direct.get_host().to_owned(), direct.get_port())).await;
+    let through_proxy = PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect_with(direct.host("127.0.0.1").port(proxy.port))
+        .await
+        .unwrap();
+    let read_model = AnyStore::Postgres(PostgresStore::with_pool(through_proxy).await.unwrap());
+    let mut config = World::projection_config(&common::unique("frozen"));
+    config.store_timeout = Duration::from_secs(2);
+    let projector = kafka_projector(read_model, &world.kafka, config)
+        .await
+        .unwrap();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let run = tokio::spawn(projector.run(ProjectionMode::Follow, shutdown));
+    world.write_random_history(10, 20, Rng::seed()).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+
+    proxy.freeze();
+    world.write_random_history(10, 20, Rng::seed()).await;
+    world.relay_once().await;
+    world.wait_until_report_equals_store().await;
+
+    trigger.trigger();
+    run.await.unwrap().unwrap();
+    drop(proxy);
     world.finish().await;
 }
 
