@@ -50,7 +50,7 @@ use super::fact::{FactReader, UntimedChange};
 use super::projector::ProjectionError;
 use super::{OffsetAdvance, PartitionOffset, ReportChange, ReportStore, Versioned};
 use crate::config::KafkaConfig;
-use crate::store::StoreError;
+use crate::store::{StoreError, answer_within};
 
 /// A change of this member's assignment, in the order it happened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -156,13 +156,10 @@ impl<S: ReportStore> ProjectionContext<S> {
         // database answers: the assignment must not start anywhere else. Bounded: a database
         // that does not answer (a connection cut without a reset) would otherwise hold the
         // polling thread, and a stop waiting for it, until TCP gives up, minutes later.
-        let stored = self
-            .runtime
-            .block_on(tokio::time::timeout(
-                STORED_OFFSETS_TIMEOUT,
-                self.store.stored_offsets(&self.group, &self.topic),
-            ))
-            .unwrap_or(Err(StoreError::Timeout(STORED_OFFSETS_TIMEOUT)));
+        let stored = self.runtime.block_on(answer_within(
+            STORED_OFFSETS_TIMEOUT,
+            self.store.stored_offsets(&self.group, &self.topic),
+        ));
         let starts: HashMap<i32, i64> = match stored {
             Ok(offsets) => offsets
                 .into_iter()

@@ -65,7 +65,7 @@ pub use fact::{FactReader, MISSING_SCHEMA_PATIENCE, Rejection, UntimedChange};
 pub use lag::{LagError, LagMeter, PartitionLag, ProjectionLag};
 pub use projector::{
     APPLY_GRACE, DEFAULT_BATCH_BYTES, ProjectionConfig, ProjectionError, ProjectionMode,
-    ProjectionReport, ProjectionStatus, Projector, STORE_TIMEOUT, default_group, kafka_projector,
+    ProjectionReport, ProjectionStatus, Projector, default_group, kafka_projector,
 };
 
 /// One row of the read model: a book as the marketing dashboard shows it.

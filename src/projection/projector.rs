@@ -37,7 +37,7 @@ use crate::codec::RegistryError;
 use crate::config::KafkaConfig;
 use crate::kafka::{KafkaSetupError, provision_topics};
 use crate::shutdown::Shutdown;
-use crate::store::StoreError;
+use crate::store::{StoreError, answer_within};
 
 /// How long a stop waits for the batch being applied before abandoning it.
 pub const APPLY_GRACE: Duration = Duration::from_secs(10);
@@ -75,7 +75,12 @@ pub struct ProjectionConfig {
     pub min_backoff: Duration,
     pub max_backoff: Duration,
     /// Longest wait for the read model to apply a batch or to answer a question, after which
-    /// the batch is abandoned as after any database error. Default [`STORE_TIMEOUT`].
+    /// the batch is abandoned as after any database error. Default
+    /// [`QUERY_TIMEOUT`](crate::store::QUERY_TIMEOUT): a batch takes milliseconds, and the
+    /// bound is for a connection that died without a word (see
+    /// [`answer_within`]), which would otherwise hold the
+    /// projector, and every rebalance of its group (a revocation waits for the batch being
+    /// applied), for about 15 minutes.
     pub store_timeout: Duration,
 }
 
@@ -89,17 +94,10 @@ impl ProjectionConfig {
             missing_schema_patience: super::MISSING_SCHEMA_PATIENCE,
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
-            store_timeout: STORE_TIMEOUT,
+            store_timeout: crate::store::QUERY_TIMEOUT,
         }
     }
 }
-
-/// Default [`ProjectionConfig::store_timeout`]: 60 s. A batch takes milliseconds; the bound
-/// is for a database connection that died without a word (a failover that moved the server's
-/// address, a host that is gone), on which a transaction waits until TCP gives up, about 15
-/// minutes on Linux, and with it every rebalance of the group, since a revocation waits for the
-/// batch being applied.
-pub const STORE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Default [`ProjectionConfig::batch_bytes`]: 32 MiB.
 pub const DEFAULT_BATCH_BYTES: usize = 32 * 1024 * 1024;
@@ -325,17 +323,6 @@ struct Progress {
 enum Stop {
     Shutdown,
     CaughtUp,
-}
-
-/// `query`'s answer, or [`StoreError::Timeout`] once it has taken `limit` (see
-/// [`STORE_TIMEOUT`]). Dropping the query rolls its transaction back, as for any other error.
-async fn bounded<T>(
-    limit: Duration,
-    query: impl Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    tokio::time::timeout(limit, query)
-        .await
-        .unwrap_or(Err(StoreError::Timeout(limit)))
 }
 
 /// How many members `group` has right now.
@@ -694,7 +681,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         let batch = self
             .store
             .apply_batch(&self.config.group_id, &self.topic, &changes, &offsets);
-        bounded(self.config.store_timeout, batch).await?;
+        answer_within(self.config.store_timeout, batch).await?;
         session.stored(&offsets);
         if polled > 0 {
             metrics::record_batch(applied - deletes, deletes);
@@ -717,7 +704,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         self.positions_checked = Instant::now();
         let group = &self.config.group_id;
         let stored = self.store.stored_offsets(group, &self.topic);
-        let stored = bounded(self.config.store_timeout, stored).await?;
+        let stored = answer_within(self.config.store_timeout, stored).await?;
         check_positions(group, &self.topic, session.believed_positions(), &stored)?;
         Ok(())
     }
@@ -766,7 +753,7 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
             let stored = self
                 .store
                 .stored_offsets(&self.config.group_id, &self.topic);
-            for offset in bounded(self.config.store_timeout, stored).await? {
+            for offset in answer_within(self.config.store_timeout, stored).await? {
                 let next = progress.entry(offset.partition).or_default();
                 *next = (*next).max(offset.next_offset);
             }

@@ -19,7 +19,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::warn;
 
-use crate::store::{Outbox, StoreError};
+use crate::store::{Outbox, StoreError, answer_within};
 
 /// The lease of one relay (`relay_id`) as held by one instance of it.
 #[derive(Debug, Clone)]
@@ -46,9 +46,7 @@ impl<O: Outbox + Clone + 'static> Lease<O> {
         let request = self
             .outbox
             .try_acquire_lease(&self.relay_id, &self.instance_id, self.ttl);
-        tokio::time::timeout(self.ttl / 3, request)
-            .await
-            .unwrap_or(Err(StoreError::Timeout(self.ttl / 3)))
+        answer_within(self.ttl / 3, request).await
     }
 
     /// Gives the lease up at once, so that a standby need not wait for it to expire.

@@ -269,6 +269,26 @@ impl CommitSignal {
     }
 }
 
+/// Default bound on one query of the relay and of the projection ([`answer_within`]), whose
+/// queries take milliseconds.
+pub const QUERY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// `query`'s answer, or [`StoreError::Timeout`] once it has taken `limit`.
+///
+/// For the long-running loops (relay, projection), whose queries take milliseconds: on a
+/// connection that died without a reset (a failover that moved the server's address, a NAT
+/// gateway that forgot it) a query waits until TCP gives up, about 15 minutes on Linux, and
+/// sqlx offers no socket timeout or keepalive to shorten that. Dropping the query rolls its
+/// transaction back, as for any other error.
+pub async fn answer_within<T>(
+    limit: Duration,
+    query: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    tokio::time::timeout(limit, query)
+        .await
+        .unwrap_or(Err(StoreError::Timeout(limit)))
+}
+
 /// What the database said, without sqlx's "error returned from database" in front.
 fn database_message(error: &sqlx::Error) -> String {
     match error {
