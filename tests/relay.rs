@@ -1143,6 +1143,87 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
     running.await.unwrap().unwrap();
 }
 
+/// A relay whose database connections die without a word (a failover that moved the server's
+/// address, a NAT gateway that forgot them) gives up the query waiting on one after its store
+/// timeout, not when TCP gives up (about 15 minutes), and publishes what is committed after,
+/// in order, through new ones. Through a proxy that stops passing bytes on the connections it
+/// has, and a pool that does not ping a connection before lending it. The lease is renewed
+/// only every 200 s here, so its loss cannot be what ends the wait.
+#[tokio::test]
+async fn a_relay_whose_database_connections_died_without_a_word_goes_on() {
+    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use std::str::FromStr;
+
+    let (store, url) = common::postgres_store_with_url().await;
+    let service = BookService::new(store.clone(), AvroCodec::new());
+    let direct = PgConnectOptions::from_str(&url).unwrap();
+    let proxy = common::freezing_proxy::FreezingProxy::start((
+        direct.get_host().to_owned(),
+        direct.get_port(),
+    ))
+    .await;
+    let through_proxy = PgPoolOptions::new()
+        .max_connections(8)
+        .test_before_acquire(false)
+        .connect_with(direct.host("127.0.0.1").port(proxy.port))
+        .await
+        .unwrap();
+    let relayed = bookstore::store::PostgresStore::with_pool(through_proxy)
+        .await
+        .unwrap();
+    let kafka = common::kafka_config();
+    let settings = RelaySettings {
+        lease_ttl_ms: 600_000,
+        ..RelaySettings::default()
+    };
+    let relay = kafka_relay(relayed, &kafka, &settings)
+        .await
+        .unwrap()
+        .tuned(|config| config.store_timeout = Duration::from_secs(2));
+    let (stop, shutdown) = ShutdownTrigger::new();
+    let running = tokio::spawn(relay.run(RunMode::Follow, shutdown));
+    let topics = kafka.topics();
+    let reader = Reader::subscribe(&kafka, &[&topics.book, &topics.book_fact]);
+    let add = |title: String| {
+        BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title,
+            author: "PG".into(),
+            isbn: None,
+            price: Price::ZERO,
+            description: None,
+        })
+    };
+    service
+        .execute(add("Before".into()), CommandContext::default())
+        .await
+        .unwrap();
+    reader.next(2, Duration::from_secs(30)).await;
+
+    proxy.freeze();
+    for index in 0..3 {
+        service
+            .execute(add(format!("After {index}")), CommandContext::default())
+            .await
+            .unwrap();
+    }
+    reader.next(6, Duration::from_secs(90)).await;
+    let records = common::consume_committed(
+        &kafka,
+        &[&topics.book, &topics.book_fact],
+        8,
+        Duration::from_secs(30),
+        QUIET,
+    )
+    .await;
+    let events = store.read_after(0, 1000).await.unwrap();
+    assert_exactly_the_events_in_order(&events, &records);
+    stop.trigger();
+    let stopped = running.await.unwrap();
+    drop(proxy);
+    stopped.unwrap();
+}
+
 /// PostgreSQL reads each next page while the previous one is sent, and a backlog batch's first
 /// page while the batch before commits (see `Outbox::reads_ahead`): still every event, once,
 /// in order, in full batches.

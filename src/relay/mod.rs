@@ -34,7 +34,7 @@ use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::domain::{EventKind, StoredEvent};
 use crate::shutdown::Shutdown;
-use crate::store::{CommitSignal, Outbox, StoreError};
+use crate::store::{CommitSignal, Outbox, StoreError, answer_within};
 use checkpoint::CheckpointError;
 use lease::Lease;
 
@@ -89,6 +89,12 @@ pub struct RelayConfig {
     /// First pause after an error; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Longest wait for one query of the publishing (a page of events, the head, a position,
+    /// listening for commits), after which it counts as a store error and is retried. Default
+    /// [`QUERY_TIMEOUT`](crate::store::QUERY_TIMEOUT). The lease does not cover this: its
+    /// renewals may find a working connection while the publishing waits on a dead one (see
+    /// [`answer_within`]).
+    pub store_timeout: Duration,
 }
 
 impl RelayConfig {
@@ -107,6 +113,7 @@ impl RelayConfig {
             prune_interval: Duration::from_secs(600),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(10),
+            store_timeout: crate::store::QUERY_TIMEOUT,
         }
     }
 }
@@ -239,7 +246,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
     ) -> Result<RelayReport, RelayError> {
         let mut report = RelayReport::default();
         let target = match mode {
-            RunMode::Once => Some(self.outbox.head_position().await?),
+            RunMode::Once => Some(self.ask(self.outbox.head_position()).await?),
             RunMode::Follow => None,
         };
         loop {
@@ -366,7 +373,11 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         shutdown: &mut Shutdown,
     ) -> Result<Stop, RelayError> {
         let mut lease = self.lease().keep(acquired_at);
-        let recorder = PositionRecorder::spawn(self.outbox.clone(), self.config.relay_id.clone());
+        let recorder = PositionRecorder::spawn(
+            self.outbox.clone(),
+            self.config.relay_id.clone(),
+            self.config.store_timeout,
+        );
         let (mut stopping, grace) = (shutdown.clone(), self.config.shutdown_grace);
         let ended = tokio::select! {
             stop = self.publish_batches(&recorder, target, report, shutdown) => Ended::Stopped(stop),
@@ -413,7 +424,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         // A database that does not answer right after the lease was taken (a failover) is
         // waited out like any other store outage; the lease keeper stops this if it lasts.
         let mut signal = loop {
-            match self.outbox.commit_signal().await {
+            match self.ask(self.outbox.commit_signal()).await {
                 Ok(signal) => break signal,
                 Err(error) => {
                     metrics::record_store_error();
@@ -582,7 +593,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         let mut requested = page_size;
         let mut page = match self.next_batch.take() {
             Some(read) if read.after == position => read.finish().await?,
-            _ => self.outbox.read_after(position, requested).await?,
+            _ => {
+                self.ask(self.outbox.read_after(position, requested))
+                    .await?
+            }
         };
         if page.is_empty() {
             return Ok(None);
@@ -608,8 +622,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                     || target.is_some_and(|target| batch.last >= target);
                 requested = page_size.min(room);
                 let read_ahead = !full && self.outbox.reads_ahead();
-                let next =
-                    read_ahead.then(|| ReadAhead::start(&self.outbox, batch.last, requested));
+                let next = read_ahead.then(|| self.read_ahead(batch.last, requested));
                 match self.publisher.send(&page).await {
                     Ok(()) => {}
                     Err(PublishError::Poison { position, source }) => {
@@ -627,7 +640,10 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 // On a store error the open batch is abandoned: the next `start` aborts it.
                 page = match next {
                     Some(next) => next.finish().await?,
-                    None => self.outbox.read_after(batch.last, requested).await?,
+                    None => {
+                        self.ask(self.outbox.read_after(batch.last, requested))
+                            .await?
+                    }
                 };
                 if page.is_empty() {
                     batch.caught_up = true;
@@ -641,7 +657,7 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
                 && !batch.caught_up
                 && target.is_none_or(|target| batch.last < target)
             {
-                self.next_batch = Some(ReadAhead::start(&self.outbox, batch.last, page_size));
+                self.next_batch = Some(self.read_ahead(batch.last, page_size));
             }
             let confirmed = self.publisher.commit_batch().await?;
             tracing::Span::current()
@@ -654,13 +670,26 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         .await
     }
 
+    /// `query`'s answer, or a timeout once it has taken the configured
+    /// [`store_timeout`](RelayConfig::store_timeout).
+    async fn ask<T>(
+        &self,
+        query: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        answer_within(self.config.store_timeout, query).await
+    }
+
+    /// Reads the page after `after` on a task of its own (see [`ReadAhead`]).
+    fn read_ahead(&self, after: u64, limit: usize) -> ReadAhead {
+        ReadAhead::start(&self.outbox, after, limit, self.config.store_timeout)
+    }
+
     /// The store's copy of the published position, and its head.
     async fn published_and_head(&self) -> Result<(u64, u64), StoreError> {
         let recorded = self
-            .outbox
-            .published_position(&self.config.relay_id)
+            .ask(self.outbox.published_position(&self.config.relay_id))
             .await?;
-        let head = self.outbox.head_position().await?;
+        let head = self.ask(self.outbox.head_position()).await?;
         Ok((recorded, head))
     }
 
@@ -893,9 +922,10 @@ struct PositionRecorder {
 const RECORDER_FINISH_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl PositionRecorder {
-    fn spawn<O: Outbox + 'static>(outbox: O, relay_id: String) -> Self {
+    /// Each write is given `timeout` (see [`RelayConfig::store_timeout`]).
+    fn spawn<O: Outbox + 'static>(outbox: O, relay_id: String, timeout: Duration) -> Self {
         let (positions, receiver) = watch::channel(0);
-        let task = tokio::spawn(record_positions(outbox, relay_id, receiver));
+        let task = tokio::spawn(record_positions(outbox, relay_id, receiver, timeout));
         Self { positions, task }
     }
 
@@ -928,15 +958,17 @@ async fn record_positions<O: Outbox>(
     outbox: O,
     relay_id: String,
     mut positions: watch::Receiver<u64>,
+    timeout: Duration,
 ) {
     // `changed` reports a value sent before the sender was dropped, so the last one is written.
     while positions.changed().await.is_ok() {
         let position = *positions.borrow_and_update();
         // Failing to write it loses nothing (see above): log and go on.
-        if let Err(error) = outbox.record_published(&relay_id, position).await {
+        let recorded = outbox.record_published(&relay_id, position);
+        if let Err(error) = answer_within(timeout, recorded).await {
             warn!(%error, position, "could not record the published position");
         }
-        if let Ok(head) = outbox.head_position().await {
+        if let Ok(head) = answer_within(timeout, outbox.head_position()).await {
             metrics::record_backlog(head.saturating_sub(position));
         }
     }
@@ -962,9 +994,17 @@ struct ReadAhead {
 }
 
 impl ReadAhead {
-    fn start<O: Outbox + Clone + 'static>(outbox: &O, after: u64, limit: usize) -> Self {
+    fn start<O: Outbox + Clone + 'static>(
+        outbox: &O,
+        after: u64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Self {
         let outbox = outbox.clone();
-        let read = tokio::spawn(async move { outbox.read_after(after, limit).await });
+        let read =
+            tokio::spawn(
+                async move { answer_within(timeout, outbox.read_after(after, limit)).await },
+            );
         Self { after, read }
     }
 
@@ -1035,7 +1075,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("outbox.db");
         let store = SqliteStore::connect(path.to_str().unwrap()).await.unwrap();
-        let recorder = PositionRecorder::spawn(store.clone(), "relay".into());
+        let recorder =
+            PositionRecorder::spawn(store.clone(), "relay".into(), crate::store::QUERY_TIMEOUT);
         let mut report = RelayReport::default();
         let mut unconfirmed = Unconfirmed::default();
         // The first batch's commit was under way when the second failed, and it committed.
