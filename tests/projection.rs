@@ -35,7 +35,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -220,13 +220,7 @@ async fn a_projector_whose_stored_offsets_cannot_be_read_still_stops_promptly() 
 async fn a_projector_whose_database_connection_died_without_a_word_goes_on() {
     let world = World::postgres().await;
     let direct = PgConnectOptions::from_str(&world.url).unwrap();
-    let proxy = FreezingProxy::start((direct.get_host().to_owned(), direct.get_port())).await;
-    let through_proxy = PgPoolOptions::new()
-        .max_connections(8)
-        .test_before_acquire(false)
-        .connect_with(direct.host("127.0.0.1").port(proxy.port))
-        .await
-        .unwrap();
+    let (proxy, through_proxy) = FreezingProxy::before_postgres(direct).await;
     let read_model = AnyStore::Postgres(PostgresStore::with_pool(through_proxy).await.unwrap());
     let mut config = World::projection_config(&common::unique("frozen"));
     config.store_timeout = Duration::from_secs(2);

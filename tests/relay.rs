@@ -173,16 +173,22 @@ impl Fixture {
     }
 
     async fn read_topics(&self, expected: usize) -> Vec<Received> {
-        let topics = self.kafka.topics();
-        common::consume_committed(
-            &self.kafka,
-            &[&topics.book, &topics.book_fact],
-            expected,
-            READ_TIMEOUT,
-            QUIET,
-        )
-        .await
+        read_event_topics(&self.kafka, expected).await
     }
+}
+
+/// What a `read_committed` reader finds on the event topics of `kafka`: `expected` records,
+/// and any that come within [`QUIET`] after them.
+async fn read_event_topics(kafka: &KafkaConfig, expected: usize) -> Vec<Received> {
+    let topics = kafka.topics();
+    common::consume_committed(
+        kafka,
+        &[&topics.book, &topics.book_fact],
+        expected,
+        READ_TIMEOUT,
+        QUIET,
+    )
+    .await
 }
 
 /// Asserts that the records are exactly the store's events (each once), and that every book's
@@ -1129,14 +1135,7 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
         started.elapsed()
     );
     // No more than those: nothing is published twice.
-    let records = common::consume_committed(
-        &kafka,
-        &[&topics.book, &topics.book_fact],
-        12,
-        Duration::from_secs(30),
-        QUIET,
-    )
-    .await;
+    let records = read_event_topics(&kafka, 12).await;
     let events = store.read_after(0, 1000).await.unwrap();
     assert_exactly_the_events_in_order(&events, &records);
     stop.trigger();
@@ -1151,23 +1150,14 @@ async fn relay_follows_a_postgres_outbox_promptly_through_listen_notify() {
 /// only every 200 s here, so its loss cannot be what ends the wait.
 #[tokio::test]
 async fn a_relay_whose_database_connections_died_without_a_word_goes_on() {
-    use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+    use sqlx::postgres::PgConnectOptions;
     use std::str::FromStr;
 
     let (store, url) = common::postgres_store_with_url().await;
     let service = BookService::new(store.clone(), AvroCodec::new());
     let direct = PgConnectOptions::from_str(&url).unwrap();
-    let proxy = common::freezing_proxy::FreezingProxy::start((
-        direct.get_host().to_owned(),
-        direct.get_port(),
-    ))
-    .await;
-    let through_proxy = PgPoolOptions::new()
-        .max_connections(8)
-        .test_before_acquire(false)
-        .connect_with(direct.host("127.0.0.1").port(proxy.port))
-        .await
-        .unwrap();
+    let (proxy, through_proxy) =
+        common::freezing_proxy::FreezingProxy::before_postgres(direct).await;
     let relayed = bookstore::store::PostgresStore::with_pool(through_proxy)
         .await
         .unwrap();
@@ -1208,14 +1198,7 @@ async fn a_relay_whose_database_connections_died_without_a_word_goes_on() {
             .unwrap();
     }
     reader.next(6, Duration::from_secs(90)).await;
-    let records = common::consume_committed(
-        &kafka,
-        &[&topics.book, &topics.book_fact],
-        8,
-        Duration::from_secs(30),
-        QUIET,
-    )
-    .await;
+    let records = read_event_topics(&kafka, 8).await;
     let events = store.read_after(0, 1000).await.unwrap();
     assert_exactly_the_events_in_order(&events, &records);
     stop.trigger();
@@ -1275,15 +1258,7 @@ async fn a_postgres_backlog_read_ahead_is_published_complete_and_in_order() {
             report.batches, 8,
             "{delivery:?}: batches of 50 events, each 8 pages"
         );
-        let topics = kafka.topics();
-        let records = common::consume_committed(
-            &kafka,
-            &[&topics.book, &topics.book_fact],
-            events.len(),
-            READ_TIMEOUT,
-            QUIET,
-        )
-        .await;
+        let records = read_event_topics(&kafka, events.len()).await;
         assert_exactly_the_events_in_order(&events, &records);
     }
 }

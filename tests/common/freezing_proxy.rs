@@ -3,6 +3,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -43,6 +45,21 @@ impl FreezingProxy {
             frozen,
             tasks,
         }
+    }
+
+    /// A proxy in front of the PostgreSQL server of `options`, and a pool of up to 8
+    /// connections through it into the same database. The pool does not ping a connection
+    /// before lending it, so that a frozen one is used, as one that died after its ping would
+    /// be.
+    pub async fn before_postgres(options: PgConnectOptions) -> (Self, PgPool) {
+        let proxy = Self::start((options.get_host().to_owned(), options.get_port())).await;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .test_before_acquire(false)
+            .connect_with(options.host("127.0.0.1").port(proxy.port))
+            .await
+            .unwrap();
+        (proxy, pool)
     }
 
     /// Freezes every connection open now.
