@@ -77,10 +77,9 @@ pub struct ProjectionConfig {
     /// Longest wait for the read model to apply a batch or to answer a question, after which
     /// the batch is abandoned as after any database error. Default
     /// [`QUERY_TIMEOUT`](crate::store::QUERY_TIMEOUT): a batch takes milliseconds, and the
-    /// bound is for a connection that died without a word (see
-    /// [`answer_within`]), which would otherwise hold the
-    /// projector, and every rebalance of its group (a revocation waits for the batch being
-    /// applied), for about 15 minutes.
+    /// bound is for a connection that died without a word (see [`answer_within`]), which
+    /// would otherwise hold the projector, and every rebalance of its group (a revocation
+    /// waits for the batch being applied), for about 15 minutes.
     pub store_timeout: Duration,
 }
 
