@@ -975,6 +975,29 @@ async fn postgres_commit_signal_takes_notifications_while_nobody_waits_for_it() 
     database.drop().await;
 }
 
+/// The backend pid of the session of `application` whose last query was a LISTEN, if any.
+async fn listening_session(pool: &sqlx::PgPool, application: &str) -> Option<i32> {
+    sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
+    )
+    .bind(application)
+    .fetch_optional(pool)
+    .await
+    .unwrap()
+}
+
+/// Waits (10 s at most) until a session of `application` other than `first` listens.
+async fn wait_until_another_session_listens(pool: &sqlx::PgPool, application: &str, first: i32) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while listening_session(pool, application)
+        .await
+        .is_none_or(|pid| pid == first)
+    {
+        assert!(std::time::Instant::now() < deadline, "nobody listens again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A listening session that dies (a restart, a network cut, here terminated by hand) is
 /// replaced: the signal wakes the relay at once, so it polls over the gap, and commits after the
 /// new session listens wake it again.
@@ -989,16 +1012,9 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
         .unwrap();
     let store = PostgresStore::with_pool(pool).await.unwrap();
     let mut signal = store.commit_signal().await.unwrap();
-    let listening = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
-        )
-        .bind(&application)
-        .fetch_optional(store.pool())
+    let first = listening_session(store.pool(), &application)
         .await
-        .unwrap()
-    };
-    let first = listening().await.expect("a listening session");
+        .expect("a listening session");
 
     let terminated: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
         .bind(first)
@@ -1012,14 +1028,7 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
     tokio::time::timeout(Duration::from_secs(5), signal.committed())
         .await
         .expect("the broken listener wakes the relay, so that it polls");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        if listening().await.is_some_and(|pid| pid != first) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "nobody listens again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_another_session_listens(store.pool(), &application, first).await;
     // Any wake-up for listening again, then quiet: a wake-up left pending would pass the last
     // check by itself.
     let quiet = std::time::Instant::now() + Duration::from_secs(10);
@@ -1087,15 +1096,6 @@ async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     )
     .await
     .unwrap();
-    let listening = || async {
-        sqlx::query_scalar::<_, i32>(
-            "SELECT pid FROM pg_stat_activity WHERE application_name = $1 AND query LIKE 'LISTEN%'",
-        )
-        .bind(&application)
-        .fetch_optional(saving_store.pool())
-        .await
-        .unwrap()
-    };
     // The check's query, answered, leaves the session as it was.
     tokio::time::sleep(check.silent_for * 3).await;
     saving_store
@@ -1105,7 +1105,9 @@ async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     tokio::time::timeout(Duration::from_secs(5), signal.committed())
         .await
         .expect("a commit wakes the relay");
-    let first = listening().await.expect("a listening session");
+    let first = listening_session(saving_store.pool(), &application)
+        .await
+        .expect("a listening session");
 
     proxy.freeze();
     saving_store
@@ -1115,11 +1117,7 @@ async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     tokio::time::timeout(Duration::from_secs(10), signal.committed())
         .await
         .expect("a session that stopped answering wakes the relay, so that it polls");
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while listening().await.is_none_or(|pid| pid == first) {
-        assert!(std::time::Instant::now() < deadline, "nobody listens again");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until_another_session_listens(saving_store.pool(), &application, first).await;
     // Any wake-up for listening again first, so that the last one is the commit's.
     while tokio::time::timeout(Duration::from_millis(500), signal.committed())
         .await
