@@ -211,6 +211,19 @@ fn every_validation_rule_names_its_field() {
         invalid_field(with(|add| add.title = "\u{3164}".into())),
         "title"
     );
+    // Nor does white space between them, which `trim` keeps too, or a blank braille pattern.
+    assert_eq!(
+        invalid_field(with(|add| add.title = "\u{200B} \u{200B}".into())),
+        "title"
+    );
+    assert_eq!(
+        invalid_field(with(|add| add.author = "\u{3164}\u{3000}\u{3164}".into())),
+        "author"
+    );
+    assert_eq!(
+        invalid_field(with(|add| add.title = "\u{2800}".into())),
+        "title"
+    );
     let invisible_isbn = added({
         let mut add = gatsby(book_id);
         add.isbn = Some("\u{200B}".into());

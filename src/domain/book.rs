@@ -281,7 +281,7 @@ fn optional(
 ) -> Result<Option<String>, ValidationError> {
     let Some(value) = value
         .map(str::trim)
-        .filter(|value| !value.chars().all(is_invisible))
+        .filter(|value| !value.chars().all(|c| is_invisible(c) || c.is_whitespace()))
     else {
         return Ok(None);
     };
@@ -312,9 +312,10 @@ fn optional(
 
 /// Characters that show nothing on their own and that `str::trim` keeps (it strips only
 /// Unicode white space): format characters such as U+200B ZERO WIDTH SPACE and U+FEFF, fillers
-/// such as U+3164 HANGUL FILLER, variation selectors and tags. A value made only of them looks
-/// empty wherever it is shown, so it counts as empty; inside visible text they stay, since
-/// joiners and variation selectors shape emoji and scripts.
+/// such as U+3164 HANGUL FILLER and U+2800 BRAILLE PATTERN BLANK, variation selectors and tags.
+/// A value made only of them and white space looks empty wherever it is shown, so it counts as
+/// empty; inside visible text they stay, since joiners and variation selectors shape emoji and
+/// scripts.
 fn is_invisible(c: char) -> bool {
     matches!(
         c,
@@ -329,6 +330,7 @@ fn is_invisible(c: char) -> bool {
             | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{206F}'
+            | '\u{2800}'
             | '\u{3164}'
             | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
