@@ -412,6 +412,14 @@ async fn invalid_input_is_refused_with_its_field_and_writes_nothing() {
         .patch(&format!("/api/books/{book_id}"), json!({"title": ""}))
         .await;
     reply.assert_error(422, Some("title"));
+    // `null` clears an optional field; a title or an author cannot be cleared, so it is
+    // refused, not read as "unchanged".
+    for field in ["title", "author"] {
+        let reply = server
+            .patch(&format!("/api/books/{book_id}"), json!({ field: null }))
+            .await;
+        reply.assert_error(422, Some(field));
+    }
     // A path that is not percent-encoded UTF-8.
     server.get("/api/books/%FF").await.assert_error(400, None);
     server

@@ -302,8 +302,8 @@ pub(super) async fn update_details<S: HttpStore>(
     let body = JsonObject::parse(&headers, &body?)?;
     body.refuse_unknown(&["title", "author", "isbn", "description"])?;
     let mut update = UpdateDetails::new(book_id);
-    update.title = body.text("title")?;
-    update.author = body.text("author")?;
+    update.title = body.replacing_text("title")?;
+    update.author = body.replacing_text("author")?;
     update.isbn = body.clearable_text("isbn")?;
     update.description = body.clearable_text("description")?;
     let command = BookCommand::UpdateDetails(update);
@@ -536,6 +536,19 @@ impl JsonObject {
         Ok(self.clearable_text(field)?.flatten())
     }
 
+    /// A text field that a change may replace but not clear: absent is `None`, and `null` is
+    /// refused rather than read as "unchanged", which a client clearing it would take for
+    /// success.
+    fn replacing_text(&self, field: &'static str) -> Result<Option<String>, ValidationError> {
+        match self.clearable_text(field)? {
+            Some(None) => Err(ValidationError::new(
+                field,
+                "must not be null: a book always has one",
+            )),
+            kept_or_new => Ok(kept_or_new.flatten()),
+        }
+    }
+
     fn required_text(&self, field: &'static str) -> Result<String, ValidationError> {
         self.text(field)?
             .ok_or_else(|| ValidationError::new(field, "is required"))
@@ -708,6 +721,8 @@ mod tests {
         assert_eq!(body.clearable_text("isbn").unwrap(), Some(None));
         assert_eq!(body.clearable_text("description").unwrap(), None);
         assert_eq!(body.required_text("author").unwrap_err().field, "author");
+        assert_eq!(body.replacing_text("isbn").unwrap_err().field, "isbn");
+        assert_eq!(body.replacing_text("author").unwrap(), None);
     }
 
     #[test]
