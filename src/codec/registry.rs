@@ -91,6 +91,9 @@ pub enum RegistryError {
         url: String,
         reason: String,
     },
+    /// Schema `id` is not an Avro schema: a record framed with it is not one of ours.
+    #[error("schema {id} is of type {schema_type}, not AVRO")]
+    NotAvro { id: u32, schema_type: String },
     /// The registry does not know schema `id`, which a record is framed with: asked again later,
     /// since a registry replica can answer before it has caught up with the one the producer
     /// registered the schema with.
@@ -357,10 +360,9 @@ impl RegistryClient {
         let response: SchemaResponse = read_json("GET", &url, response)?;
         match response.schema_type.as_deref() {
             None | Some("AVRO") => Ok(response.schema),
-            Some(other) => Err(RegistryError::BadResponse {
-                method: "GET",
-                url,
-                reason: format!("schema {id} is of type {other}, not AVRO"),
+            Some(other) => Err(RegistryError::NotAvro {
+                id,
+                schema_type: other.to_owned(),
             }),
         }
     }

@@ -183,6 +183,12 @@ impl FactReader {
 
     /// Fetches schema `id` from the registry and teaches it to the decoder; a rejection when
     /// there is no registry or it has no usable schema under that id.
+    ///
+    /// Only answers about the schema reject the record: not found (after the patience), not
+    /// Avro, not a schema the decoder can read. Any other failure (refused credentials, a
+    /// proxy's page, a registry down) says nothing about the record, so it is the error that
+    /// holds the batch back: rejecting would dead-letter every record of the id, and, with the
+    /// id remembered as unusable, go on doing so after the registry is mended.
     async fn learn_schema(&mut self, id: u32) -> Result<Option<Rejection>, RegistryError> {
         if let Some(reason) = self.unusable_ids.get(&id) {
             return Ok(Some(Rejection::Undecodable(reason.clone())));
@@ -206,7 +212,6 @@ impl FactReader {
                     .map(|_| ())
                     .map_err(|error| format!("schema id {id}: {error}"))
             }
-            Err(error) if error.is_retryable() => return Err(error),
             Err(error) if error.is_not_found() => {
                 let since = *self.missing_since.entry(id).or_insert_with(Instant::now);
                 let waited = since.elapsed();
@@ -218,7 +223,8 @@ impl FactReader {
                     "schema id {id}: not in the registry after {waited:.0?} of asking ({error})"
                 ))
             }
-            Err(error) => Err(format!("schema id {id}: {error}")),
+            Err(error @ RegistryError::NotAvro { .. }) => Err(format!("schema id {id}: {error}")),
+            Err(error) => return Err(error),
         };
         match learned {
             Ok(()) => Ok(None),
@@ -940,6 +946,100 @@ mod tests {
             assert_eq!(kept, DateTime::parse_from_rfc3339(time).unwrap());
             let text = kept.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, false);
             assert_eq!(DateTime::parse_from_rfc3339(&text).unwrap(), kept);
+        }
+    }
+
+    /// A registry at the returned client's URL that answers each request with the next of
+    /// `answers` (status, JSON body), one connection each, and then no more.
+    fn registry_answering(answers: Vec<(u16, String)>) -> RegistryClient {
+        use std::io::{BufRead, BufReader, Write};
+
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        std::thread::spawn(move || {
+            for (status, body) in answers {
+                let (stream, _) = listener.accept().unwrap();
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while line != "\r\n" {
+                    line.clear();
+                    reader.read_line(&mut line).unwrap();
+                }
+                write!(
+                    reader.get_mut(),
+                    "HTTP/1.1 {status} Answer\r\nContent-Type: application/json\r\n\
+                     Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .unwrap();
+            }
+        });
+        RegistryClient::new(&url).unwrap()
+    }
+
+    /// A fact of a new book, framed with the registry's schema id `id`.
+    fn fact_framed_with_id(id: u32) -> OwnedMessage {
+        let book_id = BookId::generate();
+        let datum = AvroCodec::new()
+            .encode(&EventPayload::Fact(fact(book_id, 1, false)))
+            .unwrap();
+        let key = book_id.to_string();
+        record(
+            Some(&key),
+            Some(crate::codec::frame_confluent(id, &datum)),
+            &[(h::CE_TIME, "2025-01-31T12:34:56Z")],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_registry_that_refuses_or_talks_nonsense_holds_the_record_back_without_rejecting_it()
+    {
+        let message = fact_framed_with_id(7);
+        let schema = crate::codec::contract::contract("BookFactEvent")
+            .unwrap()
+            .schema_json();
+        let registry = registry_answering(vec![
+            (
+                401,
+                r#"{"error_code":40101,"message":"Unauthorized"}"#.into(),
+            ),
+            (200, r#"{"maintenance": true}"#.into()),
+            (200, serde_json::json!({ "schema": schema }).to_string()),
+        ]);
+        let mut reader = FactReader::new(Some(registry));
+
+        let refused = reader.read(&message).await.unwrap_err();
+        assert!(
+            matches!(refused, RegistryError::Status { status: 401, .. }),
+            "{refused}"
+        );
+        let nonsense = reader.read(&message).await.unwrap_err();
+        assert!(
+            matches!(nonsense, RegistryError::BadResponse { .. }),
+            "{nonsense}"
+        );
+        // Mended, the registry is asked again and the record applied: neither answer was
+        // remembered against the schema id.
+        let outcome = reader.read(&message).await.unwrap();
+        assert!(
+            matches!(outcome, FactOutcome::Apply(ReportChange::Upsert { .. })),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_schema_id_of_another_format_rejects_its_records_for_good() {
+        let registry = registry_answering(vec![(
+            200,
+            r#"{"schema": "syntax = \"proto3\";", "schemaType": "PROTOBUF"}"#.into(),
+        )]);
+        let mut reader = FactReader::new(Some(registry));
+        for attempt in ["first", "second, without asking again"] {
+            let outcome = reader.read(&fact_framed_with_id(9)).await.unwrap();
+            let FactOutcome::DeadLetter(Rejection::Undecodable(reason)) = outcome else {
+                panic!("{attempt}: {outcome:?}");
+            };
+            assert!(reason.contains("PROTOBUF, not AVRO"), "{attempt}: {reason}");
         }
     }
 }
