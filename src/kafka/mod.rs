@@ -172,6 +172,17 @@ impl KafkaConfig {
         self.with_client_options(config)
     }
 
+    /// The `transaction.timeout.ms` of [`relay_producer_config`](Self::relay_producer_config):
+    /// twice the request timeout, unless the client options set another. The broker aborts a
+    /// transaction left open this long.
+    pub fn relay_transaction_timeout(&self) -> Duration {
+        let ours = 2 * self.request_timeout();
+        self.relay_producer_config(Some("relay"))
+            .get("transaction.timeout.ms")
+            .and_then(|millis| millis.trim().parse().ok())
+            .map_or(ours, Duration::from_millis)
+    }
+
     /// The dead-letter queue's producer (the projector's, and `dlq replay`'s): idempotent as
     /// above, sending at once (its callers wait for each acknowledgement), and failing a record
     /// not acknowledged within twice the request timeout, like the relay's. Why not librdkafka's
@@ -370,5 +381,17 @@ mod tests {
         )])];
         let overridden = kafka.relay_producer_config(None);
         assert_eq!(overridden.get("message.timeout.ms"), Some("90000"));
+    }
+
+    #[test]
+    fn the_relay_transaction_timeout_is_the_one_its_producers_are_given() {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9092");
+        kafka.request_timeout_ms = 10_000;
+        assert_eq!(kafka.relay_transaction_timeout(), Duration::from_secs(20));
+        kafka.client_options = vec![crate::config::ClientOptions(vec![(
+            "transaction.timeout.ms".to_owned(),
+            "900000".to_owned(),
+        )])];
+        assert_eq!(kafka.relay_transaction_timeout(), Duration::from_secs(900));
     }
 }

@@ -67,11 +67,10 @@ pub struct RelayConfig {
     pub page_size: usize,
     /// A batch being filled from a backlog is committed after this long at the latest.
     pub max_batch_time: Duration,
-    /// After committing everything there was, how long to let new events gather before the
-    /// next batch. Exactly-once sets it (default 5 ms): fewer, fuller transactions when
-    /// following the writers. Measured at 1,000 events/s, 5 ms against none: p50 commit → ack
-    /// about 9 vs 5 ms, but a steadier p99 (18-21 vs 12-30 ms), since every transaction costs
-    /// the broker several writes.
+    /// Exactly-once only: after committing everything there was, how long to let new events
+    /// gather before the next batch, for fewer, fuller transactions when following the
+    /// writers. None by default (`--batch-linger-ms`): since the two transactional producers
+    /// take turns, a linger no longer steadied the p99 (docs/benchmarks.md, items 7 and 29).
     pub batch_linger: Duration,
     /// Fallback polling interval when no commit signal arrives.
     pub poll_interval: Duration,

@@ -242,7 +242,8 @@ impl KafkaPublisher {
         }
     }
 
-    fn transaction_timeout(&self) -> Duration {
+    /// How long a call to the cluster (a commit, an init, metadata) may take.
+    fn call_timeout(&self) -> Duration {
         self.config.request_timeout()
     }
 
@@ -325,7 +326,7 @@ impl KafkaPublisher {
         };
         let confirmed = self.confirm_commit_in_flight().await?;
         let producer = self.producer().clone();
-        let (committer, timeout) = (producer.clone(), self.transaction_timeout());
+        let (committer, timeout) = (producer.clone(), self.call_timeout());
         let commit =
             tokio::spawn(async move { kafka::commit_transaction(&committer, timeout).await });
         self.committing = Some(CommitInFlight {
@@ -369,7 +370,7 @@ impl KafkaPublisher {
         let client = producer.clone();
         let topics = self.mapper.topics();
         let topics = [topics.book.clone(), topics.book_fact.clone()];
-        let timeout = self.transaction_timeout();
+        let timeout = self.call_timeout();
         tokio::task::spawn_blocking(move || {
             topics.iter().try_for_each(|topic| {
                 client
@@ -504,7 +505,7 @@ impl EventPublisher for KafkaPublisher {
         // Each init fences that id's older instance and completes or aborts what it left
         // open; all must be done before the checkpoint is final. They block, so they run on
         // the blocking pool, side by side.
-        let timeout = self.transaction_timeout();
+        let timeout = self.call_timeout();
         let inits: Vec<_> = producers
             .iter()
             .map(|producer| {
@@ -532,7 +533,7 @@ impl EventPublisher for KafkaPublisher {
             VisibilityWatch::start(
                 &self.config,
                 &self.checkpoint_topic,
-                2 * self.transaction_timeout(),
+                2 * self.config.relay_transaction_timeout(),
             )
             .map_err(PublishError::from_kafka)?,
         );
