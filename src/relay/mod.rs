@@ -446,6 +446,8 @@ impl<O: Outbox + Clone + 'static, P: EventPublisher> Relay<O, P> {
         else {
             return Ok(Stop::Shutdown);
         };
+        // Published already, by this run or an earlier one: reported even when nothing is left.
+        report.last_position = report.last_position.max(position);
         loop {
             if shutdown.is_triggered() {
                 // Finish what is in flight, so a restart does not send it again.
