@@ -25,7 +25,7 @@ use bookstore::relay::{
 };
 use bookstore::service::{BookService, CommandContext};
 use bookstore::shutdown::{Shutdown, ShutdownTrigger};
-use bookstore::store::{EventStore, Outbox, SqliteStore};
+use bookstore::store::{EventStore, Outbox, SqliteStore, StoreError};
 use common::Received;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tempfile::TempDir;
@@ -349,6 +349,31 @@ async fn removed_book_gets_a_removed_fact_then_a_tombstone_on_the_fact_topic() {
         facts[1].header(h::AGGREGATE_VERSION)
     );
     assert_eq!(tombstone.header(h::CE_TYPE), facts[1].header(h::CE_TYPE));
+}
+
+/// A row the store cannot read is not an outage: waiting would read it again for good, so the
+/// relay stops and names it.
+#[tokio::test]
+async fn a_corrupt_outbox_row_stops_the_relay_with_its_reason() {
+    let fixture = Fixture::new().await;
+    fixture.write_books(2, 0).await;
+    sqlx::query("UPDATE events SET occurred_at = 'last Tuesday' WHERE position = 3")
+        .execute(fixture.store().pool())
+        .await
+        .unwrap();
+
+    let failed = tokio::time::timeout(
+        Duration::from_secs(60),
+        fixture.relay_once_until_it_fails(DeliveryMode::ExactlyOnce, 50),
+    )
+    .await
+    .expect("the relay went on retrying a row it cannot read");
+    match failed {
+        RelayError::Store(StoreError::Corrupt(reason)) => {
+            assert!(reason.contains("occurred_at"), "{reason}");
+        }
+        other => panic!("expected the corrupt row, got {other}"),
+    }
 }
 
 #[tokio::test]

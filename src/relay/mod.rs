@@ -144,9 +144,13 @@ pub enum RelayError {
 }
 
 impl RelayError {
-    /// Whether retrying cannot help: the store no longer matches what was published.
+    /// Whether retrying cannot help: the store no longer matches what was published, or holds
+    /// a row it cannot read (which only mending the row can fix).
     fn is_fatal(&self) -> bool {
-        matches!(self, Self::AheadOfStore { .. } | Self::Gap { .. })
+        matches!(
+            self,
+            Self::AheadOfStore { .. } | Self::Gap { .. } | Self::Store(StoreError::Corrupt(_))
+        )
     }
 }
 
