@@ -7,6 +7,7 @@ use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::bench::{Measurement, StoreKind, defaults};
 use crate::config::{KafkaConfig, RelaySettings, StoreConfig};
+use crate::projection::ProjectionConfig;
 use crate::relay::DeliveryMode;
 
 #[derive(Debug, Parser)]
@@ -216,6 +217,20 @@ pub struct ProjectArgs {
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+impl ProjectArgs {
+    /// The projector's configuration for `group`, with these batch settings.
+    pub fn projection_config(&self, group: String) -> ProjectionConfig {
+        projection_config(group, self.batch_size, self.batch_wait_ms)
+    }
+}
+
+fn projection_config(group: String, batch_size: u64, batch_wait_ms: u64) -> ProjectionConfig {
+    let mut config = ProjectionConfig::new(group);
+    config.batch_size = usize::try_from(batch_size).unwrap_or(usize::MAX);
+    config.batch_wait = std::time::Duration::from_millis(batch_wait_ms);
+    config
+}
+
 #[derive(Debug, Args)]
 pub struct ReportArgs {
     /// Print a JSON array of rows instead of a table.
@@ -371,8 +386,43 @@ pub struct UpArgs {
     #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
     pub group: Option<String>,
 
+    /// Most records per projection batch (one database transaction), as `project
+    /// --batch-size` (here `--batch-size` is the relay's).
+    #[arg(
+        long = "projection-batch-size",
+        env = "BOOKSTORE_PROJECTION_BATCH_SIZE",
+        default_value_t = 5000,
+        value_parser = clap::value_parser!(u64).range(1..=100_000)
+    )]
+    pub projection_batch_size: u64,
+
+    /// Longest wait for the first record of a projection batch, in milliseconds, as `project
+    /// --batch-wait-ms`.
+    #[arg(
+        long = "projection-batch-wait-ms",
+        env = "BOOKSTORE_PROJECTION_BATCH_WAIT_MS",
+        default_value_t = 100
+    )]
+    pub projection_batch_wait_ms: u64,
+
+    /// Also serve Prometheus metrics on this address; the dashboard serves them at `/metrics`
+    /// either way.
+    #[arg(long = "metrics-addr", env = "BOOKSTORE_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+
     #[command(flatten)]
     pub relay: RelaySettings,
+}
+
+impl UpArgs {
+    /// The projector's configuration for `group`, with these batch settings.
+    pub fn projection_config(&self, group: String) -> ProjectionConfig {
+        projection_config(
+            group,
+            self.projection_batch_size,
+            self.projection_batch_wait_ms,
+        )
+    }
 }
 
 #[derive(Debug, Args)]
@@ -413,6 +463,46 @@ mod tests {
     #[test]
     fn command_line_is_well_formed() {
         Cli::command().debug_assert();
+    }
+
+    /// `up` runs the projector of `project`, so it takes the same batch settings (under names
+    /// of their own: `--batch-size` is the relay's there).
+    #[test]
+    fn up_and_project_give_the_projector_the_same_batch_settings() {
+        let projector_of = |args: &[&str]| {
+            let cli = Cli::try_parse_from(args).unwrap();
+            match cli.command {
+                Command::Up(up) => up.projection_config("g".into()),
+                Command::Project(project) => project.projection_config("g".into()),
+                other => panic!("{other:?}"),
+            }
+        };
+        let up = projector_of(&[
+            "bookstore",
+            "up",
+            "--projection-batch-size",
+            "7",
+            "--projection-batch-wait-ms",
+            "3",
+            "--batch-size",
+            "11",
+        ]);
+        let project = projector_of(&[
+            "bookstore",
+            "project",
+            "--batch-size",
+            "7",
+            "--batch-wait-ms",
+            "3",
+        ]);
+        for config in [up, project] {
+            assert_eq!(config.batch_size, 7);
+            assert_eq!(config.batch_wait, std::time::Duration::from_millis(3));
+        }
+        let defaults = ProjectionConfig::new("g");
+        let up = projector_of(&["bookstore", "up"]);
+        assert_eq!(up.batch_size, defaults.batch_size);
+        assert_eq!(up.batch_wait, defaults.batch_wait);
     }
 
     #[test]

@@ -140,8 +140,15 @@ async fn up_on_postgres_fills_its_dashboard_and_stops_on_sigterm() {
 }
 
 async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(url: &str) {
+    // As `relay` and `project` do, `up` also serves its metrics on an address of their own.
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
     let mut child = bookstore(url, &common::unique("up"))
         .args(["up", "--demo-data", "--addr", "127.0.0.1:0"])
+        .env("BOOKSTORE_METRICS_ADDR", metrics_addr.to_string())
+        .env("BOOKSTORE_PROJECTION_BATCH_SIZE", "2")
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -207,6 +214,16 @@ async fn up_serves_a_dashboard_that_fills_with_demo_books_and_stops_on_sigterm(u
         );
         tokio::time::sleep(Duration::from_millis(300)).await;
     }
+    let metrics = ureq::get(&format!("http://{metrics_addr}/metrics"))
+        .call()
+        .unwrap()
+        .body_mut()
+        .read_to_string()
+        .unwrap();
+    assert!(
+        metrics.contains("bookstore_projection_applied_facts_total"),
+        "{metrics}"
+    );
 
     common::terminate_gracefully(&mut child, "bookstore up").await;
 }

@@ -7,7 +7,7 @@ use bookstore::cli::ProjectArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::projection::metrics::LAG_REFRESH;
 use bookstore::projection::{
-    LagMeter, ProjectionConfig, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
+    LagMeter, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
 };
 use bookstore::shutdown::ShutdownTrigger;
 use bookstore::store::AnyStore;
@@ -21,10 +21,9 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
     let read_model = crate::open_store(store).await?;
     let group = args
         .group
+        .clone()
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
-    let mut config = ProjectionConfig::new(group);
-    config.batch_size = usize::try_from(args.batch_size).unwrap_or(usize::MAX);
-    config.batch_wait = Duration::from_millis(args.batch_wait_ms);
+    let config = args.projection_config(group);
     let (trigger, mut shutdown) = ShutdownTrigger::new();
     trigger.on_signals();
     // Following, the projection is a service: it waits for a broker that is not up yet.

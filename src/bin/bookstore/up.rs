@@ -7,7 +7,7 @@ use bookstore::codec::AvroCodec;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::demo::{DemoPace, feed_demo_data};
 use bookstore::http::{self, HttpState};
-use bookstore::projection::{ProjectionConfig, ProjectionMode, default_group, kafka_projector};
+use bookstore::projection::{ProjectionMode, default_group, kafka_projector};
 use bookstore::relay::{RunMode, kafka_relay};
 use bookstore::service::BookService;
 use bookstore::shutdown::ShutdownTrigger;
@@ -17,6 +17,9 @@ use tracing::{error, info};
 
 pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) -> Result<()> {
     let metrics = bookstore::telemetry::prometheus_handle()?;
+    if let Some(addr) = args.metrics_addr {
+        bookstore::telemetry::install_metrics(addr)?;
+    }
     let store = crate::open_store(store_config).await?;
     let relay_id = args
         .relay
@@ -31,12 +34,14 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
     }
     let group = args
         .group
+        .clone()
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
+    let projection = args.projection_config(group);
     // Provisioning topics and registering schemas can take up to the request timeout each; a
     // signal meanwhile stops at once (nothing has started that would need finishing).
     let set_up = async {
         let relay = kafka_relay(store.clone(), kafka, &args.relay).await?;
-        let projector = kafka_projector(store.clone(), kafka, ProjectionConfig::new(group)).await?;
+        let projector = kafka_projector(store.clone(), kafka, projection).await?;
         anyhow::Ok((relay, projector))
     };
     let mut interrupted = shutdown.clone();
