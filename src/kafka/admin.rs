@@ -1,4 +1,6 @@
 //! Topic provisioning through the admin API: creates what is missing, verifies what exists.
+//! Topics that exist are never asked to be created, so a principal without the CREATE
+//! permission can provision topics made for it beforehand.
 //!
 //! Provisioning is idempotent: running it against topics that already have the required
 //! settings changes nothing. An existing topic whose partition count or cleanup policy differs
@@ -68,31 +70,63 @@ pub async fn provision_topics(
 ) -> Result<Vec<(String, TopicStatus)>, KafkaSetupError> {
     let admin = config.admin_client()?;
     let options = AdminOptions::new().request_timeout(Some(config.request_timeout()));
-    let new_topics: Vec<NewTopic<'_>> = specs.iter().map(new_topic).collect();
-    let results = admin
-        .create_topics(&new_topics, &options)
-        .await
-        .map_err(|source| unreachable(config, source))?;
+    // Only the topics the metadata does not show are asked for: a broker checks the CREATE
+    // permission before it looks for the topic, so asking to create one that exists fails
+    // for a principal that may only use its topics (a managed cluster, ACLs), although there
+    // is nothing to create.
+    let metadata = config.fetch_metadata(None).await?;
+    let missing: Vec<&TopicSpec> = specs
+        .iter()
+        .filter(|spec| super::existing_topic(&metadata, &spec.name).is_none())
+        .collect();
+    let created = create_topics(config, &admin, &options, &missing).await?;
 
     let mut statuses = Vec::with_capacity(specs.len());
+    for spec in specs {
+        verify_topic(config, &admin, &options, spec).await?;
+        let status = if created.contains(&spec.name.as_str()) {
+            TopicStatus::Created
+        } else {
+            TopicStatus::AlreadyPresent
+        };
+        statuses.push((spec.name.clone(), status));
+    }
+    Ok(statuses)
+}
+
+/// Creates `specs` and returns the names of those this call created; one that exists by now
+/// (another instance created it meanwhile) is not an error.
+async fn create_topics<'s>(
+    config: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    options: &AdminOptions,
+    specs: &[&'s TopicSpec],
+) -> Result<Vec<&'s str>, KafkaSetupError> {
+    if specs.is_empty() {
+        return Ok(vec![]);
+    }
+    let new_topics: Vec<NewTopic<'_>> = specs.iter().map(|spec| new_topic(spec)).collect();
+    let results = admin
+        .create_topics(&new_topics, options)
+        .await
+        .map_err(|source| unreachable(config, source))?;
+    let mut created = Vec::with_capacity(specs.len());
     for (spec, result) in specs.iter().zip(results) {
-        let status = match result {
+        match result {
             Ok(_) => {
                 info!(topic = %spec.name, partitions = spec.partitions, "created topic");
-                TopicStatus::Created
+                created.push(spec.name.as_str());
             }
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => TopicStatus::AlreadyPresent,
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
             Err((topic, code)) => {
                 return Err(KafkaSetupError::Topic {
                     topic,
                     source: KafkaError::AdminOp(code),
                 });
             }
-        };
-        verify_topic(config, &admin, &options, spec).await?;
-        statuses.push((spec.name.clone(), status));
+        }
     }
-    Ok(statuses)
+    Ok(created)
 }
 
 fn new_topic(spec: &TopicSpec) -> NewTopic<'_> {
