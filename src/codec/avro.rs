@@ -28,7 +28,7 @@ use apache_avro::types::Value;
 use apache_avro::{Decimal, Schema};
 
 use super::contract::{self, Contract, EVENT_TYPES};
-use super::{CodecError, EventCodec};
+use super::{CodecError, EventCodec, bytes_excerpt, excerpt};
 use crate::domain::{
     BookAdded, BookDetailsUpdated, BookEvent, BookFactEvent, BookId, BookPriceUpdated, BookRemoved,
     DetailField, EventPayload, Price,
@@ -213,13 +213,13 @@ fn read_fact(contract: &Contract, datum: &[u8]) -> Result<BookFactEvent, CodecEr
     // `BookId::from_str`, which trims what people type.
     let book_id = uuid::Uuid::parse_str(book_id)
         .map(BookId::from)
-        .map_err(|_| invalid(format!("book_id is not a UUID: {book_id:?}")))?;
+        .map_err(|_| invalid(format!("book_id is not a UUID: {:?}", excerpt(book_id))))?;
     let title = input.string("title").map_err(invalid)?.to_owned();
     let author = input.string("author").map_err(invalid)?.to_owned();
     let isbn = input.optional_string("isbn").map_err(invalid)?;
     let price = input.bytes("price").map_err(invalid)?;
     let cents = from_twos_complement(price)
-        .ok_or_else(|| invalid(format!("price is out of range: {price:02x?}")))?;
+        .ok_or_else(|| invalid(format!("price is out of range: {}", bytes_excerpt(price))))?;
     let price = Price::from_cents(cents).map_err(|error| invalid(format!("price: {error}")))?;
     let description = input.optional_string("description").map_err(invalid)?;
     let version = input.long("version").map_err(invalid)?;
@@ -582,7 +582,7 @@ impl<'a> Record<'a> {
             Value::Uuid(uuid) => Ok(BookId::new(uuid)),
             Value::String(text) => text
                 .parse()
-                .map_err(|_| self.error(format!("{name} is not a UUID: {text:?}"))),
+                .map_err(|_| self.error(format!("{name} is not a UUID: {:?}", excerpt(&text)))),
             other => Err(self.unexpected(name, "a UUID", &other)),
         }
     }
@@ -612,8 +612,9 @@ impl<'a> Record<'a> {
             Value::Bytes(bytes) => bytes,
             other => return Err(self.unexpected(name, "a decimal", &other)),
         };
-        let cents = from_twos_complement(&bytes)
-            .ok_or_else(|| self.error(format!("{name} is out of range: {bytes:02x?}")))?;
+        let cents = from_twos_complement(&bytes).ok_or_else(|| {
+            self.error(format!("{name} is out of range: {}", bytes_excerpt(&bytes)))
+        })?;
         Price::from_cents(cents).map_err(|error| self.error(format!("{name}: {error}")))
     }
 
@@ -652,14 +653,22 @@ impl<'a> Record<'a> {
             match known {
                 Some(field) => fields.push(field),
                 None if symbol == UNKNOWN_DETAIL_FIELD => {}
-                None => return Err(self.error(format!("{name} has an unknown symbol {symbol:?}"))),
+                None => {
+                    return Err(self.error(format!(
+                        "{name} has an unknown symbol {:?}",
+                        excerpt(&symbol)
+                    )));
+                }
             }
         }
         Ok(fields)
     }
 
     fn unexpected(&self, name: &str, expected: &str, found: &Value) -> CodecError {
-        self.error(format!("{name} must be {expected}, found {found:?}"))
+        self.error(format!(
+            "{name} must be {expected}, found {}",
+            excerpt(&format!("{found:?}"))
+        ))
     }
 
     fn error(&self, reason: String) -> CodecError {

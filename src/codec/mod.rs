@@ -37,6 +37,30 @@ pub use wire::{
     Frame, FramedDecoder, WireFormat, frame_confluent, frame_single_object, parse_frame,
 };
 
+/// At most this many characters of a record's content go into an error about it: such errors
+/// become dead-letter reasons (headers of a few hundred bytes) and log lines, whatever the
+/// record holds.
+pub const EXCERPT_CHARS: usize = 48;
+
+/// The start of `text`, for an error about it.
+pub fn excerpt(text: &str) -> String {
+    let mut chars = text.chars();
+    let mut start: String = chars.by_ref().take(EXCERPT_CHARS).collect();
+    if chars.next().is_some() {
+        start.push('…');
+    }
+    start
+}
+
+/// The first bytes of `bytes` in hexadecimal, and their count when there are more.
+pub fn bytes_excerpt(bytes: &[u8]) -> String {
+    const SHOWN: usize = 16;
+    match bytes.get(..SHOWN) {
+        Some(start) if bytes.len() > SHOWN => format!("{start:02x?}… ({} bytes)", bytes.len()),
+        _ => format!("{bytes:02x?}"),
+    }
+}
+
 /// Turns events into Avro datums (no framing) and back.
 pub trait EventCodec: Send + Sync {
     /// The Avro binary datum of `event` under its record schema.

@@ -19,7 +19,7 @@ use rdkafka::message::Headers;
 
 use super::{ReportChange, Versioned};
 use crate::codec::headers as h;
-use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError};
+use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError, excerpt};
 use crate::domain::{BookFactEvent, BookId, EventPayload, ValidationError, validate_details};
 
 /// Why a record cannot be applied; the text becomes its `bookstore_dlq_reason` header.
@@ -53,20 +53,6 @@ pub enum Rejection {
         rule: String,
         excerpt: String,
     },
-}
-
-/// At most this many characters of a record's text go into a reason, which stays a header of
-/// a few hundred bytes whatever the record holds.
-const EXCERPT_CHARS: usize = 48;
-
-/// The start of `text`, for a reason.
-fn excerpt(text: &str) -> String {
-    let mut chars = text.chars();
-    let mut start: String = chars.by_ref().take(EXCERPT_CHARS).collect();
-    if chars.next().is_some() {
-        start.push('…');
-    }
-    start
 }
 
 /// The highest version the read model stores (its columns are 64-bit signed integers).
@@ -398,8 +384,18 @@ fn book_id_of(key: Option<&[u8]>) -> Result<BookId, Rejection> {
     Ok(book_id)
 }
 
+/// Most characters of the reason for a value that does not decode.
+const UNDECODABLE_CHARS: usize = 300;
+
+/// The codec's error, bounded: what it quotes of the record is an excerpt already, but an
+/// error worded by apache-avro (a value under another writer schema) may quote more.
 fn undecodable(error: CodecError) -> Rejection {
-    Rejection::Undecodable(error.to_string())
+    let mut reason = error.to_string();
+    if let Some((cut, _)) = reason.char_indices().nth(UNDECODABLE_CHARS) {
+        reason.truncate(cut);
+        reason.push('…');
+    }
+    Rejection::Undecodable(reason)
 }
 
 /// When the change happened: the CloudEvents time the relay writes, else the record's
@@ -776,7 +772,7 @@ mod tests {
             rejection(&cases[0].0).await.to_string(),
             format!(
                 "the title \"{}…\" must be at most 200 characters",
-                "x".repeat(EXCERPT_CHARS)
+                "x".repeat(crate::codec::EXCERPT_CHARS)
             )
         );
         assert_eq!(
@@ -1040,6 +1036,63 @@ mod tests {
                 panic!("{attempt}: {outcome:?}");
             };
             assert!(reason.contains("PROTOBUF, not AVRO"), "{attempt}: {reason}");
+        }
+    }
+
+    /// An Avro `string` or `bytes`: its length as a zig-zag varint, then the bytes.
+    fn avro_bytes(bytes: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut zigzag = (bytes.len() as u64) << 1;
+        while zigzag >= 0x80 {
+            out.push((zigzag as u8) | 0x80);
+            zigzag >>= 7;
+        }
+        out.push(zigzag as u8);
+        out.extend_from_slice(bytes);
+        out
+    }
+
+    /// A fact record of version 1, written field by field with `book_id` and `price` as given.
+    fn fact_written_with(book_id: &str, price: &[u8]) -> OwnedMessage {
+        let mut datum = avro_bytes(book_id.as_bytes());
+        datum.extend(avro_bytes(b"Dune"));
+        datum.extend(avro_bytes(b"Frank Herbert"));
+        datum.push(0); // isbn: null
+        datum.extend(avro_bytes(price));
+        datum.push(0); // description: null
+        datum.extend([2, 0]); // version 1, not removed
+        let fingerprint = AvroCodec::new().fingerprint("BookFactEvent").unwrap();
+        let key = BookId::generate().to_string();
+        record(
+            Some(&key),
+            Some(frame_single_object(fingerprint, &datum)),
+            &[],
+        )
+    }
+
+    #[tokio::test]
+    async fn a_reason_quotes_only_the_start_of_a_huge_value() {
+        let valid = fact_written_with(&BookId::generate().to_string(), &[0x06, 0x3f]);
+        assert!(
+            matches!(
+                read(&valid).await,
+                FactOutcome::DeadLetter(Rejection::KeyMismatch { .. })
+            ),
+            "written by hand as the codec writes it (under another key)"
+        );
+        let huge = "7".repeat(100_000);
+        let not_an_id = fact_written_with(&huge, &[0x06, 0x3f]);
+        let too_large = fact_written_with(&BookId::generate().to_string(), huge.as_bytes());
+        for (field, message) in [("book_id", not_an_id), ("price", too_large)] {
+            let Rejection::Undecodable(reason) = rejection(&message).await else {
+                panic!("{field}: not an undecodable value");
+            };
+            assert!(reason.contains(field), "{reason}");
+            assert!(
+                reason.len() < 200,
+                "{field}: {} bytes: {reason}",
+                reason.len()
+            );
         }
     }
 }
