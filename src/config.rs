@@ -87,6 +87,7 @@ pub struct KafkaConfig {
         long = "topic-partitions",
         env = "BOOKSTORE_TOPIC_PARTITIONS",
         default_value_t = 3,
+        value_parser = clap::value_parser!(i32).range(1..),
         global = true
     )]
     pub partitions: i32,
@@ -806,7 +807,13 @@ mod tests {
     }
 
     #[test]
-    fn kafka_timeouts_and_replication_factors_that_mean_nothing_are_refused() {
+    fn kafka_timeouts_partition_counts_and_replication_factors_that_mean_nothing_are_refused() {
+        for partitions in ["0", "-1", "three"] {
+            let refused = parse_kafka_flags(&["--topic-partitions", partitions]);
+            assert!(refused.is_err(), "partition count {partitions} accepted");
+        }
+        let kafka = parse_kafka_flags(&["--topic-partitions", "12"]).unwrap();
+        assert_eq!(kafka.partitions, 12);
         for timeout in ["0", "999", "450001", "3600000"] {
             let refused = parse_kafka_flags(&["--kafka-timeout-ms", timeout]);
             assert!(refused.is_err(), "timeout {timeout} accepted");
