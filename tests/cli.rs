@@ -130,6 +130,11 @@ fn book_lifecycle_through_the_command_line(cli: &Cli) {
     }
     assert_eq!(facts[0]["data"]["price"], "12.99");
     assert_eq!(facts[1]["data"]["price"], "15.99");
+    // The id may be spelled in upper case; a bare id names no stream, and says so.
+    let shouted = format!("bookstore::book-fact-{}", id.to_uppercase());
+    assert_eq!(cli.ok(&["events", &shouted]).lines().count(), 3);
+    let refused = cli.fails(&["events", id]);
+    assert!(refused.contains("names no stream"), "{refused}");
     let deltas = cli.ok(&["events", &format!("bookstore::book-{id}"), "--json"]);
     let types: Vec<String> = deltas
         .lines()

@@ -22,6 +22,17 @@ pub fn fact_stream(book_id: BookId) -> String {
     format!("{STREAM_PREFIX}book-fact-{book_id}")
 }
 
+/// The stream `name` stands for, spelled as the store spells it: `bookstore::book-<id>` or
+/// `bookstore::book-fact-<id>`, with the id in any spelling a UUID may take (upper case, say);
+/// `None` when it names no stream of this service.
+pub fn canonical_stream(name: &str) -> Option<String> {
+    let rest = name.trim().strip_prefix(STREAM_PREFIX)?;
+    if let Some(id) = rest.strip_prefix("book-fact-") {
+        return id.parse().ok().map(fact_stream);
+    }
+    rest.strip_prefix("book-")?.parse().ok().map(delta_stream)
+}
+
 /// Whether an event says what changed (delta) or what is (fact). Decides its topic.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -119,4 +130,30 @@ pub struct StoredEvent {
     /// The fingerprint of the schema that wrote `payload` (see [`NewEvent`]); `None` for an
     /// event saved by a version that did not record it yet.
     pub schema_fingerprint: Option<u64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_name_is_spelled_as_the_store_spells_it_or_refused() {
+        let id = BookId::generate();
+        let upper = id.to_string().to_uppercase();
+        assert_eq!(canonical_stream(&delta_stream(id)), Some(delta_stream(id)));
+        assert_eq!(canonical_stream(&fact_stream(id)), Some(fact_stream(id)));
+        assert_eq!(
+            canonical_stream(&format!("bookstore::book-fact-{upper}")),
+            Some(fact_stream(id))
+        );
+        for wrong in [
+            id.to_string(),
+            format!("book-{id}"),
+            format!("bookstore::books-{id}"),
+            "bookstore::book-".to_owned(),
+            "bookstore::book-fact-12".to_owned(),
+        ] {
+            assert_eq!(canonical_stream(&wrong), None, "{wrong}");
+        }
+    }
 }

@@ -14,8 +14,8 @@ mod price;
 pub use book::{Book, BookId, Decision, ValidDetails, validate_details};
 pub use command::{AddBook, BookCommand, UpdateDetails};
 pub use envelope::{
-    EventKind, EventMetadata, EventPayload, NewEvent, STREAM_PREFIX, StoredEvent, delta_stream,
-    fact_stream,
+    EventKind, EventMetadata, EventPayload, NewEvent, STREAM_PREFIX, StoredEvent, canonical_stream,
+    delta_stream, fact_stream,
 };
 pub use error::{DomainError, ValidationError};
 pub use event::{

@@ -9,8 +9,15 @@ use bookstore::service::ReadEvent;
 use serde_json::json;
 
 pub async fn run(config: &StoreConfig, args: EventsArgs) -> Result<()> {
+    let Some(stream) = bookstore::domain::canonical_stream(&args.stream) else {
+        bail!(
+            "{:?} names no stream: expected bookstore::book-<book id> (its delta events) or \
+             bookstore::book-fact-<book id> (its facts)",
+            args.stream
+        );
+    };
     let service = crate::books::open(config).await?;
-    let events = service.read_stream(&args.stream).await?;
+    let events = service.read_stream(&stream).await?;
     let mut undecoded = 0;
     for ReadEvent { event, payload } in &events {
         let metadata = &event.metadata;
