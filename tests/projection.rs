@@ -350,6 +350,41 @@ async fn wait_for_line(log: &mut tokio::sync::mpsc::UnboundedReceiver<String>, t
     assert_eq!(found, Ok(true), "no line saying {text:?}");
 }
 
+/// An offset stored past a partition's end (the topic deleted and created again, the read
+/// model kept) is not where anyone resumes: the consumer starts the partition over, so
+/// `--until-caught-up` reads it rather than taking the offset for caught up.
+#[tokio::test]
+async fn an_offset_stored_past_the_end_of_the_topic_is_not_taken_for_caught_up() {
+    let world = World::sqlite().await;
+    let history = world.write_random_history(6, 12, Rng::seed()).await;
+    world.relay_once().await;
+    let config = World::projection_config(&common::unique("stale-offsets"));
+    let stale: Vec<OffsetAdvance> = (0..world.kafka.partitions)
+        .map(|partition| OffsetAdvance::first(partition, 1_000_000))
+        .collect();
+    let topic = world.kafka.topics().book_fact;
+    world
+        .store
+        .apply_batch(&config.group_id, &topic, &[], &stale)
+        .await
+        .unwrap();
+
+    let projector = kafka_projector(world.store.clone(), &world.kafka, config)
+        .await
+        .unwrap();
+    let report = tokio::time::timeout(
+        Duration::from_secs(60),
+        projector.run(ProjectionMode::UntilCaughtUp, Shutdown::never()),
+    )
+    .await
+    .expect("the projector did not catch up in time")
+    .unwrap();
+    assert!(report.caught_up, "{report:?}");
+    assert_eq!(report.applied_facts, history.fact_records());
+    world.assert_report_equals_store().await;
+    world.finish().await;
+}
+
 /// `--batch-wait-ms 0`: take what is buffered and wait for nothing. Each round must still
 /// poll, or the consumer never even gets its partitions.
 #[tokio::test]

@@ -340,8 +340,18 @@ async fn active_members(
     .map_err(ProjectionError::Kafka)
 }
 
-/// The end of each partition when the run started: (low, high) watermarks.
-type Ends = HashMap<i32, (i64, i64)>;
+/// The end of each partition when the run started.
+type Ends = HashMap<i32, End>;
+
+#[derive(Debug, Clone, Copy)]
+struct End {
+    low: i64,
+    high: i64,
+    /// The offset stored for the partition when that was past its end: the topic was deleted
+    /// and created again (or its log cut short) under a read model that was kept. A consumer
+    /// starts such a partition over, so this offset says nothing about what was applied.
+    stale: Option<i64>,
+}
 
 impl<S: ReportStore + Clone + 'static> Projector<S> {
     pub fn group(&self) -> &str {
@@ -730,10 +740,12 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
     ) -> Result<bool, ProjectionError> {
         let mut progress = session.stored_offsets();
         let is_done = |partition: &i32, progress: &HashMap<i32, i64>| {
-            let (low, high) = ends[partition];
-            high <= low
+            let end = ends[partition];
+            end.high <= end.low
                 || reached.contains(partition)
-                || progress.get(partition).is_some_and(|next| *next >= high)
+                || progress
+                    .get(partition)
+                    .is_some_and(|next| *next >= end.high && Some(*next) != end.stale)
         };
         let done = |progress: &HashMap<i32, i64>| {
             ends.keys()
@@ -763,8 +775,19 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
         Ok(caught_up == ends.len())
     }
 
-    /// The watermarks of every partition of the fact topic, now.
+    /// The watermarks of every partition of the fact topic, now, and the offsets stored past
+    /// them.
     async fn measure_ends(&self) -> Result<Ends, ProjectionError> {
+        // Read before the watermarks: an offset stored by then was at most the end then, so
+        // one past the end measured after it is stale, not applied by a member meanwhile.
+        let stored = self
+            .store
+            .stored_offsets(&self.config.group_id, &self.topic);
+        let stored: HashMap<i32, i64> = answer_within(self.config.store_timeout, stored)
+            .await?
+            .into_iter()
+            .map(|offset| (offset.partition, offset.next_offset))
+            .collect();
         let partitions = partition_ids(&self.kafka, &self.topic).await?;
         let client: BaseConsumer =
             self.kafka
@@ -776,18 +799,34 @@ impl<S: ReportStore + Clone + 'static> Projector<S> {
                 })?;
         let topic = self.topic.clone();
         let timeout = self.kafka.request_timeout();
-        let ends = run_blocking(move || {
+        let watermarks = run_blocking(move || {
             partitions
                 .into_iter()
                 .map(|partition| {
                     let watermarks = client.fetch_watermarks(&topic, partition, timeout)?;
                     Ok((partition, watermarks))
                 })
-                .collect::<Result<Ends, KafkaError>>()
+                .collect::<Result<HashMap<i32, (i64, i64)>, KafkaError>>()
         })
         .await
         .map_err(ProjectionError::Kafka)?;
-        info!(?ends, "catching up to the end of every partition");
+        info!(?watermarks, "catching up to the end of every partition");
+        let ends = watermarks
+            .into_iter()
+            .map(|(partition, (low, high))| {
+                let stale = stored.get(&partition).copied().filter(|next| *next > high);
+                if let Some(next_offset) = stale {
+                    warn!(
+                        partition,
+                        next_offset,
+                        end = high,
+                        "the offset stored for this partition is past its end (the topic was \
+                         created again?); it is read from its beginning"
+                    );
+                }
+                (partition, End { low, high, stale })
+            })
+            .collect();
         Ok(ends)
     }
 }
