@@ -1586,6 +1586,62 @@ async fn records_with_huge_keys_are_dead_lettered_and_projection_goes_on(world: 
     assert_eq!(key_sizes(&letters[2..]), key_sizes(&letters[..2]));
 }
 
+/// A letter whose original is gone, and that names no key to check it by (its key was left
+/// out too), is skipped as gone, like the letters checked against the topic, instead of
+/// stopping every replay at it for good.
+#[tokio::test]
+async fn a_letter_whose_original_is_gone_is_skipped_and_the_replay_goes_on() {
+    let world = World::sqlite().await;
+    world.add_book("Fine", "1.00", None).await;
+    world.relay_once().await;
+    let topics = world.kafka.topics();
+    // As the projector writes a letter for a record too large to carry: key and value left
+    // out, to be read back from where it is. The record there (the fact, or none) does not
+    // have a 5-byte key.
+    let headers = [
+        (dlq::REASON, "undecodable value: written by hand"),
+        (dlq::ORIGIN_TOPIC, topics.book_fact.as_str()),
+        (dlq::ORIGIN_PARTITION, "0"),
+        (dlq::ORIGIN_OFFSET, "0"),
+        (dlq::LEFT_OUT, "999900"),
+        (dlq::KEY_LEFT_OUT, "5"),
+    ]
+    .into_iter()
+    .fold(OwnedHeaders::new(), |headers, (key, value)| {
+        headers.insert(Header {
+            key,
+            value: Some(value),
+        })
+    });
+    world
+        .kafka
+        .producer()
+        .unwrap()
+        .send(
+            FutureRecord::<str, [u8]>::to(&topics.book_fact_dlq).headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+    // Behind it, a letter the replay can send back.
+    produce_raw(&world, &bad_records()[..1]).await;
+    assert_eq!(world.project(&common::unique("gone")).await.dead_letters, 1);
+
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("replayed 1 dead letter(s)"), "{stdout}");
+    assert!(
+        stdout.contains("skipped 1 dead letter(s) whose original"),
+        "{stdout}"
+    );
+    let output = world.run_bookstore(&["dlq", "replay"]).await;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("replayed 0 dead letter(s)"), "{stdout}");
+    world.finish().await;
+}
+
 async fn dlq_replay_sends_each_dead_letter_back_once(world: &World) {
     world.add_book("Fine", "1.00", None).await;
     world.relay_once().await;

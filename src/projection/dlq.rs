@@ -364,7 +364,8 @@ pub struct ReplayReport {
     pub superseded: u64,
     /// Letters not sent back because neither their original nor any later record of its key
     /// is on the topic any more: compaction removed it with the tombstone that followed it (or
-    /// records were deleted by hand).
+    /// records were deleted by hand). Also a letter that holds only where its original is,
+    /// when the original is not there any more.
     pub gone: u64,
     /// Records of a replayed letter's key that arrived on its partition during the replay
     /// (the relay publishing meanwhile) and were sent again after the letter, so that the
@@ -492,10 +493,21 @@ impl ReplayPlan {
                 .to_owned();
             let original;
             let message = match header(&letter, LEFT_OUT) {
-                Some(_) => {
-                    original = read_original(kafka, &letter, &target).await?;
-                    &original
-                }
+                Some(_) => match read_original(kafka, &letter, &target).await {
+                    Ok(found) => {
+                        original = found;
+                        &original
+                    }
+                    // Skipped like a letter checked against the topic and found gone: an
+                    // error would stop every later replay at this letter for good.
+                    Err(gone @ DlqError::OriginalGone { .. }) => {
+                        warn!(%gone, "skipping the dead letter");
+                        reader.commit_past(&letter).await?;
+                        report.gone += 1;
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                },
                 None => &letter,
             };
             let partition = match (verdict, &origin) {
