@@ -315,6 +315,27 @@ impl KafkaConfig {
     }
 }
 
+/// The context of a consumer that reads to the end of its partitions
+/// (`enable.partition.eof`): reaching the end is how it knows it has seen the last record, and
+/// librdkafka also reports it as a client error (as the consumer closes, say), which would
+/// otherwise be logged as one.
+pub(crate) struct QuietEof;
+
+impl rdkafka::ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if matches!(
+            error,
+            KafkaError::PartitionEOF(_)
+                | KafkaError::Global(rdkafka::types::RDKafkaErrorCode::PartitionEOF)
+        ) {
+            return;
+        }
+        tracing::error!(%error, reason, "Kafka client error");
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietEof {}
+
 /// `topic` in `metadata`, when the cluster knows it and it has partitions (a topic just
 /// created can show up without them for a moment, or with an error).
 pub(crate) fn existing_topic<'a>(metadata: &'a Metadata, topic: &str) -> Option<&'a MetadataTopic> {

@@ -40,7 +40,7 @@ use tracing::warn;
 
 use super::fact::{Rejection, header};
 use crate::config::KafkaConfig;
-use crate::kafka::{KafkaSetupError, partition_ids_in};
+use crate::kafka::{KafkaSetupError, QuietEof, partition_ids_in};
 
 /// Why the record could not be applied (a sentence).
 pub const REASON: &str = "bookstore_dlq_reason";
@@ -946,7 +946,7 @@ enum StartAt {
 ///
 /// [`next`]: QueueReader::next
 struct QueueReader {
-    consumer: Arc<StreamConsumer>,
+    consumer: Arc<StreamConsumer<QuietEof>>,
     topic: String,
     /// Per partition not read to the end yet: the end offset measured when opened.
     remaining: HashMap<i32, i64>,
@@ -973,8 +973,8 @@ impl QueueReader {
         };
         let mut config = kafka.consumer_config(group);
         config.set("enable.partition.eof", "true");
-        let consumer: StreamConsumer = config
-            .create()
+        let consumer: StreamConsumer<QuietEof> = config
+            .create_with_context(QuietEof)
             .map_err(|cause| kafka_error(&topic, cause))?;
         let consumer = Arc::new(consumer);
         let timeout = kafka.request_timeout();
@@ -1079,9 +1079,11 @@ fn reader_at(
     mut config: rdkafka::ClientConfig,
     topic: &str,
     starts: impl IntoIterator<Item = (i32, i64)>,
-) -> Result<BaseConsumer, DlqError> {
+) -> Result<BaseConsumer<QuietEof>, DlqError> {
     config.set("enable.partition.eof", "true");
-    let consumer: BaseConsumer = config.create().map_err(|cause| kafka_error(topic, cause))?;
+    let consumer: BaseConsumer<QuietEof> = config
+        .create_with_context(QuietEof)
+        .map_err(|cause| kafka_error(topic, cause))?;
     let mut assignment = TopicPartitionList::new();
     for (partition, offset) in starts {
         assignment
@@ -1109,7 +1111,7 @@ type Placement = (HashMap<i32, i64>, Vec<(i32, Offset)>);
 
 /// The end offset of every partition, and where to start reading each (blocking calls).
 fn measure_and_place(
-    consumer: &StreamConsumer,
+    consumer: &StreamConsumer<QuietEof>,
     topic: &str,
     partitions: &[i32],
     start: StartAt,

@@ -10,12 +10,12 @@
 use std::time::{Duration, Instant};
 
 use rdkafka::ClientConfig;
-use rdkafka::ClientContext;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
 use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::config::KafkaConfig;
+use crate::kafka::QuietEof;
 
 /// The value of a checkpoint record for `position`.
 pub fn checkpoint_value(position: u64) -> String {
@@ -153,24 +153,6 @@ fn wait_for_open_transactions(
         std::thread::sleep(Duration::from_millis(200));
     }
 }
-
-/// The end of the partition is how the reader knows it has seen the last record; librdkafka
-/// also reports it as a client error, which would otherwise be logged as one.
-struct QuietEof;
-
-impl ClientContext for QuietEof {
-    fn error(&self, error: KafkaError, reason: &str) {
-        if matches!(
-            error,
-            KafkaError::PartitionEOF(_) | KafkaError::Global(RDKafkaErrorCode::PartitionEOF)
-        ) {
-            return;
-        }
-        tracing::error!(%error, reason, "Kafka client error while reading the checkpoint");
-    }
-}
-
-impl ConsumerContext for QuietEof {}
 
 fn read_last(
     consumer: &BaseConsumer<QuietEof>,
