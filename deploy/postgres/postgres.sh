@@ -117,6 +117,11 @@ start() {
   if [[ -z "$BIN" ]]; then
     install_pg
     BIN="$(find_bin)" || die "no PostgreSQL server binaries under /usr/lib/postgresql/*/bin after install"
+    # Chosen again now that the postgres user exists: chosen without it, the folder would
+    # differ from the one every later run (and so `stop`) picks.
+    PG_ROOT="$(pick_root)"
+    DATA="$PG_ROOT/data"
+    LOG="$PG_ROOT/postgres.log"
   fi
   if ours_running; then
     say "already running (data $DATA, port $PORT)"
