@@ -1051,6 +1051,70 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
     schema.drop().await;
 }
 
+/// A save given up while its `BEGIN` is on its way (a client that went away, a timeout) leaves
+/// no transaction open on the connection it gives back: the next statements on that connection
+/// commit as usual. (sqlx 0.9.0 returned it inside the transaction, so they never did.)
+#[tokio::test]
+async fn a_postgres_save_given_up_during_its_begin_leaves_no_transaction_behind() {
+    let database = PgDatabase::create("").await;
+    let direct = database.options();
+    let proxy = common::freezing_proxy::FreezingProxy::start((
+        direct.get_host().to_owned(),
+        direct.get_port(),
+    ))
+    .await;
+    // One connection, lent without a ping: the save's BEGIN is the first thing it sends.
+    let through_proxy = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .connect_with(direct.clone().host("127.0.0.1").port(proxy.port))
+        .await
+        .unwrap();
+    let store = PostgresStore::with_pool(through_proxy.clone())
+        .await
+        .unwrap();
+    // Back in the pool (the migrations' connection is checked on its way back), so that the
+    // save is not held waiting for it.
+    while through_proxy.num_idle() < 1 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    proxy.hold();
+    let save = store.save(added(&new_book("Given up", "1.00")));
+    let given_up = tokio::time::timeout(Duration::from_millis(300), save).await;
+    assert!(
+        given_up.is_err(),
+        "the save finished while held: {given_up:?}"
+    );
+    proxy.release();
+
+    assert!(
+        store
+            .try_acquire_lease("given-up", "relay-a", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    let observer = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(direct)
+        .await
+        .unwrap();
+    let holders: Vec<String> =
+        sqlx::query_scalar("SELECT holder FROM relay_lease WHERE name = 'given-up'")
+            .fetch_all(&observer)
+            .await
+            .unwrap();
+    assert_eq!(holders, ["relay-a"], "the lease was not committed");
+    assert_eq!(
+        store.head_position().await.unwrap(),
+        0,
+        "the save was given up"
+    );
+    observer.close().await;
+    drop(store);
+    database.drop().await;
+}
+
 /// A listening session whose connection dies without a word (a NAT gateway that forgot it, a
 /// failover that moved the address) is not listened to for good: once silent for the check's
 /// time it must answer a query, and when it does not, the relay is woken and a new session

@@ -1,4 +1,5 @@
-//! A TCP proxy that can make its connections die without a word, for the code that must notice.
+//! A TCP proxy that can make its connections die without a word, or slow, for the code that
+//! must notice.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +17,9 @@ use tokio::task::JoinSet;
 pub struct FreezingProxy {
     pub port: u16,
     frozen: Arc<Mutex<Vec<Arc<AtomicBool>>>>,
+    /// While set, every connection holds what it reads (a slow network), and passes it on
+    /// once cleared.
+    held: Arc<AtomicBool>,
     tasks: JoinSet<()>,
 }
 
@@ -25,6 +29,8 @@ impl FreezingProxy {
         let port = listener.local_addr().unwrap().port();
         let frozen = Arc::new(Mutex::new(Vec::<Arc<AtomicBool>>::new()));
         let connections = frozen.clone();
+        let held = Arc::new(AtomicBool::new(false));
+        let holding = held.clone();
         let mut tasks = JoinSet::new();
         tasks.spawn(async move {
             let mut pumps = JoinSet::new();
@@ -36,13 +42,19 @@ impl FreezingProxy {
                 connections.lock().unwrap().push(flag.clone());
                 let (client_reads, client_writes) = client.into_split();
                 let (server_reads, server_writes) = server.into_split();
-                pumps.spawn(pump(client_reads, server_writes, flag.clone()));
-                pumps.spawn(pump(server_reads, client_writes, flag));
+                pumps.spawn(pump(
+                    client_reads,
+                    server_writes,
+                    flag.clone(),
+                    holding.clone(),
+                ));
+                pumps.spawn(pump(server_reads, client_writes, flag, holding.clone()));
             }
         });
         Self {
             port,
             frozen,
+            held,
             tasks,
         }
     }
@@ -68,6 +80,16 @@ impl FreezingProxy {
             flag.store(true, Ordering::SeqCst);
         }
     }
+
+    /// Holds back every byte, either way, until [`release`](Self::release).
+    pub fn hold(&self) {
+        self.held.store(true, Ordering::SeqCst);
+    }
+
+    /// Passes on what was held, and everything after it.
+    pub fn release(&self) {
+        self.held.store(false, Ordering::SeqCst);
+    }
 }
 
 impl Drop for FreezingProxy {
@@ -76,15 +98,23 @@ impl Drop for FreezingProxy {
     }
 }
 
-/// Copies `from` to `to` until either ends; once `frozen`, swallows what it reads and holds
-/// both open.
-async fn pump(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, frozen: Arc<AtomicBool>) {
+/// Copies `from` to `to` until either ends; while `held`, waits before passing on what it
+/// read; once `frozen`, swallows what it reads and holds both open.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    frozen: Arc<AtomicBool>,
+    held: Arc<AtomicBool>,
+) {
     let mut buffer = vec![0; 16 * 1024];
     loop {
         let read = match from.read(&mut buffer).await {
             Ok(0) | Err(_) => return,
             Ok(read) => read,
         };
+        while held.load(Ordering::SeqCst) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
         if frozen.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
