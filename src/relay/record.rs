@@ -65,7 +65,9 @@ impl RecordMapper {
             return None;
         }
         let event_type = &event.metadata.event_type;
-        let written = event.schema_fingerprint?;
+        // As `records` reads it: an event saved before fingerprints were recorded was written
+        // with the schema its type had then.
+        let written = contract::writer_fingerprint(event_type, event.schema_fingerprint)?;
         let contract = contract::contract(event_type)?;
         if written == contract.fingerprint() || self.other_versions.contains_key(&written) {
             return None;
