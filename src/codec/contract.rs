@@ -32,6 +32,18 @@ const SCHEMA_FILES: [&str; 5] = [
     include_str!("../../schemas/BookFactEvent.avsc"),
 ];
 
+/// Every version of every record ever published (`schemas/history/`, one entry per file). A
+/// single-object frame names its writer schema by fingerprint alone, so a reader must know them
+/// all (docs/contracts.md): records written by an earlier or later version of this service sit
+/// on the same topics. `tests/codec_contract.rs` fails while a file of the folder is missing.
+pub const PUBLISHED_SCHEMAS: [&str; 5] = [
+    include_str!("../../schemas/history/BookAdded/v1.avsc"),
+    include_str!("../../schemas/history/BookPriceUpdated/v1.avsc"),
+    include_str!("../../schemas/history/BookDetailsUpdated/v1.avsc"),
+    include_str!("../../schemas/history/BookRemoved/v1.avsc"),
+    include_str!("../../schemas/history/BookFactEvent/v1.avsc"),
+];
+
 /// The schema of each event type when the outbox began recording which schema wrote each
 /// event (`StoredEvent::schema_fingerprint`). Every version before saved its events with these,
 /// so an event saved without a fingerprint was written with its type's entry here. They

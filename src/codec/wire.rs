@@ -10,6 +10,7 @@
 //! to the other without a flag day.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 
 use apache_avro::Schema;
 
@@ -171,7 +172,9 @@ fn unknown_magic(bytes: &[u8]) -> CodecError {
 
 /// Decodes framed Kafka values into events.
 ///
-/// Single-object frames are looked up in the contracts' fingerprints. Confluent frames are
+/// Single-object frames are looked up in the fingerprints of the contracts and of every other
+/// published version (`schemas/history/`, and any added with
+/// [`FramedDecoder::add_published_version`]). Confluent frames are
 /// looked up in the registry ids this decoder was given: our own (from
 /// [`RegisteredSchemas`]) and any writer schema added later with
 /// [`FramedDecoder::add_writer_schema`] — typically after a [`CodecError::UnknownSchemaId`],
@@ -181,7 +184,21 @@ fn unknown_magic(bytes: &[u8]) -> CodecError {
 pub struct FramedDecoder {
     codec: AvroCodec,
     by_id: HashMap<u32, WriterSchema>,
+    /// Published versions of our records other than this build's, for single-object frames.
+    by_fingerprint: HashMap<u64, WriterSchema>,
 }
+
+/// The published versions (`schemas/history/`) other than this build's schemas, parsed once.
+static OTHER_PUBLISHED_VERSIONS: LazyLock<HashMap<u64, WriterSchema>> = LazyLock::new(|| {
+    contract::PUBLISHED_SCHEMAS
+        .iter()
+        .map(|json| {
+            // Part of the build, and checked by tests/codec_contract.rs: never bad input.
+            writer_schema(json).unwrap_or_else(|error| panic!("a published schema: {error}"))
+        })
+        .filter(|(_, writer)| matches!(writer, WriterSchema::Other { .. }))
+        .collect()
+});
 
 #[derive(Debug, Clone)]
 enum WriterSchema {
@@ -201,6 +218,7 @@ impl FramedDecoder {
         Self {
             codec,
             by_id: HashMap::new(),
+            by_fingerprint: OTHER_PUBLISHED_VERSIONS.clone(),
         }
     }
 
@@ -212,7 +230,10 @@ impl FramedDecoder {
                 contract::contract(event_type).map(|contract| (id, WriterSchema::Ours(contract)))
             })
             .collect();
-        Self { codec, by_id }
+        Self {
+            by_id,
+            ..Self::new(codec)
+        }
     }
 
     /// Teaches the decoder the writer schema a registry has under `schema_id`. It must be a
@@ -224,51 +245,90 @@ impl FramedDecoder {
         schema_id: u32,
         schema_json: &str,
     ) -> Result<&'static str, CodecError> {
-        let schema = Schema::parse_str(schema_json)
-            .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
-        if let Some(reason) = super::writer_schema::refusal(&schema) {
-            return Err(CodecError::WriterSchema(reason));
-        }
-        let full_name = match &schema {
-            Schema::Record(record) => record.name.fullname(None),
-            _ => return Err(CodecError::WriterSchema("not a record schema".into())),
-        };
-        let contract = contract::contract_for_full_name(&full_name).ok_or_else(|| {
-            CodecError::WriterSchema(format!("{full_name} is none of our event types"))
-        })?;
-        let fingerprint = super::fingerprint::schema_fingerprint(schema_json)
-            .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
-        let writer = if fingerprint == contract.fingerprint() {
-            WriterSchema::Ours(contract)
-        } else {
-            WriterSchema::Other {
-                event_type: contract.event_type(),
-                schema: Box::new(schema),
-            }
-        };
+        let (_, writer) = writer_schema(schema_json)?;
+        let event_type = writer.event_type();
         self.by_id.insert(schema_id, writer);
-        Ok(contract.event_type())
+        Ok(event_type)
+    }
+
+    /// Teaches the decoder another version of one of our records for single-object frames
+    /// (which name it by fingerprint), under the same checks as
+    /// [`add_writer_schema`](Self::add_writer_schema); the versions of `schemas/history/` are
+    /// known already. Returns that record's event type.
+    pub fn add_published_version(&mut self, schema_json: &str) -> Result<&'static str, CodecError> {
+        let (fingerprint, writer) = writer_schema(schema_json)?;
+        let event_type = writer.event_type();
+        self.by_fingerprint.insert(fingerprint, writer);
+        Ok(event_type)
     }
 
     /// The event in a framed value.
     pub fn decode(&self, value: &[u8]) -> Result<EventPayload, CodecError> {
         match parse_frame(value)? {
             Frame::SingleObject { fingerprint, datum } => {
-                let event_type = self
-                    .codec
-                    .event_type_for_fingerprint(fingerprint)
-                    .ok_or(CodecError::UnknownFingerprint(fingerprint))?;
-                self.codec.decode(event_type, datum)
+                match self.codec.event_type_for_fingerprint(fingerprint) {
+                    Some(event_type) => self.codec.decode(event_type, datum),
+                    None => match self.by_fingerprint.get(&fingerprint) {
+                        Some(writer) => self.decode_written_with(writer, datum),
+                        None => Err(CodecError::UnknownFingerprint(fingerprint)),
+                    },
+                }
             }
             Frame::Confluent { schema_id, datum } => match self.by_id.get(&schema_id) {
+                Some(writer) => self.decode_written_with(writer, datum),
                 None => Err(CodecError::UnknownSchemaId(schema_id)),
-                Some(WriterSchema::Ours(contract)) => {
-                    self.codec.decode(contract.event_type(), datum)
-                }
-                Some(WriterSchema::Other { event_type, schema }) => self
-                    .codec
-                    .decode_with_writer_schema(event_type, schema, datum),
             },
+        }
+    }
+
+    fn decode_written_with(
+        &self,
+        writer: &WriterSchema,
+        datum: &[u8],
+    ) -> Result<EventPayload, CodecError> {
+        match writer {
+            WriterSchema::Ours(contract) => self.codec.decode(contract.event_type(), datum),
+            WriterSchema::Other { event_type, schema } => self
+                .codec
+                .decode_with_writer_schema(event_type, schema, datum),
+        }
+    }
+}
+
+/// A writer schema of one of our records, with its fingerprint: the record's contract when it
+/// is the same schema, else the schema itself. It must be a version of one of our records (same
+/// full name) that passes [`writer_schema::refusal`](super::writer_schema::refusal).
+fn writer_schema(schema_json: &str) -> Result<(u64, WriterSchema), CodecError> {
+    let schema = Schema::parse_str(schema_json)
+        .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
+    if let Some(reason) = super::writer_schema::refusal(&schema) {
+        return Err(CodecError::WriterSchema(reason));
+    }
+    let full_name = match &schema {
+        Schema::Record(record) => record.name.fullname(None),
+        _ => return Err(CodecError::WriterSchema("not a record schema".into())),
+    };
+    let contract = contract::contract_for_full_name(&full_name).ok_or_else(|| {
+        CodecError::WriterSchema(format!("{full_name} is none of our event types"))
+    })?;
+    let fingerprint = super::fingerprint::schema_fingerprint(schema_json)
+        .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
+    let writer = if fingerprint == contract.fingerprint() {
+        WriterSchema::Ours(contract)
+    } else {
+        WriterSchema::Other {
+            event_type: contract.event_type(),
+            schema: Box::new(schema),
+        }
+    };
+    Ok((fingerprint, writer))
+}
+
+impl WriterSchema {
+    fn event_type(&self) -> &'static str {
+        match self {
+            WriterSchema::Ours(contract) => contract.event_type(),
+            WriterSchema::Other { event_type, .. } => event_type,
         }
     }
 }
