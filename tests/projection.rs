@@ -369,16 +369,7 @@ async fn an_offset_stored_past_the_end_of_the_topic_is_not_taken_for_caught_up()
         .await
         .unwrap();
 
-    let projector = kafka_projector(world.store.clone(), &world.kafka, config)
-        .await
-        .unwrap();
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        projector.run(ProjectionMode::UntilCaughtUp, Shutdown::never()),
-    )
-    .await
-    .expect("the projector did not catch up in time")
-    .unwrap();
+    let report = world.project_configured(&world.kafka, config).await;
     assert!(report.caught_up, "{report:?}");
     assert_eq!(report.applied_facts, history.fact_records());
     world.assert_report_equals_store().await;
@@ -394,16 +385,7 @@ async fn a_projector_that_waits_for_nothing_still_polls_and_catches_up() {
     world.relay_once().await;
     let mut config = World::projection_config(&common::unique("no-wait"));
     config.batch_wait = Duration::ZERO;
-    let projector = kafka_projector(world.store.clone(), &world.kafka, config)
-        .await
-        .unwrap();
-    let report = tokio::time::timeout(
-        Duration::from_secs(60),
-        projector.run(ProjectionMode::UntilCaughtUp, Shutdown::never()),
-    )
-    .await
-    .expect("the projector did not catch up in time")
-    .unwrap();
+    let report = world.project_configured(&world.kafka, config).await;
     assert!(report.caught_up, "{report:?}");
     assert_eq!(report.applied_facts, history.fact_records());
     world.assert_report_equals_store().await;

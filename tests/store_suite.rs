@@ -1058,16 +1058,12 @@ async fn postgres_commit_signal_listens_again_after_its_session_died() {
 async fn a_postgres_save_given_up_during_its_begin_leaves_no_transaction_behind() {
     let database = PgDatabase::create("").await;
     let direct = database.options();
-    let proxy = common::freezing_proxy::FreezingProxy::start((
-        direct.get_host().to_owned(),
-        direct.get_port(),
-    ))
-    .await;
+    let (proxy, proxied) = common::freezing_proxy::FreezingProxy::in_front_of(direct.clone()).await;
     // One connection, lent without a ping: the save's BEGIN is the first thing it sends.
     let through_proxy = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .test_before_acquire(false)
-        .connect_with(direct.clone().host("127.0.0.1").port(proxy.port))
+        .connect_with(proxied)
         .await
         .unwrap();
     let store = PostgresStore::with_pool(through_proxy.clone())
@@ -1125,21 +1121,11 @@ async fn a_postgres_save_given_up_during_its_begin_leaves_no_transaction_behind(
 async fn postgres_commit_signal_replaces_a_session_that_stopped_answering() {
     let database = PgDatabase::create("").await;
     let direct = database.options();
-    let proxy = common::freezing_proxy::FreezingProxy::start((
-        direct.get_host().to_owned(),
-        direct.get_port(),
-    ))
-    .await;
+    let (proxy, proxied) = common::freezing_proxy::FreezingProxy::in_front_of(direct.clone()).await;
     let application = common::unique("listener");
     let through_proxy = sqlx::postgres::PgPoolOptions::new()
         .max_connections(3)
-        .connect_with(
-            direct
-                .clone()
-                .host("127.0.0.1")
-                .port(proxy.port)
-                .application_name(&application),
-        )
+        .connect_with(proxied.application_name(&application))
         .await
         .unwrap();
     let check = ListenerCheck {

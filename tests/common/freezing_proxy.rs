@@ -64,14 +64,21 @@ impl FreezingProxy {
     /// before lending it, so that a frozen one is used, as one that died after its ping would
     /// be.
     pub async fn before_postgres(options: PgConnectOptions) -> (Self, PgPool) {
-        let proxy = Self::start((options.get_host().to_owned(), options.get_port())).await;
+        let (proxy, through_proxy) = Self::in_front_of(options).await;
         let pool = PgPoolOptions::new()
             .max_connections(8)
             .test_before_acquire(false)
-            .connect_with(options.host("127.0.0.1").port(proxy.port))
+            .connect_with(through_proxy)
             .await
             .unwrap();
         (proxy, pool)
+    }
+
+    /// A proxy in front of the PostgreSQL server of `options`, and the same options through it.
+    pub async fn in_front_of(options: PgConnectOptions) -> (Self, PgConnectOptions) {
+        let proxy = Self::start((options.get_host().to_owned(), options.get_port())).await;
+        let through_proxy = options.host("127.0.0.1").port(proxy.port);
+        (proxy, through_proxy)
     }
 
     /// Freezes every connection open now.

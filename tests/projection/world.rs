@@ -244,7 +244,17 @@ impl World {
     }
 
     pub async fn project_with(&self, kafka: &KafkaConfig, group: &str) -> ProjectionReport {
-        let projector = kafka_projector(self.store.clone(), kafka, Self::projection_config(group))
+        self.project_configured(kafka, Self::projection_config(group))
+            .await
+    }
+
+    /// Runs a projector of `config` until it has caught up.
+    pub async fn project_configured(
+        &self,
+        kafka: &KafkaConfig,
+        config: ProjectionConfig,
+    ) -> ProjectionReport {
+        let projector = kafka_projector(self.store.clone(), kafka, config)
             .await
             .expect("projector setup");
         tokio::time::timeout(
