@@ -408,6 +408,20 @@ fn the_database_password_is_never_shown() {
         "{error}"
     );
     assert!(!error.contains("hunter2"), "{error}");
+    // Nor where the scheme is mistyped, or not a database this program knows.
+    for url in [
+        "postgress://bookstore:hunter2@db/x",
+        "mysql://bookstore:hunter2@db/x",
+    ] {
+        let cli = Cli {
+            database_url: url.into(),
+            topic_prefix: common::unique("cli"),
+            _dir: None,
+        };
+        let error = cli.fails(&["books", "list"]);
+        assert!(error.contains("unsupported database URL scheme"), "{error}");
+        assert!(!error.contains("hunter2"), "{error}");
+    }
     let help = cli.ok(&["books", "--help"]);
     assert!(help.contains("BOOKSTORE_DATABASE_URL"), "{help}");
     assert!(!help.contains("hunter2"), "{help}");

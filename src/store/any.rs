@@ -30,7 +30,12 @@ impl AnyStore {
         match backend_of(url) {
             Some(Backend::Postgres) => Ok(AnyStore::Postgres(PostgresStore::connect(url).await?)),
             Some(Backend::Sqlite) => Ok(AnyStore::Sqlite(SqliteStore::connect(url).await?)),
-            None => Err(StoreError::UnsupportedUrl(url.to_owned())),
+            // The scheme alone: the rest may hold a password.
+            None => Err(StoreError::UnsupportedUrl(
+                url.split_once(':')
+                    .map_or(url, |(scheme, _)| scheme)
+                    .to_owned(),
+            )),
         }
     }
 }

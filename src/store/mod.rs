@@ -87,7 +87,10 @@ pub enum StoreError {
     /// again fails the same way.
     #[error("the database refused the change: {}", database_message(.0))]
     Rejected(sqlx::Error),
-    #[error("unsupported database URL {0:?}: expected sqlite:… , a file path, or postgres://…")]
+    /// The scheme of the URL, never the rest, which may hold a password.
+    #[error(
+        "unsupported database URL scheme {0:?}: expected sqlite:… , a file path, or postgres://…"
+    )]
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
