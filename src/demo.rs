@@ -439,7 +439,14 @@ pub async fn feed_demo_data<S: Outbox>(
                 price: list_price,
                 description: None,
             });
-            match service.execute(add, CommandContext::default()).await {
+            // Raced with shutdown, as every wait of the parts of `bookstore up` is bounded: a
+            // database that stopped answering would otherwise hold the exit for as long as TCP
+            // takes to give up. A save dropped here rolls back, like any other.
+            let added = tokio::select! {
+                _ = shutdown.wait() => return,
+                added = service.execute(add, CommandContext::default()) => added,
+            };
+            match added {
                 // "Already exists": an earlier attempt committed after all.
                 Ok(_) | Err(ServiceError::Domain(DomainError::AlreadyExists(_))) => {
                     books.push((book_id, list_price));
@@ -463,7 +470,11 @@ pub async fn feed_demo_data<S: Outbox>(
             book_id,
             price: Price::from_cents(cents).expect("a positive price"),
         };
-        match service.execute(command, CommandContext::default()).await {
+        let changed = tokio::select! {
+            _ = shutdown.wait() => return,
+            changed = service.execute(command, CommandContext::default()) => changed,
+        };
+        match changed {
             Ok(_) => {}
             Err(ServiceError::Domain(DomainError::Removed(_) | DomainError::NotFound(_))) => {
                 info!(%book_id, "demo data: the book was removed; no longer changing its price");

@@ -315,3 +315,44 @@ async fn demo_data_goes_on_when_its_books_are_removed() {
         .expect("the feed stops at shutdown")
         .unwrap();
 }
+
+/// `bookstore up` waits for every part when it stops, the demo feed among them: a feed inside a
+/// save on a database that stopped answering (its connections died without a word) must still
+/// stop at once, not when TCP gives up.
+#[tokio::test]
+async fn demo_data_stops_on_shutdown_while_the_database_does_not_answer() {
+    use bookstore::codec::AvroCodec;
+    use bookstore::demo::{DemoPace, feed_demo_data};
+    use bookstore::service::BookService;
+    use bookstore::shutdown::ShutdownTrigger;
+    use bookstore::store::{EventStore, PostgresStore};
+    use std::str::FromStr;
+
+    let (_, url) = common::postgres_store_with_url().await;
+    let options = sqlx::postgres::PgConnectOptions::from_str(&url).unwrap();
+    let (proxy, pool) = common::freezing_proxy::FreezingProxy::before_postgres(options).await;
+    let store = PostgresStore::with_pool(pool).await.unwrap();
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    let pace = DemoPace {
+        add_every: Duration::from_millis(1),
+        change_every: Duration::from_millis(1),
+    };
+    let feed = tokio::spawn({
+        let service = BookService::new(store.clone(), AvroCodec::new());
+        async move { feed_demo_data(&service, pace, shutdown).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while store.list_books().await.unwrap().len() < 2 {
+        assert!(Instant::now() < deadline, "the demo added no books");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    proxy.freeze();
+    // Long enough for the feed to be inside a save on a frozen connection.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    trigger.trigger();
+    tokio::time::timeout(Duration::from_secs(5), feed)
+        .await
+        .expect("the demo feed did not stop")
+        .unwrap();
+}
