@@ -134,6 +134,14 @@ pub async fn publish_through<S: Outbox + Clone + 'static>(
     };
     stop.trigger();
     match running.await {
+        // Published through `position` by the time it ended, though the store's copy of the
+        // position (written after each Kafka commit) had not shown it when last read.
+        Ok(Ok(report))
+            if report.last_position >= position
+                && !matches!(outcome, Err(DemoError::Interrupted(_))) =>
+        {
+            Ok(())
+        }
         Ok(Ok(_)) => outcome,
         Ok(Err(error)) => Err(DemoError::Relay(error.to_string())),
         Err(join) => Err(DemoError::Relay(join.to_string())),
@@ -228,7 +236,7 @@ pub async fn run_scenario<S: Outbox + ReportStore + Clone + 'static>(
 }
 
 /// The records of `key` on `topic`, read from the beginning as `read_committed`, until `count`
-/// were found or the end of every partition was reached.
+/// were found, or for at most the stage timeout (60 s) when fewer are there.
 pub async fn records_of(
     kafka: &KafkaConfig,
     topic: &str,
