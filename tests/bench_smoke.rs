@@ -107,6 +107,25 @@ async fn bench_json_has_every_figure_and_positive_finite_ratios() {
             assert!(figures.contains_key(&key), "figure {key} is missing");
         }
     }
+    // The headline keys are the first store's figures, as the table prints them.
+    assert_eq!(report["headline_store"], "sqlite");
+    for (key, figure, field) in [
+        (
+            "relay_vs_producer_ratio",
+            "sqlite_relay_exactly_once",
+            "ratio",
+        ),
+        ("projection_vs_consumer_ratio", "sqlite_projection", "ratio"),
+        ("commit_to_ack_p99_ms", "sqlite_commit_to_ack_p99", "value"),
+        (
+            "commit_to_report_p99_ms",
+            "sqlite_commit_to_report_p99",
+            "value",
+        ),
+        ("relay_backlog_rss_mib", "relay_backlog_rss", "value"),
+    ] {
+        assert_eq!(report[key], figures[figure][field], "{key} is not {figure}");
+    }
     // On SQLite the relay also runs in a process of its own, woken by the file watch.
     assert!(
         figures.contains_key("sqlite_relay_process_commit_to_ack_p99"),
