@@ -1396,14 +1396,30 @@ async fn sqlite_a_save_commits_while_a_large_prune_runs() {
         let store = store.clone().with_prune_chunk(5_000);
         async move { store.prune_published("relay", Duration::ZERO).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let events_left = || async {
+        let left: i64 = sqlx::query_scalar("SELECT count(*) FROM events WHERE position <= ?1")
+            .bind(EVENTS)
+            .fetch_one(other_process.pool())
+            .await
+            .unwrap();
+        left
+    };
+    // The run has begun: its first chunk is gone.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while events_left().await == EVENTS {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the prune never began"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
     let saved = other_process
         .save(added(&new_book("Meanwhile", "1.00")))
         .await
         .unwrap();
 
     assert!(
-        !prune.is_finished(),
+        events_left().await > 0,
         "the save waited for the whole retention run"
     );
     assert_eq!(prune.await.unwrap().unwrap(), EVENTS as u64);
