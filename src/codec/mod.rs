@@ -44,12 +44,15 @@ pub const EXCERPT_CHARS: usize = 48;
 
 /// The start of `text`, for an error about it.
 pub fn excerpt(text: &str) -> String {
-    let mut chars = text.chars();
-    let mut start: String = chars.by_ref().take(EXCERPT_CHARS).collect();
-    if chars.next().is_some() {
-        start.push('…');
+    cut_to(text, EXCERPT_CHARS)
+}
+
+/// `text` up to `max_chars` characters, with `…` where it was cut.
+pub fn cut_to(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
     }
-    start
 }
 
 /// The first bytes of `bytes` in hexadecimal, and their count when there are more.

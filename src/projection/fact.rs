@@ -19,7 +19,9 @@ use rdkafka::message::Headers;
 
 use super::{ReportChange, Versioned};
 use crate::codec::headers as h;
-use crate::codec::{AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError, excerpt};
+use crate::codec::{
+    AvroCodec, CodecError, FramedDecoder, RegistryClient, RegistryError, cut_to, excerpt,
+};
 use crate::domain::{BookFactEvent, BookId, EventPayload, ValidationError, validate_details};
 
 /// Why a record cannot be applied; the text becomes its `bookstore_dlq_reason` header.
@@ -390,12 +392,7 @@ const UNDECODABLE_CHARS: usize = 300;
 /// The codec's error, bounded: what it quotes of the record is an excerpt already, but an
 /// error worded by apache-avro (a value under another writer schema) may quote more.
 fn undecodable(error: CodecError) -> Rejection {
-    let mut reason = error.to_string();
-    if let Some((cut, _)) = reason.char_indices().nth(UNDECODABLE_CHARS) {
-        reason.truncate(cut);
-        reason.push('…');
-    }
-    Rejection::Undecodable(reason)
+    Rejection::Undecodable(cut_to(&error.to_string(), UNDECODABLE_CHARS))
 }
 
 /// When the change happened: the CloudEvents time the relay writes, else the record's
