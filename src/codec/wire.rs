@@ -311,6 +311,10 @@ fn writer_schema(schema_json: &str) -> Result<(u64, WriterSchema), CodecError> {
     let contract = contract::contract_for_full_name(&full_name).ok_or_else(|| {
         CodecError::WriterSchema(format!("{full_name} is none of our event types"))
     })?;
+    // Checked whatever the fingerprint: it ignores logical types, so ours does not tell.
+    if let Some(reason) = super::writer_schema::meaning_mismatch(&schema, contract.schema()) {
+        return Err(CodecError::WriterSchema(reason));
+    }
     let fingerprint = super::fingerprint::schema_fingerprint(schema_json)
         .map_err(|error| CodecError::WriterSchema(error.to_string()))?;
     let writer = if fingerprint == contract.fingerprint() {
@@ -394,5 +398,22 @@ mod tests {
             decoder.decode(&[0, 0, 0, 0, 7, 0]),
             Err(CodecError::UnknownSchemaId(7))
         ));
+    }
+
+    /// Our fingerprint, another scale: taken for ours, its prices were read 100 times too
+    /// high (12.9900 as 1299.00).
+    #[test]
+    fn a_fact_schema_with_our_fingerprint_but_another_price_scale_is_refused() {
+        let ours = include_str!("../../schemas/BookFactEvent.avsc");
+        let scale_four = ours.replace("\"scale\": 2", "\"scale\": 4");
+        assert_eq!(
+            super::super::fingerprint::schema_fingerprint(&scale_four).unwrap(),
+            super::super::fingerprint::schema_fingerprint(ours).unwrap(),
+            "the fingerprint leaves logical types out"
+        );
+        let mut decoder = FramedDecoder::new(AvroCodec::new());
+        let error = decoder.add_writer_schema(7, &scale_four).unwrap_err();
+        assert!(error.to_string().contains("price"), "{error}");
+        assert_eq!(decoder.add_writer_schema(8, ours).unwrap(), "BookFactEvent");
     }
 }

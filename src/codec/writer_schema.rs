@@ -20,9 +20,10 @@
 //! record written under it is a bad record (the projection dead-letters it). apache-avro has no
 //! option for any of them, which is why this walk is written here.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 
 use apache_avro::Schema;
+use apache_avro::schema::SchemaKind;
 use apache_avro::schema::{FixedSchema, InnerDecimalSchema, UuidSchema};
 
 use super::avro::MAX_DECODE_ALLOCATION_BYTES;
@@ -30,6 +31,72 @@ use super::avro::MAX_DECODE_ALLOCATION_BYTES;
 /// Why a writer schema is refused.
 pub fn refusal(schema: &Schema) -> Option<String> {
     Walk::default().schema(schema).err()
+}
+
+/// Why a writer schema of one of our records would be read with another meaning than our
+/// contract's: a field both have (by name or by one of our field's aliases) whose values are
+/// numbers of another kind.
+///
+/// Avro's resolution and its fingerprint both ignore logical types: a price written as a
+/// decimal of scale 4 has our fingerprint and would be read as a decimal of scale 2 (12.9900
+/// as 1299.00), a price written as a string would be resolved byte for byte into a decimal of
+/// 2 billion, a version written as a timestamp would be read as a version in the trillions.
+/// None of them is an error to apache-avro, and a registry's compatibility check lets them
+/// through, so they are refused here and the records written under them are bad records. A
+/// plain string where we have a `uuid` is not refused: the text is checked as a UUID anyway.
+pub fn meaning_mismatch(writer: &Schema, reader: &Schema) -> Option<String> {
+    let (Schema::Record(writer), Schema::Record(reader)) = (writer, reader) else {
+        return None;
+    };
+    reader.fields.iter().find_map(|ours| {
+        let theirs = writer
+            .fields
+            .iter()
+            .find(|field| field.name == ours.name || ours.aliases.contains(&field.name))?;
+        let (written, read) = (meanings(&theirs.schema), meanings(&ours.schema));
+        (written != read).then(|| {
+            format!(
+                "field {} is written as {} where the contract has {}: its values would be read \
+                 as other numbers",
+                theirs.name,
+                describe(&written),
+                describe(&read)
+            )
+        })
+    })
+}
+
+/// What a value of `schema` means beyond its encoding, for each branch of a union (`null`
+/// left out): the logical type, a decimal's with its scale; `None` for a plain value.
+fn meanings(schema: &Schema) -> BTreeSet<Option<String>> {
+    let branches = match schema {
+        Schema::Union(union) => union.variants(),
+        other => std::slice::from_ref(other),
+    };
+    branches
+        .iter()
+        .filter(|branch| !matches!(branch, Schema::Null))
+        .map(|branch| match branch {
+            Schema::Decimal(decimal) => Some(format!("a decimal of scale {}", decimal.scale)),
+            Schema::Uuid(_) => None,
+            other if SchemaKind::from(other).is_primitive() => None,
+            Schema::Array(_)
+            | Schema::Map(_)
+            | Schema::Record(_)
+            | Schema::Enum(_)
+            | Schema::Fixed(_)
+            | Schema::Ref { .. } => None,
+            logical => Some(format!("{:?}", SchemaKind::from(logical))),
+        })
+        .collect()
+}
+
+fn describe(meanings: &BTreeSet<Option<String>>) -> String {
+    let names: Vec<&str> = meanings
+        .iter()
+        .map(|meaning| meaning.as_deref().unwrap_or("a plain value"))
+        .collect();
+    names.join(" or ")
 }
 
 /// A depth-first walk of a schema.
@@ -140,6 +207,78 @@ mod tests {
 
     fn parse(json: &str) -> Schema {
         Schema::parse_str(json).unwrap()
+    }
+
+    fn with_field(contract: &str, field: &str, from: &str, to: &str) -> Schema {
+        let json = crate::codec::contract::contracts()
+            .iter()
+            .find(|c| c.event_type() == contract)
+            .unwrap()
+            .schema_json();
+        let field_start = json.find(&format!("\"name\": \"{field}\"")).unwrap();
+        let at = field_start + json[field_start..].find(from).unwrap();
+        parse(&format!("{}{to}{}", &json[..at], &json[at + from.len()..]))
+    }
+
+    fn contract_schema(event_type: &str) -> &'static Schema {
+        crate::codec::contract::contracts()
+            .iter()
+            .find(|c| c.event_type() == event_type)
+            .unwrap()
+            .schema()
+    }
+
+    #[test]
+    fn a_price_or_version_written_with_another_meaning_is_refused() {
+        let fact = contract_schema("BookFactEvent");
+        let scale_four = with_field("BookFactEvent", "price", "\"scale\": 2", "\"scale\": 4");
+        let reason = meaning_mismatch(&scale_four, fact).unwrap();
+        assert!(
+            reason.contains("price") && reason.contains("scale 4") && reason.contains("scale 2"),
+            "{reason}"
+        );
+        let as_text = with_field(
+            "BookFactEvent",
+            "price",
+            r#"{"type": "bytes", "logicalType": "decimal", "precision": 12, "scale": 2}"#,
+            r#""string""#,
+        );
+        assert!(meaning_mismatch(&as_text, fact).is_some());
+        let as_time = with_field(
+            "BookFactEvent",
+            "version",
+            r#""long""#,
+            r#"{"type": "long", "logicalType": "timestamp-millis"}"#,
+        );
+        let reason = meaning_mismatch(&as_time, fact).unwrap();
+        assert!(reason.contains("version"), "{reason}");
+    }
+
+    #[test]
+    fn the_same_meanings_under_another_spelling_pass() {
+        for contract in crate::codec::contract::contracts() {
+            assert_eq!(
+                meaning_mismatch(contract.schema(), contract.schema()),
+                None,
+                "{}",
+                contract.event_type()
+            );
+        }
+        let fact = contract_schema("BookFactEvent");
+        let wider = with_field(
+            "BookFactEvent",
+            "price",
+            "\"precision\": 12",
+            "\"precision\": 16",
+        );
+        assert_eq!(meaning_mismatch(&wider, fact), None);
+        let plain_id = with_field(
+            "BookFactEvent",
+            "book_id",
+            r#"{"type": "string", "logicalType": "uuid"}"#,
+            r#""string""#,
+        );
+        assert_eq!(meaning_mismatch(&plain_id, fact), None);
     }
 
     #[test]
