@@ -2,7 +2,11 @@
 //! next to its work, finishing (or safely abandoning) what is in flight when it fires.
 
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, warn};
+
+/// The exit code of a process ended by a second Ctrl-C or SIGTERM: 128 + SIGINT, as a shell
+/// reports a process that Ctrl-C ended.
+pub const FORCED_EXIT_CODE: i32 = 130;
 
 /// Fires the shutdown of every [`Shutdown`] made from it.
 #[derive(Debug, Clone)]
@@ -22,13 +26,25 @@ impl ShutdownTrigger {
         self.0.send_replace(true);
     }
 
-    /// Triggers on Ctrl-C or SIGTERM (whichever comes first) from a background task.
+    /// Triggers on Ctrl-C or SIGTERM (whichever comes first) from a background task; a second
+    /// one ends the process at once with [`FORCED_EXIT_CODE`].
+    ///
+    /// Once a handler is installed the signals no longer end the process by themselves, so
+    /// without the second step an operator who did not want to wait out the stop's grace
+    /// periods (seconds each, for in-flight batches, requests and the lease) would have only
+    /// SIGKILL. Ending there is safe for the same reason a crash is: nothing is acknowledged
+    /// before it is committed, and what was in flight is read again by the next run.
     pub fn on_signals(&self) {
         let trigger = self.clone();
         tokio::spawn(async move {
             wait_for_signal().await;
-            info!("shutdown requested; finishing in-flight work");
+            info!(
+                "shutdown requested; finishing in-flight work (a second Ctrl-C or SIGTERM ends the process at once)"
+            );
             trigger.trigger();
+            wait_for_signal().await;
+            warn!("second shutdown request; exiting without finishing in-flight work");
+            std::process::exit(FORCED_EXIT_CODE);
         });
     }
 }

@@ -352,6 +352,114 @@ fn sigterm_stops_a_job_with_an_error_line() {
     assert_eq!(stderr.trim(), "error: interrupted");
 }
 
+/// The jobs among the services (`relay --once`, `project --until-caught-up`, `project
+/// --rebuild`) provision the topics before anything else, which against a broker that does not
+/// answer takes up to the Kafka timeout (120 s here). A SIGTERM meanwhile stops them at once,
+/// with an error, and before a rebuild empties anything.
+#[test]
+fn sigterm_stops_a_job_still_setting_up() {
+    for job in [
+        &["relay", "--once"][..],
+        &["project", "--until-caught-up"],
+        &["project", "--rebuild"],
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+            .args(job)
+            .args(["--bootstrap-servers", "127.0.0.1:1"])
+            .args(["--kafka-timeout-ms", "120000"])
+            .env(
+                "BOOKSTORE_DATABASE_URL",
+                format!("sqlite:{}", dir.path().join("jobs.db").display()),
+            )
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(1500));
+        let started = std::time::Instant::now();
+        signal(&child, "TERM");
+        let output = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(10),
+            "{job:?} stopped {:?} after SIGTERM: {stderr}",
+            started.elapsed()
+        );
+        assert_eq!(output.status.code(), Some(1), "{job:?}: {stderr}");
+        assert!(
+            stderr.contains("error: interrupted while setting up"),
+            "{job:?}: {stderr}"
+        );
+    }
+}
+
+/// A second SIGTERM ends a service at once, without waiting out the first one's grace (here
+/// the HTTP server's, for a request whose body never completes).
+#[test]
+fn a_second_sigterm_ends_a_service_at_once() {
+    use std::io::Write;
+
+    let dir = tempfile::tempdir().unwrap();
+    let port = common::free_local_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_bookstore"))
+        .args(["serve", "--addr", &format!("127.0.0.1:{port}")])
+        .env(
+            "BOOKSTORE_DATABASE_URL",
+            format!("sqlite:{}", dir.path().join("serve.db").display()),
+        )
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let mut client = loop {
+        match std::net::TcpStream::connect(("127.0.0.1", port)) {
+            Ok(client) => break client,
+            Err(_) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+            }
+            Err(error) => panic!("the server did not listen within 30 s: {error}"),
+        }
+    };
+    client
+        .write_all(
+            b"POST /api/books HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n\
+              Content-Length: 100\r\n\r\n{\"title\"",
+        )
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(500));
+
+    signal(&child, "TERM");
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let first_stop_still_waiting = std::time::Instant::now();
+    signal(&child, "TERM");
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let took = first_stop_still_waiting.elapsed();
+    assert!(
+        took < std::time::Duration::from_secs(3),
+        "exited {took:?} after the second SIGTERM: {stderr}"
+    );
+    assert_eq!(
+        output.status.code(),
+        Some(bookstore::shutdown::FORCED_EXIT_CODE),
+        "{stderr}"
+    );
+    assert!(stderr.contains("second shutdown request"), "{stderr}");
+    drop(client);
+}
+
+fn signal(child: &std::process::Child, name: &str) {
+    let sent = std::process::Command::new("kill")
+        .args([&format!("-{name}"), &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success(), "could not send SIG{name}");
+}
+
 /// librdkafka values may hold commas (a server list, `debug` contexts): such an option must
 /// reach the client whole, and an empty `BOOKSTORE_KAFKA_OPTIONS` means no options.
 #[test]

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use bookstore::cli::{Cli, Command};
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use bookstore::store::AnyStore;
 use clap::Parser;
 
@@ -57,11 +58,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let (store, kafka) = (&cli.store, &cli.kafka);
     match cli.command {
         // These stop on Ctrl-C / SIGTERM themselves, finishing or safely abandoning their work.
-        Command::Relay(args) => relay::run(store, kafka, args).await,
-        Command::Project(args) => project::run(store, kafka, args).await,
-        Command::Serve(args) => serve::run(store, kafka, args).await,
-        Command::Up(args) => up::run(store, kafka, args).await,
-        Command::Demo(args) => demo::run(store, kafka, args).await,
+        // The signals are taken before anything else, the store's connection included: a
+        // SIGTERM that comes before the handler is installed is discarded when the process is
+        // a container's PID 1, and lost with it the stop.
+        Command::Relay(args) => relay::run(store, kafka, args, stop_on_signals()).await,
+        Command::Project(args) => project::run(store, kafka, args, stop_on_signals()).await,
+        Command::Serve(args) => serve::run(store, kafka, args, stop_on_signals()).await,
+        Command::Up(args) => up::run(store, kafka, args, stop_on_signals()).await,
+        Command::Demo(args) => demo::run(store, kafka, args, stop_on_signals()).await,
         Command::Bench(args) => bench::run(kafka, args).await,
         // Jobs with nothing to finish: a signal stops them where they are.
         Command::Books(command) => interruptible(books::run(store, command)).await,
@@ -84,6 +88,31 @@ async fn interruptible(job: impl Future<Output = anyhow::Result<()>>) -> anyhow:
     tokio::select! {
         outcome = job => outcome,
         () = bookstore::shutdown::wait_for_signal() => anyhow::bail!("interrupted"),
+    }
+}
+
+/// A shutdown fired by Ctrl-C or SIGTERM (a second one ends the process at once).
+fn stop_on_signals() -> (ShutdownTrigger, Shutdown) {
+    let (trigger, shutdown) = ShutdownTrigger::new();
+    trigger.on_signals();
+    (trigger, shutdown)
+}
+
+/// Runs a service's set-up (opening the store, provisioning topics, registering schemas: each
+/// can take up to its timeout against a server that does not answer) until it is ready, or
+/// until a stop is asked for, which gives `None`. Nothing has started by then that would need
+/// finishing, so the set-up is dropped where it stands.
+async fn unless_stopped<T>(
+    shutdown: &Shutdown,
+    set_up: impl Future<Output = anyhow::Result<T>>,
+) -> anyhow::Result<Option<T>> {
+    let mut stop = shutdown.clone();
+    tokio::select! {
+        ready = set_up => ready.map(Some),
+        () = stop.wait() => {
+            tracing::info!("stopped while setting up");
+            Ok(None)
+        }
     }
 }
 

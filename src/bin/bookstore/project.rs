@@ -9,34 +9,53 @@ use bookstore::projection::metrics::LAG_REFRESH;
 use bookstore::projection::{
     LagMeter, ProjectionMode, ProjectionStatus, default_group, kafka_projector,
 };
-use bookstore::shutdown::ShutdownTrigger;
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use bookstore::store::AnyStore;
 use tokio::sync::watch;
 use tracing::warn;
 
-pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) -> Result<()> {
+pub async fn run(
+    store: &StoreConfig,
+    kafka: &KafkaConfig,
+    args: ProjectArgs,
+    (_trigger, mut shutdown): (ShutdownTrigger, Shutdown),
+) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
         bookstore::telemetry::install_metrics(addr)?;
     }
-    let read_model = crate::open_store(store).await?;
+    let is_job = args.until_caught_up || args.rebuild;
+    let opened = crate::unless_stopped(&shutdown, crate::open_store(store)).await?;
+    let Some(read_model) = opened else {
+        return stopped_while_setting_up(is_job);
+    };
     let group = args
         .group
         .clone()
         .unwrap_or_else(|| default_group(&kafka.topic_prefix));
     let config = args.projection_config(group);
-    let (trigger, mut shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     // Following, the projection is a service: it waits for a broker that is not up yet.
     // `--until-caught-up` and `--rebuild` are jobs and say at once that Kafka does not answer.
-    if !args.until_caught_up && !args.rebuild && !kafka.wait_until_reachable(&mut shutdown).await? {
+    if !is_job && !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
     }
-    let projector = kafka_projector(read_model.clone(), kafka, config).await?;
+    let projector = kafka_projector(read_model.clone(), kafka, config);
+    let Some(projector) = crate::unless_stopped(&shutdown, async { Ok(projector.await?) }).await?
+    else {
+        return stopped_while_setting_up(is_job);
+    };
     if args.metrics_addr.is_some() {
         spawn_lag_gauge_refresh(read_model, kafka, projector.group())?;
     }
     if args.rebuild {
-        projector.rebuild().await?;
+        // Checking the groups takes a request per group; the read model is then emptied in one
+        // transaction, which a stop either comes before (nothing changed) or after.
+        let rebuilt = async { Ok(projector.rebuild().await?) };
+        if crate::unless_stopped(&shutdown, rebuilt).await?.is_none() {
+            bail!(
+                "interrupted while rebuilding: the read model is either as it was or emptied; \
+                 run the rebuild again"
+            );
+        }
         eprintln!(
             "rebuilding: read model emptied; reading {} from the beginning",
             kafka.topics().book_fact
@@ -69,6 +88,14 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ProjectArgs) ->
             "caught up: applied {} facts in {} batches; {} sent to the dead-letter queue",
             report.applied_facts, report.batches, report.dead_letters
         );
+    }
+    Ok(())
+}
+
+/// A service stopped before it started has done what was asked; a job has not.
+fn stopped_while_setting_up(is_job: bool) -> Result<()> {
+    if is_job {
+        bail!("interrupted while setting up; nothing was applied");
     }
     Ok(())
 }

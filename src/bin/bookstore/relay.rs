@@ -4,14 +4,21 @@ use anyhow::{Result, bail};
 use bookstore::cli::RelayArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::relay::{RunMode, kafka_relay, metrics};
-use bookstore::shutdown::ShutdownTrigger;
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use bookstore::store::AnyStore;
 
-pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> Result<()> {
+pub async fn run(
+    store: &StoreConfig,
+    kafka: &KafkaConfig,
+    args: RelayArgs,
+    (_trigger, mut shutdown): (ShutdownTrigger, Shutdown),
+) -> Result<()> {
     if let Some(addr) = args.metrics_addr {
         bookstore::telemetry::install_metrics(addr)?;
     }
-    let outbox = crate::open_store(store).await?;
+    let Some(outbox) = crate::unless_stopped(&shutdown, crate::open_store(store)).await? else {
+        return stopped_while_setting_up(args.once);
+    };
     if args.metrics_addr.is_some() {
         let relay_id = args
             .settings
@@ -20,8 +27,6 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
             .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
         tokio::spawn(refresh_progress_gauges(outbox.clone(), relay_id));
     }
-    let (trigger, mut shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     let mode = if args.once {
         RunMode::Once
     } else {
@@ -32,7 +37,10 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
     if mode == RunMode::Follow && !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
     }
-    let relay = kafka_relay(outbox, kafka, &args.settings).await?;
+    let relay = kafka_relay(outbox, kafka, &args.settings);
+    let Some(relay) = crate::unless_stopped(&shutdown, async { Ok(relay.await?) }).await? else {
+        return stopped_while_setting_up(args.once);
+    };
     let report = relay.run(mode, shutdown).await?;
     if args.once && !report.finished {
         bail!(
@@ -47,6 +55,14 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: RelayArgs) -> R
             "published {} events in {} batches; last position {}",
             report.published_events, report.batches, report.last_position
         );
+    }
+    Ok(())
+}
+
+/// A service stopped before it started has done what was asked; a job has not.
+fn stopped_while_setting_up(once: bool) -> Result<()> {
+    if once {
+        bail!("interrupted while setting up; nothing was published");
     }
     Ok(())
 }

@@ -4,13 +4,20 @@ use anyhow::{Context, Result};
 use bookstore::cli::ServeArgs;
 use bookstore::config::{KafkaConfig, StoreConfig};
 use bookstore::http::{self, HttpState};
-use bookstore::shutdown::ShutdownTrigger;
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use tokio::net::TcpListener;
 use tracing::info;
 
-pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ServeArgs) -> Result<()> {
+pub async fn run(
+    store: &StoreConfig,
+    kafka: &KafkaConfig,
+    args: ServeArgs,
+    (_trigger, shutdown): (ShutdownTrigger, Shutdown),
+) -> Result<()> {
     let metrics = bookstore::telemetry::prometheus_handle()?;
-    let store = crate::open_store(store).await?;
+    let Some(store) = crate::unless_stopped(&shutdown, crate::open_store(store)).await? else {
+        return Ok(());
+    };
     let relay_id = args
         .relay_id
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
@@ -23,8 +30,6 @@ pub async fn run(store: &StoreConfig, kafka: &KafkaConfig, args: ServeArgs) -> R
         .with_context(|| format!("listening on {}", args.addr))?;
     let addr = listener.local_addr()?;
     info!("serving the dashboard on http://{addr}/");
-    let (trigger, shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     http::serve(listener, http::router(state), shutdown).await?;
     info!("HTTP server stopped");
     Ok(())

@@ -10,24 +10,30 @@ use bookstore::http::{self, HttpState};
 use bookstore::projection::{ProjectionMode, default_group, kafka_projector};
 use bookstore::relay::{RunMode, kafka_relay};
 use bookstore::service::BookService;
-use bookstore::shutdown::ShutdownTrigger;
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tracing::{error, info};
 
-pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) -> Result<()> {
+pub async fn run(
+    store_config: &StoreConfig,
+    kafka: &KafkaConfig,
+    args: UpArgs,
+    (trigger, mut shutdown): (ShutdownTrigger, Shutdown),
+) -> Result<()> {
     let metrics = bookstore::telemetry::prometheus_handle()?;
     if let Some(addr) = args.metrics_addr {
         bookstore::telemetry::install_metrics(addr)?;
     }
-    let store = crate::open_store(store_config).await?;
+    let opened = crate::unless_stopped(&shutdown, crate::open_store(store_config)).await?;
+    let Some(store) = opened else {
+        return Ok(());
+    };
     let relay_id = args
         .relay
         .relay_id
         .clone()
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
-    let (trigger, mut shutdown) = ShutdownTrigger::new();
-    trigger.on_signals();
     // Started together with the broker (compose, an orchestrator), it waits for it.
     if !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
@@ -44,13 +50,8 @@ pub async fn run(store_config: &StoreConfig, kafka: &KafkaConfig, args: UpArgs) 
         let projector = kafka_projector(store.clone(), kafka, projection).await?;
         anyhow::Ok((relay, projector))
     };
-    let mut interrupted = shutdown.clone();
-    let (relay, projector) = tokio::select! {
-        ready = set_up => ready?,
-        () = interrupted.wait() => {
-            info!("stopped while setting up");
-            return Ok(());
-        }
+    let Some((relay, projector)) = crate::unless_stopped(&shutdown, set_up).await? else {
+        return Ok(());
     };
     // The lag gauge of `/metrics` is measured by a task of its own, as in `bookstore project`.
     super::project::spawn_lag_gauge_refresh(store.clone(), kafka, projector.group())?;
