@@ -69,7 +69,7 @@ fn stopped_while_setting_up(once: bool) -> Result<()> {
 
 /// Keeps the backlog gauge true while the relay cannot publish (see
 /// [`metrics::refresh_progress`]), for as long as the process runs.
-async fn refresh_progress_gauges(outbox: AnyStore, relay_id: String) {
+pub async fn refresh_progress_gauges(outbox: AnyStore, relay_id: String) {
     loop {
         let refreshed = tokio::time::timeout(
             metrics::PROGRESS_REFRESH,

@@ -34,6 +34,14 @@ pub async fn run(
         .relay_id
         .clone()
         .unwrap_or_else(|| format!("{}.relay", kafka.topic_prefix));
+    if args.metrics_addr.is_some() {
+        // As in `bookstore relay`: the backlog gauges stay true while the relay cannot
+        // publish. The dashboard's `/metrics` refreshes them itself at each scrape.
+        tokio::spawn(super::relay::refresh_progress_gauges(
+            store.clone(),
+            relay_id.clone(),
+        ));
+    }
     // Started together with the broker (compose, an orchestrator), it waits for it.
     if !kafka.wait_until_reachable(&mut shutdown).await? {
         return Ok(());
