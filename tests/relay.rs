@@ -19,8 +19,8 @@ use bookstore::domain::{
 use bookstore::kafka::Topics;
 use bookstore::relay::visibility::VisibilityWatch;
 use bookstore::relay::{
-    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, Relay, RelayError, RelayReport,
-    RunMode, kafka_relay,
+    DeliveryMode, EventPublisher, KafkaPublisher, PoisonCause, PublishError, Relay, RelayError,
+    RelayReport, RunMode, kafka_relay,
     record::{RecordMapper, tombstone_id},
 };
 use bookstore::service::{BookService, CommandContext};
@@ -1005,7 +1005,7 @@ async fn with_a_registry_an_event_of_another_schema_version_goes_out_under_that_
     {
         RelayError::Publish(PublishError::Poison {
             position: 6,
-            source: CodecError::WrittenWithAnotherSchema { written, .. },
+            source: PoisonCause::Codec(CodecError::WrittenWithAnotherSchema { written, .. }),
         }) => assert_eq!(written, unknown),
         other => panic!("expected the refusal of position 6, got {other}"),
     }
@@ -1408,11 +1408,11 @@ async fn a_relay_stops_at_an_event_written_with_another_schema_after_publishing_
             RelayError::Publish(PublishError::Poison {
                 position: 5,
                 source:
-                    CodecError::WrittenWithAnotherSchema {
+                    PoisonCause::Codec(CodecError::WrittenWithAnotherSchema {
                         event_type,
                         written,
                         ..
-                    },
+                    }),
             }) => {
                 assert_eq!(event_type, "BookAdded");
                 assert_eq!(*written, older_schema);
@@ -1438,6 +1438,61 @@ async fn a_relay_stops_at_an_event_written_with_another_schema_after_publishing_
             "{delivery:?}: {again}"
         );
         assert_exactly_the_events_in_order(&events[..4], &fixture.read_topics(4).await);
+    }
+}
+
+/// An event whose record is larger than the producer may send (`message.max.bytes`, lowered
+/// here to librdkafka's least) can never be published: the relay publishes what precedes it
+/// and stops there, naming it, instead of trying the same batch again for ever.
+#[tokio::test]
+async fn a_relay_stops_at_an_event_too_large_to_send_after_publishing_what_precedes_it() {
+    for delivery in [DeliveryMode::ExactlyOnce, DeliveryMode::AtLeastOnce] {
+        let mut fixture = Fixture::new().await;
+        fixture
+            .kafka
+            .client_options
+            .push(bookstore::config::ClientOptions(vec![(
+                "message.max.bytes".into(),
+                "1000".into(),
+            )]));
+        fixture.write_books(2, 0).await;
+        let long = BookCommand::Add(AddBook {
+            book_id: BookId::generate(),
+            title: "Long".into(),
+            author: "Writer".into(),
+            isbn: None,
+            price: "1.00".parse().unwrap(),
+            description: Some("d".repeat(2_000)),
+        });
+        fixture
+            .service
+            .execute(long, CommandContext::default())
+            .await
+            .unwrap();
+        fixture.write_books(1, 0).await;
+        let events = fixture.all_events().await;
+        let too_large = events
+            .iter()
+            .find(|event| event.metadata.event_type == "BookAdded" && event.payload.len() > 1_000)
+            .unwrap()
+            .position;
+
+        let error = tokio::time::timeout(
+            Duration::from_secs(60),
+            fixture.relay_once_until_it_fails(delivery, 50),
+        )
+        .await
+        .expect("the relay kept trying to send the event for 60 s");
+        match &error {
+            RelayError::Publish(PublishError::Poison {
+                position,
+                source: PoisonCause::TooLarge(_),
+            }) => assert_eq!(*position, too_large, "{delivery:?}"),
+            other => panic!("{delivery:?}: expected the refusal of {too_large}, got {other}"),
+        }
+        assert!(error.to_string().contains("message.max.bytes"), "{error}");
+        let before = usize::try_from(too_large - 1).unwrap();
+        assert_exactly_the_events_in_order(&events[..before], &fixture.read_topics(before).await);
     }
 }
 

@@ -47,7 +47,8 @@ mod setup;
 pub mod visibility;
 
 pub use publisher::{
-    DeliveryMode, EventPublisher, KafkaPublisher, PublishError, TRANSACTIONAL_PRODUCERS,
+    DeliveryMode, EventPublisher, KafkaPublisher, PoisonCause, PublishError,
+    TRANSACTIONAL_PRODUCERS,
 };
 pub use setup::{RelaySetupError, kafka_relay, wire_format};
 
@@ -800,7 +801,7 @@ fn count_error(error: &RelayError) {
 }
 
 /// The error that stops the relay at an event it cannot publish, logged and counted.
-fn poisoned(position: u64, source: crate::codec::CodecError) -> RelayError {
+fn poisoned(position: u64, source: PoisonCause) -> RelayError {
     metrics::record_send_error();
     error!(position, %source, "event cannot be published; relay stops");
     PublishError::Poison { position, source }.into()
@@ -824,7 +825,7 @@ struct PublishedBatch {
     /// The outbox had nothing more when the batch was committed.
     caught_up: bool,
     /// The event the publisher refused (see [`PublishError::Poison`]); the batch ends before it.
-    refused: Option<(u64, crate::codec::CodecError)>,
+    refused: Option<(u64, PoisonCause)>,
 }
 
 impl PublishedBatch {

@@ -51,9 +51,10 @@ pub enum PublishError {
     /// otherwise: this producer can do nothing more, and the relay stands by a while.
     #[error("fenced by another relay instance, or failed fatally: {0}")]
     Fenced(KafkaError),
-    /// An event cannot be encoded as its contract says: publishing cannot go past it.
+    /// An event cannot be encoded as its contract says, or its record is larger than the
+    /// producer may send: publishing cannot go past it.
     #[error("event at position {position} cannot be published: {source}")]
-    Poison { position: u64, source: CodecError },
+    Poison { position: u64, source: PoisonCause },
     #[error(transparent)]
     Setup(#[from] KafkaSetupError),
     #[error(transparent)]
@@ -61,6 +62,20 @@ pub enum PublishError {
     /// Looking up the schema another version wrote an event with failed; tried again.
     #[error("schema registry: {0}")]
     Registry(RegistryError),
+}
+
+/// Why an event cannot be published, whatever is tried again.
+#[derive(Debug, thiserror::Error)]
+pub enum PoisonCause {
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    /// Larger than `message.max.bytes` (librdkafka refuses it before sending). The domain's
+    /// limits keep events far below Kafka's default of 1 MB, so this takes a lowered limit.
+    #[error(
+        "its record is larger than the producer's message.max.bytes allows ({0}); raise the \
+         limit (--kafka-option message.max.bytes=…, within the topic's max.message.bytes)"
+    )]
+    TooLarge(KafkaError),
 }
 
 impl PublishError {
@@ -296,10 +311,22 @@ impl KafkaPublisher {
                 .records(event)
                 .map_err(|source| PublishError::Poison {
                     position: event.position,
-                    source,
+                    source: source.into(),
                 })?;
-            for record in records {
-                self.deliveries.push(send(producer, record).await?);
+            for (index, record) in records.into_iter().enumerate() {
+                match send(producer, record).await {
+                    Ok(delivery) => self.deliveries.push(delivery),
+                    // Refused before any record of the event is in the batch: the batch ends
+                    // before the event, as for an event that does not encode. (An event's
+                    // later record is a fact's tombstone, never the larger one.)
+                    Err(PublishError::Retryable(error)) if index == 0 && is_too_large(&error) => {
+                        return Err(PublishError::Poison {
+                            position: event.position,
+                            source: PoisonCause::TooLarge(error),
+                        });
+                    }
+                    Err(error) => return Err(error),
+                }
             }
             self.batch_last = Some(event.position);
         }
@@ -608,6 +635,11 @@ async fn send(
         future_record = future_record.payload(value.as_slice());
     }
     send_record(producer, future_record).await
+}
+
+/// Whether librdkafka refused a record for its size, which sending it again cannot change.
+fn is_too_large(error: &KafkaError) -> bool {
+    error.rdkafka_error_code() == Some(RDKafkaErrorCode::MessageSizeTooLarge)
 }
 
 /// Enqueues one record, waiting while the producer's local queue is full.
