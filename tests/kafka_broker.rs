@@ -62,6 +62,11 @@ async fn provisioning_creates_delta_and_compacted_fact_topics_with_configured_pa
         topic_setting(&config, &topics.book, "cleanup.policy").await,
         "delete"
     );
+    assert_eq!(
+        topic_setting(&config, &topics.book_fact_dlq, "retention.ms").await,
+        "-1",
+        "dead letters are kept until they are dealt with"
+    );
 }
 
 #[tokio::test]

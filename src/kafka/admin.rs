@@ -38,6 +38,9 @@ pub struct TopicSpec {
     pub replication_factor: i32,
     /// Topic-level settings that must hold (checked on existing topics too).
     pub configs: Vec<(String, String)>,
+    /// Topic-level settings a new topic gets and an existing one is warned about when it
+    /// differs: the operator's to change, not a reason to refuse to start.
+    pub advised_configs: Vec<(String, String)>,
 }
 
 impl TopicSpec {
@@ -47,11 +50,18 @@ impl TopicSpec {
             partitions,
             replication_factor,
             configs: vec![],
+            advised_configs: vec![],
         }
     }
 
     pub fn with_config(mut self, key: &str, value: &str) -> Self {
         self.configs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn with_advised_config(mut self, key: &str, value: &str) -> Self {
+        self.advised_configs
+            .push((key.to_owned(), value.to_owned()));
         self
     }
 }
@@ -135,7 +145,7 @@ fn new_topic(spec: &TopicSpec) -> NewTopic<'_> {
         spec.partitions,
         TopicReplication::Fixed(spec.replication_factor),
     );
-    for (key, value) in &spec.configs {
+    for (key, value) in spec.configs.iter().chain(&spec.advised_configs) {
         topic = topic.set(key, value);
     }
     topic
@@ -148,10 +158,12 @@ async fn verify_topic(
     options: &AdminOptions,
     spec: &TopicSpec,
 ) -> Result<(), KafkaSetupError> {
-    check_layout(spec, topic_layout(config, &spec.name).await?)?;
+    let layout = topic_layout(config, &spec.name).await?;
+    check_layout(spec, layout)?;
     let settings = topic_settings(config, admin, options, &spec.name).await?;
     check_configs(spec, &settings)?;
-    warn_if_min_insync_defeats_replication(spec, &settings);
+    warn_about_advised_configs(spec, &settings);
+    warn_if_min_insync_defeats_replication(spec, layout, &settings);
     Ok(())
 }
 
@@ -212,17 +224,39 @@ fn check_configs(spec: &TopicSpec, settings: &ConfigResource) -> Result<(), Kafk
     Ok(())
 }
 
+fn warn_about_advised_configs(spec: &TopicSpec, settings: &ConfigResource) {
+    for (key, advised) in &spec.advised_configs {
+        let actual = setting(settings, key).unwrap_or_default();
+        if &actual != advised {
+            warn!(
+                topic = %spec.name,
+                setting = %key,
+                advised = %advised,
+                actual = %actual,
+                "the topic has another setting than the one this program gives it; see the README's topic table"
+            );
+        }
+    }
+}
+
 /// Not an error: `min.insync.replicas` is usually set broker-wide by whoever runs the cluster.
-fn warn_if_min_insync_defeats_replication(spec: &TopicSpec, settings: &ConfigResource) {
+/// The replicas the topic really keeps count: with the factor left to the broker (-1), a
+/// cluster that keeps three copies would otherwise never be warned about.
+fn warn_if_min_insync_defeats_replication(
+    spec: &TopicSpec,
+    layout: TopicLayout,
+    settings: &ConfigResource,
+) {
     let Some(min_insync) =
         setting(settings, "min.insync.replicas").and_then(|value| value.parse().ok())
     else {
         return;
     };
-    if min_insync_defeats_replication(spec.replication_factor, min_insync) {
+    let replicas = spec.replication_factor.max(layout.fewest_replicas);
+    if min_insync_defeats_replication(replicas, min_insync) {
         warn!(
             topic = %spec.name,
-            replication_factor = spec.replication_factor,
+            replicas,
             min_insync_replicas = min_insync,
             "acks=all is satisfied by a single in-sync copy on this topic; set \
              min.insync.replicas to 2 or more for the durability the replication factor suggests"

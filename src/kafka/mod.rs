@@ -47,7 +47,10 @@ impl Topics {
     }
 
     /// What each topic must look like: deltas are kept by time, facts are compacted (the
-    /// latest fact of a book is its state, a tombstone deletes it), the DLQ is kept by time.
+    /// latest fact of a book is its state, a tombstone deletes it), the DLQ is kept until it is
+    /// dealt with: once its record's offset is stored past, a dead letter is the only trace of a
+    /// fact that was never applied, and one deleted by time would be gone without a word (a
+    /// replay starting below the log's start moves on to what is left).
     pub fn specs(&self, partitions: i32, replication_factor: i32) -> Vec<TopicSpec> {
         vec![
             TopicSpec::new(&self.book, partitions, replication_factor)
@@ -55,7 +58,8 @@ impl Topics {
             TopicSpec::new(&self.book_fact, partitions, replication_factor)
                 .with_config("cleanup.policy", "compact"),
             TopicSpec::new(&self.book_fact_dlq, 1, replication_factor)
-                .with_config("cleanup.policy", "delete"),
+                .with_config("cleanup.policy", "delete")
+                .with_advised_config("retention.ms", "-1"),
             // One partition, so "the last checkpoint" is well defined; compacted, since only
             // the latest checkpoint per relay matters.
             TopicSpec::new(&self.relay_checkpoint, 1, replication_factor)
