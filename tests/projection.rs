@@ -450,7 +450,9 @@ async fn dlq_list_and_replay_read_a_queue_longer_than_the_kafka_timeout_to_its_e
     let listing = started.elapsed();
     assert!(listing > longer_than_the_timeout, "listed in {listing:?}");
     let started = std::time::Instant::now();
-    let report = replay_dead_letters(&reading).await.unwrap();
+    let report = replay_dead_letters(&reading, &Shutdown::never())
+        .await
+        .unwrap();
     let replaying = started.elapsed();
     assert!(
         replaying > longer_than_the_timeout,
@@ -1730,6 +1732,85 @@ async fn dlq_replay_skips_letters_a_later_record_of_their_book_supersedes(world:
     assert!(row(world, kept).await.is_some());
 }
 
+/// A replay stopped part way (Ctrl-C) stops between two letters, and still puts the newest
+/// record of a book it sent a letter of back last: the letter's offset is committed already,
+/// so no later replay would look at it again. The next replay goes on with the rest.
+#[tokio::test]
+async fn a_replay_stopped_part_way_still_puts_the_newest_record_of_a_book_last() {
+    let world = World::sqlite().await;
+    world.relay_once().await;
+    let updated = BookId::generate();
+    let group = common::unique("replay-stop");
+    // The book's letter first in the queue, then many others.
+    produce_raw(&world, &[(Some(updated.to_string()), b"not avro".to_vec())]).await;
+    assert_eq!(world.project(&group).await.dead_letters, 1);
+    let others: Vec<_> = (0..200)
+        .map(|n| {
+            (
+                Some(BookId::generate().to_string()),
+                format!("garbage {n}").into_bytes(),
+            )
+        })
+        .collect();
+    produce_raw(&world, &others).await;
+    assert_eq!(world.project(&group).await.dead_letters, 200);
+
+    let plan = ReplayPlan::prepare(&world.kafka).await.unwrap();
+    let newer = framed_fact(updated, 2, "Written during the replay");
+    produce_raw(&world, &[(Some(updated.to_string()), newer.clone())]).await;
+    // Stopped once the first letter's offset is committed.
+    let (stop, stopping) = ShutdownTrigger::new();
+    let replay_group = format!("{}-replay", world.kafka.topics().book_fact_dlq);
+    let watcher: BaseConsumer = world.kafka.consumer_config(&replay_group).create().unwrap();
+    let queue = world.kafka.topics().book_fact_dlq;
+    let watching = tokio::task::spawn_blocking(move || {
+        let mut partition = TopicPartitionList::new();
+        partition.add_partition(&queue, 0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while std::time::Instant::now() < deadline {
+            let committed = watcher
+                .committed_offsets(partition.clone(), Duration::from_secs(5))
+                .unwrap();
+            if matches!(committed.elements()[0].offset(), Offset::Offset(next) if next >= 1) {
+                stop.trigger();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        panic!("the replay committed no letter within 60 s");
+    });
+    let report = plan.carry_out(&world.kafka, &stopping).await.unwrap();
+    watching.await.unwrap();
+    assert!(report.interrupted, "{report:?}");
+    assert!(
+        (1..201).contains(&report.total()),
+        "stopped between two letters: {report:?}"
+    );
+    assert_eq!(report.resent_newer, 1, "{report:?}");
+
+    let topic = world.kafka.topics().book_fact;
+    let records = common::consume_committed(
+        &world.kafka,
+        &[&topic],
+        // Both runs of garbage, the newer fact, the letters sent back, the newer one again.
+        201 + 1 + usize::try_from(report.total()).unwrap() + 1,
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+    )
+    .await;
+    let last_of_book = records
+        .iter()
+        .rfind(|record| record.key == updated.to_string())
+        .unwrap();
+    assert_eq!(last_of_book.value.as_deref(), Some(newer.as_slice()));
+
+    let rest = replay_dead_letters(&world.kafka, &Shutdown::never())
+        .await
+        .unwrap();
+    assert!(!rest.interrupted);
+    assert_eq!(report.total() + rest.total(), 201, "{report:?} {rest:?}");
+}
+
 /// A fact of `book` as the relay frames it.
 fn framed_fact(book: BookId, version: u64, title: &str) -> Vec<u8> {
     let codec = AvroCodec::new();
@@ -1765,7 +1846,10 @@ async fn a_record_written_during_a_replay_stays_the_last_of_its_book() {
     let newer = framed_fact(updated, 2, "Written during the replay");
     produce_raw(&world, &[(key(updated), newer.clone())]).await;
     tombstone(&world, removed).await;
-    let report = plan.carry_out(&world.kafka).await.unwrap();
+    let report = plan
+        .carry_out(&world.kafka, &Shutdown::never())
+        .await
+        .unwrap();
     assert_eq!((report.total(), report.resent_newer), (2, 2), "{report:?}");
 
     let topic = world.kafka.topics().book_fact;
@@ -1835,7 +1919,7 @@ async fn a_record_in_a_transaction_open_during_a_replay_stays_the_last_of_its_bo
         .await
         .unwrap();
     let kafka = world.kafka.clone();
-    let replay = tokio::spawn(async move { plan.carry_out(&kafka).await });
+    let replay = tokio::spawn(async move { plan.carry_out(&kafka, &Shutdown::never()).await });
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
         !replay.is_finished(),

@@ -41,6 +41,7 @@ use tracing::warn;
 use super::fact::{Rejection, header};
 use crate::config::KafkaConfig;
 use crate::kafka::{KafkaSetupError, QuietEof, partition_ids_in};
+use crate::shutdown::Shutdown;
 
 /// Why the record could not be applied (a sentence).
 pub const REASON: &str = "bookstore_dlq_reason";
@@ -371,6 +372,8 @@ pub struct ReplayReport {
     /// (the relay publishing meanwhile) and were sent again after the letter, so that the
     /// newest record of the book stays the last one (see [`ReplayPlan::carry_out`]).
     pub resent_newer: u64,
+    /// A stop ended the replay before every letter was dealt with; the next one goes on.
+    pub interrupted: bool,
 }
 
 impl ReplayReport {
@@ -382,8 +385,25 @@ impl ReplayReport {
 /// Sends every dead letter not replayed before back to the topic it came from (its original
 /// key, value and headers), committing the replay group's offset after each: a
 /// [`ReplayPlan`] prepared and carried out at once. See the module documentation.
-pub async fn replay_dead_letters(kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
-    ReplayPlan::prepare(kafka).await?.carry_out(kafka).await
+///
+/// A `stop` ends it between two letters: the letters sent back by then are still settled (see
+/// [`ReplayPlan::carry_out`]), and the report says it was interrupted. Before any letter is
+/// sent, it ends at once.
+pub async fn replay_dead_letters(
+    kafka: &KafkaConfig,
+    stop: &Shutdown,
+) -> Result<ReplayReport, DlqError> {
+    let mut stopped = stop.clone();
+    let plan = tokio::select! {
+        plan = ReplayPlan::prepare(kafka) => plan?,
+        () = stopped.wait() => {
+            return Ok(ReplayReport {
+                interrupted: true,
+                ..ReplayReport::default()
+            });
+        }
+    };
+    plan.carry_out(kafka, stop).await
 }
 
 /// A replay checked and ready to send: which letters are still to be replayed, and where the
@@ -452,7 +472,46 @@ impl ReplayPlan {
     /// back is now the last record of its key although another record of the key came after
     /// its original, that newer record is sent again after it (the same key, value and
     /// headers: a duplicate, which consumers of the topic already tolerate).
-    pub async fn carry_out(self, kafka: &KafkaConfig) -> Result<ReplayReport, DlqError> {
+    ///
+    /// That second step runs whatever ends the first: a `stop` (looked at between letters) or
+    /// an error. Each letter's offset is committed once it is sent, so a replay ended before
+    /// the step would leave the letters it sent after a newer record of their book for good:
+    /// the next replay does not look at them again.
+    pub async fn carry_out(
+        self,
+        kafka: &KafkaConfig,
+        stop: &Shutdown,
+    ) -> Result<ReplayReport, DlqError> {
+        let producer = dead_letter_producer(kafka)?;
+        let mut report = ReplayReport::default();
+        let mut sent = SentSoFar::default();
+        let sending = self
+            .send_back(kafka, &producer, stop, &mut report, &mut sent)
+            .await;
+        if !sent.back.is_empty() {
+            match settle(kafka, &producer, &sent.back, sent.copies).await {
+                Ok(resent) => report.resent_newer = resent,
+                // Sending failed as well: its error says more; this one is logged.
+                Err(error) if sending.is_err() => warn!(
+                    %error,
+                    "could not check the partitions of the letters sent back before the error; \
+                     a letter may follow a newer record of its book until the book's next change"
+                ),
+                Err(error) => return Err(error),
+            }
+        }
+        sending.map(|()| report)
+    }
+
+    /// Sends back the letters the plan lets through, until the queue's bounds or a `stop`.
+    async fn send_back(
+        self,
+        kafka: &KafkaConfig,
+        producer: &FutureProducer,
+        stop: &Shutdown,
+        report: &mut ReplayReport,
+        sent: &mut SentSoFar,
+    ) -> Result<(), DlqError> {
         let Self {
             group,
             bounds,
@@ -460,19 +519,27 @@ impl ReplayPlan {
         } = self;
         let topics = kafka.topics();
         let mut reader = QueueReader::open(kafka, &group, StartAt::Committed, Some(bounds)).await?;
-        let producer = dead_letter_producer(kafka)?;
-        let mut report = ReplayReport::default();
-        // Originals sent back by this run: a second letter of one (dead-lettered twice across
-        // a crash) is superseded by the first's copy.
-        let mut sent = HashSet::new();
-        let mut sent_back = Vec::new();
-        // Where the copies of this run are (a record there is not one written meanwhile), and
-        // the offset of the record each copies.
-        let mut copies = HashMap::new();
-        while let Some(letter) = reader.next().await? {
+        let SentSoFar {
+            originals,
+            back: sent_back,
+            copies,
+        } = sent;
+        let mut stopped = stop.clone();
+        loop {
+            // Reading a letter changes nothing yet; from its send to its commit, it runs on.
+            let letter = tokio::select! {
+                letter = reader.next() => letter?,
+                () = stopped.wait() => {
+                    report.interrupted = true;
+                    return Ok(());
+                }
+            };
+            let Some(letter) = letter else {
+                return Ok(());
+            };
             let origin = Origin::of(&letter, &topics.book_fact);
             let verdict = match &origin {
-                Some((origin, _)) if sent.contains(origin) => Verdict::Superseded,
+                Some((origin, _)) if originals.contains(origin) => Verdict::Superseded,
                 Some((origin, key)) => latest.verdict(origin, key),
                 None => Verdict::Unchecked,
             };
@@ -514,7 +581,7 @@ impl ReplayPlan {
                 (Verdict::Last, Some((origin, _))) => Some(origin.partition),
                 _ => None,
             };
-            let delivered = send_copy(&producer, kafka, &target, partition, message).await?;
+            let delivered = send_copy(producer, kafka, &target, partition, message).await?;
             reader.commit_past(&letter).await?;
             *report.replayed.entry(target).or_default() += 1;
             if let Some((origin, key)) = origin {
@@ -529,12 +596,23 @@ impl ReplayPlan {
                         copy: delivered.offset,
                     });
                 }
-                sent.insert(origin);
+                originals.insert(origin);
             }
         }
-        report.resent_newer = settle(kafka, &producer, &sent_back, copies).await?;
-        Ok(report)
     }
+}
+
+/// What a replay has sent back so far.
+#[derive(Default)]
+struct SentSoFar {
+    /// Originals sent back: a second letter of one (dead-lettered twice across a crash) is
+    /// superseded by the first's copy.
+    originals: HashSet<Origin>,
+    /// The letters sent back to their original's partition, for [`settle`].
+    back: Vec<SentBack>,
+    /// Where the copies are (a record there is not one written meanwhile), and the offset of
+    /// the record each copies.
+    copies: HashMap<(String, i32, i64), i64>,
 }
 
 /// Sends again, after the letters sent back, the records of their keys that arrived during the

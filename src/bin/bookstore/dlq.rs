@@ -1,14 +1,24 @@
 //! `bookstore dlq list|replay`: the fact records the projection could not apply.
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 use bookstore::cli::DlqCommand;
 use bookstore::config::KafkaConfig;
 use bookstore::projection::{list_dead_letters, replay_dead_letters};
+use bookstore::shutdown::{Shutdown, ShutdownTrigger};
 
-pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
+pub async fn run(
+    kafka: &KafkaConfig,
+    command: DlqCommand,
+    (_trigger, stop): (ShutdownTrigger, Shutdown),
+) -> Result<()> {
     match command {
         DlqCommand::List(args) => {
-            let letters = list_dead_letters(kafka).await?;
+            // Only reads: a stop ends it where it stands.
+            let mut stopped = stop.clone();
+            let letters = tokio::select! {
+                letters = list_dead_letters(kafka) => letters?,
+                () = stopped.wait() => bail!("interrupted"),
+            };
             if args.json {
                 println!("{}", serde_json::to_string_pretty(&letters)?);
                 return Ok(());
@@ -43,7 +53,9 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
             );
         }
         DlqCommand::Replay => {
-            let report = replay_dead_letters(kafka).await?;
+            // A stop ends the replay between two letters, and what it sent back is settled
+            // first: dropped at once, a letter could stay behind a newer record of its book.
+            let report = replay_dead_letters(kafka, &stop).await?;
             let mut topics: Vec<_> = report.replayed.iter().collect();
             topics.sort();
             for (topic, count) in topics {
@@ -68,6 +80,9 @@ pub async fn run(kafka: &KafkaConfig, command: DlqCommand) -> Result<()> {
                      of their book, so that the newest stays last",
                     report.resent_newer
                 );
+            }
+            if report.interrupted {
+                bail!("interrupted; the next `dlq replay` goes on from there");
             }
         }
     }

@@ -72,18 +72,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Events(args) => interruptible(events::run(store, args)).await,
         Command::Kafka(command) => interruptible(kafka::run(kafka, command)).await,
         Command::Report(args) => interruptible(report::run(store, args)).await,
-        Command::Dlq(command) => interruptible(dlq::run(kafka, command)).await,
+        // A replay settles what it sent back before it stops (see `dlq::run`).
+        Command::Dlq(command) => dlq::run(kafka, command, stop_on_signals()).await,
     }
 }
 
 /// Runs a job until it returns or Ctrl-C / SIGTERM arrives, and then drops it where it stands,
 /// as the signal's default action would: every await of these jobs is a safe place to stop (an
-/// unfinished database transaction rolls back, a replayed dead letter's offset is committed
-/// after its send). A commit already on its way may still succeed after `interrupted` is
-/// printed, as with a killed process: a `books add` to be retried should name its book
-/// (`--id`). Handling the signal is still needed: the kernel applies no default action to the
-/// first process of a container (PID 1), so a SIGTERM from an orchestrator would be ignored
-/// until its SIGKILL.
+/// unfinished database transaction rolls back; they change nothing in Kafka, except `kafka
+/// provision`, whose topics are made once and checked the next time). A commit already on its
+/// way may still succeed after `interrupted` is printed, as with a killed process: a `books
+/// add` to be retried should name its book (`--id`). Handling the signal is still needed: the
+/// kernel applies no default action to the first process of a container (PID 1), so a SIGTERM
+/// from an orchestrator would be ignored until its SIGKILL.
 async fn interruptible(job: impl Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
     tokio::select! {
         outcome = job => outcome,
