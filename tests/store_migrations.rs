@@ -319,3 +319,84 @@ async fn postgres_store_warns_of_a_given_pool_that_commits_asynchronously() {
     store.pool().close().await;
     schema.drop().await;
 }
+
+/// A migration that must wait for a table's lock (a backup, an analyst's open transaction)
+/// must not sit in the lock queue in front of everything else on that table: queued behind
+/// it, every save and every read of the relay would wait for as long as the other
+/// transaction lasted. It gives up after a short wait, lets them through, and tries again
+/// until it can take the lock.
+#[tokio::test]
+async fn a_pending_postgres_migration_does_not_hold_up_the_table_it_waits_for() {
+    let schema = PgSchema::create().await;
+    let store = schema.store().await;
+    assert_saves_and_reads(&store).await;
+    // As on a database an older version set up: the newest migration not applied yet.
+    let newest: i64 = sqlx::query_scalar("SELECT max(version) FROM _sqlx_migrations")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(
+        newest, 5,
+        "this test undoes migration 5; update it with the migrations"
+    );
+    sqlx::query("DELETE FROM _sqlx_migrations WHERE version = 5")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    sqlx::query("ALTER TABLE events DROP COLUMN schema_fingerprint")
+        .execute(store.pool())
+        .await
+        .unwrap();
+    store.pool().close().await;
+
+    // A long transaction that has read the events.
+    let holder_pool = schema.pool(1).await;
+    let mut holder = holder_pool.begin().await.unwrap();
+    sqlx::query("SELECT count(*) FROM events")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let options = schema.options();
+    let upgrading = tokio::spawn(PostgresStore::connect_with_options(options));
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    // Meanwhile another session reads the events (as the relay does), and is not held up for
+    // longer than the migration's lock timeout.
+    let reader_pool = schema.pool(1).await;
+    let mut reader = reader_pool.acquire().await.unwrap();
+    sqlx::query("SET statement_timeout = '10s'")
+        .execute(&mut *reader)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    sqlx::query("SELECT count(*) FROM events")
+        .execute(&mut *reader)
+        .await
+        .expect("the read waited behind the migration in the table's lock queue");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "the read waited {:?}",
+        started.elapsed()
+    );
+    assert!(
+        !upgrading.is_finished(),
+        "migrated past a lock it could not take"
+    );
+
+    holder.rollback().await.unwrap();
+    let store = tokio::time::timeout(std::time::Duration::from_secs(30), upgrading)
+        .await
+        .expect("the migration did not go through once the lock was free")
+        .unwrap()
+        .expect("the store opens once the lock is free");
+    assert_eq!(
+        postgres_migration_versions(store.pool()).await.last(),
+        Some(&5)
+    );
+    assert_saves_and_reads(&store).await;
+    drop(reader);
+    reader_pool.close().await;
+    holder_pool.close().await;
+    store.pool().close().await;
+    schema.drop().await;
+}

@@ -54,6 +54,19 @@ use super::{
 };
 use crate::domain::{Book, BookId, EventMetadata, Price, StoredEvent};
 
+/// How long a migration waits for a lock (a table's, or another instance's migrations')
+/// before it gives up and tries again after [`MIGRATION_RETRY_PAUSE`].
+///
+/// An `ALTER TABLE` waits for every transaction that uses the table, and while it waits in
+/// PostgreSQL's lock queue every newer statement on the table queues behind it: a backup or
+/// an analyst's open transaction on `events` would otherwise stop every save (and the relay's
+/// reads) for as long as it lasted, with nothing timing out. Given up in time, the migration
+/// lets them through and tries again; the saves wait at most this long each time.
+const MIGRATION_LOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The pause between two attempts of a migration that waited too long for a lock.
+const MIGRATION_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How long connecting at start waits for a server that refuses connections (sqlx's default
 /// acquire timeout, stated because the error names it).
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -140,7 +153,7 @@ impl PostgresStore {
         // data they read or write (tests/store_migrations.rs checks the SQL). A migration both
         // versions know still fails on a checksum mismatch (`VersionMismatch`).
         migrator.set_ignore_missing(true);
-        migrator.run(&pool).await?;
+        migrate_without_queueing(&pool, &migrator).await?;
         Ok(Self {
             pool,
             prune_chunk: PRUNE_CHUNK,
@@ -558,6 +571,54 @@ fn read_failed(error: sqlx::Error) -> StoreError {
 
 fn missing_head() -> StoreError {
     StoreError::Corrupt("outbox_head has no row".to_owned())
+}
+
+/// Runs the migrations not applied yet, each waiting at most [`MIGRATION_LOCK_TIMEOUT`] for a
+/// lock, and tries again for as long as a lock is held (logging who holds it up), so that a
+/// migration never sits in a table's lock queue in front of the saves.
+async fn migrate_without_queueing(
+    pool: &PgPool,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), StoreError> {
+    loop {
+        let mut conn = pool.acquire().await?;
+        // The setting and any advisory lock sqlx leaves taken after a failed migration (it
+        // unlocks only after a success) end with this session.
+        conn.close_on_drop();
+        let timeout_ms = MIGRATION_LOCK_TIMEOUT.as_millis();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SET lock_timeout = {timeout_ms}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+        // `run_direct` is what `run` calls on the connection it acquires; `run` on a borrowed
+        // connection makes this future not `Send` (sqlx's "Acquire is not general enough").
+        match migrator.run_direct(None, &mut *conn, false).await {
+            Ok(()) => return Ok(()),
+            Err(error) if waited_for_a_lock(&error) => tracing::warn!(
+                %error,
+                waited = ?MIGRATION_LOCK_TIMEOUT,
+                retry_in = ?MIGRATION_RETRY_PAUSE,
+                "a migration could not take its lock: another session holds the table (a long \
+                 transaction, a backup) or another instance is migrating; trying again"
+            ),
+            Err(error) => return Err(error.into()),
+        }
+        drop(conn);
+        tokio::time::sleep(MIGRATION_RETRY_PAUSE).await;
+    }
+}
+
+/// Whether a migration failed on `lock_timeout` (SQLSTATE 55P03, lock_not_available).
+fn waited_for_a_lock(error: &sqlx::migrate::MigrateError) -> bool {
+    use sqlx::migrate::MigrateError;
+    let (MigrateError::Execute(error) | MigrateError::ExecuteMigration(error, _)) = error else {
+        return false;
+    };
+    error
+        .as_database_error()
+        .and_then(|error| error.code())
+        .is_some_and(|code| code == "55P03")
 }
 
 #[cfg(test)]
