@@ -252,7 +252,7 @@ fn warn_if_min_insync_defeats_replication(
     else {
         return;
     };
-    let replicas = spec.replication_factor.max(layout.fewest_replicas);
+    let replicas = replicas_kept(spec, layout);
     if min_insync_defeats_replication(replicas, min_insync) {
         warn!(
             topic = %spec.name,
@@ -262,6 +262,12 @@ fn warn_if_min_insync_defeats_replication(
              min.insync.replicas to 2 or more for the durability the replication factor suggests"
         );
     }
+}
+
+/// The copies of the topic's partitions there are, or at least will be: the factor asked for,
+/// or, when it is left to the broker (-1) or the topic keeps more, what the topic has.
+fn replicas_kept(spec: &TopicSpec, layout: TopicLayout) -> i32 {
+    spec.replication_factor.max(layout.fewest_replicas)
 }
 
 fn setting(settings: &ConfigResource, key: &str) -> Option<String> {
@@ -370,6 +376,22 @@ mod tests {
     fn one_in_sync_copy_defeats_a_replication_factor_of_two_or_more() {
         assert!(min_insync_defeats_replication(2, 1));
         assert!(min_insync_defeats_replication(3, 1));
+    }
+
+    #[test]
+    fn with_the_factor_left_to_the_broker_the_replicas_a_topic_keeps_count() {
+        let three_copies = layout(3, 3);
+        let left_to_broker = TopicSpec::new("t.book", 3, -1);
+        assert_eq!(replicas_kept(&left_to_broker, three_copies), 3);
+        assert!(min_insync_defeats_replication(
+            replicas_kept(&left_to_broker, three_copies),
+            1
+        ));
+        assert_eq!(replicas_kept(&left_to_broker, layout(3, 1)), 1);
+        assert_eq!(
+            replicas_kept(&TopicSpec::new("t.book", 3, 2), layout(3, 3)),
+            3
+        );
     }
 
     #[test]
