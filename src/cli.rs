@@ -185,8 +185,9 @@ pub struct ProjectArgs {
     #[arg(long = "group", env = "BOOKSTORE_PROJECTION_GROUP")]
     pub group: Option<String>,
 
-    /// Empty the read model and forget the group's offsets first, then read the compacted
-    /// fact topic from the beginning. Every other projector of the group must be stopped.
+    /// Empty the read model and forget the stored offsets of every group projecting into this
+    /// database (the rows are shared) first, then read the compacted fact topic from the
+    /// beginning. Refused while a projector of any of those groups runs.
     #[arg(long)]
     pub rebuild: bool,
 

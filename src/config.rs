@@ -71,8 +71,9 @@ pub struct KafkaConfig {
     )]
     pub client_options: Vec<ClientOptions>,
 
-    /// Prefix of the topic names: `<prefix>.book`, `<prefix>.book-fact`, `<prefix>.book-fact.dlq`.
-    /// The default gives the public topic names; change it only for tests or side-by-side runs.
+    /// Prefix of the topic names: `<prefix>.book`, `<prefix>.book-fact`, `<prefix>.book-fact.dlq`
+    /// and the relay's internal `<prefix>.relay-checkpoint`. The default gives the public topic
+    /// names; change it only for tests or side-by-side runs.
     #[arg(
         long = "topic-prefix",
         env = "BOOKSTORE_TOPIC_PREFIX",
@@ -81,8 +82,9 @@ pub struct KafkaConfig {
     )]
     pub topic_prefix: String,
 
-    /// Partitions of the topics when this program creates them. An existing topic with another
-    /// count is refused at startup: a book's key would map to another partition than before.
+    /// Partitions of `<prefix>.book` and `<prefix>.book-fact` when this program creates them;
+    /// the dead-letter and checkpoint topics always get 1. An existing topic with another count
+    /// is refused at startup: a book's key would map to another partition than before.
     #[arg(
         long = "topic-partitions",
         env = "BOOKSTORE_TOPIC_PARTITIONS",
@@ -265,8 +267,10 @@ pub struct RelaySettings {
     )]
     pub batch_linger_ms: u64,
 
-    /// Names the relay's lease, checkpoint and Kafka transactional id; default
-    /// `<topic prefix>.relay`. Relays of the same store must share it.
+    /// Names the relay's lease and checkpoint; default `<topic prefix>.relay`. Relays of the
+    /// same store must share it. Exactly-once uses the Kafka transactional ids
+    /// `<relay id>.<store id>` and `<relay id>.<store id>.1` (batches take turns between two
+    /// producers), so Kafka ACLs must allow both.
     #[arg(long = "relay-id", env = "BOOKSTORE_RELAY_ID")]
     pub relay_id: Option<String>,
 

@@ -128,7 +128,8 @@ async fn open_store(config: &bookstore::config::StoreConfig) -> anyhow::Result<A
 /// A `BOOKSTORE_*` variable nobody reads is most likely a typo of one that matters.
 fn warn_about_unknown_variables() {
     let known = bookstore::cli::known_environment_variables();
-    // Read by the test suite and the deploy scripts, not by this binary.
+    // Read by the test suite and the scripts (`dev`, `.ci/run`, `deploy/`). The binary reads
+    // only BOOKSTORE_TEST_DATABASE_URL, as `bench --postgres-url` through clap's `env`.
     let tooling = [
         "BOOKSTORE_TEST_DATABASE_URL",
         "BOOKSTORE_STATE_DIR",
