@@ -582,9 +582,6 @@ async fn migrate_without_queueing(
 ) -> Result<(), StoreError> {
     loop {
         let mut conn = pool.acquire().await?;
-        // The setting and any advisory lock sqlx leaves taken after a failed migration (it
-        // unlocks only after a success) end with this session.
-        conn.close_on_drop();
         let timeout_ms = MIGRATION_LOCK_TIMEOUT.as_millis();
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "SET lock_timeout = {timeout_ms}"
@@ -593,17 +590,28 @@ async fn migrate_without_queueing(
         .await?;
         // `run_direct` is what `run` calls on the connection it acquires; `run` on a borrowed
         // connection makes this future not `Send` (sqlx's "Acquire is not general enough").
-        match migrator.run_direct(None, &mut *conn, false).await {
-            Ok(()) => return Ok(()),
-            Err(error) if waited_for_a_lock(&error) => tracing::warn!(
-                %error,
-                waited = ?MIGRATION_LOCK_TIMEOUT,
-                retry_in = ?MIGRATION_RETRY_PAUSE,
-                "a migration could not take its lock: another session holds the table (a long \
-                 transaction, a backup) or another instance is migrating; trying again"
-            ),
-            Err(error) => return Err(error.into()),
+        let error = match migrator.run_direct(None, &mut *conn, false).await {
+            Ok(()) => {
+                // Back to the pool as it came.
+                sqlx::query("RESET lock_timeout")
+                    .execute(&mut *conn)
+                    .await?;
+                return Ok(());
+            }
+            Err(error) => error,
+        };
+        // sqlx unlocks its advisory lock only after a success: the session ends with it.
+        conn.close_on_drop();
+        if !waited_for_a_lock(&error) {
+            return Err(error.into());
         }
+        tracing::warn!(
+            %error,
+            waited = ?MIGRATION_LOCK_TIMEOUT,
+            retry_in = ?MIGRATION_RETRY_PAUSE,
+            "a migration could not take its lock: another session holds the table (a long \
+             transaction, a backup) or another instance is migrating; trying again"
+        );
         drop(conn);
         tokio::time::sleep(MIGRATION_RETRY_PAUSE).await;
     }
