@@ -61,7 +61,8 @@ pub struct KafkaConfig {
     /// so they can override any default this program sets, except the `partitioner`, which is
     /// part of the topics' contract. A value may hold commas: text after
     /// a comma without a `=` continues the value (`debug=broker,eos`), and `\,` is always a
-    /// comma of the value.
+    /// comma of the value. White space around keys and values is dropped (`a=1, b=2`), so a
+    /// value cannot begin or end with a space, a password included.
     #[arg(
         long = "kafka-option",
         env = "BOOKSTORE_KAFKA_OPTIONS",
@@ -547,6 +548,19 @@ mod tests {
             .iter()
             .map(|(key, value)| (key.to_string(), value.to_string()))
             .collect()
+    }
+
+    /// As `--help` and the README say: `a=1, b=2` reads as two options, so the white space
+    /// around a value goes, a password's too.
+    #[test]
+    fn white_space_around_keys_and_values_is_dropped() {
+        assert_eq!(
+            options(" security.protocol = SASL_SSL , sasl.password= s3cret "),
+            pairs(&[
+                ("security.protocol", "SASL_SSL"),
+                ("sasl.password", "s3cret")
+            ])
+        );
     }
 
     #[test]
