@@ -103,18 +103,30 @@ fn stop_on_signals() -> (ShutdownTrigger, Shutdown) {
 /// can take up to its timeout against a server that does not answer) until it is ready, or
 /// until a stop is asked for, which gives `None`. Nothing has started by then that would need
 /// finishing, so the set-up is dropped where it stands.
-async fn unless_stopped<T>(
+async fn unless_stopped<T, E>(
     shutdown: &Shutdown,
-    set_up: impl Future<Output = anyhow::Result<T>>,
-) -> anyhow::Result<Option<T>> {
+    set_up: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<Option<T>>
+where
+    anyhow::Error: From<E>,
+{
     let mut stop = shutdown.clone();
     tokio::select! {
-        ready = set_up => ready.map(Some),
+        ready = set_up => Ok(Some(ready?)),
         () = stop.wait() => {
             tracing::info!("stopped while setting up");
             Ok(None)
         }
     }
+}
+
+/// What a command stopped by [`unless_stopped`] returns: a service has done what was asked,
+/// a job has not (`nothing_done` says what it did not do).
+fn stopped_while_setting_up(is_job: bool, nothing_done: &str) -> anyhow::Result<()> {
+    if is_job {
+        anyhow::bail!("interrupted while setting up; {nothing_done}");
+    }
+    Ok(())
 }
 
 /// Opens the configured store; an error names it without its password.

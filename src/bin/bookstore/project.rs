@@ -26,7 +26,7 @@ pub async fn run(
     let is_job = args.until_caught_up || args.rebuild;
     let opened = crate::unless_stopped(&shutdown, crate::open_store(store)).await?;
     let Some(read_model) = opened else {
-        return stopped_while_setting_up(is_job);
+        return crate::stopped_while_setting_up(is_job, "nothing was applied");
     };
     let group = args
         .group
@@ -39,9 +39,8 @@ pub async fn run(
         return Ok(());
     }
     let projector = kafka_projector(read_model.clone(), kafka, config);
-    let Some(projector) = crate::unless_stopped(&shutdown, async { Ok(projector.await?) }).await?
-    else {
-        return stopped_while_setting_up(is_job);
+    let Some(projector) = crate::unless_stopped(&shutdown, projector).await? else {
+        return crate::stopped_while_setting_up(is_job, "nothing was applied");
     };
     if args.metrics_addr.is_some() {
         spawn_lag_gauge_refresh(read_model, kafka, projector.group())?;
@@ -49,8 +48,10 @@ pub async fn run(
     if args.rebuild {
         // Checking the groups takes a request per group; the read model is then emptied in one
         // transaction, which a stop either comes before (nothing changed) or after.
-        let rebuilt = async { Ok(projector.rebuild().await?) };
-        if crate::unless_stopped(&shutdown, rebuilt).await?.is_none() {
+        if crate::unless_stopped(&shutdown, projector.rebuild())
+            .await?
+            .is_none()
+        {
             bail!(
                 "interrupted while rebuilding: the read model is either as it was or emptied; \
                  run the rebuild again"
@@ -88,14 +89,6 @@ pub async fn run(
             "caught up: applied {} facts in {} batches; {} sent to the dead-letter queue",
             report.applied_facts, report.batches, report.dead_letters
         );
-    }
-    Ok(())
-}
-
-/// A service stopped before it started has done what was asked; a job has not.
-fn stopped_while_setting_up(is_job: bool) -> Result<()> {
-    if is_job {
-        bail!("interrupted while setting up; nothing was applied");
     }
     Ok(())
 }

@@ -17,7 +17,7 @@ pub async fn run(
         bookstore::telemetry::install_metrics(addr)?;
     }
     let Some(outbox) = crate::unless_stopped(&shutdown, crate::open_store(store)).await? else {
-        return stopped_while_setting_up(args.once);
+        return crate::stopped_while_setting_up(args.once, "nothing was published");
     };
     if args.metrics_addr.is_some() {
         let relay_id = args
@@ -38,8 +38,8 @@ pub async fn run(
         return Ok(());
     }
     let relay = kafka_relay(outbox, kafka, &args.settings);
-    let Some(relay) = crate::unless_stopped(&shutdown, async { Ok(relay.await?) }).await? else {
-        return stopped_while_setting_up(args.once);
+    let Some(relay) = crate::unless_stopped(&shutdown, relay).await? else {
+        return crate::stopped_while_setting_up(args.once, "nothing was published");
     };
     let report = relay.run(mode, shutdown).await?;
     if args.once && !report.finished {
@@ -55,14 +55,6 @@ pub async fn run(
             "published {} events in {} batches; last position {}",
             report.published_events, report.batches, report.last_position
         );
-    }
-    Ok(())
-}
-
-/// A service stopped before it started has done what was asked; a job has not.
-fn stopped_while_setting_up(once: bool) -> Result<()> {
-    if once {
-        bail!("interrupted while setting up; nothing was published");
     }
     Ok(())
 }
